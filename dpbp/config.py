@@ -1,0 +1,235 @@
+"""Typed, frozen configuration: one dataclass per TOML section, defaults in one place.
+
+`load(path, overrides)` reads a TOML file (or starts from the defaults), applies
+`section.key=VALUE` overrides (VALUE in TOML syntax) and validates everything. Unknown
+keys, wrong types and out-of-range values are UserErrors that name the key.
+`configs/default.toml` spells out the defaults below; a test keeps the two equal.
+"""
+
+import dataclasses
+import difflib
+import json
+import math
+import typing
+from dataclasses import dataclass
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from dpbp.errors import UserError
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = "runs/default"      # run directory: metrics.jsonl, config.toml, checkpoints/
+    seed: int = 0                  # initial weights, shuffling, validation split, synthetic data
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "synthetic"      # "synthetic" | "npz" | "mnist"
+    path: str = ""                 # npz: the .npz file; mnist: the folder of IDX files
+    val_fraction: float = 0.1      # held out for validation when the source has no val set
+    shuffle: bool = True           # one permutation per epoch, from (seed, epoch)
+    samples: int = 12000           # synthetic only: samples generated (train + val)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden: tuple[int, ...] = (256, 128)   # hidden widths; in/out widths come from the data
+    activation: str = "relu"               # "relu" | "tanh" | "sigmoid"
+    dtype: str = "float32"                 # "float32" | "float64"
+    init: str = ""                         # .npz of model.* weights to start from
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    loss: str = "cross_entropy"    # "cross_entropy" | "mse"
+    epochs: int = 10
+    batch_size: int = 128          # the GLOBAL minibatch, split across ranks
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+
+CHOICES = {
+    "data.source": ("synthetic", "npz", "mnist"),
+    "model.activation": ("relu", "tanh", "sigmoid"),
+    "model.dtype": ("float32", "float64"),
+    "train.loss": ("cross_entropy", "mse"),
+}
+
+
+def _sections():
+    return {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _keys(section_cls):
+    return typing.get_type_hints(section_cls)
+
+
+def _type_name(t):
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
+        t, "a list of integers")
+
+
+def _convert(key, value, t):
+    """`value` as type `t`, or a UserError naming the key."""
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(t)
+    if ok is None:  # tuple[int, ...]
+        ok = isinstance(value, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not ok:
+        raise UserError(f"config: {key} must be {_type_name(t)}, got {toml_value(value)}")
+    return {float: float, int: int, bool: bool, str: str}.get(t, tuple)(value)
+
+
+def _unknown(what, name, known):
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(known)})"
+    return UserError(f"config: unknown {what} {name}{hint}")
+
+
+def from_dict(tree, base=None, check=True):
+    """A Config from nested dicts {section: {key: value}} on top of `base`, validated
+    unless check=False (when more overrides are still to come)."""
+    base = base or Config()
+    sections = _sections()
+    for section, values in tree.items():
+        if section not in sections:
+            raise _unknown("section", f"[{section}]", [f"[{s}]" for s in sections])
+        if not isinstance(values, dict):
+            raise UserError(f"config: [{section}] must be a table of keys, got {values!r}")
+        hints = _keys(sections[section])
+        changes = {}
+        for key, value in values.items():
+            if key not in hints:
+                raise _unknown("key", f"{section}.{key}", [f"{section}.{k}" for k in hints])
+            changes[key] = _convert(f"{section}.{key}", value, hints[key])
+        base = dataclasses.replace(
+            base, **{section: dataclasses.replace(getattr(base, section), **changes)})
+    if check:
+        validate(base)
+    return base
+
+
+def _check(ok, key, want, value):
+    if not ok:
+        raise UserError(f"config: {key} must be {want}, got {toml_value(value)}")
+
+
+def validate(cfg):
+    """Range checks that no type can express; each error names the key."""
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _check(value in choices, key, "one of " + ", ".join(f'"{c}"' for c in choices), value)
+    t, d, m = cfg.train, cfg.data, cfg.model
+    _check(cfg.run.dir.strip() != "", "run.dir", "a non-empty path", cfg.run.dir)
+    _check(cfg.run.seed >= 0, "run.seed", ">= 0", cfg.run.seed)
+    _check(d.source == "synthetic" or d.path != "", "data.path",
+           f'set for data.source = "{d.source}"', d.path)
+    _check(0 <= d.val_fraction < 1, "data.val_fraction", "in [0, 1)", d.val_fraction)
+    _check(d.samples >= 2, "data.samples", ">= 2", d.samples)
+    _check(all(w >= 1 for w in m.hidden), "model.hidden",
+           "a list of widths >= 1", list(m.hidden))
+    _check(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
+    _check(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
+    _check(math.isfinite(t.lr) and t.lr > 0, "train.lr", "a number > 0", t.lr)
+    _check(0 <= t.momentum < 1, "train.momentum", "in [0, 1)", t.momentum)
+    _check(not t.nesterov or t.momentum > 0, "train.nesterov",
+           "false when train.momentum = 0 (Nesterov needs momentum)", t.nesterov)
+    _check(math.isfinite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay", ">= 0",
+           t.weight_decay)
+
+
+def _parse_toml(text, where):
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{where}: invalid TOML: {e}") from None
+
+
+def parse_override(text):
+    """'section.key=VALUE' (VALUE in TOML syntax) as {section: {key: value}}."""
+    name, sep, value = text.partition("=")
+    parts = name.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise UserError(f"--set {text}: expected section.key=VALUE, e.g. --set train.lr=0.05")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        raise UserError(f"--set {text}: {value.strip()!r} is not a TOML value "
+                        f"(strings need quotes: --set '{name.strip()}=\"{value.strip()}\"')"
+                        ) from None
+    return {parts[0]: {parts[1]: parsed}}
+
+
+def load(path=None, overrides=()):
+    """The resolved Config: defaults, then the TOML file at `path`, then each override."""
+    cfg = Config()
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise UserError(f"config file {path}: {e.strerror}") from None
+        cfg = from_dict(_parse_toml(text, f"config file {path}"), check=False)
+    for text in overrides:
+        cfg = from_dict(parse_override(text), cfg, check=False)
+    validate(cfg)
+    return cfg
+
+
+def from_toml(text, where="config"):
+    """A Config from TOML text, e.g. the one stored in a checkpoint."""
+    return from_dict(_parse_toml(text, where))
+
+
+def toml_value(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)   # a JSON string is a valid TOML basic string
+    return repr(value)
+
+
+def to_toml(cfg):
+    """The whole config as TOML text; `from_toml(to_toml(cfg)) == cfg`."""
+    lines = []
+    for section in _sections():
+        lines.append(f"[{section}]")
+        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
+            lines.append(f"{key} = {toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def defaults_by_section():
+    """{section: {key: default as TOML text}}, for --help."""
+    return {s: {k: toml_value(v) for k, v in dataclasses.asdict(getattr(Config(), s)).items()}
+            for s in _sections()}
+
+
+def flat(cfg):
+    """{'section.key': value} for every key, for comparing two configs."""
+    return {f"{s}.{k}": v for s in _sections()
+            for k, v in dataclasses.asdict(getattr(cfg, s)).items()}

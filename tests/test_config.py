@@ -1,0 +1,99 @@
+"""Config: defaults, TOML files, --set overrides, and a clear error for every bad input."""
+
+import dataclasses
+
+import pytest
+
+from dpbp import config
+from dpbp.errors import UserError
+from tests.conftest import ROOT
+
+
+def test_default_toml_spells_out_the_builtin_defaults():
+    assert config.load(ROOT / "configs" / "default.toml") == config.Config()
+
+
+def test_every_shipped_config_loads():
+    for path in (ROOT / "configs").glob("*.toml"):
+        config.load(path)
+
+
+def test_overrides_use_toml_syntax():
+    cfg = config.load(None, ["train.lr=0.1", "model.hidden=[64, 32]", 'data.source="npz"',
+                             'data.path="x.npz"', "train.nesterov=true", "train.epochs=3"])
+    assert cfg.train.lr == 0.1 and cfg.model.hidden == (64, 32)
+    assert cfg.data.source == "npz" and cfg.train.nesterov is True and cfg.train.epochs == 3
+
+
+def test_integer_accepted_where_a_float_is_expected():
+    assert config.load(None, ["train.lr=1"]).train.lr == 1.0
+
+
+def test_file_then_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[train]\nlr = 0.2\nepochs = 4\n")
+    cfg = config.load(path, ["train.epochs=7"])
+    assert (cfg.train.lr, cfg.train.epochs) == (0.2, 7)
+
+
+def test_toml_round_trip():
+    cfg = config.load(None, ['run.dir="a \\"quoted\\" dir"', "model.hidden=[]",
+                             "train.weight_decay=1e-05"])
+    assert config.from_toml(config.to_toml(cfg)) == cfg
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.Config().train.lr = 1.0
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.lrr=0.1"], "unknown key train.lrr (did you mean train.lr?)"),
+    (["trian.lr=0.1"], "unknown section [trian] (did you mean [train]?)"),
+    (["train.lr=\"fast\""], 'train.lr must be a number, got "fast"'),
+    (["train.epochs=2.5"], "train.epochs must be an integer, got 2.5"),
+    (["train.nesterov=1"], "train.nesterov must be true or false, got 1"),
+    (["model.hidden=[64, \"a\"]"], "model.hidden must be a list of integers"),
+    (["model.hidden=64"], "model.hidden must be a list of integers, got 64"),
+    (["train.lr=-0.1"], "train.lr must be a number > 0, got -0.1"),
+    (["train.lr=0"], "train.lr must be a number > 0"),
+    (["train.lr=nan"], "train.lr must be a number > 0"),
+    (["train.batch_size=0"], "train.batch_size must be >= 1, got 0"),
+    (["train.epochs=0"], "train.epochs must be >= 1"),
+    (["train.momentum=1.0"], "train.momentum must be in [0, 1), got 1.0"),
+    (["train.momentum=-0.5"], "train.momentum must be in [0, 1)"),
+    (["train.momentum=0", "train.nesterov=true"], "Nesterov needs momentum"),
+    (["train.weight_decay=-1"], "train.weight_decay must be >= 0"),
+    (["data.val_fraction=1"], "data.val_fraction must be in [0, 1)"),
+    (["data.source=\"csv\""], 'data.source must be one of "synthetic", "npz", "mnist"'),
+    (["data.source=\"npz\""], "data.path must be set"),
+    (["model.activation=\"gelu\""], "model.activation must be one of"),
+    (["model.dtype=\"float16\""], "model.dtype must be one of"),
+    (["train.loss=\"l1\""], "train.loss must be one of"),
+    (["model.hidden=[64, 0]"], "model.hidden must be a list of widths >= 1"),
+    (["train.lr"], "expected section.key=VALUE"),
+    (["lr=0.1"], "expected section.key=VALUE"),
+    (["data.source=npz"], "is not a TOML value (strings need quotes"),
+])
+def test_bad_overrides_name_the_key(overrides, message):
+    with pytest.raises(UserError, match=".*" + __import__("re").escape(message)):
+        config.load(None, overrides)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(UserError, match="config file .*nope.toml: No such file"):
+        config.load(tmp_path / "nope.toml")
+
+
+def test_invalid_toml_file(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[train\nlr = \n")
+    with pytest.raises(UserError, match="bad.toml: invalid TOML"):
+        config.load(path)
+
+
+def test_section_that_is_not_a_table(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("train = 3\n")
+    with pytest.raises(UserError, match=r"\[train\] must be a table"):
+        config.load(path)

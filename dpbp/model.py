@@ -1,0 +1,93 @@
+"""A multilayer perceptron whose parameters live in ONE flat buffer, gradients in another.
+
+Layer i is Linear, activation, ..., Linear, as torch.nn.Sequential would number it, so
+parameter names and shapes are those of its state dict: model.0.weight (D_out, D_in),
+model.0.bias (D_out,), model.2.weight, ... Each Linear holds views into `params` and
+`grads`; averaging gradients is one Allreduce of `grads`, the optimizer is one vector
+update of `params`, and a checkpoint is those views by name. Update in place only:
+rebinding a parameter array would silently detach it from the flat buffer.
+"""
+
+import numpy as np
+
+from dpbp.layers import ACTIVATIONS, Linear
+
+
+class MLP:
+    def __init__(self, widths, activation, dtype):
+        """widths = [D_in, hidden..., D_out]."""
+        self.widths = list(widths)
+        shapes = []
+        for d_in, d_out in zip(widths[:-1], widths[1:]):
+            shapes += [(d_out, d_in), (d_out,)]
+        sizes = [int(np.prod(s)) for s in shapes]
+        self.params = np.zeros(sum(sizes), dtype=dtype)
+        self.grads = np.zeros_like(self.params)
+
+        def views(buf):
+            out, offset = [], 0
+            for shape, size in zip(shapes, sizes):
+                out.append(buf[offset:offset + size].reshape(shape))
+                offset += size
+            return out
+
+        p, g = views(self.params), views(self.grads)
+        self.linears = [Linear(p[2 * i], p[2 * i + 1], g[2 * i], g[2 * i + 1])
+                        for i in range(len(widths) - 1)]
+        self.layers = []
+        for i, linear in enumerate(self.linears):
+            self.layers.append(linear)
+            if i < len(self.linears) - 1:
+                self.layers.append(ACTIVATIONS[activation]())
+        self.names = []
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, Linear):
+                self.names += [f"model.{i}.weight", f"model.{i}.bias"]
+        self.arrays = p   # same order as names
+
+    def init_(self, rng):
+        """torch.nn.Linear's default init: W and b uniform in +-1/sqrt(D_in)."""
+        for linear in self.linears:
+            bound = 1.0 / np.sqrt(linear.W.shape[1])
+            linear.W[...] = rng.uniform(-bound, bound, size=linear.W.shape)
+            linear.b[...] = rng.uniform(-bound, bound, size=linear.b.shape)
+
+    def forward(self, x):
+        # x (B, D_in) -> outputs (B, D_out)
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dout):
+        # dout (B, D_out) -> nothing; overwrites every gradient in `grads`
+        for i in range(len(self.layers) - 1, 0, -1):
+            dout = self.layers[i].backward(dout)
+        self.layers[0].backward(dout, need_dx=False)
+
+    def state_dict(self):
+        """{'model.0.weight': view, ...}: the torch.nn.Sequential state-dict layout."""
+        return dict(zip(self.names, self.arrays))
+
+    def load_state_dict(self, arrays, source):
+        """Copy model.* arrays from a mapping (e.g. an open .npz) into the flat buffer.
+
+        Returns None, or a one-line description of what does not fit.
+        """
+        for name, view in self.state_dict().items():
+            if name not in arrays:
+                return f"{source} has no {name} (expected the weights of " \
+                       f"{'-'.join(map(str, self.widths))} as model.0.weight, model.0.bias, ...)"
+            a = arrays[name]
+            if a.shape != view.shape:
+                return f"{source}: {name} has shape {a.shape}, the network needs {view.shape}"
+            if not np.issubdtype(a.dtype, np.floating):
+                return f"{source}: {name} has dtype {a.dtype}, expected floats"
+            if not np.isfinite(a).all():
+                return f"{source}: {name} holds NaN or Inf"
+        extra = sorted(k for k in arrays if k.startswith("model.") and k not in self.names)
+        if extra:
+            return f"{source} has {extra[0]}, which the {len(self.linears)}-layer network " \
+                   f"({'-'.join(map(str, self.widths))}) does not have"
+        for name, view in self.state_dict().items():
+            view[...] = arrays[name]
+        return None

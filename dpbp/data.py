@@ -1,0 +1,194 @@
+"""Datasets: where samples come from, checked once at load time.
+
+Every rank loads the same arrays (data is small next to the network's work) and trains
+on its own rows of each global batch; see sharding.py. Sources (`data.source`):
+
+    synthetic  jittered, noisy digit glyphs generated from the seed (see synthetic.py)
+    npz        arrays x (n, D) and y: (n,) integer labels or (n, C) float targets;
+               optional x_val, y_val are the validation set
+    mnist      a folder with the four IDX files of MNIST (raw or .gz); pixels scaled to
+               [0, 1]; the t10k pair is the validation set. Fashion-MNIST, KMNIST, ... too.
+
+Without a validation set in the source, `data.val_fraction` of the samples (chosen by
+the seed) are held out; 0 means no validation.
+"""
+
+import gzip
+import os
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from dpbp import synthetic
+from dpbp.errors import UserError
+
+MNIST_FILES = {
+    "x": "train-images-idx3-ubyte", "y": "train-labels-idx1-ubyte",
+    "x_val": "t10k-images-idx3-ubyte", "y_val": "t10k-labels-idx1-ubyte",
+}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    x: np.ndarray              # (n, D_in) in the model's dtype
+    y: np.ndarray              # (n,) int64 labels, or (n, C) float targets
+    x_val: np.ndarray | None
+    y_val: np.ndarray | None
+    num_classes: int | None    # None for float (regression) targets: no accuracy
+    num_outputs: int           # the network's output width C
+
+    @property
+    def num_inputs(self):
+        return self.x.shape[1]
+
+    def describe(self):
+        val = f"{len(self.x_val)} val" if self.x_val is not None else "no validation set"
+        kind = f"{self.num_classes} classes" if self.num_classes else \
+            f"{self.num_outputs} regression outputs"
+        return f"{len(self.x)} train / {val}, {self.num_inputs} features, {kind}"
+
+
+def load(data_cfg, loss, dtype, seed):
+    """The Dataset that `data_cfg` names, validated for `loss`, inputs cast to `dtype`."""
+    if data_cfg.source == "synthetic":
+        x, y = synthetic.make_digits(data_cfg.samples, seed)
+        arrays, where = {"x": x, "y": y}, "synthetic data"
+    elif data_cfg.source == "npz":
+        arrays, where = _read_npz(data_cfg.path), data_cfg.path
+    else:
+        arrays, where = _read_mnist(data_cfg.path), data_cfg.path
+    arrays = _check(arrays, where, loss)
+    if "x_val" not in arrays and data_cfg.val_fraction > 0:
+        arrays = _split(arrays, data_cfg.val_fraction, seed, where)
+    x, y = arrays["x"], arrays["y"]
+    x_val, y_val = arrays.get("x_val"), arrays.get("y_val")
+    if y.ndim == 1:
+        labels = y if y_val is None else np.concatenate([y, y_val])
+        num_classes = int(labels.max()) + 1
+        num_outputs = num_classes
+        if num_classes < 2:
+            raise UserError(f"{where}: y holds a single class ({num_classes - 1}); "
+                            "classification needs at least two")
+    else:
+        num_classes, num_outputs = None, y.shape[1]
+    cast = (lambda a: None if a is None else np.ascontiguousarray(a, dtype=dtype))
+    return Dataset(cast(x), y if y.ndim == 1 else cast(y), cast(x_val),
+                   y_val if y_val is None or y_val.ndim == 1 else cast(y_val),
+                   num_classes, num_outputs)
+
+
+def _read_npz(path):
+    if not os.path.isfile(path):
+        raise UserError(f"data.path: no such file {path} (expected an .npz with arrays x and y)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files if k in ("x", "y", "x_val", "y_val")}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise UserError(f"{path}: not a readable .npz file ({e})") from None
+
+
+def _read_idx(path):
+    """An IDX file (raw or .gz) as a numpy array; UserError if truncated or corrupt."""
+    try:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise UserError(f"{path}: cannot read ({e}); the file is corrupt or truncated") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise UserError(f"{path}: not an IDX file of unsigned bytes (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise UserError(f"{path}: truncated IDX header")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    expected = int(np.prod(dims))
+    if len(raw) - header != expected:
+        raise UserError(f"{path}: the header promises {expected} bytes of data for shape "
+                        f"{dims}, the file holds {len(raw) - header}; it is truncated or corrupt")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _read_mnist(folder):
+    if not os.path.isdir(folder):
+        raise UserError(f"data.path: no such folder {folder} (expected the four MNIST IDX files)")
+    arrays = {}
+    for key, name in MNIST_FILES.items():
+        candidates = [os.path.join(folder, name), os.path.join(folder, name + ".gz")]
+        path = next((p for p in candidates if os.path.isfile(p)), None)
+        if path is None:
+            raise UserError(f"{folder}: missing {name} (or {name}.gz); an MNIST-format folder "
+                            f"holds {', '.join(MNIST_FILES.values())}")
+        a = _read_idx(path)
+        if key.startswith("x"):
+            if a.ndim != 3:
+                raise UserError(f"{path}: expected images (n, rows, cols), got shape {a.shape}")
+            a = a.reshape(len(a), -1).astype(np.float32) / 255.0
+        elif a.ndim != 1:
+            raise UserError(f"{path}: expected labels (n,), got shape {a.shape}")
+        else:
+            a = a.astype(np.int64)
+        arrays[key] = a
+    return arrays
+
+
+def _check(arrays, where, loss):
+    """Validate shapes, dtypes and values; return the arrays in canonical form."""
+    for key in ("x", "y"):
+        if key not in arrays:
+            raise UserError(f"{where}: missing array {key!r} (needs x (n, features) and y)")
+    if ("x_val" in arrays) != ("y_val" in arrays):
+        raise UserError(f"{where}: x_val and y_val must come together")
+    out = {}
+    for suffix in ("", "_val"):
+        if "x" + suffix not in arrays:
+            continue
+        x, y = arrays["x" + suffix], arrays["y" + suffix]
+        xn, yn = "x" + suffix, "y" + suffix
+        if x.ndim != 2:
+            raise UserError(f"{where}: {xn} must be 2-D (n, features), got shape {x.shape}")
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            raise UserError(f"{where}: {xn} must hold numbers, got dtype {x.dtype}")
+        if len(x) == 0:
+            raise UserError(f"{where}: {xn} is empty (0 samples)")
+        if len(y) != len(x):
+            raise UserError(f"{where}: {xn} has {len(x)} samples but {yn} has {len(y)}")
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            raise UserError(f"{where}: {xn} holds NaN or Inf values")
+        if loss == "cross_entropy" or (y.ndim == 1 and np.issubdtype(y.dtype, np.integer)):
+            if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+                raise UserError(f"{where}: {yn} must be integer class labels of shape (n,) for "
+                                f"train.loss = \"{loss}\", got {y.dtype} {y.shape}")
+            if y.min() < 0:
+                raise UserError(f"{where}: {yn} has negative class label {int(y.min())}")
+            y = y.astype(np.int64)
+        else:
+            if not np.issubdtype(y.dtype, np.floating):
+                raise UserError(f"{where}: {yn} must be float targets for train.loss = \"mse\", "
+                                f"got dtype {y.dtype}")
+            y = y.reshape(len(y), -1) if y.ndim == 1 else y
+            if y.ndim != 2:
+                raise UserError(f"{where}: {yn} must be (n,) or (n, outputs), got {y.shape}")
+            if not np.isfinite(y).all():
+                raise UserError(f"{where}: {yn} holds NaN or Inf values")
+        out[xn], out[yn] = x, y
+    if "x_val" in out:
+        for a, b in (("x", "x_val"), ("y", "y_val")):
+            if out[a].shape[1:] != out[b].shape[1:]:
+                raise UserError(f"{where}: {a} has shape {out[a].shape} but {b} has "
+                                f"{out[b].shape}; they must agree after the first axis")
+    return out
+
+
+def _split(arrays, fraction, seed, where):
+    """Hold out `fraction` of the samples, chosen by the seed, as the validation set."""
+    n = len(arrays["x"])
+    n_val = max(1, int(round(n * fraction)))
+    if n_val >= n:
+        raise UserError(f"{where}: data.val_fraction = {fraction} leaves no training samples "
+                        f"out of {n}")
+    perm = np.random.default_rng([seed, 0x5A11]).permutation(n)
+    train, val = np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    return {"x": arrays["x"][train], "y": arrays["y"][train],
+            "x_val": arrays["x"][val], "y_val": arrays["y"][val]}

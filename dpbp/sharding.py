@@ -1,0 +1,25 @@
+"""Which samples each rank trains on: pure functions of (seed, epoch, step, rank, world size).
+
+The global batch sequence depends on the seed and epoch only, never on the world size;
+each global batch is then split into `size` contiguous shards whose lengths differ by at
+most one. A shard may be empty (fewer samples than ranks in a final partial batch).
+"""
+
+import numpy as np
+
+
+def epoch_order(n, seed, epoch, shuffle):
+    """The order of the n training samples in this epoch, identical on every rank."""
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng([seed, epoch, 0xDA7A]).permutation(n)
+
+
+def global_batches(order, batch_size):
+    """The epoch's global minibatches: order[k*B:(k+1)*B]; the last one may be shorter."""
+    return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+
+
+def shard(n, rank, size):
+    """This rank's slice of n rows: contiguous, lengths differ by at most one, may be empty."""
+    return slice(rank * n // size, (rank + 1) * n // size)

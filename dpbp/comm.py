@@ -1,0 +1,195 @@
+"""All communication between ranks. The only module in dpbp that imports mpi4py.
+
+A `Comm` has a few verbs: `rank`, `size`, `local_size`, in-place `allreduce_` on a flat
+array, `bcast_`, `bcast_obj`, `allreduce_min`, `barrier` and `replicas_identical`;
+`agreement(comm)` is the collective check that turns bad input seen on some ranks into
+one message and a clean stop on all of them. Every verb
+uses mpi4py's buffer API (no pickling on the hot path) and costs nothing at world size 1.
+
+`init()` returns a world of one when there is no launcher, no mpi4py or no MPI library,
+so `python -m dpbp.train` runs the same code as `mpirun -n 4 python -m dpbp.train`.
+`run()` wraps an entry point so that an exception on any rank ends the whole job.
+"""
+
+import contextlib
+import os
+import sys
+import traceback
+import zlib
+
+import numpy as np
+
+from dpbp.errors import UserError
+from dpbp.threads import available_cores
+
+# Environment variables through which launchers announce the world size before MPI_Init.
+_LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS")
+_LAUNCHER_LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
+
+
+class AgreedExit(Exception):
+    """Every rank agreed to stop with this exit code; the reason was printed once."""
+
+    def __init__(self, code):
+        super().__init__(code)
+        self.code = code
+
+
+class Comm:
+    """The verbs dpbp needs from MPI. `mpi_comm=None` is a world of one process."""
+
+    def __init__(self, mpi_comm=None, library="no MPI"):
+        self._comm = mpi_comm
+        self.library = library
+        # local_size: ranks on this node sharing this rank's set of cores (not bound apart)
+        if mpi_comm is None:
+            self.rank, self.size, self.local_size = 0, 1, 1
+            return
+        from mpi4py import MPI
+        self._MPI = MPI
+        self.rank, self.size = mpi_comm.Get_rank(), mpi_comm.Get_size()
+        node = mpi_comm.Split_type(MPI.COMM_TYPE_SHARED)   # ranks sharing this node's memory
+        cores = sorted(available_cores())
+        self.local_size = sum(c == cores for c in node.allgather(cores))
+        node.Free()
+
+    def allreduce_(self, buf):
+        """Collective. Replace `buf` (a contiguous array) with its elementwise sum over ranks."""
+        if self.size > 1:
+            self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+        return buf
+
+    def allreduce_min(self, value):
+        """Collective. The minimum of an integer over ranks."""
+        if self.size == 1:
+            return int(value)
+        buf = np.array([value], dtype=np.int64)
+        self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MIN)
+        return int(buf[0])
+
+    def bcast_(self, buf, root=0):
+        """Collective. Overwrite `buf` on every rank with root's `buf`."""
+        if self.size > 1:
+            self._comm.Bcast(buf, root=root)
+        return buf
+
+    def bcast_obj(self, obj, root=0):
+        """Collective. Root's small Python object (a string, a dict of numbers) on every rank."""
+        if self.size == 1:
+            return obj
+        return self._comm.bcast(obj, root=root)
+
+    def barrier(self):
+        """Collective. Return once every rank has called it."""
+        if self.size > 1:
+            self._comm.Barrier()
+
+    def replicas_identical(self, array):
+        """Collective. True when `array` holds the same bytes on every rank."""
+        crc = zlib.crc32(np.ascontiguousarray(array).view(np.uint8))
+        return self.allreduce_min(crc) == -self.allreduce_min(-crc)
+
+
+@contextlib.contextmanager
+def agreement(comm):
+    """Collective. Run a block on every rank; if it raised a UserError on any rank, stop all.
+
+    The lowest failing rank prints its message, once; every rank then raises AgreedExit(2),
+    which `run()` turns into a plain exit with code 2: no traceback, no MPI_Abort. The
+    block itself must not call collectives (a failing rank would never reach them).
+    Other exceptions pass through to `run()`, which aborts the job.
+    """
+    error = None
+    try:
+        yield
+    except UserError as e:
+        error = e
+    first = comm.allreduce_min(comm.rank if error is not None else comm.size)
+    if first == comm.size:
+        return
+    if comm.rank == first:
+        where = f" (rank {first})" if first > 0 else ""
+        print(f"dpbp: error{where}: {error}", file=sys.stderr, flush=True)
+    raise AgreedExit(2)
+
+
+def _launcher_world_size():
+    """World size announced by a launcher (mpirun, mpiexec, srun), or 1 without one."""
+    for var in _LAUNCHER_SIZE_VARS:
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
+def _oversubscribed():
+    """True when the launcher put more ranks on this node than it has cores."""
+    for var in _LAUNCHER_LOCAL_SIZE_VARS:
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var]) > len(available_cores())
+    return False
+
+
+def init():
+    """Start MPI if it is there and return the world's Comm; a world of one otherwise."""
+    if _oversubscribed():
+        # MPICH busy-polls while waiting; with more ranks than cores that steals the CPU
+        # from the ranks still computing. Yielding keeps oversubscribed runs usable.
+        os.environ.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")
+    try:
+        from mpi4py import MPI
+    except (ImportError, RuntimeError, OSError) as e:
+        launched = _launcher_world_size()
+        if launched > 1:
+            raise UserError(
+                f"launched as one of {launched} ranks, but MPI could not be loaded ({e}); "
+                "install it with `pip install 'dpbp[mpich]'`, or build mpi4py against your "
+                "cluster's MPI: `pip install --no-binary=mpi4py mpi4py`") from None
+        return Comm(None)
+    library = MPI.Get_library_version().splitlines()[0].strip()
+    return Comm(MPI.COMM_WORLD, library)
+
+
+def _abort(code):
+    """End every rank of the job (MPI_Abort); just this process where there is no MPI."""
+    MPI = sys.modules.get("mpi4py.MPI")
+    if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized() \
+            and MPI.COMM_WORLD.Get_size() > 1:
+        sys.stderr.flush()
+        MPI.COMM_WORLD.Abort(code)
+    os._exit(code)
+
+
+def _rank():
+    MPI = sys.modules.get("mpi4py.MPI")
+    if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized():
+        return MPI.COMM_WORLD.Get_rank()
+    return int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))
+
+
+def run(main):
+    """Call `main()` and exit with its code, making sure that a failure on one rank ends all.
+
+    A plain exception on one rank would leave the others blocked in their next collective
+    forever. Here any exception, `sys.exit` included, prints one line naming the rank and
+    the error (after the traceback, for errors that are bugs rather than bad input) and
+    calls MPI_Abort, which ends every rank with a non-zero exit code.
+    """
+    try:
+        code = main()
+    except AgreedExit as e:
+        sys.exit(e.code)
+    except BaseException as e:  # noqa: BLE001 -- everything must end the whole job
+        if isinstance(e, SystemExit):
+            code = e.code if isinstance(e.code, int) and e.code != 0 else 1
+            what = f"exited with sys.exit({e.code!r})"
+        elif isinstance(e, KeyboardInterrupt):
+            code, what = 130, "interrupted"
+        else:
+            code = 2 if isinstance(e, UserError) else 1
+            if not isinstance(e, UserError):
+                traceback.print_exc()
+            what = f"{type(e).__name__}: {e}"
+        print(f"dpbp: rank {_rank()} failed: {what}; ending the job", file=sys.stderr,
+              flush=True)
+        _abort(code)
+    sys.exit(code or 0)

@@ -1,0 +1,33 @@
+"""BLAS threads per rank: the ranks on a node share its cores instead of fighting for them.
+
+numpy's BLAS starts one thread per core in every process, so 2 ranks on 2 cores would
+run 4 threads and thrash. Unless the user chose a count (OMP_NUM_THREADS and friends),
+each rank gets its cores / the ranks that share them, at least one. A rank that the
+launcher bound to cores of its own uses all of them.
+"""
+
+import os
+
+USER_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+             "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
+
+
+def available_cores():
+    """The set of cores this process may run on (its CPU affinity where the OS has one)."""
+    try:
+        return os.sched_getaffinity(0)
+    except AttributeError:   # macOS
+        return set(range(os.cpu_count() or 1))
+
+
+def limit_blas_threads(sharing_ranks):
+    """Set this rank's BLAS threads to its cores / `sharing_ranks` (the ranks on this node
+    that may run on the same cores); return (threads, why) for the start-up log."""
+    for var in USER_VARS:
+        if os.environ.get(var):
+            return os.environ[var], f"{var} set by the user"
+    cores = len(available_cores())
+    threads = max(1, cores // sharing_ranks)
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(limits=threads, user_api="blas")
+    return threads, f"{cores} cores shared by {sharing_ranks} ranks"

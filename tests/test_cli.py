@@ -1,0 +1,209 @@
+"""`python -m dpbp.train` as users run it: one process, under mpirun, with bad input."""
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import model_arrays, run_train, run_with_timeout
+
+METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_accuracy", "lr", "seconds",
+               "samples_per_second", "world_size"}
+
+
+def tiny_run(npz, run_dir, *extra):
+    """Arguments for a sub-second run on the tiny dataset."""
+    return ["--set", 'data.source="npz"', "--set", f'data.path="{npz}"',
+            "--set", "model.hidden=[8]", "--set", "train.batch_size=4",
+            "--set", "train.epochs=3", "--set", f'run.dir="{run_dir}"', *extra]
+
+
+def snapshot(folder):
+    """{relative path: bytes} of every file under folder."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, folder)] = open(path, "rb").read()
+    return out
+
+
+def test_help():
+    r = run_train(["--help"])
+    assert r.returncode == 0 and r.stderr == ""
+    for option in ("--config", "--set", "--resume", "batch_size = 128", "exit codes"):
+        assert option in r.stdout
+
+
+def test_single_process_run_writes_checkpoints_and_metrics(tmp_path, tiny_npz):
+    run_dir = tmp_path / "run"
+    r = run_train(tiny_run(tiny_npz, run_dir))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    assert "dpbp 0.1.0: 1 rank" in r.stdout and "batch: global 4, per rank 4" in r.stdout
+    assert sorted(os.listdir(run_dir / "checkpoints")) == [
+        "epoch-0001.npz", "epoch-0002.npz", "epoch-0003.npz"]
+    lines = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert [m["epoch"] for m in lines] == [1, 2, 3]
+    assert all(METRIC_KEYS <= m.keys() and m["world_size"] == 1 for m in lines)
+    assert [line for line in r.stdout.splitlines() if line.startswith("epoch ")][-1].startswith(
+        "epoch 3/3  train_loss ")
+    with np.load(run_dir / "checkpoints" / "epoch-0003.npz", allow_pickle=False) as f:
+        assert int(f["epoch"]) == 3 and int(f["step"]) == 15   # 5 global batches per epoch
+        assert "[train]" in str(f["config"])
+        assert not [k for k in f.files if k.startswith("model.") and
+                    k not in ("model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias")]
+    assert (run_dir / "config.toml").read_text().startswith("[run]")
+
+
+def test_mpi_run_prints_once_and_reports_per_rank_batch(tmp_path, tiny_npz):
+    r = run_train(tiny_run(tiny_npz, tmp_path / "run", "--set", "train.batch_size=8"), ranks=3)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("dpbp 0.1.0: 3 ranks") == 1
+    assert "batch: global 8, per rank 2-3" in r.stdout
+    assert len([line for line in r.stdout.splitlines() if line.startswith("epoch ")]) == 3
+
+
+@pytest.mark.parametrize("ranks", [None, 3])
+@pytest.mark.parametrize("args,message", [
+    (["--set", "train.lrr=0.1"], "unknown key train.lrr (did you mean train.lr?)"),
+    (["--set", "train.batch_size=0"], "train.batch_size must be >= 1, got 0"),
+    (["--set", 'data.source="npz"', "--set", 'data.path="/nonexistent/d.npz"'],
+     "no such file /nonexistent/d.npz"),
+    (["--config", "/nonexistent.toml"], "config file /nonexistent.toml"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--resume"], "--resume: no checkpoint in"),
+    (["--set", 'model.init="/nonexistent/w.npz"'], "model.init: no such file"),
+])
+def test_bad_input_one_message_exit_2_nothing_written(tmp_path, ranks, args, message):
+    run_dir = tmp_path / "run"
+    r = run_train(args + ["--set", f'run.dir="{run_dir}"'], ranks=ranks, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and message in errors[0], r.stderr
+    assert errors[0].startswith("dpbp: error")
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert not run_dir.exists() and os.listdir(tmp_path) == ["run"] * 0
+
+
+def test_unwritable_run_dir(tmp_path, tiny_npz):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = run_train(tiny_run(tiny_npz, blocker / "run"))
+    assert r.returncode == 2 and "cannot create it" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_second_run_never_clobbers_the_first(tmp_path, tiny_npz):
+    run_dir = tmp_path / "run"
+    assert run_train(tiny_run(tiny_npz, run_dir)).returncode == 0
+    before = snapshot(run_dir)
+    r = run_train(tiny_run(tiny_npz, run_dir))
+    assert r.returncode == 2 and "already holds a run" in r.stderr and "--resume" in r.stderr
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("first_ranks,resume_ranks", [(None, None), (2, 3)])
+def test_resume_continues_the_run(tmp_path, tiny_npz, first_ranks, resume_ranks):
+    """Stopped after 1 epoch and resumed to 3: bitwise the uninterrupted run at the same
+    world size; at another world size equal to rounding."""
+    f64 = ["--set", 'model.dtype="float64"']
+    full = run_train(tiny_run(tiny_npz, tmp_path / "full", *f64), ranks=first_ranks)
+    assert full.returncode == 0, full.stderr
+    part = tiny_run(tiny_npz, tmp_path / "part", *f64)
+    assert run_train(part + ["--set", "train.epochs=1"], ranks=first_ranks).returncode == 0
+    r = run_train(part + ["--resume"], ranks=resume_ranks)
+    assert r.returncode == 0, r.stderr
+    assert "resume: from" in r.stdout and "train.epochs changed from 1 to 3" in r.stdout
+    a = model_arrays(tmp_path / "full" / "checkpoints" / "epoch-0003.npz")
+    b = model_arrays(tmp_path / "part" / "checkpoints" / "epoch-0003.npz")
+    for name in a:
+        if first_ranks == resume_ranks:
+            np.testing.assert_array_equal(a[name], b[name])
+        else:
+            np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-12)
+    epochs = [json.loads(line)["epoch"] for line in open(tmp_path / "part" / "metrics.jsonl")]
+    assert epochs == [1, 2, 3]
+    done = run_train(part + ["--resume"])
+    assert done.returncode == 0 and "nothing to do" in done.stdout
+
+
+def test_resume_refuses_another_network(tmp_path, tiny_npz):
+    run_dir = tmp_path / "run"
+    assert run_train(tiny_run(tiny_npz, run_dir)).returncode == 0
+    before = snapshot(run_dir)
+    r = run_train(tiny_run(tiny_npz, run_dir, "--set", "model.hidden=[9]", "--resume"))
+    assert r.returncode == 2 and "model.hidden was [8]" in r.stderr
+    assert snapshot(run_dir) == before
+
+
+def test_init_from_npz_and_mismatch(tmp_path, tiny_npz):
+    rng = np.random.default_rng(0)
+    weights = {"model.0.weight": rng.normal(size=(8, 5)), "model.0.bias": np.zeros(8),
+               "model.2.weight": rng.normal(size=(3, 8)), "model.2.bias": np.zeros(3)}
+    good = tmp_path / "good.npz"
+    np.savez(good, **weights)
+    args = tiny_run(tiny_npz, tmp_path / "a", "--set", f'model.init="{good}"',
+                    "--set", "train.epochs=1", "--set", "train.lr=1e-9")
+    assert run_train(args).returncode == 0
+    after = model_arrays(tmp_path / "a" / "checkpoints" / "epoch-0001.npz")
+    np.testing.assert_allclose(after["model.0.weight"], weights["model.0.weight"], atol=1e-6)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **dict(weights, **{"model.2.weight": np.zeros((4, 8))}))
+    r = run_train(tiny_run(tiny_npz, tmp_path / "b", "--set", f'model.init="{bad}"'), ranks=2)
+    assert r.returncode == 2
+    assert "model.2.weight has shape (4, 8), the network needs (3, 8)" in r.stderr
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("failure", ["ImportError('No module named mpi4py')",
+                                     "RuntimeError('cannot load MPI library')"])
+def test_without_mpi_trains_as_one_process(tmp_path, tiny_npz, failure):
+    fake = tmp_path / "fake" / "mpi4py"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "MPI.py").write_text(f"raise {failure}\n")
+    env = {"PYTHONPATH": f"{fake.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    r = run_train(tiny_run(tiny_npz, tmp_path / "run"), env=env)
+    assert r.returncode == 0, r.stderr
+    assert "1 rank (no MPI)" in r.stdout
+    assert (tmp_path / "run" / "checkpoints" / "epoch-0003.npz").exists()
+    # ...but a launcher that promised 4 ranks gets a clear refusal, not 4 duplicate runs
+    r = run_train(tiny_run(tiny_npz, tmp_path / "run2"), env=dict(env, PMI_SIZE="4"))
+    assert r.returncode == 2 and "launched as one of 4 ranks, but MPI could not be loaded" \
+        in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("fault,expect", [
+    ("raise:1:2", "rank 1 failed: RuntimeError: injected fault at step 2"),
+    ("exit:2:3", "rank 2 failed: exited with sys.exit(3)"),
+    ("kill:1:2", ""),
+])
+def test_one_failing_rank_ends_the_whole_job(tmp_path, tiny_npz, fault, expect):
+    start = time.monotonic()
+    r = run_train(tiny_run(tiny_npz, tmp_path / "run"), ranks=3, env={"DPBP_FAULT": fault},
+                  timeout=60)
+    assert r.returncode != 0
+    assert expect in r.stderr
+    assert time.monotonic() - start < 60
+    assert not (tmp_path / "run" / "checkpoints" / "epoch-0001.npz").exists()
+
+
+def test_default_run_under_mpirun_4(tmp_path):
+    """The README's command: default config, synthetic data, 4 ranks on this machine."""
+    r = run_train([], ranks=4, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    metrics = [json.loads(line) for line in open(tmp_path / "runs/default/metrics.jsonl")]
+    assert len(metrics) == 10 and metrics[-1]["world_size"] == 4
+    assert metrics[-1]["val_accuracy"] >= 0.97
+    assert "4 ranks" in r.stdout and "global 128, per rank 32" in r.stdout
+
+
+def test_console_script_entry_point():
+    exe = os.path.join(os.path.dirname(sys.executable), "dpbp-train")
+    if not os.path.exists(exe):
+        pytest.skip("dpbp-train not installed beside this Python")
+    r = run_with_timeout([exe, "--help"], timeout=60)
+    assert r.returncode == 0 and "usage: python -m dpbp.train" in r.stdout

@@ -77,3 +77,10 @@ def tiny_npz(tmp_path):
     np.savez(path, x=rng.normal(size=(17, 5)), y=rng.integers(0, 3, size=17),
              x_val=rng.normal(size=(7, 5)), y_val=rng.integers(0, 3, size=7))
     return path
+
+
+def pytest_ignore_collect(collection_path, config):
+    """tests/mpi runs only under mpirun with --with-mpi (see tests/test_mpi_suite.py)."""
+    if collection_path.name == "mpi" and not config.getoption("--with-mpi", default=False):
+        return True
+    return None

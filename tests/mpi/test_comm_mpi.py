@@ -1,0 +1,106 @@
+"""The communication layer and the training step on real ranks (pytest-mpi).
+
+Run by tests/test_mpi_suite.py as
+    mpirun -n 2 python -m mpi4py -m pytest --with-mpi tests/mpi
+(`python -m mpi4py` aborts the job when a rank fails instead of letting it hang).
+"""
+
+import numpy as np
+import pytest
+
+from dpbp import comm as mpi, sharding
+from dpbp.errors import UserError
+from dpbp.losses import cross_entropy
+from dpbp.model import MLP
+from dpbp.optim import SGD
+from dpbp.train import train_step
+
+pytestmark = pytest.mark.mpi(min_size=2)
+
+
+@pytest.fixture(scope="module")
+def comm():
+    return mpi.init()
+
+
+def test_world(comm):
+    assert comm.size >= 2 and 0 <= comm.rank < comm.size
+    assert 1 <= comm.local_size <= comm.size
+    assert comm.library != "no MPI"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_allreduce_sums_in_place(comm, dtype):
+    buf = np.arange(5, dtype=dtype) + comm.rank
+    view = buf[1:3]
+    out = comm.allreduce_(buf)
+    assert out is buf and out.dtype == dtype
+    expected = comm.size * np.arange(5) + comm.size * (comm.size - 1) / 2
+    np.testing.assert_array_equal(buf, expected)
+    np.testing.assert_array_equal(view, expected[1:3])   # views of the buffer see the sum
+
+
+def test_bcast_and_min(comm):
+    buf = np.full(3, float(comm.rank))
+    comm.bcast_(buf)
+    np.testing.assert_array_equal(buf, 0.0)
+    assert comm.bcast_obj({"epoch": comm.rank}) == {"epoch": 0}
+    assert comm.allreduce_min(10 - comm.rank) == 10 - (comm.size - 1)
+    comm.barrier()
+
+
+def test_replicas_identical(comm):
+    assert comm.replicas_identical(np.linspace(0, 1, 100))
+    differs = np.linspace(0, 1, 100)
+    differs[comm.size - 1] += 1e-16 * (comm.rank == 1) + 1e-9 * (comm.rank == 1)
+    assert not comm.replicas_identical(differs)   # False on every rank, not only rank 1
+
+
+def test_agreement_stops_every_rank_together(comm, capsys):
+    with mpi.agreement(comm):
+        pass   # nothing wrong anywhere: no exit
+    with pytest.raises(mpi.AgreedExit) as stop:
+        with mpi.agreement(comm):
+            if comm.rank == 1:
+                raise UserError("only rank 1 sees this")
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert ("dpbp: error (rank 1): only rank 1 sees this" in err) == (comm.rank == 1)
+
+
+def test_agreement_passes_other_errors_through(comm):
+    # A bug is not bad input: it skips the agreement and reaches run(), which aborts the
+    # whole job (tests/test_cli.py checks that). Raised on every rank here, so that no
+    # rank is left waiting in the agreement's collective.
+    with pytest.raises(ZeroDivisionError):
+        with mpi.agreement(comm):
+            1 / 0
+
+
+def test_train_step_matches_one_process_and_replicas_stay_identical(comm):
+    """Steps on shards of global batches (one of them smaller than the world) equal steps
+    on the whole batches in one process; every rank ends with the same bits."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(23, 6)), rng.integers(0, 4, size=23)
+    batches = sharding.global_batches(np.arange(23), 10)       # 10, 10, 3 rows
+    batches.append(np.arange(1))                                # 1 row: empty shards
+    serial, world = mpi.Comm(None), comm
+
+    def run(c):
+        model = MLP([6, 7, 4], "relu", np.float64)
+        model.init_(np.random.default_rng(1))
+        opt = SGD(model.params, model.grads, lr=0.3, momentum=0.9, nesterov=True,
+                  weight_decay=0.01)
+        for batch in batches:
+            rows = batch[sharding.shard(len(batch), c.rank, c.size)]
+            train_step(model, opt, cross_entropy, x[rows], y[rows], len(batch), c)
+        return model.params
+
+    one, many = run(serial), run(world)
+    np.testing.assert_allclose(many, one, rtol=0, atol=1e-12)
+    assert comm.replicas_identical(many)
+    gathered = np.zeros((comm.size, many.size))
+    gathered[comm.rank] = many
+    comm.allreduce_(gathered)
+    for r in range(comm.size):
+        np.testing.assert_array_equal(gathered[r], many)

@@ -33,7 +33,7 @@ class DataConfig:
     path: str = ""                 # npz: the .npz file; mnist: the folder of IDX files
     val_fraction: float = 0.1      # held out for validation when the source has no val set
     shuffle: bool = True           # one permutation per epoch, from (seed, epoch)
-    samples: int = 12000           # synthetic only: samples generated (train + val)
+    samples: int = 20000           # synthetic only: samples generated (train + val)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ from dpbp.threads import available_cores
 
 # Environment variables through which launchers announce the world size before MPI_Init.
 _LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS")
-_LAUNCHER_LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
 
 
 class AgreedExit(Exception):
@@ -121,20 +120,8 @@ def _launcher_world_size():
     return 1
 
 
-def _oversubscribed():
-    """True when the launcher put more ranks on this node than it has cores."""
-    for var in _LAUNCHER_LOCAL_SIZE_VARS:
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var]) > len(available_cores())
-    return False
-
-
 def init():
     """Start MPI if it is there and return the world's Comm; a world of one otherwise."""
-    if _oversubscribed():
-        # MPICH busy-polls while waiting; with more ranks than cores that steals the CPU
-        # from the ranks still computing. Yielding keeps oversubscribed runs usable.
-        os.environ.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")
     try:
         from mpi4py import MPI
     except (ImportError, RuntimeError, OSError) as e:

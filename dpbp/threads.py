@@ -24,8 +24,8 @@ def limit_blas_threads(sharing_ranks):
     """Set this rank's BLAS threads to its cores / `sharing_ranks` (the ranks on this node
     that may run on the same cores); return (threads, why) for the start-up log."""
     for var in USER_VARS:
-        if os.environ.get(var):
-            return os.environ[var], f"{var} set by the user"
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var]), f"{var}={os.environ[var]} set by the user"
     cores = len(available_cores())
     threads = max(1, cores // sharing_ranks)
     from threadpoolctl import threadpool_limits

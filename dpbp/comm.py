@@ -132,7 +132,7 @@ def init():
                 "install it with `pip install 'dpbp[mpich]'`, or build mpi4py against your "
                 "cluster's MPI: `pip install --no-binary=mpi4py mpi4py`") from None
         return Comm(None)
-    library = MPI.Get_library_version().splitlines()[0].strip()
+    library = " ".join(MPI.Get_library_version().splitlines()[0].split())
     return Comm(MPI.COMM_WORLD, library)
 
 

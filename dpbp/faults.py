@@ -7,6 +7,7 @@ raise an exception (`raise`), call sys.exit(3) (`exit`), kill itself with SIGKIL
 (`kill`) or sleep forever (`hang`).
 """
 
+import functools
 import os
 import signal
 import sys
@@ -26,13 +27,17 @@ def parse(text):
     return parts[0], int(parts[1]), int(parts[2])
 
 
-FAULT = parse(os.environ.get("DPBP_FAULT", ""))
+@functools.cache
+def _planned():
+    return parse(os.environ.get("DPBP_FAULT", ""))
 
 
 def inject(rank, step):
-    if FAULT is None or FAULT[1:] != (rank, step):
+    """Carry out the planned fault if this is its rank and step; otherwise nothing."""
+    fault = _planned()
+    if fault is None or fault[1:] != (rank, step):
         return
-    kind = FAULT[0]
+    kind = fault[0]
     if kind == "raise":
         raise RuntimeError(f"injected fault at step {step}")
     if kind == "exit":

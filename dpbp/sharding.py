@@ -20,6 +20,11 @@ def global_batches(order, batch_size):
     return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
 
 
+def num_batches(n, batch_size):
+    """Global batches per epoch: ceil(n / batch_size)."""
+    return -(-n // batch_size)
+
+
 def shard(n, rank, size):
     """This rank's slice of n rows: contiguous, lengths differ by at most one, may be empty."""
     return slice(rank * n // size, (rank + 1) * n // size)

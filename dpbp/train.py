@@ -90,12 +90,70 @@ def evaluate(model, loss_fn, x, y, num_classes, comm, chunk=2048):
 def main(argv=None):
     comm = mpi.init()
     say = print if comm.rank == 0 else (lambda *a, **k: None)   # rank 0 speaks for all
+    setup = set_up(argv, comm, say)
+    if setup is None:
+        return 0
+    cfg, data, model, optimizer, start = setup
+    loss_fn, t = LOSSES[cfg.train.loss], cfg.train
+    steps_per_epoch = sharding.num_batches(len(data.x), t.batch_size)
+    if start["epoch"] >= t.epochs:
+        say(f"nothing to do: the run already completed {start['epoch']} of {t.epochs} epochs")
+        return 0
 
-    with mpi.agreement(comm):            # any bad input on any rank: one message, exit 2
+    step = start["step"]
+    for epoch in range(start["epoch"], t.epochs):
+        t0 = time.perf_counter()
+        # every rank: train on its shards, validate on its share, check replicas agree
+        train_loss = train_epoch(model, optimizer, loss_fn, data, cfg, epoch, step, comm)
+        train_seconds = time.perf_counter() - t0
+        val_loss, val_accuracy = (None, None) if data.x_val is None else evaluate(
+            model, loss_fn, data.x_val, data.y_val, data.num_classes, comm)
+        if not comm.replicas_identical(model.params):
+            raise RuntimeError(f"replicas diverged in epoch {epoch + 1}: parameters differ "
+                               "between ranks")
+        step += steps_per_epoch
+        record = dict(epoch=epoch + 1, train_loss=train_loss, val_loss=val_loss,
+                      val_accuracy=val_accuracy, lr=t.lr, seconds=time.perf_counter() - t0,
+                      samples_per_second=len(data.x) / train_seconds, world_size=comm.size)
+        # rank 0 alone: checkpoint and metrics (no collective in here)
+        if comm.rank == 0:
+            save_epoch(cfg, model, optimizer, step, comm.size, record)
+        say(format_epoch(record, t.epochs))
+    say(f"done: {t.epochs} epochs; checkpoint {checkpoint.path_for(cfg.run.dir, t.epochs)}, "
+        f"metrics {metrics_path(cfg)}")
+    return 0
+
+
+def save_epoch(cfg, model, optimizer, step, world_size, record):
+    """Rank 0: the epoch's checkpoint, then its line of metrics."""
+    epoch = record["epoch"]
+    checkpoint.save(checkpoint.path_for(cfg.run.dir, epoch), model, optimizer, epoch, step,
+                    world_size, config.to_toml(cfg))
+    with open(metrics_path(cfg), "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def format_epoch(r, epochs):
+    val = "val_loss -  val_acc -" if r["val_loss"] is None else (
+        f"val_loss {r['val_loss']:.4f}  val_acc "
+        + ("-" if r["val_accuracy"] is None else f"{100 * r['val_accuracy']:.2f}%"))
+    return (f"epoch {r['epoch']:>{len(str(epochs))}}/{epochs}  train_loss {r['train_loss']:.4f}"
+            f"  {val}  lr {r['lr']:g}  {r['seconds']:.2f} s  "
+            f"{r['samples_per_second']:,.0f} samples/s")
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def set_up(argv, comm, say):
+    """Collective. Parse arguments, load config and data, build the model and optimizer,
+    and (rank 0) check or resume the run directory; bad input on any rank stops all ranks
+    with one message and nothing written. Returns (cfg, data, model, optimizer, start),
+    or None after --help."""
+    with mpi.agreement(comm):
         args = parse_args(argv)
     if args.help:
         say(PARSER.format_help(), end="")
-        return 0
+        return None
     threads, why = limit_blas_threads(comm.local_size)
 
     with mpi.agreement(comm):
@@ -119,8 +177,6 @@ def main(argv=None):
         if comm.rank == 0:
             prepare_run_dir(cfg, start)
 
-    loss_fn = LOSSES[cfg.train.loss]
-    steps = -(-len(data.x) // t.batch_size)
     per_rank = sorted({len(range(t.batch_size)[sharding.shard(t.batch_size, r, comm.size)])
                        for r in range(comm.size)})
     say(f"dpbp {__version__}: {comm.size} rank{'s' * (comm.size > 1)} ({comm.library}), "
@@ -129,49 +185,12 @@ def main(argv=None):
     say(f"model: {'-'.join(map(str, model.widths))} {cfg.model.activation} {cfg.model.dtype}, "
         f"{model.params.size:,} parameters; loss {cfg.train.loss}")
     say(f"batch: global {t.batch_size}, per rank {'-'.join(map(str, per_rank))}; "
-        f"{steps} steps per epoch; run dir {cfg.run.dir}")
+        f"{sharding.num_batches(len(data.x), t.batch_size)} steps per epoch; "
+        f"run dir {cfg.run.dir}")
     for note in start["notes"]:
         say(note)
-    if start["epoch"] >= t.epochs:
-        say(f"nothing to do: the run already completed {start['epoch']} of {t.epochs} epochs")
-        return 0
+    return cfg, data, model, optimizer, start
 
-    step = start["step"]
-    for epoch in range(start["epoch"], t.epochs):
-        t0 = time.perf_counter()
-        train_loss = train_epoch(model, optimizer, loss_fn, data, cfg, epoch, step, comm)
-        train_seconds = time.perf_counter() - t0
-        step += steps
-        val_loss, val_accuracy = (None, None) if data.x_val is None else evaluate(
-            model, loss_fn, data.x_val, data.y_val, data.num_classes, comm)
-        if not comm.replicas_identical(model.params):
-            raise RuntimeError(f"replicas diverged in epoch {epoch + 1}: parameters differ "
-                               "between ranks")
-        record = dict(epoch=epoch + 1, train_loss=train_loss, val_loss=val_loss,
-                      val_accuracy=val_accuracy, lr=t.lr,
-                      seconds=time.perf_counter() - t0,
-                      samples_per_second=len(data.x) / train_seconds, world_size=comm.size)
-        if comm.rank == 0:
-            checkpoint.save(checkpoint.path_for(cfg.run.dir, epoch + 1), model, optimizer,
-                            epoch + 1, step, comm.size, config.to_toml(cfg))
-            with open(metrics_path(cfg), "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-        say(format_epoch(record, t.epochs))
-    say(f"done: {t.epochs} epochs; checkpoint "
-        f"{checkpoint.path_for(cfg.run.dir, t.epochs)}, metrics {metrics_path(cfg)}")
-    return 0
-
-
-def format_epoch(r, epochs):
-    val = "val_loss -  val_acc -" if r["val_loss"] is None else (
-        f"val_loss {r['val_loss']:.4f}  val_acc "
-        + ("-" if r["val_accuracy"] is None else f"{100 * r['val_accuracy']:.2f}%"))
-    return (f"epoch {r['epoch']:>{len(str(epochs))}}/{epochs}  train_loss {r['train_loss']:.4f}"
-            f"  {val}  lr {r['lr']:g}  {r['seconds']:.2f} s  "
-            f"{r['samples_per_second']:,.0f} samples/s")
-
-
-# ----------------------------------------------------------------------------- set-up
 
 def metrics_path(cfg):
     return os.path.join(cfg.run.dir, "metrics.jsonl")

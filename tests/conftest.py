@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-MNIST = ROOT.parent / "shared" / "data" / "mnist"
+MNIST = Path(os.environ.get("DPBP_TEST_MNIST", ROOT.parent / "shared" / "data" / "mnist"))
 
 
 def find_mpirun():

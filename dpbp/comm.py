@@ -1,10 +1,10 @@
 """All communication between ranks. The only module in dpbp that imports mpi4py.
 
-A `Comm` has a few verbs: `rank`, `size`, `local_size`, in-place `allreduce_` on a flat
-array, `bcast_`, `bcast_obj`, `allreduce_min`, `barrier` and `replicas_identical`;
-`agreement(comm)` is the collective check that turns bad input seen on some ranks into
-one message and a clean stop on all of them. Every verb
-uses mpi4py's buffer API (no pickling on the hot path) and costs nothing at world size 1.
+A `Comm` knows its `rank`, `size` and `ranks_sharing_cores`, and has a few verbs:
+in-place `allreduce_` on a flat array, `bcast_`, `bcast_obj`, `allreduce_min`,
+`barrier` and `replicas_identical`. `agreement(comm)` is the collective check that turns
+bad input seen on some ranks into one message and a clean stop on all of them. The hot
+path uses mpi4py's buffer API (no pickling), and every verb costs nothing at world size 1.
 
 `init()` returns a world of one when there is no launcher, no mpi4py or no MPI library,
 so `python -m dpbp.train` runs the same code as `mpirun -n 4 python -m dpbp.train`.
@@ -40,16 +40,16 @@ class Comm:
     def __init__(self, mpi_comm=None, library="no MPI"):
         self._comm = mpi_comm
         self.library = library
-        # local_size: ranks on this node sharing this rank's set of cores (not bound apart)
+        # ranks_sharing_cores: ranks on this node that may run on the same cores as this one
         if mpi_comm is None:
-            self.rank, self.size, self.local_size = 0, 1, 1
+            self.rank, self.size, self.ranks_sharing_cores = 0, 1, 1
             return
         from mpi4py import MPI
         self._MPI = MPI
         self.rank, self.size = mpi_comm.Get_rank(), mpi_comm.Get_size()
         node = mpi_comm.Split_type(MPI.COMM_TYPE_SHARED)   # ranks sharing this node's memory
         cores = sorted(available_cores())
-        self.local_size = sum(c == cores for c in node.allgather(cores))
+        self.ranks_sharing_cores = sum(c == cores for c in node.allgather(cores))
         node.Free()
 
     def allreduce_(self, buf):
@@ -171,11 +171,11 @@ def run(main):
             what = f"exited with sys.exit({e.code!r})"
         elif isinstance(e, KeyboardInterrupt):
             code, what = 130, "interrupted"
+        elif isinstance(e, UserError):   # bad input seen outside an agreement
+            code, what = 2, str(e)
         else:
-            code = 2 if isinstance(e, UserError) else 1
-            if not isinstance(e, UserError):
-                traceback.print_exc()
-            what = f"{type(e).__name__}: {e}"
+            code, what = 1, f"{type(e).__name__}: {e}"
+            traceback.print_exc()
         print(f"dpbp: rank {_rank()} failed: {what}; ending the job", file=sys.stderr,
               flush=True)
         _abort(code)

@@ -154,7 +154,7 @@ def set_up(argv, comm, say):
     if args.help:
         say(PARSER.format_help(), end="")
         return None
-    threads, why = limit_blas_threads(comm.local_size)
+    threads, why = limit_blas_threads(comm.ranks_sharing_cores)
 
     with mpi.agreement(comm):
         cfg = config.load(args.config, args.set)

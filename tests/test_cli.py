@@ -82,11 +82,12 @@ def test_bad_input_one_message_exit_2_nothing_written(tmp_path, ranks, args, mes
     run_dir = tmp_path / "run"
     r = run_train(args + ["--set", f'run.dir="{run_dir}"'], ranks=ranks, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
-    errors = [line for line in r.stderr.splitlines() if line.strip()]
+    # (Open MPI's launcher adds its own banner about the exit code; MPICH's adds nothing)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("dpbp")]
     assert len(errors) == 1 and message in errors[0], r.stderr
     assert errors[0].startswith("dpbp: error")
     assert "Traceback" not in r.stderr and r.stdout == ""
-    assert not run_dir.exists() and os.listdir(tmp_path) == ["run"] * 0
+    assert os.listdir(tmp_path) == []
 
 
 def test_unwritable_run_dir(tmp_path, tiny_npz):

@@ -25,7 +25,7 @@ def comm():
 
 def test_world(comm):
     assert comm.size >= 2 and 0 <= comm.rank < comm.size
-    assert 1 <= comm.local_size <= comm.size
+    assert 1 <= comm.ranks_sharing_cores <= comm.size
     assert comm.library != "no MPI"
 
 

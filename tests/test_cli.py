@@ -218,3 +218,40 @@ def test_synthetic_data_defeats_a_linear_model(tmp_path):
     assert r.returncode == 0, r.stderr
     final = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")][-1]
     assert final["val_accuracy"] < 0.9
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_npz):
+    """A rank killed in epoch 2 ends the job; --resume from the epoch-1 checkpoint then
+    finishes with bitwise the weights of a run that was never interrupted."""
+    full = run_train(tiny_run(tiny_npz, tmp_path / "full"), ranks=2)
+    assert full.returncode == 0, full.stderr
+    args = tiny_run(tiny_npz, tmp_path / "crash")
+    crashed = run_train(args, ranks=2, env={"DPBP_FAULT": "kill:1:7"})   # 5 steps per epoch
+    assert crashed.returncode != 0
+    assert sorted(os.listdir(tmp_path / "crash" / "checkpoints")) == ["epoch-0001.npz"]
+    resumed = run_train(args + ["--resume"], ranks=2)
+    assert resumed.returncode == 0, resumed.stderr
+    a = model_arrays(tmp_path / "full" / "checkpoints" / "epoch-0003.npz")
+    b = model_arrays(tmp_path / "crash" / "checkpoints" / "epoch-0003.npz")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
+@pytest.mark.parametrize("loss,y", [("cross_entropy", np.array([0, 1, 2, 1, 0, 2])),
+                                    ("mse", np.linspace(0, 1, 12).reshape(6, 2))])
+def test_metrics_are_null_where_they_do_not_apply(tmp_path, loss, y):
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.arange(12.0).reshape(6, 2) / 12, y=y)
+    run_dir = tmp_path / "run"
+    r = run_train(["--set", 'data.source="npz"', "--set", f'data.path="{data}"',
+                   "--set", f'train.loss="{loss}"', "--set", "data.val_fraction=0.5" if
+                   loss == "mse" else "data.val_fraction=0", "--set", "train.epochs=1",
+                   "--set", f'run.dir="{run_dir}"'])
+    assert r.returncode == 0, r.stderr
+    m = json.loads(open(run_dir / "metrics.jsonl").read())
+    if loss == "cross_entropy":   # no validation set at all
+        assert m["val_loss"] is None and m["val_accuracy"] is None
+        assert "val_loss -  val_acc -" in r.stdout
+    else:                         # regression: a validation loss, but no accuracy
+        assert m["val_loss"] > 0 and m["val_accuracy"] is None
+        assert "val_acc -" in r.stdout

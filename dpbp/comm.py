@@ -171,6 +171,9 @@ def run(main):
             what = f"exited with sys.exit({e.code!r})"
         elif isinstance(e, KeyboardInterrupt):
             code, what = 130, "interrupted"
+        elif isinstance(e, BrokenPipeError):   # e.g. `... | head`: stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            code, what = 141, "its output was closed (broken pipe)"
         elif isinstance(e, UserError):   # bad input seen outside an agreement
             code, what = 2, str(e)
         else:

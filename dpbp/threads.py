@@ -30,4 +30,4 @@ def limit_blas_threads(sharing_ranks):
     threads = max(1, cores // sharing_ranks)
     from threadpoolctl import threadpool_limits
     threadpool_limits(limits=threads, user_api="blas")
-    return threads, f"{cores} cores shared by {sharing_ranks} ranks"
+    return threads, f"{cores} cores for {sharing_ranks} rank{'s' * (sharing_ranks != 1)}"

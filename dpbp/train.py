@@ -90,6 +90,8 @@ def evaluate(model, loss_fn, x, y, num_classes, comm, chunk=2048):
 def main(argv=None):
     comm = mpi.init()
     say = print if comm.rank == 0 else (lambda *a, **k: None)   # rank 0 speaks for all
+    if comm.rank == 0 and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)   # each epoch's line as it ends, in pipes too
     setup = set_up(argv, comm, say)
     if setup is None:
         return 0

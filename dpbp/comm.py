@@ -14,6 +14,7 @@ so `python -m dpbp.train` runs the same code as `mpirun -n 4 python -m dpbp.trai
 import contextlib
 import os
 import sys
+import time
 import traceback
 import zlib
 
@@ -142,6 +143,9 @@ def _abort(code):
     if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized() \
             and MPI.COMM_WORLD.Get_size() > 1:
         sys.stderr.flush()
+        # The launcher forwards our stderr and handles the abort on separate channels;
+        # a moment's pause lets it pass the message on before it tears the job down.
+        time.sleep(0.25)
         MPI.COMM_WORLD.Abort(code)
     os._exit(code)
 

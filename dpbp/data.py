@@ -72,10 +72,12 @@ def load(data_cfg, loss, dtype, seed):
                             "classification needs at least two")
     else:
         num_classes, num_outputs = None, y.shape[1]
-    cast = (lambda a: None if a is None else np.ascontiguousarray(a, dtype=dtype))
-    return Dataset(cast(x), y if y.ndim == 1 else cast(y), cast(x_val),
-                   y_val if y_val is None or y_val.ndim == 1 else cast(y_val),
-                   num_classes, num_outputs)
+
+    def cast(a):   # inputs and float targets take the model's dtype; labels stay int64
+        is_labels = a is None or a.ndim == 1
+        return a if is_labels else np.ascontiguousarray(a, dtype=dtype)
+
+    return Dataset(cast(x), cast(y), cast(x_val), cast(y_val), num_classes, num_outputs)
 
 
 def _read_npz(path):

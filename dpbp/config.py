@@ -84,7 +84,7 @@ def _type_name(t):
         t, "a list of integers")
 
 
-def _convert(key, value, t):
+def _convert(key, value, t, where):
     """`value` as type `t`, or a UserError naming the key."""
     ok = {
         bool: isinstance(value, bool),
@@ -96,32 +96,34 @@ def _convert(key, value, t):
         ok = isinstance(value, list) and all(
             isinstance(v, int) and not isinstance(v, bool) for v in value)
     if not ok:
-        raise UserError(f"config: {key} must be {_type_name(t)}, got {toml_value(value)}")
+        raise UserError(f"{where}: {key} must be {_type_name(t)}, got {toml_value(value)}")
     return {float: float, int: int, bool: bool, str: str}.get(t, tuple)(value)
 
 
-def _unknown(what, name, known):
+def _unknown(what, name, known, where):
     close = difflib.get_close_matches(name, known, n=1)
     hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(known)})"
-    return UserError(f"config: unknown {what} {name}{hint}")
+    return UserError(f"{where}: unknown {what} {name}{hint}")
 
 
-def from_dict(tree, base=None, check=True):
+def from_dict(tree, base=None, check=True, where="config"):
     """A Config from nested dicts {section: {key: value}} on top of `base`, validated
-    unless check=False (when more overrides are still to come)."""
+    unless check=False (when more overrides are still to come). `where` names the source
+    (a file, a --set) in error messages."""
     base = base or Config()
     sections = _sections()
     for section, values in tree.items():
         if section not in sections:
-            raise _unknown("section", f"[{section}]", [f"[{s}]" for s in sections])
+            raise _unknown("section", f"[{section}]", [f"[{s}]" for s in sections], where)
         if not isinstance(values, dict):
-            raise UserError(f"config: [{section}] must be a table of keys, got {values!r}")
+            raise UserError(f"{where}: [{section}] must be a table of keys, got {values!r}")
         hints = _keys(sections[section])
         changes = {}
         for key, value in values.items():
             if key not in hints:
-                raise _unknown("key", f"{section}.{key}", [f"{section}.{k}" for k in hints])
-            changes[key] = _convert(f"{section}.{key}", value, hints[key])
+                raise _unknown("key", f"{section}.{key}", [f"{section}.{k}" for k in hints],
+                               where)
+            changes[key] = _convert(f"{section}.{key}", value, hints[key], where)
         base = dataclasses.replace(
             base, **{section: dataclasses.replace(getattr(base, section), **changes)})
     if check:
@@ -190,16 +192,17 @@ def load(path=None, overrides=()):
                 text = f.read()
         except OSError as e:
             raise UserError(f"config file {path}: {e.strerror}") from None
-        cfg = from_dict(_parse_toml(text, f"config file {path}"), check=False)
+        cfg = from_dict(_parse_toml(text, f"config file {path}"), check=False,
+                        where=f"config file {path}")
     for text in overrides:
-        cfg = from_dict(parse_override(text), cfg, check=False)
+        cfg = from_dict(parse_override(text), cfg, check=False, where=f"--set {text}")
     validate(cfg)
     return cfg
 
 
 def from_toml(text, where="config"):
     """A Config from TOML text, e.g. the one stored in a checkpoint."""
-    return from_dict(_parse_toml(text, where))
+    return from_dict(_parse_toml(text, where), where=where)
 
 
 def toml_value(value):

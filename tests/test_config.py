@@ -97,3 +97,13 @@ def test_section_that_is_not_a_table(tmp_path):
     path.write_text("train = 3\n")
     with pytest.raises(UserError, match=r"\[train\] must be a table"):
         config.load(path)
+
+
+def test_errors_name_their_source(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text("[train]\nepochs = \"ten\"\n")
+    with pytest.raises(UserError, match=r"config file .*mine.toml: train.epochs must be an "
+                                        r"integer, got \"ten\""):
+        config.load(path)
+    with pytest.raises(UserError, match=r"--set model.hiden=\[8\]: unknown key model.hiden"):
+        config.load(None, ["model.hiden=[8]"])

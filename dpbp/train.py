@@ -259,14 +259,20 @@ def check_run_dir(cfg, resume, model, optimizer):
 def prepare_run_dir(cfg, start):
     """Rank 0: create the run directory, save the resolved config, and on resume drop
     metrics of epochs after the checkpoint (they will be trained again)."""
+    kept = None
+    if os.path.exists(metrics_path(cfg)):
+        try:
+            with open(metrics_path(cfg), encoding="utf-8") as f:
+                kept = [line for line in f
+                        if line.strip() and json.loads(line)["epoch"] <= start["epoch"]]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{metrics_path(cfg)} is malformed (each line must be a JSON "
+                            "object with an epoch); repair or remove it to resume") from None
     try:
         os.makedirs(os.path.join(cfg.run.dir, "checkpoints"), exist_ok=True)
         checkpoint.write_atomic(os.path.join(cfg.run.dir, "config.toml"),
                                 lambda f: f.write(config.to_toml(cfg).encode()))
-        if os.path.exists(metrics_path(cfg)):
-            with open(metrics_path(cfg), encoding="utf-8") as f:
-                kept = [line for line in f
-                        if line.strip() and json.loads(line)["epoch"] <= start["epoch"]]
+        if kept is not None:
             checkpoint.write_atomic(metrics_path(cfg), lambda f: f.write("".join(kept).encode()))
     except OSError as e:
         raise UserError(f"run.dir {cfg.run.dir}: cannot write ({e.strerror}: {e.filename})"

@@ -255,3 +255,13 @@ def test_metrics_are_null_where_they_do_not_apply(tmp_path, loss, y):
     else:                         # regression: a validation loss, but no accuracy
         assert m["val_loss"] > 0 and m["val_accuracy"] is None
         assert "val_acc -" in r.stdout
+
+
+def test_resume_with_malformed_metrics_is_refused(tmp_path, tiny_npz):
+    run_dir = tmp_path / "run"
+    assert run_train(tiny_run(tiny_npz, run_dir, "--set", "train.epochs=1")).returncode == 0
+    (run_dir / "metrics.jsonl").write_text("{not json\n")
+    before = snapshot(run_dir)
+    r = run_train(tiny_run(tiny_npz, run_dir, "--resume"), ranks=2)
+    assert r.returncode == 2 and "metrics.jsonl is malformed" in r.stderr
+    assert "Traceback" not in r.stderr and snapshot(run_dir) == before

@@ -7,20 +7,20 @@ Entries (all plain arrays, readable with numpy.load(path, allow_pickle=False)):
     world_size                         ranks that wrote it (for the record; resume at any size)
     config                             the resolved config as TOML text
     format_version
-Written by rank 0 alone, atomically: a temporary file in the same folder, fsynced, then
-renamed over the final name, so a crash never leaves a half-written checkpoint behind.
+Written by rank 0 alone, atomically (files.write_atomic), so a crash never leaves a
+half-written checkpoint under a checkpoint's name.
 """
 
 import os
 import re
-import tempfile
-import zipfile
 
 import numpy as np
 
 from dpbp.errors import UserError
+from dpbp.files import read_npz, write_atomic
 
 FORMAT_VERSION = 1
+COUNTERS = ("epoch", "step", "world_size", "format_version")
 _NAME = re.compile(r"^epoch-(\d{4,})\.npz$")
 
 
@@ -38,29 +38,6 @@ def save(path, model, optimizer, epoch, step, world_size, config_toml):
     write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
-def write_atomic(path, write):
-    """Call write(file) on a temporary file beside `path`, fsync it, rename it to `path`."""
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".partial")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.fchmod(fd, 0o666 & ~umask)   # mkstemp's 0600 would hide the file from the group
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)   # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
 def list_epochs(run_dir):
     """{epoch: path} of the checkpoints in run_dir/checkpoints."""
     folder = os.path.join(run_dir, "checkpoints")
@@ -75,16 +52,43 @@ def list_epochs(run_dir):
 
 
 def load(path):
-    """All arrays of a checkpoint as a dict; UserError if it is not a readable checkpoint."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise UserError(f"checkpoint {path} is unreadable ({e}); it may be truncated") from None
-    missing = [k for k in ("epoch", "step", "config", "format_version") if k not in arrays]
+    """A checkpoint's arrays as a dict, its counters as ints; UserError if it is not a
+    well-formed dpbp checkpoint."""
+    state = read_npz(path, "checkpoint")
+    missing = [k for k in (*COUNTERS, "config") if k not in state]
     if missing:
         raise UserError(f"checkpoint {path} lacks {', '.join(missing)}: not a dpbp checkpoint")
-    if int(arrays["format_version"]) > FORMAT_VERSION:
-        raise UserError(f"checkpoint {path} has format {int(arrays['format_version'])}; this "
-                        f"dpbp reads up to {FORMAT_VERSION}: upgrade dpbp")
-    return arrays
+    for key in COUNTERS:
+        a = state[key]
+        if a.shape != () or not np.issubdtype(a.dtype, np.integer) or a < 0:
+            raise UserError(f"checkpoint {path}: {key} must be a non-negative integer, got "
+                            f"{a.dtype} {a.shape}")
+        state[key] = int(a)
+    if state["config"].shape != () or state["config"].dtype.kind != "U":
+        raise UserError(f"checkpoint {path}: config must be TOML text")
+    state["config"] = str(state["config"])
+    if state["format_version"] > FORMAT_VERSION:
+        raise UserError(f"checkpoint {path} has format {state['format_version']}; this dpbp "
+                        f"reads up to {FORMAT_VERSION}: upgrade dpbp")
+    return state
+
+
+def restore(state, path, model, optimizer):
+    """Copy a loaded checkpoint's weights and momentum into model and optimizer."""
+    problem = model.load_state_dict(state, f"checkpoint {path}")
+    if problem:
+        raise UserError(problem + "; it does not fit the configured network")
+    buf = state.get("optimizer.momentum_buffer")
+    if optimizer.momentum_buffer is not None and buf is not None:
+        if buf.shape != optimizer.momentum_buffer.shape or not np.isfinite(buf).all():
+            raise UserError(f"checkpoint {path}: optimizer.momentum_buffer has shape "
+                            f"{buf.shape} or non-finite values; the network needs finite "
+                            f"{optimizer.momentum_buffer.shape}")
+        optimizer.momentum_buffer[...] = buf
+
+
+def load_weights(model, path):
+    """Start from the model.* weights in an .npz (`model.init`, e.g. saved from PyTorch)."""
+    problem = model.load_state_dict(read_npz(path, "model.init"), f"model.init {path}")
+    if problem:
+        raise UserError(problem)

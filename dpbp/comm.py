@@ -67,6 +67,15 @@ class Comm:
         self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MIN)
         return int(buf[0])
 
+    def allgatherv_(self, mine, out, counts):
+        """Collective. Fill `out` with every rank's `mine` (counts[r] values from rank r),
+        concatenated in rank order."""
+        if self.size == 1:
+            out[...] = mine
+        else:
+            self._comm.Allgatherv(mine, [out, list(counts)])
+        return out
+
     def bcast_(self, buf, root=0):
         """Collective. Overwrite `buf` on every rank with root's `buf`."""
         if self.size > 1:
@@ -91,13 +100,13 @@ class Comm:
 
 
 @contextlib.contextmanager
-def agreement(comm):
+def agreement(comm, code=2):
     """Collective. Run a block on every rank; if it raised a UserError on any rank, stop all.
 
-    The lowest failing rank prints its message, once; every rank then raises AgreedExit(2),
-    which `run()` turns into a plain exit with code 2: no traceback, no MPI_Abort. The
-    block itself must not call collectives (a failing rank would never reach them).
-    Other exceptions pass through to `run()`, which aborts the job.
+    The lowest failing rank prints its message, once; every rank then raises
+    AgreedExit(code), which `run()` turns into a plain exit with that code: no traceback,
+    no MPI_Abort. The block itself must not call collectives (a failing rank would never
+    reach them). Other exceptions pass through to `run()`, which aborts the job.
     """
     error = None
     try:
@@ -110,7 +119,7 @@ def agreement(comm):
     if comm.rank == first:
         where = f" (rank {first})" if first > 0 else ""
         print(f"dpbp: error{where}: {error}", file=sys.stderr, flush=True)
-    raise AgreedExit(2)
+    raise AgreedExit(code)
 
 
 def _launcher_world_size():
@@ -137,11 +146,18 @@ def init():
     return Comm(MPI.COMM_WORLD, library)
 
 
+def _running_mpi():
+    """The mpi4py.MPI module if MPI is up (initialised, not finalised), else None."""
+    MPI = sys.modules.get("mpi4py.MPI")
+    if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized():
+        return MPI
+    return None
+
+
 def _abort(code):
     """End every rank of the job (MPI_Abort); just this process where there is no MPI."""
-    MPI = sys.modules.get("mpi4py.MPI")
-    if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized() \
-            and MPI.COMM_WORLD.Get_size() > 1:
+    MPI = _running_mpi()
+    if MPI is not None and MPI.COMM_WORLD.Get_size() > 1:
         sys.stderr.flush()
         # The launcher forwards our stderr and handles the abort on separate channels;
         # a moment's pause lets it pass the message on before it tears the job down.
@@ -151,10 +167,14 @@ def _abort(code):
 
 
 def _rank():
-    MPI = sys.modules.get("mpi4py.MPI")
-    if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized():
+    """This process's rank, from MPI once it runs, else from the launcher's environment."""
+    MPI = _running_mpi()
+    if MPI is not None:
         return MPI.COMM_WORLD.Get_rank()
-    return int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
 
 
 def run(main):
@@ -179,6 +199,12 @@ def run(main):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             code, what = 141, "its output was closed (broken pipe)"
         elif isinstance(e, UserError):   # bad input seen outside an agreement
+            if _running_mpi() is None:
+                # no MPI to agree through (it failed to load): every rank fails alike,
+                # so rank 0 alone reports it
+                if _rank() == 0:
+                    print(f"dpbp: error: {e}", file=sys.stderr, flush=True)
+                sys.exit(2)
             code, what = 2, str(e)
         else:
             code, what = 1, f"{type(e).__name__}: {e}"

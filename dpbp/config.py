@@ -80,24 +80,28 @@ def _keys(section_cls):
 
 
 def _type_name(t):
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
-        t, "a list of integers")
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+            tuple[int, ...]: "a list of integers"}[t]
 
 
 def _convert(key, value, t, where):
     """`value` as type `t`, or a UserError naming the key."""
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-    }.get(t)
-    if ok is None:  # tuple[int, ...]
-        ok = isinstance(value, list) and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value)
+    is_int = (lambda v: isinstance(v, int) and not isinstance(v, bool))
+    if t is bool:
+        ok = isinstance(value, bool)
+    elif t is int:
+        ok = is_int(value)
+    elif t is float:
+        ok = is_int(value) or isinstance(value, float)
+    elif t is str:
+        ok = isinstance(value, str)
+    elif t == tuple[int, ...]:
+        ok = isinstance(value, list) and all(is_int(v) for v in value)
+    else:
+        raise TypeError(f"config field {key} has a type the loader does not know: {t}")
     if not ok:
         raise UserError(f"{where}: {key} must be {_type_name(t)}, got {toml_value(value)}")
-    return {float: float, int: int, bool: bool, str: str}.get(t, tuple)(value)
+    return tuple(value) if t == tuple[int, ...] else t(value)
 
 
 def _unknown(what, name, known, where):
@@ -113,6 +117,11 @@ def from_dict(tree, base=None, check=True, where="config"):
     base = base or Config()
     sections = _sections()
     for section, values in tree.items():
+        if section not in sections and not isinstance(values, dict):
+            owners = [f"[{s}]" for s in sections if section in _keys(sections[s])]
+            hint = f"; it belongs under {owners[0]}" if owners else ""
+            raise UserError(f"{where}: {section} = {toml_value(values)} is outside any "
+                            f"[section]{hint}")
         if section not in sections:
             raise _unknown("section", f"[{section}]", [f"[{s}]" for s in sections], where)
         if not isinstance(values, dict):
@@ -183,16 +192,20 @@ def parse_override(text):
     return {parts[0]: {parts[1]: parsed}}
 
 
-def load(path=None, overrides=()):
-    """The resolved Config: defaults, then the TOML file at `path`, then each override."""
-    cfg = Config()
+def load(path=None, overrides=(), base=None):
+    """The resolved Config: `base` (the defaults unless given), then the TOML file at
+    `path`, then each override."""
+    cfg = base or Config()
     if path:
         try:
             with open(path, encoding="utf-8") as f:
                 text = f.read()
         except OSError as e:
             raise UserError(f"config file {path}: {e.strerror}") from None
-        cfg = from_dict(_parse_toml(text, f"config file {path}"), check=False,
+        except UnicodeDecodeError:
+            raise UserError(f"config file {path}: not UTF-8 text (TOML files are UTF-8)"
+                            ) from None
+        cfg = from_dict(_parse_toml(text, f"config file {path}"), cfg, check=False,
                         where=f"config file {path}")
     for text in overrides:
         cfg = from_dict(parse_override(text), cfg, check=False, where=f"--set {text}")

@@ -15,13 +15,14 @@ the seed) are held out; 0 means no validation.
 
 import gzip
 import os
-import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
 from dpbp import synthetic
 from dpbp.errors import UserError
+from dpbp.files import read_npz
 
 MNIST_FILES = {
     "x": "train-images-idx3-ubyte", "y": "train-labels-idx1-ubyte",
@@ -81,13 +82,8 @@ def load(data_cfg, loss, dtype, seed):
 
 
 def _read_npz(path):
-    if not os.path.isfile(path):
-        raise UserError(f"data.path: no such file {path} (expected an .npz with arrays x and y)")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files if k in ("x", "y", "x_val", "y_val")}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise UserError(f"{path}: not a readable .npz file ({e})") from None
+    arrays = read_npz(path, "data.path")
+    return {k: v for k, v in arrays.items() if k in ("x", "y", "x_val", "y_val")}
 
 
 def _read_idx(path):
@@ -96,7 +92,7 @@ def _read_idx(path):
         opener = gzip.open if path.endswith(".gz") else open
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, zlib.error) as e:   # gzip.BadGzipFile is an OSError
         raise UserError(f"{path}: cannot read ({e}); the file is corrupt or truncated") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise UserError(f"{path}: not an IDX file of unsigned bytes (bad magic number)")
@@ -143,44 +139,46 @@ def _check(arrays, where, loss):
     if ("x_val" in arrays) != ("y_val" in arrays):
         raise UserError(f"{where}: x_val and y_val must come together")
     out = {}
-    for suffix in ("", "_val"):
-        if "x" + suffix not in arrays:
-            continue
-        x, y = arrays["x" + suffix], arrays["y" + suffix]
-        xn, yn = "x" + suffix, "y" + suffix
-        if x.ndim != 2:
-            raise UserError(f"{where}: {xn} must be 2-D (n, features), got shape {x.shape}")
-        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-            raise UserError(f"{where}: {xn} must hold numbers, got dtype {x.dtype}")
-        if len(x) == 0:
-            raise UserError(f"{where}: {xn} is empty (0 samples)")
-        if len(y) != len(x):
-            raise UserError(f"{where}: {xn} has {len(x)} samples but {yn} has {len(y)}")
-        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
-            raise UserError(f"{where}: {xn} holds NaN or Inf values")
-        if loss == "cross_entropy" or (y.ndim == 1 and np.issubdtype(y.dtype, np.integer)):
-            if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-                raise UserError(f"{where}: {yn} must be integer class labels of shape (n,) for "
-                                f"train.loss = \"{loss}\", got {y.dtype} {y.shape}")
-            if y.min() < 0:
-                raise UserError(f"{where}: {yn} has negative class label {int(y.min())}")
-            y = y.astype(np.int64)
-        else:
-            if not np.issubdtype(y.dtype, np.floating):
-                raise UserError(f"{where}: {yn} must be float targets for train.loss = \"mse\", "
-                                f"got dtype {y.dtype}")
-            y = y.reshape(len(y), -1) if y.ndim == 1 else y
-            if y.ndim != 2:
-                raise UserError(f"{where}: {yn} must be (n,) or (n, outputs), got {y.shape}")
-            if not np.isfinite(y).all():
-                raise UserError(f"{where}: {yn} holds NaN or Inf values")
-        out[xn], out[yn] = x, y
+    for xn, yn in (("x", "y"), ("x_val", "y_val")):
+        if xn in arrays:
+            out[xn], out[yn] = _check_pair(arrays[xn], arrays[yn], xn, yn, where, loss)
     if "x_val" in out:
         for a, b in (("x", "x_val"), ("y", "y_val")):
             if out[a].shape[1:] != out[b].shape[1:]:
                 raise UserError(f"{where}: {a} has shape {out[a].shape} but {b} has "
                                 f"{out[b].shape}; they must agree after the first axis")
     return out
+
+
+def _check_pair(x, y, xn, yn, where, loss):
+    """One (inputs, targets) pair, checked; labels come back as int64, targets 2-D."""
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise UserError(f"{where}: {xn} must be 2-D (n, features >= 1), got shape {x.shape}")
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise UserError(f"{where}: {xn} must hold numbers, got dtype {x.dtype}")
+    if len(x) == 0:
+        raise UserError(f"{where}: {xn} is empty (0 samples)")
+    if y.ndim == 0 or len(y) != len(x):
+        raise UserError(f"{where}: {xn} has {len(x)} samples but {yn} has "
+                        f"{len(y) if y.ndim else 'none (a scalar)'}")
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        raise UserError(f"{where}: {xn} holds NaN or Inf values")
+    if loss == "cross_entropy" or (y.ndim == 1 and np.issubdtype(y.dtype, np.integer)):
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise UserError(f"{where}: {yn} must be integer class labels of shape (n,) for "
+                            f"train.loss = \"{loss}\", got {y.dtype} {y.shape}")
+        if y.min() < 0:
+            raise UserError(f"{where}: {yn} has negative class label {int(y.min())}")
+        return x, y.astype(np.int64)
+    if not np.issubdtype(y.dtype, np.floating):
+        raise UserError(f"{where}: {yn} must be float targets for train.loss = \"mse\", "
+                        f"got dtype {y.dtype}")
+    y = y.reshape(len(y), -1) if y.ndim == 1 else y
+    if y.ndim != 2:
+        raise UserError(f"{where}: {yn} must be (n,) or (n, outputs), got {y.shape}")
+    if not np.isfinite(y).all():
+        raise UserError(f"{where}: {yn} holds NaN or Inf values")
+    return x, y
 
 
 def _split(arrays, fraction, seed, where):

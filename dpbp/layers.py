@@ -66,5 +66,3 @@ class Sigmoid:
         # dy (B, D) -> dx (B, D): dsigmoid/dx = y (1 - y)
         return dy * self.y * (1 - self.y)
 
-
-ACTIVATIONS = {"relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid}

@@ -10,7 +10,7 @@ rebinding a parameter array would silently detach it from the flat buffer.
 
 import numpy as np
 
-from dpbp.layers import ACTIVATIONS, Linear
+from dpbp.layers import Linear, ReLU, Sigmoid, Tanh
 
 
 class MLP:
@@ -34,11 +34,12 @@ class MLP:
         p, g = views(self.params), views(self.grads)
         self.linears = [Linear(p[2 * i], p[2 * i + 1], g[2 * i], g[2 * i + 1])
                         for i in range(len(widths) - 1)]
+        Activation = {"relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid}[activation]
         self.layers = []
         for i, linear in enumerate(self.linears):
             self.layers.append(linear)
             if i < len(self.linears) - 1:
-                self.layers.append(ACTIVATIONS[activation]())
+                self.layers.append(Activation())
         self.names = []
         for i, layer in enumerate(self.layers):
             if isinstance(layer, Linear):

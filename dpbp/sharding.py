@@ -28,3 +28,8 @@ def num_batches(n, batch_size):
 def shard(n, rank, size):
     """This rank's slice of n rows: contiguous, lengths differ by at most one, may be empty."""
     return slice(rank * n // size, (rank + 1) * n // size)
+
+
+def shard_sizes(n, size):
+    """[rows of rank 0, rows of rank 1, ...] when n rows are sharded over `size` ranks."""
+    return [(r + 1) * n // size - r * n // size for r in range(size)]

@@ -10,22 +10,22 @@ checkpoint every epoch.
 """
 
 import argparse
-import json
-import os
+import math
 import sys
 import time
+import zlib
 
 import numpy as np
 
-from dpbp import __version__, checkpoint, comm as mpi, config, data as datasets, faults, sharding
+from dpbp import __version__, checkpoint, comm as mpi, config, data as datasets, faults
+from dpbp import run_dir, sharding
 from dpbp.errors import UserError
-from dpbp.losses import LOSSES, correct
+from dpbp.losses import correct, cross_entropy, mse
 from dpbp.model import MLP
 from dpbp.optim import SGD
 from dpbp.threads import limit_blas_threads
 
-# Keys a resumed run may not change: they define the network or the global batch.
-FIXED_ON_RESUME = ("model.hidden", "model.activation", "train.loss", "train.batch_size")
+EXIT_DIVERGED = 3   # training stopped: a non-finite loss, or replicas that differ
 
 
 # ----------------------------------------------------------------------------- one step
@@ -47,20 +47,20 @@ def train_step(model, optimizer, loss_fn, x, y, N, comm):
     Returns this rank's sum of per-sample losses.
     """
     outputs = model.forward(x)
-    loss_sum, doutputs = loss_fn(outputs, y, N)
+    losses, doutputs = loss_fn(outputs, y, N)
     model.backward(doutputs)
     comm.allreduce_(model.grads)          # DP: sum of shard gradients = global gradient
     optimizer.step()
-    return loss_sum
+    return losses.sum()
 
 
 def train_epoch(model, optimizer, loss_fn, data, cfg, epoch, step, comm):
-    """Collective. One epoch over the training set, the first optimizer step numbered
+    """Collective. One epoch over the training set, its first optimizer step numbered
     `step`; returns the mean training loss."""
     order = sharding.epoch_order(len(data.x), cfg.run.seed, epoch, cfg.data.shuffle)
     loss_sum = 0.0
     for k, batch in enumerate(sharding.global_batches(order, cfg.train.batch_size)):
-        faults.inject(comm.rank, step + k)
+        faults.inject(comm.rank, step + k)   # test hook, off unless DPBP_FAULT is set
         rows = batch[sharding.shard(len(batch), comm.rank, comm.size)]   # DP: my shard
         loss_sum += train_step(model, optimizer, loss_fn, data.x[rows], data.y[rows],
                                len(batch), comm)
@@ -72,17 +72,21 @@ def evaluate(model, loss_fn, x, y, num_classes, comm, chunk=2048):
     """Collective. (mean loss, accuracy or None) over (x, y), rows sharded across ranks.
 
     Each rank takes a contiguous block of rows, so every sample counts exactly once: no
-    padding, no duplicates, and the same sums at any world size.
+    padding, no duplicates. The per-sample losses are gathered and summed with math.fsum,
+    which is exact, so the mean does not depend on how the rows were split.
     """
+    counts = sharding.shard_sizes(len(x), comm.size)
     mine = sharding.shard(len(x), comm.rank, comm.size)
-    loss_sum, hits = 0.0, 0
+    losses, hits = np.empty(counts[comm.rank]), 0
     for start in range(mine.start, mine.stop, chunk):
         rows = slice(start, min(start + chunk, mine.stop))
         outputs = model.forward(x[rows])
-        loss_sum += loss_fn(outputs, y[rows], 1, need_grad=False)[0]
+        losses[rows.start - mine.start:rows.stop - mine.start] = loss_fn(
+            outputs, y[rows], 1, need_grad=False)[0]
         hits += correct(outputs, y[rows]) if num_classes else 0
-    total = comm.allreduce_(np.array([loss_sum, hits], dtype=np.float64))
-    return total[0] / len(x), (total[1] / len(x) if num_classes else None)
+    every_loss = comm.allgatherv_(losses, np.empty(len(x)), counts)   # DP: all samples
+    total_hits = comm.allreduce_(np.array([hits], dtype=np.int64))[0]   # DP: exact count
+    return math.fsum(every_loss) / len(x), (total_hits / len(x) if num_classes else None)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -96,43 +100,51 @@ def main(argv=None):
     if setup is None:
         return 0
     cfg, data, model, optimizer, start = setup
-    loss_fn, t = LOSSES[cfg.train.loss], cfg.train
-    steps_per_epoch = sharding.num_batches(len(data.x), t.batch_size)
-    if start["epoch"] >= t.epochs:
-        say(f"nothing to do: the run already completed {start['epoch']} of {t.epochs} epochs")
+    loss_fn = {"cross_entropy": cross_entropy, "mse": mse}[cfg.train.loss]
+    steps_per_epoch = sharding.num_batches(len(data.x), cfg.train.batch_size)
+    epochs = cfg.train.epochs
+    if start["epoch"] >= epochs:
+        say(f"nothing to do: the run already completed {start['epoch']} of {epochs} epochs")
         return 0
 
     step = start["step"]
-    for epoch in range(start["epoch"], t.epochs):
+    for epoch in range(start["epoch"], epochs):
         t0 = time.perf_counter()
         # every rank: train on its shards, validate on its share, check replicas agree
-        train_loss = train_epoch(model, optimizer, loss_fn, data, cfg, epoch, step, comm)
-        train_seconds = time.perf_counter() - t0
-        val_loss, val_accuracy = (None, None) if data.x_val is None else evaluate(
-            model, loss_fn, data.x_val, data.y_val, data.num_classes, comm)
-        if not comm.replicas_identical(model.params):
-            raise RuntimeError(f"replicas diverged in epoch {epoch + 1}: parameters differ "
-                               "between ranks")
+        with np.errstate(over="ignore", invalid="ignore"):   # divergence is caught below
+            train_loss = train_epoch(model, optimizer, loss_fn, data, cfg, epoch, step, comm)
+            train_seconds = time.perf_counter() - t0
+            val_loss, val_accuracy = None, None
+            if data.x_val is not None:
+                val_loss, val_accuracy = evaluate(model, loss_fn, data.x_val, data.y_val,
+                                                  data.num_classes, comm)
+        stop_unless_healthy(comm, model, epoch + 1, train_loss, val_loss)
         step += steps_per_epoch
         record = dict(epoch=epoch + 1, train_loss=train_loss, val_loss=val_loss,
-                      val_accuracy=val_accuracy, lr=t.lr, seconds=time.perf_counter() - t0,
+                      val_accuracy=val_accuracy, lr=cfg.train.lr,
+                      seconds=time.perf_counter() - t0,
                       samples_per_second=len(data.x) / train_seconds, world_size=comm.size)
-        # rank 0 alone: checkpoint and metrics (no collective in here)
-        if comm.rank == 0:
-            save_epoch(cfg, model, optimizer, step, comm.size, record)
-        say(format_epoch(record, t.epochs))
-    say(f"done: {t.epochs} epochs; checkpoint {checkpoint.path_for(cfg.run.dir, t.epochs)}, "
-        f"metrics {metrics_path(cfg)}")
+        with mpi.agreement(comm):          # rank 0 alone writes; a full disk stops all
+            if comm.rank == 0:
+                run_dir.save_epoch(cfg, model, optimizer, step, comm.size, record)
+        say(format_epoch(record, epochs))
+    say(f"done: {epochs} epochs; checkpoint {checkpoint.path_for(cfg.run.dir, epochs)}, "
+        f"metrics {run_dir.metrics_path(cfg.run.dir)}")
     return 0
 
 
-def save_epoch(cfg, model, optimizer, step, world_size, record):
-    """Rank 0: the epoch's checkpoint, then its line of metrics."""
-    epoch = record["epoch"]
-    checkpoint.save(checkpoint.path_for(cfg.run.dir, epoch), model, optimizer, epoch, step,
-                    world_size, config.to_toml(cfg))
-    with open(metrics_path(cfg), "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+def stop_unless_healthy(comm, model, epoch, train_loss, val_loss):
+    """Collective. Stop every rank, before anything is saved, if the losses are not finite
+    or the replicas no longer hold identical parameters."""
+    identical = comm.replicas_identical(model.params)
+    with mpi.agreement(comm, code=EXIT_DIVERGED):
+        if not math.isfinite(train_loss) or (val_loss is not None and not math.isfinite(val_loss)):
+            raise UserError(f"training diverged in epoch {epoch}: train loss {train_loss}, "
+                            f"val loss {val_loss}; nothing of this epoch was saved. Lower "
+                            "train.lr, or start from an earlier checkpoint")
+        if not identical:
+            raise UserError(f"replicas diverged in epoch {epoch}: the ranks' parameters "
+                            "differ (a fault in a node or in MPI); nothing was saved")
 
 
 def format_epoch(r, epochs):
@@ -147,10 +159,11 @@ def format_epoch(r, epochs):
 # ----------------------------------------------------------------------------- set-up
 
 def set_up(argv, comm, say):
-    """Collective. Parse arguments, load config and data, build the model and optimizer,
-    and (rank 0) check or resume the run directory; bad input on any rank stops all ranks
-    with one message and nothing written. Returns (cfg, data, model, optimizer, start),
-    or None after --help."""
+    """Collective. Parse arguments, resolve the config (on --resume, the checkpoint's own
+    with the command line's changes on top), load data, build model and optimizer, and
+    prepare the run directory. Bad input on any rank stops every rank with one message
+    and nothing written. Returns (cfg, data, model, optimizer, start), or None after
+    --help; start = {"epoch", "step"} to continue from."""
     with mpi.agreement(comm):
         args = parse_args(argv)
     if args.help:
@@ -158,125 +171,71 @@ def set_up(argv, comm, say):
         return None
     threads, why = limit_blas_threads(comm.ranks_sharing_cores)
 
+    resume = None                       # rank 0, on --resume: the newest checkpoint
     with mpi.agreement(comm):
         cfg = config.load(args.config, args.set)
+        if args.resume and comm.rank == 0:
+            resume = run_dir.newest_checkpoint(cfg.run.dir)
+    saved = comm.bcast_obj(None if resume is None else (resume[0], resume[1]["config"]))
+    notes = []
+    with mpi.agreement(comm):
+        if saved is not None:
+            cfg, notes = run_dir.resumed_config(saved[1], saved[0], cfg.run.dir, args.config,
+                                                args.set)
         data = datasets.load(cfg.data, cfg.train.loss, cfg.model.dtype, cfg.run.seed)
         model = MLP([data.num_inputs, *cfg.model.hidden, data.num_outputs],
                     cfg.model.activation, cfg.model.dtype)
         model.init_(np.random.default_rng([cfg.run.seed, 0x1417]))
-        if cfg.model.init:
-            load_init(model, cfg.model.init)
-        t = cfg.train
-        optimizer = SGD(model.params, model.grads, t.lr, t.momentum, t.nesterov, t.weight_decay)
-        start = check_run_dir(cfg, args.resume, model, optimizer) if comm.rank == 0 else None
+        if cfg.model.init and saved is None:   # a resumed run has its own weights
+            checkpoint.load_weights(model, cfg.model.init)
+        tc = cfg.train
+        optimizer = SGD(model.params, model.grads, tc.lr, tc.momentum, tc.nesterov,
+                        tc.weight_decay)
+        if comm.rank == 0:
+            if resume is None:
+                run_dir.check_new(cfg)
+            else:
+                checkpoint.restore(resume[1], resume[0], model, optimizer)
 
-    # DP: replicas start identical: parameters and optimizer state come from rank 0.
+    # DP: every rank must have read the same config and data; then replicas start
+    # identical, parameters and optimizer state coming from rank 0.
+    same_inputs = comm.replicas_identical(fingerprint(cfg, data))
+    with mpi.agreement(comm):
+        if not same_inputs:
+            raise UserError("the ranks loaded different configs or data; check that every "
+                            "node sees the same files")
     comm.bcast_(model.params)
     if optimizer.momentum_buffer is not None:
         comm.bcast_(optimizer.momentum_buffer)
-    start = comm.bcast_obj(start)
+    start = comm.bcast_obj({"epoch": 0, "step": 0} if resume is None else
+                           {"epoch": resume[1]["epoch"], "step": resume[1]["step"]})
     with mpi.agreement(comm):
         if comm.rank == 0:
-            prepare_run_dir(cfg, start)
+            run_dir.prepare(cfg, start["epoch"])
 
-    per_rank = sorted({len(range(t.batch_size)[sharding.shard(t.batch_size, r, comm.size)])
-                       for r in range(comm.size)})
+    per_rank = sharding.shard_sizes(tc.batch_size, comm.size)
     say(f"dpbp {__version__}: {comm.size} rank{'s' * (comm.size > 1)} ({comm.library}), "
         f"{threads} BLAS thread{'s' * (threads != 1)} per rank ({why})")
     say(f"data: {cfg.data.source}, {data.describe()}")
     say(f"model: {'-'.join(map(str, model.widths))} {cfg.model.activation} {cfg.model.dtype}, "
         f"{model.params.size:,} parameters; loss {cfg.train.loss}")
-    say(f"batch: global {t.batch_size}, per rank {'-'.join(map(str, per_rank))}; "
-        f"{sharding.num_batches(len(data.x), t.batch_size)} steps per epoch; "
+    say(f"batch: global {tc.batch_size}, per rank "
+        f"{'-'.join(map(str, sorted(set(per_rank))))}; "
+        f"{sharding.num_batches(len(data.x), tc.batch_size)} steps per epoch; "
         f"run dir {cfg.run.dir}")
-    for note in start["notes"]:
+    if saved is not None:
+        say(f"resume: from {saved[0]} (epoch {start['epoch']}, step {start['step']})")
+    for note in notes:
         say(note)
     return cfg, data, model, optimizer, start
 
 
-def metrics_path(cfg):
-    return os.path.join(cfg.run.dir, "metrics.jsonl")
-
-
-def load_init(model, path):
-    """Start from the model.* weights in an .npz (e.g. saved from PyTorch)."""
-    if not os.path.isfile(path):
-        raise UserError(f"model.init: no such file {path}")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            problem = model.load_state_dict(f, f"model.init {path}")
-    except (OSError, ValueError) as e:
-        raise UserError(f"model.init {path}: not a readable .npz file ({e})") from None
-    if problem:
-        raise UserError(problem)
-
-
-def check_run_dir(cfg, resume, model, optimizer):
-    """Rank 0, before anything is written: is the run directory usable? On --resume, load
-    the newest checkpoint into model and optimizer. Returns where training starts."""
-    run_dir = cfg.run.dir
-    found = checkpoint.list_epochs(run_dir)
-    if not resume:
-        if found or os.path.exists(metrics_path(cfg)):
-            newest = max(found, default=0)
-            raise UserError(
-                f"run.dir {run_dir} already holds a run ({newest} epochs checkpointed); "
-                f"continue it with --resume, or start a new one with --set "
-                f"'run.dir=\"{run_dir}-2\"'")
-        parent = os.path.abspath(run_dir)
-        while not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-            raise UserError(f"run.dir {run_dir}: cannot create it ({parent} is not a "
-                            "writable folder); choose another with --set 'run.dir=\"...\"'")
-        return {"epoch": 0, "step": 0, "notes": []}
-
-    if not found:
-        raise UserError(f"--resume: no checkpoint in {os.path.join(run_dir, 'checkpoints')}; "
-                        "start the run without --resume")
-    path = found[max(found)]
-    state = checkpoint.load(path)
-    saved = config.from_toml(str(state["config"]), f"checkpoint {path}")
-    old, new = config.flat(saved), config.flat(cfg)
-    changed = [k for k in old if old[k] != new[k]]
-    for key in changed:
-        if key in FIXED_ON_RESUME:
-            raise UserError(f"--resume: {key} was {config.toml_value(old[key])} in {path}, "
-                            f"now {config.toml_value(new[key])}; a resumed run keeps its "
-                            "network and global batch")
-    problem = model.load_state_dict(state, f"checkpoint {path}")
-    if problem:
-        raise UserError(problem + "; it does not fit the configured network")
-    if optimizer.momentum_buffer is not None and "optimizer.momentum_buffer" in state:
-        optimizer.momentum_buffer[...] = state["optimizer.momentum_buffer"]
-    notes = [f"resume: from {path} (epoch {int(state['epoch'])}, step {int(state['step'])}, "
-             f"written by {int(state['world_size'])} ranks)"]
-    notes += [f"resume: {k} changed from {config.toml_value(old[k])} to "
-              f"{config.toml_value(new[k])}" for k in changed]
-    return {"epoch": int(state["epoch"]), "step": int(state["step"]), "notes": notes}
-
-
-def prepare_run_dir(cfg, start):
-    """Rank 0: create the run directory, save the resolved config, and on resume drop
-    metrics of epochs after the checkpoint (they will be trained again)."""
-    kept = None
-    if os.path.exists(metrics_path(cfg)):
-        try:
-            with open(metrics_path(cfg), encoding="utf-8") as f:
-                kept = [line for line in f
-                        if line.strip() and json.loads(line)["epoch"] <= start["epoch"]]
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{metrics_path(cfg)} is malformed (each line must be a JSON "
-                            "object with an epoch); repair or remove it to resume") from None
-    try:
-        os.makedirs(os.path.join(cfg.run.dir, "checkpoints"), exist_ok=True)
-        checkpoint.write_atomic(os.path.join(cfg.run.dir, "config.toml"),
-                                lambda f: f.write(config.to_toml(cfg).encode()))
-        if kept is not None:
-            checkpoint.write_atomic(metrics_path(cfg), lambda f: f.write("".join(kept).encode()))
-    except OSError as e:
-        raise UserError(f"run.dir {cfg.run.dir}: cannot write ({e.strerror}: {e.filename})"
-                        ) from None
+def fingerprint(cfg, data):
+    """CRCs of the resolved config and of every data array, to compare across ranks."""
+    arrays = [data.x, data.y] + ([data.x_val, data.y_val] if data.x_val is not None else [])
+    crcs = [zlib.crc32(config.to_toml(cfg).encode())]
+    crcs += [zlib.crc32(np.ascontiguousarray(a).view(np.uint8)) for a in arrays]
+    return np.array(crcs, dtype=np.int64)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -289,7 +248,9 @@ def _epilog():
     for section, keys in config.defaults_by_section().items():
         lines.append(f"  [{section}]  " + ", ".join(f"{k} = {v}" for k, v in keys.items()))
     lines += ["", "exit codes: 0 done; 2 bad input (config, data, run directory, checkpoint), "
-              "reported once;", "  any other non-zero code: a rank failed and the job was ended."]
+              "reported once;", f"  {EXIT_DIVERGED} training diverged (a loss not finite) "
+              "or replicas differ, nothing of that epoch saved;",
+              "  any other non-zero code: a rank failed and the job was ended."]
     return "\n".join(lines)
 
 
@@ -307,7 +268,9 @@ PARSER.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", defau
                          "e.g. --set train.lr=0.05 --set 'model.hidden=[256,128]' "
                          "--set 'data.source=\"npz\"'")
 PARSER.add_argument("--resume", action="store_true",
-                    help="continue the run in run.dir from its newest checkpoint")
+                    help="continue the run in run.dir from its newest checkpoint, with its "
+                         "saved config; --config and --set change it (not the network or "
+                         "the global batch)")
 
 
 def parse_args(argv):

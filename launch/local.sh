@@ -31,4 +31,4 @@ if "$mpirun" --version 2>/dev/null | grep -q "Open MPI"; then
 fi
 
 echo "launch/local.sh: $ranks ranks on $cores cores: $mpirun ${flags[*]} -n $ranks" >&2
-exec "$mpirun" "${flags[@]}" -n "$ranks" "$python" -m dpbp.train "$@"
+exec "$mpirun" ${flags[@]+"${flags[@]}"} -n "$ranks" "$python" -m dpbp.train "$@"

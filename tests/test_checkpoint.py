@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from dpbp import checkpoint, config
+from dpbp import checkpoint, config, files
 from dpbp.errors import UserError
 from dpbp.model import MLP
 from dpbp.optim import SGD
@@ -37,8 +37,8 @@ def test_round_trip(tmp_path):
     assert os.path.basename(path) == "epoch-0003.npz"
     assert os.listdir(os.path.dirname(path)) == ["epoch-0003.npz"]   # no temporary left
     state = checkpoint.load(path)
-    assert (int(state["epoch"]), int(state["step"]), int(state["world_size"])) == (3, 42, 4)
-    assert config.from_toml(str(state["config"])) == config.Config()
+    assert (state["epoch"], state["step"], state["world_size"]) == (3, 42, 4)
+    assert config.from_toml(state["config"]) == config.Config()
     np.testing.assert_array_equal(state["optimizer.momentum_buffer"], opt.momentum_buffer)
     other, _ = make()
     other.params[...] = 0
@@ -56,7 +56,7 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        checkpoint.write_atomic(str(target), explode)
+        files.write_atomic(str(target), explode)
     assert os.listdir(tmp_path) == ["x.npz"] and target.read_bytes() == b"earlier"
 
 
@@ -85,8 +85,34 @@ def test_unreadable_checkpoint(tmp_path):
     checkpoint.save(path, model, opt, 1, 1, 1, config.to_toml(config.Config()))
     raw = open(path, "rb").read()
     open(path, "wb").write(raw[: len(raw) // 2])
-    with pytest.raises(UserError, match="unreadable"):
+    with pytest.raises(UserError, match="is not a readable .npz file"):
         checkpoint.load(path)
     np.savez(path, x=np.zeros(2))
-    with pytest.raises(UserError, match="not a dpbp checkpoint"):
+    with pytest.raises(UserError, match="lacks epoch, step, world_size, format_version, "
+                                        "config: not a dpbp checkpoint"):
         checkpoint.load(path)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"epoch": np.array("two")}, "epoch must be a non-negative integer"),
+    ({"step": np.array([1, 2])}, "step must be a non-negative integer"),
+    ({"world_size": np.float64(2)}, "world_size must be a non-negative integer"),
+    ({"config": np.array([1])}, "config must be TOML text"),
+    ({"format_version": np.int64(99)}, "has format 99; this dpbp reads up to 1"),
+])
+def test_malformed_checkpoint_fields(tmp_path, change, message):
+    model, opt = make()
+    path = str(tmp_path / "epoch-0001.npz")
+    checkpoint.save(path, model, opt, 1, 1, 1, config.to_toml(config.Config()))
+    with np.load(path) as f:
+        arrays = dict({k: f[k] for k in f.files}, **change)
+    np.savez(path, **arrays)
+    with pytest.raises(UserError, match=message):
+        checkpoint.load(path)
+
+
+def test_restore_checks_the_momentum_buffer(tmp_path):
+    model, opt = make()
+    state = dict(model.state_dict(), **{"optimizer.momentum_buffer": np.zeros(3)})
+    with pytest.raises(UserError, match="momentum_buffer has shape"):
+        checkpoint.restore(state, "ckpt", model, opt)

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import model_arrays, run_train, run_with_timeout
+from tests.conftest import model_arrays, mpirun, run_train, run_with_timeout
 
 METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_accuracy", "lr", "seconds",
                "samples_per_second", "world_size"}
@@ -265,3 +265,79 @@ def test_resume_with_malformed_metrics_is_refused(tmp_path, tiny_npz):
     r = run_train(tiny_run(tiny_npz, run_dir, "--resume"), ranks=2)
     assert r.returncode == 2 and "metrics.jsonl is malformed" in r.stderr
     assert "Traceback" not in r.stderr and snapshot(run_dir) == before
+
+
+def test_divergence_stops_every_rank_and_saves_nothing_of_it(tmp_path, tiny_npz):
+    run_dir = tmp_path / "run"
+    r = run_train(tiny_run(tiny_npz, run_dir, "--set", "train.lr=1e30"), ranks=3)
+    assert r.returncode == 3, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("dpbp")]
+    assert len(errors) == 1 and "training diverged in epoch 1" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr and "RuntimeWarning" not in r.stderr
+    assert os.listdir(run_dir / "checkpoints") == []
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_resume_uses_the_runs_own_config(tmp_path, tiny_npz):
+    """--resume alone continues with the saved config; only what the command line says
+    explicitly changes (here the number of epochs)."""
+    run_dir = tmp_path / "run"
+    first = tiny_run(tiny_npz, run_dir, "--set", "train.lr=0.3", "--set", "train.epochs=1")
+    assert run_train(first).returncode == 0
+    r = run_train(["--resume", "--set", f'run.dir="{run_dir}"', "--set", "train.epochs=2"],
+                  ranks=2)
+    assert r.returncode == 0, r.stderr
+    saved = (run_dir / "config.toml").read_text()
+    assert f'path = "{tiny_npz}"' in saved and "lr = 0.3" in saved
+    assert "resume: train.epochs changed from 1 to 2" in r.stdout
+    assert "lr changed" not in r.stdout and "epoch 2/2" in r.stdout
+
+
+def test_a_foreign_config_toml_is_not_clobbered(tmp_path, tiny_npz):
+    run_dir = tmp_path / "proj"
+    run_dir.mkdir()
+    (run_dir / "config.toml").write_text("# my own notes\n")
+    r = run_train(tiny_run(tiny_npz, run_dir))
+    assert r.returncode == 2 and "already has a config.toml of another run" in r.stderr
+    assert (run_dir / "config.toml").read_text() == "# my own notes\n"
+
+
+def test_stale_temporaries_are_cleaned_and_garbage_checkpoints_refused(tmp_path, tiny_npz):
+    run_dir = tmp_path / "run"
+    assert run_train(tiny_run(tiny_npz, run_dir, "--set", "train.epochs=1")).returncode == 0
+    stale = run_dir / "checkpoints" / ".tmp-abc123.partial"
+    stale.write_bytes(b"half a checkpoint")
+    assert run_train(tiny_run(tiny_npz, run_dir, "--set", "train.epochs=2", "--resume"),
+                     ranks=2).returncode == 0
+    assert not stale.exists()
+    (run_dir / "checkpoints" / "epoch-0003.npz").write_bytes(b"garbage")
+    before = snapshot(run_dir)
+    r = run_train(tiny_run(tiny_npz, run_dir, "--resume"), ranks=2)
+    assert r.returncode == 2 and "epoch-0003.npz is not a readable .npz file" in r.stderr
+    assert "Traceback" not in r.stderr and snapshot(run_dir) == before
+
+
+def test_ranks_that_loaded_different_data_are_stopped(tmp_path, tiny_npz):
+    other = tmp_path / "other.npz"
+    with np.load(tiny_npz) as f:
+        np.savez(other, **dict({k: f[k] for k in f.files}, x=f["x"] + 1))   # same shapes
+    rank_args = [[sys.executable, "-m", "dpbp.train",
+                  *tiny_run(path, tmp_path / "run")] for path in (tiny_npz, other)]
+    cmd = mpirun(1) + rank_args[0] + [":", "-n", "1"] + rank_args[1]   # one MPMD job
+    r = run_with_timeout(cmd, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "the ranks loaded different configs or data" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_mpi_under_a_launcher_is_reported_once(tmp_path, tiny_npz):
+    fake = tmp_path / "fake" / "mpi4py"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "MPI.py").write_text("raise ImportError('libmpi.so: cannot open shared object')\n")
+    env = {"PYTHONPATH": str(fake.parent)}
+    r = run_train(tiny_run(tiny_npz, tmp_path / "run"), ranks=3, env=env)
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("dpbp")]
+    assert len(errors) == 1 and "launched as one of 3 ranks" in errors[0], r.stderr
+    assert not (tmp_path / "run").exists()

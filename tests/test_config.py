@@ -107,3 +107,40 @@ def test_errors_name_their_source(tmp_path):
         config.load(path)
     with pytest.raises(UserError, match=r"--set model.hiden=\[8\]: unknown key model.hiden"):
         config.load(None, ["model.hiden=[8]"])
+
+
+def test_top_level_key_is_pointed_to_its_section(tmp_path):
+    path = tmp_path / "flat.toml"
+    path.write_text("lr = 0.1\n")
+    with pytest.raises(UserError, match=r"lr = 0.1 is outside any \[section\]; it belongs "
+                                        r"under \[train\]"):
+        config.load(path)
+
+
+def test_file_and_overrides_apply_on_top_of_a_base(tmp_path):
+    base = config.load(None, ["train.lr=0.3", "train.epochs=2"])
+    path = tmp_path / "more.toml"
+    path.write_text("[train]\nepochs = 5\n")
+    cfg = config.load(path, ["train.momentum=0.5"], base=base)
+    assert (cfg.train.lr, cfg.train.epochs, cfg.train.momentum) == (0.3, 5, 0.5)
+
+
+def test_default_toml_lists_every_key_and_the_readme_table_matches():
+    """configs/default.toml and the README's table name every key with its default."""
+    with open(ROOT / "configs" / "default.toml", "rb") as f:
+        written = config.tomllib.load(f)
+    defaults = config.flat(config.Config())
+    assert {f"{s}.{k}" for s, keys in written.items() for k in keys} == set(defaults)
+    readme = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        m = __import__("re").match(r"^\| `(\w+\.\w+)` \| `(.*?)` \|", line)
+        if m:
+            readme[m.group(1)] = m.group(2)
+    assert readme == {k: config.toml_value(v) for k, v in defaults.items()}
+
+
+def test_config_file_that_is_not_text(tmp_path):
+    path = tmp_path / "binary.toml"
+    path.write_bytes(b"\xff\xfe\x00[train]")
+    with pytest.raises(UserError, match="binary.toml: not UTF-8 text"):
+        config.load(path)

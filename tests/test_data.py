@@ -58,6 +58,8 @@ def test_mse_with_integer_labels_is_classification(tmp_path):
     (dict(y=np.zeros(3, int)), "missing array 'x'"),
     (dict(x=np.zeros((3, 2))), "missing array 'y'"),
     (dict(x=np.zeros(3), y=np.zeros(3, int)), "x must be 2-D"),
+    (dict(x=np.zeros((3, 0)), y=np.zeros(3, int)), "x must be 2-D (n, features >= 1)"),
+    (dict(x=np.zeros((3, 2)), y=np.int64(1)), "y has none (a scalar)"),
     (dict(x=np.zeros((3, 2)), y=np.zeros(4, int)), "x has 3 samples but y has 4"),
     (dict(x=np.zeros((0, 2)), y=np.zeros(0, int)), "x is empty"),
     (dict(x=np.array([[1.0, np.nan]]), y=np.zeros(1, int)), "x holds NaN or Inf"),
@@ -85,6 +87,17 @@ def test_mse_targets_must_be_finite_floats(tmp_path):
 def test_missing_and_malformed_npz(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         load(path=tmp_path / "absent.npz")
+    with pytest.raises(UserError, match="no such file"):
+        load(path=tmp_path)   # a folder
+    single = tmp_path / "single.npz"
+    with open(single, "wb") as f:
+        np.save(f, np.zeros((3, 2)))
+    with pytest.raises(UserError, match=r"one unnamed array \(.npy\)"):
+        load(path=single)
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, x=np.array([object(), object()]), y=np.array([0, 1]))
+    with pytest.raises(UserError, match="Object arrays cannot be loaded"):
+        load(path=objects)
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"this is not a zip file")
     with pytest.raises(UserError, match="not a readable .npz"):
@@ -142,11 +155,17 @@ def test_idx_truncated_corrupt_missing(tmp_path):
         load("mnist", tmp_path / "nowhere")
 
 
-def test_gzip_truncated(tmp_path):
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_gzip_truncated_or_corrupt(tmp_path, damage):
     folder = fake_mnist(tmp_path / "m", gz=True)
-    labels = folder / "t10k-labels-idx1-ubyte.gz"
-    labels.write_bytes(labels.read_bytes()[:-6])
-    with pytest.raises(UserError, match="t10k-labels-idx1-ubyte.gz: cannot read"):
+    images = folder / "train-images-idx3-ubyte.gz"
+    raw = bytearray(images.read_bytes())
+    if damage == "truncate":
+        raw = raw[:-6]
+    else:
+        raw[len(raw) // 2] ^= 0xFF    # inside the deflate stream
+    images.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="train-images-idx3-ubyte.gz: cannot read"):
         load("mnist", folder)
 
 
@@ -181,6 +200,7 @@ def test_shards_cover_each_batch_exactly_once(n, size):
     parts = [range(n)[sharding.shard(n, r, size)] for r in range(size)]
     assert [i for p in parts for i in p] == list(range(n))
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert sharding.shard_sizes(n, size) == [len(p) for p in parts]
 
 
 def test_global_batches_do_not_depend_on_world_size():

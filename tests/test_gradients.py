@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
-from dpbp.layers import ACTIVATIONS, Linear
+from dpbp.layers import Linear, ReLU, Sigmoid, Tanh
 from dpbp.losses import cross_entropy, mse
 from dpbp.model import MLP
 
+ACTIVATIONS = {"relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid}
 SHAPES = [(1, 1, 1), (4, 3, 5), (7, 10, 2), (0, 3, 4)]   # (B, D_in, D_out); B = 0: no rows
 
 
@@ -60,18 +61,19 @@ def test_activation(name, B, D):
 def test_cross_entropy(B, C, N):
     rng = np.random.default_rng(2)
     logits, labels = rng.normal(size=(B, C)) * 4, rng.integers(0, C, size=B)
-    loss = lambda: cross_entropy(logits, labels, N)[0] / N
-    loss_sum, dlogits = cross_entropy(logits, labels, N)
+    loss = lambda: cross_entropy(logits, labels, N)[0].sum() / N
+    losses, dlogits = cross_entropy(logits, labels, N)
     assert_close(dlogits, numeric_grad(loss, logits))
-    # the value itself: mean of -log softmax, as torch.nn.CrossEntropyLoss
+    # the values themselves: -log softmax per sample, as torch.nn.CrossEntropyLoss
     p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    assert loss_sum == pytest.approx(-np.log(p[np.arange(B), labels]).sum(), abs=1e-12)
+    np.testing.assert_allclose(losses, -np.log(p[np.arange(B), labels]), rtol=1e-12)
+    assert losses.shape == (B,) and losses.dtype == np.float64
 
 
 def test_cross_entropy_extreme_logits_stay_finite():
     logits = np.array([[1000.0, -1000.0, 0.0]])
-    loss_sum, dlogits = cross_entropy(logits, np.array([1]), 1)
-    assert loss_sum == pytest.approx(2000.0)
+    losses, dlogits = cross_entropy(logits, np.array([1]), 1)
+    assert losses[0] == pytest.approx(2000.0)
     assert np.isfinite(dlogits).all()
 
 
@@ -79,17 +81,17 @@ def test_cross_entropy_extreme_logits_stay_finite():
 def test_mse(B, C, N):
     rng = np.random.default_rng(3)
     out, target = rng.normal(size=(B, C)), rng.normal(size=(B, C))
-    loss = lambda: mse(out, target, N)[0] / N
-    loss_sum, dout = mse(out, target, N)
+    loss = lambda: mse(out, target, N)[0].sum() / N
+    losses, dout = mse(out, target, N)
     assert_close(dout, numeric_grad(loss, out))
-    # the value: mean over all elements, as torch.nn.MSELoss, times the batch size
-    assert loss_sum == pytest.approx(((out - target) ** 2).mean(axis=1).sum(), abs=1e-12)
+    # per sample, the mean over its outputs: their mean is torch.nn.MSELoss's value
+    np.testing.assert_allclose(losses, ((out - target) ** 2).mean(axis=1), rtol=1e-12)
 
 
 def test_mse_one_hot_labels():
     out = np.array([[0.2, 0.9], [0.4, 0.1]])
-    loss_sum, _ = mse(out, np.array([1, 0]), 2)
-    assert loss_sum == pytest.approx(mse(out, np.array([[0.0, 1.0], [1.0, 0.0]]), 2)[0])
+    losses, _ = mse(out, np.array([1, 0]), 2)
+    np.testing.assert_array_equal(losses, mse(out, np.array([[0.0, 1.0], [1.0, 0.0]]), 2)[0])
 
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
@@ -106,7 +108,7 @@ def test_whole_model(activation, loss_name, widths):
         y, loss_fn = rng.integers(0, widths[-1], size=B), cross_entropy
     else:
         y, loss_fn = rng.normal(size=(B, widths[-1])), mse
-    loss = lambda: loss_fn(model.forward(x), y, B)[0] / B
+    loss = lambda: loss_fn(model.forward(x), y, B)[0].sum() / B
     _, dout = loss_fn(model.forward(x), y, B)
     model.backward(dout)
     assert_close(model.grads, numeric_grad(loss, model.params))

@@ -23,7 +23,7 @@ def test_only_comm_imports_mpi4py():
 
 
 def test_importing_the_trainer_starts_no_mpi_and_no_torch():
-    code = ("import sys, dpbp.train; "
-            "print(sorted(m for m in ('mpi4py.MPI', 'torch', 'threadpoolctl') if m in sys.modules))")
+    code = ("import sys, dpbp.train; print(sorted(m for m in "
+            "('mpi4py.MPI', 'torch', 'threadpoolctl') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr

@@ -13,7 +13,7 @@ from dpbp.errors import UserError
 from dpbp.losses import cross_entropy
 from dpbp.model import MLP
 from dpbp.optim import SGD
-from dpbp.train import train_step
+from dpbp.train import evaluate, train_step
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -104,3 +104,22 @@ def test_train_step_matches_one_process_and_replicas_stay_identical(comm):
     comm.allreduce_(gathered)
     for r in range(comm.size):
         np.testing.assert_array_equal(gathered[r], many)
+
+
+def test_allgatherv_concatenates_in_rank_order(comm):
+    counts = sharding.shard_sizes(7, comm.size)
+    mine = np.arange(7, dtype=np.float64)[sharding.shard(7, comm.rank, comm.size)]
+    out = comm.allgatherv_(mine, np.empty(7), counts)
+    np.testing.assert_array_equal(out, np.arange(7.0))
+
+
+@pytest.mark.parametrize("rows", [1001, 1])
+def test_evaluate_gives_the_same_numbers_at_any_world_size(comm, rows):
+    """Validation at N ranks equals validation in one process, bit for bit."""
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(rows, 8)), rng.integers(0, 5, size=rows)
+    model = MLP([8, 16, 5], "tanh", np.float64)
+    model.init_(np.random.default_rng(4))
+    one = evaluate(model, cross_entropy, x, y, 5, mpi.Comm(None), chunk=64)
+    many = evaluate(model, cross_entropy, x, y, 5, comm, chunk=64)
+    assert many == one

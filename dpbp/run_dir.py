@@ -1,0 +1,120 @@
+"""The run directory: what a run leaves on disk, and how a run starts or resumes there.
+
+    RUN_DIR/config.toml                 the resolved config of the run
+    RUN_DIR/metrics.jsonl               one JSON object per epoch
+    RUN_DIR/checkpoints/epoch-EEEE.npz  one checkpoint per epoch (see checkpoint.py)
+
+Every function here runs on rank 0 alone; train.py broadcasts what the others need.
+Nothing is written until every check has passed, and a new run never overwrites an
+earlier run's files.
+"""
+
+import dataclasses
+import json
+import os
+
+from dpbp import checkpoint, config
+from dpbp.errors import UserError
+from dpbp.files import remove_stale_temporaries, write_atomic
+
+# Keys a resumed run may not change: they define the network or the global batch.
+FIXED_ON_RESUME = ("model.hidden", "model.activation", "train.loss", "train.batch_size")
+
+
+def metrics_path(run_dir):
+    return os.path.join(run_dir, "metrics.jsonl")
+
+
+def config_path(run_dir):
+    return os.path.join(run_dir, "config.toml")
+
+
+def check_new(cfg):
+    """A new run may start in cfg.run.dir: it holds no earlier run, and can be created."""
+    run_dir = cfg.run.dir
+    found = checkpoint.list_epochs(run_dir)
+    if found or os.path.exists(metrics_path(run_dir)):
+        raise UserError(
+            f"run.dir {run_dir} already holds a run ({max(found, default=0)} epochs "
+            f"checkpointed); continue it with --resume, or start a new one with --set "
+            f"'run.dir=\"{run_dir}-2\"'")
+    if os.path.exists(config_path(run_dir)):
+        with open(config_path(run_dir), encoding="utf-8", errors="replace") as f:
+            if f.read() != config.to_toml(cfg):
+                raise UserError(f"run.dir {run_dir} already has a config.toml of another run; "
+                                "choose another run.dir, or remove it")
+    parent = os.path.abspath(run_dir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"run.dir {run_dir}: cannot create it ({parent} is not a writable "
+                        "folder); choose another with --set 'run.dir=\"...\"'")
+
+
+def newest_checkpoint(run_dir):
+    """(path, state) of the newest checkpoint in run_dir, for --resume."""
+    found = checkpoint.list_epochs(run_dir)
+    if not found:
+        raise UserError(f"--resume: no checkpoint in {os.path.join(run_dir, 'checkpoints')}; "
+                        "start the run without --resume")
+    path = found[max(found)]
+    return path, checkpoint.load(path)
+
+
+def resumed_config(saved_toml, path, run_dir, config_file, overrides):
+    """The config of a resumed run: the checkpoint's own, with the command line's
+    --config and --set applied on top, in `run_dir` (where the checkpoint was found).
+    Returns (cfg, notes); changes to the network or the global batch are refused."""
+    saved = config.from_toml(saved_toml, f"checkpoint {path}")
+    cfg = config.load(config_file, overrides, base=saved)
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=run_dir))
+    old, new = config.flat(saved), config.flat(cfg)
+    changed = [k for k in old if old[k] != new[k] and k != "run.dir"]
+    for key in changed:
+        if key in FIXED_ON_RESUME:
+            raise UserError(f"--resume: {key} was {config.toml_value(old[key])} in {path}, "
+                            f"now {config.toml_value(new[key])}; a resumed run keeps its "
+                            "network and global batch")
+    notes = [f"resume: {k} changed from {config.toml_value(old[k])} to "
+             f"{config.toml_value(new[k])}" for k in changed]
+    return cfg, notes
+
+
+def prepare(cfg, start_epoch):
+    """Create the run directory, save the resolved config, remove temporary files a killed
+    writer left, and drop metrics of epochs after `start_epoch` (they will be trained
+    again)."""
+    kept = None
+    if os.path.exists(metrics_path(cfg.run.dir)):
+        try:
+            with open(metrics_path(cfg.run.dir), encoding="utf-8") as f:
+                kept = [line for line in f
+                        if line.strip() and json.loads(line)["epoch"] <= start_epoch]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{metrics_path(cfg.run.dir)} is malformed (each line must be a "
+                            "JSON object with an epoch); repair or remove it to resume") from None
+    folder = os.path.join(cfg.run.dir, "checkpoints")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        remove_stale_temporaries(folder)
+        write_atomic(config_path(cfg.run.dir), lambda f: f.write(config.to_toml(cfg).encode()))
+        if kept is not None:
+            write_atomic(metrics_path(cfg.run.dir), lambda f: f.write("".join(kept).encode()))
+    except OSError as e:
+        raise UserError(f"run.dir {cfg.run.dir}: cannot write ({e.strerror}: {e.filename})"
+                        ) from None
+
+
+def save_epoch(cfg, model, optimizer, step, world_size, record):
+    """The epoch's line of metrics, then its checkpoint. (In this order, a crash between
+    the two leaves a metrics line that `prepare` drops on resume, never a missing one.)"""
+    epoch = record["epoch"]
+    path = checkpoint.path_for(cfg.run.dir, epoch)
+    try:
+        with open(metrics_path(cfg.run.dir), "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+        checkpoint.save(path, model, optimizer, epoch, step, world_size, config.to_toml(cfg))
+    except OSError as e:
+        raise UserError(f"cannot save epoch {epoch} in {cfg.run.dir} ({e.strerror}); "
+                        f"earlier checkpoints are intact, --resume continues from the newest"
+                        ) from None

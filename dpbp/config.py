@@ -224,7 +224,7 @@ def toml_value(value):
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, str):
-        return json.dumps(value)   # a JSON string is a valid TOML basic string
+        return json.dumps(value, ensure_ascii=False)   # a valid TOML basic string
     return repr(value)
 
 

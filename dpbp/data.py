@@ -24,6 +24,8 @@ from dpbp import synthetic
 from dpbp.errors import UserError
 from dpbp.files import read_npz
 
+MAX_CLASSES = 1 << 16   # a larger label is a mistake, not a network to build
+
 MNIST_FILES = {
     "x": "train-images-idx3-ubyte", "y": "train-labels-idx1-ubyte",
     "x_val": "t10k-images-idx3-ubyte", "y_val": "t10k-labels-idx1-ubyte",
@@ -75,8 +77,14 @@ def load(data_cfg, loss, dtype, seed):
         num_classes, num_outputs = None, y.shape[1]
 
     def cast(a):   # inputs and float targets take the model's dtype; labels stay int64
-        is_labels = a is None or a.ndim == 1
-        return a if is_labels else np.ascontiguousarray(a, dtype=dtype)
+        if a is None or a.ndim == 1:
+            return a
+        with np.errstate(over="ignore"):   # overflow is reported just below
+            out = np.ascontiguousarray(a, dtype=dtype)
+        if not np.isfinite(out).all():
+            raise UserError(f"{where}: values too large for {np.dtype(dtype).name} (beyond "
+                            f"{np.finfo(dtype).max:.3g}); scale the data or use float64")
+        return out
 
     return Dataset(cast(x), cast(y), cast(x_val), cast(y_val), num_classes, num_outputs)
 
@@ -128,6 +136,10 @@ def _read_mnist(folder):
         else:
             a = a.astype(np.int64)
         arrays[key] = a
+    for x, y in (("x", "y"), ("x_val", "y_val")):
+        if len(arrays[x]) != len(arrays[y]):
+            raise UserError(f"{folder}: {MNIST_FILES[x]} has {len(arrays[x])} images but "
+                            f"{MNIST_FILES[y]} has {len(arrays[y])} labels")
     return arrays
 
 
@@ -169,6 +181,9 @@ def _check_pair(x, y, xn, yn, where, loss):
                             f"train.loss = \"{loss}\", got {y.dtype} {y.shape}")
         if y.min() < 0:
             raise UserError(f"{where}: {yn} has negative class label {int(y.min())}")
+        if y.max() >= MAX_CLASSES:
+            raise UserError(f"{where}: {yn} has class label {int(y.max())}; labels must be "
+                            f"0 .. C-1 with C at most {MAX_CLASSES}")
         return x, y.astype(np.int64)
     if not np.issubdtype(y.dtype, np.floating):
         raise UserError(f"{where}: {yn} must be float targets for train.loss = \"mse\", "

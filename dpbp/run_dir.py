@@ -10,6 +10,7 @@ earlier run's files.
 """
 
 import dataclasses
+import fcntl
 import json
 import os
 
@@ -19,6 +20,9 @@ from dpbp.files import remove_stale_temporaries, write_atomic
 
 # Keys a resumed run may not change: they define the network or the global batch.
 FIXED_ON_RESUME = ("model.hidden", "model.activation", "train.loss", "train.batch_size")
+# Keys whose change on resume changes which samples train and which validate.
+SPLIT_KEYS = ("run.seed", "data.source", "data.path", "data.val_fraction", "data.samples")
+CONFIG_HEADER = "# dpbp: the resolved config of this run\n"
 
 
 def metrics_path(run_dir):
@@ -30,25 +34,30 @@ def config_path(run_dir):
 
 
 def check_new(cfg):
-    """A new run may start in cfg.run.dir: it holds no earlier run, and can be created."""
+    """A new run may start in cfg.run.dir: it holds no checkpoint of an earlier run, no
+    config.toml that dpbp did not write, and can be created. Returns notes for the log."""
     run_dir = cfg.run.dir
     found = checkpoint.list_epochs(run_dir)
-    if found or os.path.exists(metrics_path(run_dir)):
+    if found:
         raise UserError(
-            f"run.dir {run_dir} already holds a run ({max(found, default=0)} epochs "
-            f"checkpointed); continue it with --resume, or start a new one with --set "
+            f"run.dir {run_dir} already holds a run ({max(found)} epochs checkpointed); "
+            f"continue it with --resume, or start a new one with --set "
             f"'run.dir=\"{run_dir}-2\"'")
+    notes = []
     if os.path.exists(config_path(run_dir)):
         with open(config_path(run_dir), encoding="utf-8", errors="replace") as f:
-            if f.read() != config.to_toml(cfg):
-                raise UserError(f"run.dir {run_dir} already has a config.toml of another run; "
-                                "choose another run.dir, or remove it")
+            if not f.read().startswith(CONFIG_HEADER):
+                raise UserError(f"run.dir {run_dir} has a config.toml that dpbp did not "
+                                "write; choose another run.dir, or remove it")
+        notes.append(f"run.dir {run_dir}: an earlier run there ended before its first "
+                     "checkpoint; starting afresh in its place")
     parent = os.path.abspath(run_dir)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"run.dir {run_dir}: cannot create it ({parent} is not a writable "
                         "folder); choose another with --set 'run.dir=\"...\"'")
+    return notes
 
 
 def newest_checkpoint(run_dir):
@@ -58,7 +67,11 @@ def newest_checkpoint(run_dir):
         raise UserError(f"--resume: no checkpoint in {os.path.join(run_dir, 'checkpoints')}; "
                         "start the run without --resume")
     path = found[max(found)]
-    return path, checkpoint.load(path)
+    state = checkpoint.load(path)
+    if state["epoch"] != max(found):
+        raise UserError(f"checkpoint {path} holds epoch {state['epoch']}, not the epoch in "
+                        "its name; it was renamed or copied from another run")
+    return path, state
 
 
 def resumed_config(saved_toml, path, run_dir, config_file, overrides):
@@ -75,16 +88,36 @@ def resumed_config(saved_toml, path, run_dir, config_file, overrides):
             raise UserError(f"--resume: {key} was {config.toml_value(old[key])} in {path}, "
                             f"now {config.toml_value(new[key])}; a resumed run keeps its "
                             "network and global batch")
-    notes = [f"resume: {k} changed from {config.toml_value(old[k])} to "
-             f"{config.toml_value(new[k])}" for k in changed]
+    notes = []
+    for k in changed:
+        why = {"model.init": " (ignored: the checkpoint has the weights)"}.get(
+            k, " (the data order and validation split change with it)" if k in SPLIT_KEYS
+            else "")
+        notes.append(f"resume: {k} changed from {config.toml_value(old[k])} to "
+                     f"{config.toml_value(new[k])}{why}")
     return cfg, notes
 
 
 def prepare(cfg, start_epoch):
-    """Create the run directory, save the resolved config, remove temporary files a killed
-    writer left, and drop metrics of epochs after `start_epoch` (they will be trained
-    again)."""
-    kept = None
+    """Create and lock the run directory, save the resolved config, remove temporary files
+    a killed writer left, and drop metrics of epochs after `start_epoch` (they will be
+    trained again). Returns the lock, held while the run lives: a second run started
+    into the same directory is refused instead of writing over this one."""
+    folder = os.path.join(cfg.run.dir, "checkpoints")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        lock = open(os.path.join(cfg.run.dir, ".lock"), "a")
+    except OSError as e:
+        raise UserError(f"run.dir {cfg.run.dir}: cannot write ({e.strerror}: {e.filename})"
+                        ) from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise UserError(f"run.dir {cfg.run.dir} is in use by another dpbp run; wait for it "
+                        "or choose another run.dir") from None
+    if start_epoch == 0:
+        check_new(cfg)   # again, now under the lock: nobody started a run here meanwhile
+    kept = []
     if os.path.exists(metrics_path(cfg.run.dir)):
         try:
             with open(metrics_path(cfg.run.dir), encoding="utf-8") as f:
@@ -93,16 +126,15 @@ def prepare(cfg, start_epoch):
         except (ValueError, KeyError, TypeError):
             raise UserError(f"{metrics_path(cfg.run.dir)} is malformed (each line must be a "
                             "JSON object with an epoch); repair or remove it to resume") from None
-    folder = os.path.join(cfg.run.dir, "checkpoints")
     try:
-        os.makedirs(folder, exist_ok=True)
         remove_stale_temporaries(folder)
-        write_atomic(config_path(cfg.run.dir), lambda f: f.write(config.to_toml(cfg).encode()))
-        if kept is not None:
-            write_atomic(metrics_path(cfg.run.dir), lambda f: f.write("".join(kept).encode()))
+        write_atomic(config_path(cfg.run.dir),
+                     lambda f: f.write((CONFIG_HEADER + config.to_toml(cfg)).encode()))
+        write_atomic(metrics_path(cfg.run.dir), lambda f: f.write("".join(kept).encode()))
     except OSError as e:
         raise UserError(f"run.dir {cfg.run.dir}: cannot write ({e.strerror}: {e.filename})"
                         ) from None
+    return lock
 
 
 def save_epoch(cfg, model, optimizer, step, world_size, record):
@@ -115,6 +147,8 @@ def save_epoch(cfg, model, optimizer, step, world_size, record):
             f.write(json.dumps(record, allow_nan=False) + "\n")
         checkpoint.save(path, model, optimizer, epoch, step, world_size, config.to_toml(cfg))
     except OSError as e:
-        raise UserError(f"cannot save epoch {epoch} in {cfg.run.dir} ({e.strerror}); "
-                        f"earlier checkpoints are intact, --resume continues from the newest"
+        hint = ("earlier checkpoints are intact, --resume continues from the newest"
+                if checkpoint.list_epochs(cfg.run.dir) else "rerun the same command to start "
+                "afresh")
+        raise UserError(f"cannot save epoch {epoch} in {cfg.run.dir} ({e.strerror}); {hint}"
                         ) from None

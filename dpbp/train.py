@@ -97,15 +97,12 @@ def main(argv=None):
     if comm.rank == 0 and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)   # each epoch's line as it ends, in pipes too
     setup = set_up(argv, comm, say)
-    if setup is None:
+    if setup is None:   # --help, or a resumed run that is already complete
         return 0
-    cfg, data, model, optimizer, start = setup
+    cfg, data, model, optimizer, start, lock = setup   # rank 0 holds the run dir's lock
     loss_fn = {"cross_entropy": cross_entropy, "mse": mse}[cfg.train.loss]
     steps_per_epoch = sharding.num_batches(len(data.x), cfg.train.batch_size)
     epochs = cfg.train.epochs
-    if start["epoch"] >= epochs:
-        say(f"nothing to do: the run already completed {start['epoch']} of {epochs} epochs")
-        return 0
 
     step = start["step"]
     for epoch in range(start["epoch"], epochs):
@@ -128,9 +125,13 @@ def main(argv=None):
             if comm.rank == 0:
                 run_dir.save_epoch(cfg, model, optimizer, step, comm.size, record)
         say(format_epoch(record, epochs))
-    say(f"done: {epochs} epochs; checkpoint {checkpoint.path_for(cfg.run.dir, epochs)}, "
-        f"metrics {run_dir.metrics_path(cfg.run.dir)}")
+    say(f"done: {plural(epochs, 'epoch')}; checkpoint "
+        f"{checkpoint.path_for(cfg.run.dir, epochs)}, metrics {run_dir.metrics_path(cfg.run.dir)}")
     return 0
+
+
+def plural(n, noun):
+    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 def stop_unless_healthy(comm, model, epoch, train_loss, val_loss):
@@ -162,8 +163,9 @@ def set_up(argv, comm, say):
     """Collective. Parse arguments, resolve the config (on --resume, the checkpoint's own
     with the command line's changes on top), load data, build model and optimizer, and
     prepare the run directory. Bad input on any rank stops every rank with one message
-    and nothing written. Returns (cfg, data, model, optimizer, start), or None after
-    --help; start = {"epoch", "step"} to continue from."""
+    and nothing written. Returns (cfg, data, model, optimizer, start, lock), or None after
+    --help or for a resumed run that is already complete; start = {"epoch", "step"} to
+    continue from, lock = the run directory's lock on rank 0 (None elsewhere)."""
     with mpi.agreement(comm):
         args = parse_args(argv)
     if args.help:
@@ -182,9 +184,16 @@ def set_up(argv, comm, say):
         if saved is not None:
             cfg, notes = run_dir.resumed_config(saved[1], saved[0], cfg.run.dir, args.config,
                                                 args.set)
-        data = datasets.load(cfg.data, cfg.train.loss, cfg.model.dtype, cfg.run.seed)
-        model = MLP([data.num_inputs, *cfg.model.hidden, data.num_outputs],
-                    cfg.model.activation, cfg.model.dtype)
+        try:
+            data = datasets.load(cfg.data, cfg.train.loss, cfg.model.dtype, cfg.run.seed)
+        except MemoryError:
+            raise UserError(f"the {cfg.data.source} data does not fit in memory") from None
+        widths = [data.num_inputs, *cfg.model.hidden, data.num_outputs]
+        try:
+            model = MLP(widths, cfg.model.activation, cfg.model.dtype)
+        except MemoryError:
+            raise UserError(f"the network {'-'.join(map(str, widths))} does not fit in "
+                            "memory; check model.hidden and the number of classes") from None
         model.init_(np.random.default_rng([cfg.run.seed, 0x1417]))
         if cfg.model.init and saved is None:   # a resumed run has its own weights
             checkpoint.load_weights(model, cfg.model.init)
@@ -193,7 +202,7 @@ def set_up(argv, comm, say):
                         tc.weight_decay)
         if comm.rank == 0:
             if resume is None:
-                run_dir.check_new(cfg)
+                notes = run_dir.check_new(cfg)
             else:
                 checkpoint.restore(resume[1], resume[0], model, optimizer)
 
@@ -209,9 +218,14 @@ def set_up(argv, comm, say):
         comm.bcast_(optimizer.momentum_buffer)
     start = comm.bcast_obj({"epoch": 0, "step": 0} if resume is None else
                            {"epoch": resume[1]["epoch"], "step": resume[1]["step"]})
+    if start["epoch"] >= tc.epochs:   # before prepare: a finished run is left untouched
+        say(f"nothing to do: the run in {cfg.run.dir} already completed "
+            f"{plural(start['epoch'], 'epoch')} of {tc.epochs}")
+        return None
+    lock = None
     with mpi.agreement(comm):
         if comm.rank == 0:
-            run_dir.prepare(cfg, start["epoch"])
+            lock = run_dir.prepare(cfg, start["epoch"])
 
     per_rank = sharding.shard_sizes(tc.batch_size, comm.size)
     say(f"dpbp {__version__}: {comm.size} rank{'s' * (comm.size > 1)} ({comm.library}), "
@@ -221,13 +235,13 @@ def set_up(argv, comm, say):
         f"{model.params.size:,} parameters; loss {cfg.train.loss}")
     say(f"batch: global {tc.batch_size}, per rank "
         f"{'-'.join(map(str, sorted(set(per_rank))))}; "
-        f"{sharding.num_batches(len(data.x), tc.batch_size)} steps per epoch; "
+        f"{plural(sharding.num_batches(len(data.x), tc.batch_size), 'step')} per epoch; "
         f"run dir {cfg.run.dir}")
     if saved is not None:
         say(f"resume: from {saved[0]} (epoch {start['epoch']}, step {start['step']})")
     for note in notes:
         say(note)
-    return cfg, data, model, optimizer, start
+    return cfg, data, model, optimizer, start, lock
 
 
 def fingerprint(cfg, data):

@@ -37,7 +37,7 @@ def test_file_then_overrides(tmp_path):
 
 
 def test_toml_round_trip():
-    cfg = config.load(None, ['run.dir="a \\"quoted\\" dir"', "model.hidden=[]",
+    cfg = config.load(None, ['run.dir="a \\"quoted\\" dir, é, \\\\ and 😀"', "model.hidden=[]",
                              "train.weight_decay=1e-05"])
     assert config.from_toml(config.to_toml(cfg)) == cfg
 

@@ -67,6 +67,8 @@ def test_mse_with_integer_labels_is_classification(tmp_path):
     (dict(x=np.zeros((2, 2)), y=np.array([0.5, 1.0])), "y must be integer class labels"),
     (dict(x=np.zeros((2, 2)), y=np.array([0, -1])), "negative class label -1"),
     (dict(x=np.zeros((2, 2)), y=np.array([0, 0])), "a single class"),
+    (dict(x=np.zeros((2, 2)), y=np.array([0, 10**9])), "class label 1000000000; labels must"),
+    (dict(x=np.zeros((2, 2)), y=np.array([0, 2**63 + 5], dtype=np.uint64)), "class label 92233"),
     (dict(x=np.array([["a", "b"]]), y=np.zeros(1, int)), "x must hold numbers"),
     (dict(x=np.zeros((2, 2)), y=np.array([0, 1]), x_val=np.zeros((1, 2))),
      "x_val and y_val must come together"),
@@ -76,6 +78,21 @@ def test_mse_with_integer_labels_is_classification(tmp_path):
 def test_bad_npz_is_refused_clearly(tmp_path, arrays, message):
     with pytest.raises(UserError, match=".*" + __import__("re").escape(message)):
         load(path=write_npz(tmp_path, **arrays))
+
+
+def test_values_beyond_float32(tmp_path):
+    path = write_npz(tmp_path, x=np.array([[1e39], [0.0]]), y=np.array([0, 1]))
+    assert load(path=path).x.dtype == np.float64   # fine in float64
+    with pytest.raises(UserError, match="values too large for float32"):
+        load(path=path, dtype="float32")
+
+
+def test_idx_counts_must_agree(tmp_path):
+    folder = fake_mnist(tmp_path / "m", gz=False)
+    write_idx(folder / "train-labels-idx1-ubyte", np.arange(11) % 10)
+    with pytest.raises(UserError, match="train-images-idx3-ubyte has 12 images but "
+                                        "train-labels-idx1-ubyte has 11 labels"):
+        load("mnist", folder)
 
 
 def test_mse_targets_must_be_finite_floats(tmp_path):
@@ -203,7 +220,7 @@ def test_shards_cover_each_batch_exactly_once(n, size):
     assert sharding.shard_sizes(n, size) == [len(p) for p in parts]
 
 
-def test_global_batches_do_not_depend_on_world_size():
+def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
     order = sharding.epoch_order(17, seed=1, epoch=2, shuffle=True)
     assert np.array_equal(order, sharding.epoch_order(17, seed=1, epoch=2, shuffle=True))
     assert not np.array_equal(order, sharding.epoch_order(17, seed=1, epoch=3, shuffle=True))

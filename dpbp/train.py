@@ -173,17 +173,18 @@ def set_up(argv, comm, say):
         return None
     threads, why = limit_blas_threads(comm.ranks_sharing_cores)
 
-    resume = None                       # rank 0, on --resume: the newest checkpoint
+    ckpt_path, state = None, None       # rank 0, on --resume: the newest checkpoint
     with mpi.agreement(comm):
         cfg = config.load(args.config, args.set)
         if args.resume and comm.rank == 0:
-            resume = run_dir.newest_checkpoint(cfg.run.dir)
-    saved = comm.bcast_obj(None if resume is None else (resume[0], resume[1]["config"]))
+            ckpt_path, state = run_dir.newest_checkpoint(cfg.run.dir)
+    saved = comm.bcast_obj(None if state is None else (ckpt_path, state["config"]))
     notes = []
     with mpi.agreement(comm):
         if saved is not None:
-            cfg, notes = run_dir.resumed_config(saved[1], saved[0], cfg.run.dir, args.config,
-                                                args.set)
+            ckpt_path, saved_toml = saved
+            cfg, notes = run_dir.resumed_config(saved_toml, ckpt_path, cfg.run.dir,
+                                                args.config, args.set)
         try:
             data = datasets.load(cfg.data, cfg.train.loss, cfg.model.dtype, cfg.run.seed)
         except MemoryError:
@@ -201,10 +202,10 @@ def set_up(argv, comm, say):
         optimizer = SGD(model.params, model.grads, tc.lr, tc.momentum, tc.nesterov,
                         tc.weight_decay)
         if comm.rank == 0:
-            if resume is None:
+            if state is None:
                 notes = run_dir.check_new(cfg)
             else:
-                checkpoint.restore(resume[1], resume[0], model, optimizer)
+                checkpoint.restore(state, ckpt_path, model, optimizer)
 
     # DP: every rank must have read the same config and data; then replicas start
     # identical, parameters and optimizer state coming from rank 0.
@@ -216,8 +217,8 @@ def set_up(argv, comm, say):
     comm.bcast_(model.params)
     if optimizer.momentum_buffer is not None:
         comm.bcast_(optimizer.momentum_buffer)
-    start = comm.bcast_obj({"epoch": 0, "step": 0} if resume is None else
-                           {"epoch": resume[1]["epoch"], "step": resume[1]["step"]})
+    start = comm.bcast_obj({"epoch": 0, "step": 0} if state is None else
+                           {"epoch": state["epoch"], "step": state["step"]})
     if start["epoch"] >= tc.epochs:   # before prepare: a finished run is left untouched
         say(f"nothing to do: the run in {cfg.run.dir} already completed "
             f"{plural(start['epoch'], 'epoch')} of {tc.epochs}")
@@ -227,21 +228,26 @@ def set_up(argv, comm, say):
         if comm.rank == 0:
             lock = run_dir.prepare(cfg, start["epoch"])
 
-    per_rank = sharding.shard_sizes(tc.batch_size, comm.size)
-    say(f"dpbp {__version__}: {comm.size} rank{'s' * (comm.size > 1)} ({comm.library}), "
-        f"{threads} BLAS thread{'s' * (threads != 1)} per rank ({why})")
-    say(f"data: {cfg.data.source}, {data.describe()}")
-    say(f"model: {'-'.join(map(str, model.widths))} {cfg.model.activation} {cfg.model.dtype}, "
-        f"{model.params.size:,} parameters; loss {cfg.train.loss}")
-    say(f"batch: global {tc.batch_size}, per rank "
-        f"{'-'.join(map(str, sorted(set(per_rank))))}; "
-        f"{plural(sharding.num_batches(len(data.x), tc.batch_size), 'step')} per epoch; "
-        f"run dir {cfg.run.dir}")
+    say(describe_run(comm, threads, why, cfg, data, model))
     if saved is not None:
-        say(f"resume: from {saved[0]} (epoch {start['epoch']}, step {start['step']})")
+        say(f"resume: from {ckpt_path} (epoch {start['epoch']}, step {start['step']})")
     for note in notes:
         say(note)
     return cfg, data, model, optimizer, start, lock
+
+
+def describe_run(comm, threads, why, cfg, data, model):
+    """The start-up lines: world, data, model, batch."""
+    per_rank = sorted(set(sharding.shard_sizes(cfg.train.batch_size, comm.size)))
+    steps = sharding.num_batches(len(data.x), cfg.train.batch_size)
+    return "\n".join([
+        f"dpbp {__version__}: {plural(comm.size, 'rank')} ({comm.library}), "
+        f"{plural(threads, 'BLAS thread')} per rank ({why})",
+        f"data: {cfg.data.source}, {data.describe()}",
+        f"model: {'-'.join(map(str, model.widths))} {cfg.model.activation} "
+        f"{cfg.model.dtype}, {model.params.size:,} parameters; loss {cfg.train.loss}",
+        f"batch: global {cfg.train.batch_size}, per rank {'-'.join(map(str, per_rank))}; "
+        f"{plural(steps, 'step')} per epoch; run dir {cfg.run.dir}"])
 
 
 def fingerprint(cfg, data):

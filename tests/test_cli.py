@@ -31,6 +31,13 @@ def snapshot(folder):
     return out
 
 
+def assert_refused(r, message, code=2):
+    """Stopped with `code` and exactly one dpbp line, naming the problem; no traceback."""
+    lines = [line for line in r.stderr.splitlines() if line.startswith("dpbp")]
+    assert r.returncode == code and len(lines) == 1 and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_help():
     r = run_train(["--help"])
     assert r.returncode == 0 and r.stderr == ""
@@ -82,12 +89,9 @@ def test_mpi_run_prints_once_and_reports_per_rank_batch(tmp_path, tiny_npz):
 def test_bad_input_one_message_exit_2_nothing_written(tmp_path, ranks, args, message):
     run_dir = tmp_path / "run"
     r = run_train(args + ["--set", f'run.dir="{run_dir}"'], ranks=ranks, cwd=tmp_path)
-    assert r.returncode == 2, r.stderr
     # (Open MPI's launcher adds its own banner about the exit code; MPICH's adds nothing)
-    errors = [line for line in r.stderr.splitlines() if line.startswith("dpbp")]
-    assert len(errors) == 1 and message in errors[0], r.stderr
-    assert errors[0].startswith("dpbp: error")
-    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert_refused(r, message)
+    assert r.stderr.startswith("dpbp: error") and r.stdout == ""
     assert os.listdir(tmp_path) == []
 
 
@@ -95,7 +99,7 @@ def test_unwritable_run_dir(tmp_path, tiny_npz):
     blocker = tmp_path / "file"
     blocker.write_text("")
     r = run_train(tiny_run(tiny_npz, blocker / "run"))
-    assert r.returncode == 2 and "cannot create it" in r.stderr and "Traceback" not in r.stderr
+    assert_refused(r, "cannot create it")
 
 
 def test_second_run_never_clobbers_the_first(tmp_path, tiny_npz):
@@ -103,7 +107,8 @@ def test_second_run_never_clobbers_the_first(tmp_path, tiny_npz):
     assert run_train(tiny_run(tiny_npz, run_dir)).returncode == 0
     before = snapshot(run_dir)
     r = run_train(tiny_run(tiny_npz, run_dir))
-    assert r.returncode == 2 and "already holds a run" in r.stderr and "--resume" in r.stderr
+    assert_refused(r, "already holds a run")
+    assert "--resume" in r.stderr
     assert snapshot(run_dir) == before
 
 
@@ -139,7 +144,7 @@ def test_resume_refuses_another_network(tmp_path, tiny_npz):
     assert run_train(tiny_run(tiny_npz, run_dir)).returncode == 0
     before = snapshot(run_dir)
     r = run_train(tiny_run(tiny_npz, run_dir, "--set", "model.hidden=[9]", "--resume"))
-    assert r.returncode == 2 and "model.hidden was [8]" in r.stderr
+    assert_refused(r, "model.hidden was [8]")
     assert snapshot(run_dir) == before
 
 
@@ -157,8 +162,7 @@ def test_init_from_npz_and_mismatch(tmp_path, tiny_npz):
     bad = tmp_path / "bad.npz"
     np.savez(bad, **dict(weights, **{"model.2.weight": np.zeros((4, 8))}))
     r = run_train(tiny_run(tiny_npz, tmp_path / "b", "--set", f'model.init="{bad}"'), ranks=2)
-    assert r.returncode == 2
-    assert "model.2.weight has shape (4, 8), the network needs (3, 8)" in r.stderr
+    assert_refused(r, "model.2.weight has shape (4, 8), the network needs (3, 8)")
     assert not (tmp_path / "b").exists()
 
 
@@ -176,8 +180,7 @@ def test_without_mpi_trains_as_one_process(tmp_path, tiny_npz, failure):
     assert (tmp_path / "run" / "checkpoints" / "epoch-0003.npz").exists()
     # ...but a launcher that promised 4 ranks gets a clear refusal, not 4 duplicate runs
     r = run_train(tiny_run(tiny_npz, tmp_path / "run2"), env=dict(env, PMI_SIZE="4"))
-    assert r.returncode == 2 and "launched as one of 4 ranks, but MPI could not be loaded" \
-        in r.stderr and "Traceback" not in r.stderr
+    assert_refused(r, "launched as one of 4 ranks, but MPI could not be loaded")
 
 
 @pytest.mark.parametrize("fault,expect", [
@@ -268,17 +271,15 @@ def test_resume_with_malformed_metrics_is_refused(tmp_path, tiny_npz):
     (run_dir / "metrics.jsonl").write_text("{not json\n")
     before = snapshot(run_dir)
     r = run_train(tiny_run(tiny_npz, run_dir, "--resume"), ranks=2)
-    assert r.returncode == 2 and "metrics.jsonl is malformed" in r.stderr
-    assert "Traceback" not in r.stderr and snapshot(run_dir) == before
+    assert_refused(r, "metrics.jsonl is malformed")
+    assert snapshot(run_dir) == before
 
 
 def test_divergence_stops_every_rank_and_saves_nothing_of_it(tmp_path, tiny_npz):
     run_dir = tmp_path / "run"
     r = run_train(tiny_run(tiny_npz, run_dir, "--set", "train.lr=1e30"), ranks=3)
-    assert r.returncode == 3, r.stderr
-    errors = [line for line in r.stderr.splitlines() if line.startswith("dpbp")]
-    assert len(errors) == 1 and "training diverged in epoch 1" in errors[0], r.stderr
-    assert "Traceback" not in r.stderr and "RuntimeWarning" not in r.stderr
+    assert_refused(r, "training diverged in epoch 1", code=3)
+    assert "RuntimeWarning" not in r.stderr
     assert os.listdir(run_dir / "checkpoints") == []
     assert (run_dir / "metrics.jsonl").read_text() == ""
     # the same directory takes a new attempt at once: nothing there is worth keeping
@@ -308,7 +309,7 @@ def test_a_foreign_config_toml_is_not_clobbered(tmp_path, tiny_npz):
     run_dir.mkdir()
     (run_dir / "config.toml").write_text("# my own notes\n")
     r = run_train(tiny_run(tiny_npz, run_dir))
-    assert r.returncode == 2 and "has a config.toml that dpbp did not write" in r.stderr
+    assert_refused(r, "has a config.toml that dpbp did not write")
     assert (run_dir / "config.toml").read_text() == "# my own notes\n"
 
 
@@ -323,8 +324,8 @@ def test_stale_temporaries_are_cleaned_and_garbage_checkpoints_refused(tmp_path,
     (run_dir / "checkpoints" / "epoch-0003.npz").write_bytes(b"garbage")
     before = snapshot(run_dir)
     r = run_train(tiny_run(tiny_npz, run_dir, "--resume"), ranks=2)
-    assert r.returncode == 2 and "epoch-0003.npz is not a readable .npz file" in r.stderr
-    assert "Traceback" not in r.stderr and snapshot(run_dir) == before
+    assert_refused(r, "epoch-0003.npz is not a readable .npz file")
+    assert snapshot(run_dir) == before
 
 
 def test_ranks_that_loaded_different_data_are_stopped(tmp_path, tiny_npz):
@@ -335,8 +336,7 @@ def test_ranks_that_loaded_different_data_are_stopped(tmp_path, tiny_npz):
                   *tiny_run(path, tmp_path / "run")] for path in (tiny_npz, other)]
     cmd = mpirun(1) + rank_args[0] + [":", "-n", "1"] + rank_args[1]   # one MPMD job
     r = run_with_timeout(cmd, timeout=120)
-    assert r.returncode == 2, r.stderr
-    assert "the ranks loaded different configs or data" in r.stderr
+    assert_refused(r, "the ranks loaded different configs or data")
     assert not (tmp_path / "run").exists()
 
 
@@ -347,9 +347,7 @@ def test_missing_mpi_under_a_launcher_is_reported_once(tmp_path, tiny_npz):
     (fake / "MPI.py").write_text("raise ImportError('libmpi.so: cannot open shared object')\n")
     env = {"PYTHONPATH": str(fake.parent)}
     r = run_train(tiny_run(tiny_npz, tmp_path / "run"), ranks=3, env=env)
-    assert r.returncode == 2
-    errors = [line for line in r.stderr.splitlines() if line.startswith("dpbp")]
-    assert len(errors) == 1 and "launched as one of 3 ranks" in errors[0], r.stderr
+    assert_refused(r, "launched as one of 3 ranks")
     assert not (tmp_path / "run").exists()
 
 
@@ -361,7 +359,7 @@ def test_two_runs_into_one_directory_at_once(tmp_path, tiny_npz):
     with open(run_dir / ".lock", "a") as held:   # as a running job holds it
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         r = run_train(tiny_run(tiny_npz, run_dir), ranks=2)
-    assert r.returncode == 2 and "is in use by another dpbp run" in r.stderr
+    assert_refused(r, "is in use by another dpbp run")
     assert sorted(os.listdir(run_dir)) == [".lock", "checkpoints"]
 
 
@@ -371,7 +369,7 @@ def test_renamed_checkpoint_is_refused(tmp_path, tiny_npz):
     ckpts = run_dir / "checkpoints"
     (ckpts / "epoch-0009.npz").write_bytes((ckpts / "epoch-0001.npz").read_bytes())
     r = run_train(tiny_run(tiny_npz, run_dir, "--resume"))
-    assert r.returncode == 2 and "holds epoch 1, not the epoch in its name" in r.stderr
+    assert_refused(r, "holds epoch 1, not the epoch in its name")
 
 
 def test_resume_notes_what_it_ignores_or_resplits(tmp_path, tiny_npz):

@@ -3,7 +3,7 @@
     DPBP_FAULT=KIND:RANK:STEP    e.g. DPBP_FAULT=raise:1:3
 
 makes rank RANK, just before optimizer step STEP (counted from 0 over the whole run),
-raise an exception (`raise`), call sys.exit(3) (`exit`), kill itself with SIGKILL
+raise an exception (`raise`), call sys.exit(5) (`exit`), kill itself with SIGKILL
 (`kill`) or sleep forever (`hang`).
 """
 
@@ -41,7 +41,7 @@ def inject(rank, step):
     if kind == "raise":
         raise RuntimeError(f"injected fault at step {step}")
     if kind == "exit":
-        sys.exit(3)
+        sys.exit(5)
     if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     while True:

@@ -185,7 +185,7 @@ def test_without_mpi_trains_as_one_process(tmp_path, tiny_npz, failure):
 
 @pytest.mark.parametrize("fault,expect", [
     ("raise:1:2", "rank 1 failed: RuntimeError: injected fault at step 2"),
-    ("exit:2:3", "rank 2 failed: exited with sys.exit(3)"),
+    ("exit:2:3", "rank 2 failed: exited with sys.exit(5)"),
     ("kill:1:2", None),   # SIGKILL leaves no last word: the launcher reports it
 ])
 def test_one_failing_rank_ends_the_whole_job(tmp_path, tiny_npz, fault, expect):

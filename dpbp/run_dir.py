@@ -13,6 +13,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import socket
 
 from dpbp import checkpoint, config
 from dpbp.errors import UserError
@@ -33,9 +34,25 @@ def config_path(run_dir):
     return os.path.join(run_dir, "config.toml")
 
 
+def read_metrics(run_dir):
+    """[(epoch, line), ...] of RUN_DIR/metrics.jsonl; [] where there is none."""
+    path = metrics_path(run_dir)
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [(int(json.loads(line)["epoch"]), line) for line in f if line.strip()]
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror})") from None
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{path} is malformed (each line must be a JSON object with an "
+                        "epoch); repair or remove it") from None
+
+
 def check_new(cfg):
-    """A new run may start in cfg.run.dir: it holds no checkpoint of an earlier run, no
-    config.toml that dpbp did not write, and can be created. Returns notes for the log."""
+    """A new run may start in cfg.run.dir: it holds no checkpoint, no metrics beyond a
+    first epoch that was never checkpointed, no config.toml that dpbp did not write,
+    and can be created. Returns notes for the log."""
     run_dir = cfg.run.dir
     found = checkpoint.list_epochs(run_dir)
     if found:
@@ -43,12 +60,21 @@ def check_new(cfg):
             f"run.dir {run_dir} already holds a run ({max(found)} epochs checkpointed); "
             f"continue it with --resume, or start a new one with --set "
             f"'run.dir=\"{run_dir}-2\"'")
-    notes = []
+    recorded = [epoch for epoch, _ in read_metrics(run_dir)]
+    if any(epoch != 1 for epoch in recorded):
+        raise UserError(f"run.dir {run_dir} holds metrics of {max(recorded)} epochs but no "
+                        "checkpoint; choose another run.dir, or remove its metrics.jsonl")
     if os.path.exists(config_path(run_dir)):
-        with open(config_path(run_dir), encoding="utf-8", errors="replace") as f:
-            if not f.read().startswith(CONFIG_HEADER):
-                raise UserError(f"run.dir {run_dir} has a config.toml that dpbp did not "
-                                "write; choose another run.dir, or remove it")
+        try:
+            with open(config_path(run_dir), encoding="utf-8", errors="replace") as f:
+                ours = f.read().startswith(CONFIG_HEADER)
+        except OSError as e:
+            raise UserError(f"{config_path(run_dir)}: cannot read it ({e.strerror})") from None
+        if not ours:
+            raise UserError(f"run.dir {run_dir} has a config.toml that dpbp did not "
+                            "write; choose another run.dir, or remove it")
+    notes = []
+    if recorded or os.path.exists(config_path(run_dir)):
         notes.append(f"run.dir {run_dir}: an earlier run there ended before its first "
                      "checkpoint; starting afresh in its place")
     parent = os.path.abspath(run_dir)
@@ -61,7 +87,9 @@ def check_new(cfg):
 
 
 def newest_checkpoint(run_dir):
-    """(path, state) of the newest checkpoint in run_dir, for --resume."""
+    """(path, state) of the newest checkpoint in run_dir, for --resume; the run's
+    metrics are checked too, before anything is written."""
+    read_metrics(run_dir)
     found = checkpoint.list_epochs(run_dir)
     if not found:
         raise UserError(f"--resume: no checkpoint in {os.path.join(run_dir, 'checkpoints')}; "
@@ -101,40 +129,53 @@ def resumed_config(saved_toml, path, run_dir, config_file, overrides):
 def prepare(cfg, start_epoch):
     """Create and lock the run directory, save the resolved config, remove temporary files
     a killed writer left, and drop metrics of epochs after `start_epoch` (they will be
-    trained again). Returns the lock, held while the run lives: a second run started
-    into the same directory is refused instead of writing over this one."""
-    folder = os.path.join(cfg.run.dir, "checkpoints")
+    trained again). Returns (lock, notes): the lock is held while the run lives, so a
+    second run started into the same directory is refused instead of writing over it."""
+    run_dir = cfg.run.dir
+    folder = os.path.join(run_dir, "checkpoints")
     try:
         os.makedirs(folder, exist_ok=True)
-        lock = open(os.path.join(cfg.run.dir, ".lock"), "a")
+        lock, notes = _lock(run_dir)
     except OSError as e:
-        raise UserError(f"run.dir {cfg.run.dir}: cannot write ({e.strerror}: {e.filename})"
+        raise UserError(f"run.dir {run_dir}: cannot write ({e.strerror}: {e.filename})"
                         ) from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        raise UserError(f"run.dir {cfg.run.dir} is in use by another dpbp run; wait for it "
-                        "or choose another run.dir") from None
+    # again, now under the lock: nobody started or advanced a run here meanwhile
     if start_epoch == 0:
-        check_new(cfg)   # again, now under the lock: nobody started a run here meanwhile
-    kept = []
-    if os.path.exists(metrics_path(cfg.run.dir)):
-        try:
-            with open(metrics_path(cfg.run.dir), encoding="utf-8") as f:
-                kept = [line for line in f
-                        if line.strip() and json.loads(line)["epoch"] <= start_epoch]
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{metrics_path(cfg.run.dir)} is malformed (each line must be a "
-                            "JSON object with an epoch); repair or remove it to resume") from None
+        check_new(cfg)
+    elif max(checkpoint.list_epochs(run_dir), default=0) != start_epoch:
+        raise UserError(f"the run in {run_dir} moved on from epoch {start_epoch} while this "
+                        "one was starting; run --resume again")
+    kept = [line for epoch, line in read_metrics(run_dir) if epoch <= start_epoch]
     try:
         remove_stale_temporaries(folder)
-        write_atomic(config_path(cfg.run.dir),
+        write_atomic(config_path(run_dir),
                      lambda f: f.write((CONFIG_HEADER + config.to_toml(cfg)).encode()))
-        write_atomic(metrics_path(cfg.run.dir), lambda f: f.write("".join(kept).encode()))
+        write_atomic(metrics_path(run_dir), lambda f: f.write("".join(kept).encode()))
     except OSError as e:
-        raise UserError(f"run.dir {cfg.run.dir}: cannot write ({e.strerror}: {e.filename})"
+        raise UserError(f"run.dir {run_dir}: cannot write ({e.strerror}: {e.filename})"
                         ) from None
-    return lock
+    return lock, notes
+
+
+def _lock(run_dir):
+    """Take RUN_DIR/.lock for the life of this process and write who holds it in it.
+    Returns (the open lock file, notes)."""
+    path = os.path.join(run_dir, ".lock")
+    lock = open(path, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:   # held by a live process
+        lock.seek(0)
+        holder = lock.read().strip() or "a process that did not say who it is"
+        raise UserError(f"run.dir {run_dir} is in use by another dpbp run ({holder}); wait "
+                        f"for it, or if that process is gone, remove {path}") from None
+    except OSError as e:      # a filesystem without locks: run, but say what is missing
+        return lock, [f"run.dir {run_dir}: cannot lock it ({e.strerror}); a second run "
+                      "started into it at the same time would not be stopped"]
+    lock.truncate(0)
+    lock.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
+    lock.flush()
+    return lock, []
 
 
 def save_epoch(cfg, model, optimizer, step, world_size, record):

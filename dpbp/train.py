@@ -226,7 +226,8 @@ def set_up(argv, comm, say):
     lock = None
     with mpi.agreement(comm):
         if comm.rank == 0:
-            lock = run_dir.prepare(cfg, start["epoch"])
+            lock, more_notes = run_dir.prepare(cfg, start["epoch"])
+            notes = notes + more_notes
 
     say(describe_run(comm, threads, why, cfg, data, model))
     if saved is not None:

@@ -357,9 +357,12 @@ def test_two_runs_into_one_directory_at_once(tmp_path, tiny_npz):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     with open(run_dir / ".lock", "a") as held:   # as a running job holds it
+        held.write("host elsewhere, pid 42\n")
+        held.flush()
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         r = run_train(tiny_run(tiny_npz, run_dir), ranks=2)
-    assert_refused(r, "is in use by another dpbp run")
+    assert_refused(r, "is in use by another dpbp run (host elsewhere, pid 42); wait for it, "
+                      "or if that process is gone, remove")
     assert sorted(os.listdir(run_dir)) == [".lock", "checkpoints"]
 
 
@@ -380,3 +383,23 @@ def test_resume_notes_what_it_ignores_or_resplits(tmp_path, tiny_npz):
     assert r.returncode == 0, r.stderr
     assert 'model.init changed from "" to "w.npz" (ignored' in r.stdout
     assert "run.seed changed from 0 to 5 (the data order and validation split" in r.stdout
+
+
+def test_a_finished_run_without_checkpoints_keeps_its_metrics(tmp_path, tiny_npz):
+    run_dir = tmp_path / "run"
+    assert run_train(tiny_run(tiny_npz, run_dir)).returncode == 0
+    for path in (run_dir / "checkpoints").iterdir():   # e.g. deleted to save space
+        path.unlink()
+    before = snapshot(run_dir)
+    r = run_train(tiny_run(tiny_npz, run_dir, "--set", "train.lr=0.2"))
+    assert_refused(r, "holds metrics of 3 epochs but no checkpoint")
+    assert snapshot(run_dir) == before
+
+
+def test_run_dir_entries_that_are_folders(tmp_path, tiny_npz):
+    run_dir = tmp_path / "run"
+    (run_dir / "config.toml").mkdir(parents=True)
+    assert_refused(run_train(tiny_run(tiny_npz, run_dir), ranks=2), "config.toml: cannot read")
+    (run_dir / "config.toml").rmdir()
+    (run_dir / "metrics.jsonl").mkdir()
+    assert_refused(run_train(tiny_run(tiny_npz, run_dir), ranks=2), "metrics.jsonl: cannot read")

@@ -32,4 +32,4 @@ def shard(n, rank, size):
 
 def shard_sizes(n, size):
     """[rows of rank 0, rows of rank 1, ...] when n rows are sharded over `size` ranks."""
-    return [(r + 1) * n // size - r * n // size for r in range(size)]
+    return [len(range(n)[shard(n, r, size)]) for r in range(size)]

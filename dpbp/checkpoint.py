@@ -1,63 +1,106 @@
-"""Checkpoints: one .npz per epoch in RUN_DIR/checkpoints/epoch-EEEE.npz (EEEE = epochs done).
+"""Checkpoints: RUN_DIR/checkpoints/epoch-EEEE.npz at the end of each epoch (EEEE = epochs
+done), and epoch-EEEE-batch-BBBBBB.npz mid-epoch (BBBBBB more batches of the next one done).
 
 Entries (all plain arrays, readable with numpy.load(path, allow_pickle=False)):
     model.<i>.weight, model.<i>.bias   the torch.nn.Sequential state-dict layout
     optimizer.momentum_buffer          flat, in the layout of the parameter buffer (if any)
-    epoch, step                        epochs completed, optimizer steps taken
-    world_size                         ranks that wrote it (for the record; resume at any size)
+    epoch, batch                       epochs completed, batches done in the next epoch
+    step                               optimizer steps taken (skipped steps included)
+    loss_sums                          mid-epoch: each rank's sum of training losses so far
+    skipped                            mid-epoch: steps of this epoch dropped as non-finite
+    counted                            mid-epoch: samples of this epoch in loss_sums
+    world_size                         ranks that wrote it (resume works at any size)
     config                             the resolved config as TOML text
     format_version
-Written by rank 0 alone, atomically (files.write_atomic), so a crash never leaves a
-half-written checkpoint under a checkpoint's name.
+    digest                             SHA-256 of all the above, checked on every load
+The position (epoch, batch) and the seed in the config fix the data order from there on:
+the order of each epoch is a pure function of (seed, epoch), see sharding.py.
+Written by rank 0 alone, atomically and durably (files.write_atomic), so a crash never
+leaves a half-written checkpoint under a checkpoint's name.
 """
 
+import hashlib
 import os
 import re
 
 import numpy as np
 
+from dpbp import faults
 from dpbp.errors import UserError
 from dpbp.files import read_npz, write_atomic
 
-FORMAT_VERSION = 1
-COUNTERS = ("epoch", "step", "world_size", "format_version")
-_NAME = re.compile(r"^epoch-(\d{4,})\.npz$")
+FORMAT_VERSION = 2
+COUNTERS = ("epoch", "batch", "step", "skipped", "counted", "world_size", "format_version")
+_NAME = re.compile(r"^epoch-(\d{4,})(?:-batch-(\d{6,}))?\.npz$")
 
 
-def path_for(run_dir, epoch):
-    return os.path.join(run_dir, "checkpoints", f"epoch-{epoch:04d}.npz")
+def path_for(run_dir, epoch, batch=0):
+    name = f"epoch-{epoch:04d}" + (f"-batch-{batch:06d}" if batch else "") + ".npz"
+    return os.path.join(run_dir, "checkpoints", name)
 
 
-def save(path, model, optimizer, epoch, step, world_size, config_toml):
-    """Write the checkpoint atomically (rank 0 only)."""
+def digest(arrays):
+    """SHA-256 over every entry's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.view(np.uint8) if a.dtype.kind != "U" else a.tobytes())
+    return h.hexdigest()
+
+
+def save(path, model, optimizer, position, world_size, config_toml, loss_sums=(0.0,)):
+    """Write the checkpoint atomically (rank 0 only). `position` = (epoch, batch, step,
+    skipped, counted); `loss_sums` = every rank's partial training-loss sum of the epoch."""
+    if not np.isfinite(model.params).all():   # never write NaN or Inf weights
+        raise UserError(f"refusing to write {path}: the weights are not finite")
+    epoch, batch, step, skipped, counted = position
     arrays = dict(model.state_dict())
     if optimizer.momentum_buffer is not None:
         arrays["optimizer.momentum_buffer"] = optimizer.momentum_buffer
-    arrays.update(epoch=np.int64(epoch), step=np.int64(step), world_size=np.int64(world_size),
-                  config=np.str_(config_toml), format_version=np.int64(FORMAT_VERSION))
-    write_atomic(path, lambda f: np.savez(f, **arrays))
+    arrays.update(epoch=np.int64(epoch), batch=np.int64(batch), step=np.int64(step),
+                  skipped=np.int64(skipped), counted=np.int64(counted), loss_sums=np.asarray(loss_sums, np.float64),
+                  world_size=np.int64(world_size), config=np.str_(config_toml),
+                  format_version=np.int64(FORMAT_VERSION))
+    arrays["digest"] = np.str_(digest(arrays))
+
+    def write(f):
+        np.savez(f, **arrays)
+        faults.during_save(step, f)   # test hook: a kill or a full disk mid-write
+
+    write_atomic(path, write)
 
 
-def list_epochs(run_dir):
-    """{epoch: path} of the checkpoints in run_dir/checkpoints."""
+def position_of(path):
+    """(epoch, batch) from a checkpoint's file name, or None for another file."""
+    m = _NAME.match(os.path.basename(path))
+    return None if m is None else (int(m.group(1)), int(m.group(2) or 0))
+
+
+def list_all(run_dir):
+    """[(epoch, batch), path] of the checkpoints in run_dir/checkpoints, oldest first."""
     folder = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(folder):
-        return {}
-    found = {}
-    for name in os.listdir(folder):
-        m = _NAME.match(name)
-        if m:
-            found[int(m.group(1))] = os.path.join(folder, name)
-    return found
+        return []
+    found = [(position_of(name), os.path.join(folder, name)) for name in os.listdir(folder)]
+    return sorted((pos, path) for pos, path in found if pos is not None)
 
 
 def load(path):
-    """A checkpoint's arrays as a dict, its counters as ints; UserError if it is not a
-    well-formed dpbp checkpoint."""
+    """A checkpoint's arrays as a dict, its counters as ints; UserError if it is damaged
+    (its digest does not match) or not a well-formed dpbp checkpoint."""
     state = read_npz(path, "checkpoint")
-    missing = [k for k in (*COUNTERS, "config") if k not in state]
+    if "format_version" in state and state["format_version"].shape == () \
+            and state["format_version"].dtype.kind in "iu" and state["format_version"] == 1:
+        state.update(batch=np.int64(0), skipped=np.int64(0), counted=np.int64(0),
+                     digest=None)   # written by dpbp 0.1
+    missing = [k for k in (*COUNTERS, "config", "digest") if k not in state]
     if missing:
         raise UserError(f"checkpoint {path} lacks {', '.join(missing)}: not a dpbp checkpoint")
+    stored = state.pop("digest")
+    if stored is not None and (stored.shape != () or str(stored) != digest(state)):
+        raise UserError(f"checkpoint {path} is damaged: its content does not match its "
+                        "SHA-256 digest")
     for key in COUNTERS:
         a = state[key]
         if a.shape != () or not np.issubdtype(a.dtype, np.integer) or a < 0:
@@ -70,6 +113,9 @@ def load(path):
     if state["format_version"] > FORMAT_VERSION:
         raise UserError(f"checkpoint {path} has format {state['format_version']}; this dpbp "
                         f"reads up to {FORMAT_VERSION}: upgrade dpbp")
+    sums = state.setdefault("loss_sums", np.zeros(1))
+    if sums.ndim != 1 or sums.dtype != np.float64 or not np.isfinite(sums).all():
+        raise UserError(f"checkpoint {path}: loss_sums must be finite float64 values")
     return state
 
 

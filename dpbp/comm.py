@@ -67,6 +67,10 @@ class Comm:
         self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MIN)
         return int(buf[0])
 
+    def allreduce_max(self, value):
+        """Collective. The maximum of an integer over ranks."""
+        return -self.allreduce_min(-value)
+
     def allgatherv_(self, mine, out, counts):
         """Collective. Fill `out` with every rank's `mine` (counts[r] values from rank r),
         concatenated in rank order."""
@@ -154,7 +158,7 @@ def _running_mpi():
     return None
 
 
-def _abort(code):
+def abort(code):
     """End every rank of the job (MPI_Abort); just this process where there is no MPI."""
     MPI = _running_mpi()
     if MPI is not None and MPI.COMM_WORLD.Get_size() > 1:
@@ -211,5 +215,5 @@ def run(main):
             traceback.print_exc()
         print(f"dpbp: rank {_rank()} failed: {what}; ending the job", file=sys.stderr,
               flush=True)
-        _abort(code)
+        abort(code)
     sys.exit(code or 0)

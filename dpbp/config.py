@@ -25,6 +25,9 @@ from dpbp.errors import UserError
 class RunConfig:
     dir: str = "runs/default"      # run directory: metrics.jsonl, config.toml, checkpoints/
     seed: int = 0                  # initial weights, shuffling, validation split, synthetic data
+    keep_checkpoints: int = 3      # newest checkpoints kept; older ones deleted (0 = keep all)
+    sync_check_steps: int = 100    # compare a checksum of every rank's parameters (0 = off)
+    watchdog_seconds: float = 600.0  # no step ends for this long: dump stacks, end (0 = off)
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,17 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
+    schedule: str = "constant"     # "constant" | "step" | "cosine" (to 0 at the last epoch)
+    milestones: tuple[int, ...] = ()   # step schedule: epochs after which lr *= gamma
+    gamma: float = 0.1             # step schedule: the factor at each milestone
+    warmup_epochs: float = 0.0     # linear warmup from 0, ramped per step
+    lr_scaling: str = "none"       # "none" | "linear": lr * batch_size / base_batch_size
+    base_batch_size: int = 256     # the batch size that lr was tuned for (linear scaling)
+    accumulation_steps: int = 1    # micro-batches per global batch, one update after all
+    clip_grad_norm: float = 0.0    # clip the global gradient norm to this (0 = off)
+    comm_dtype: str = "float32"    # gradient Allreduce in "float32" | "float16" | "bfloat16"
+    on_nonfinite: str = "stop"     # a non-finite loss or gradient: "stop" | "skip" the step
+    checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every this many steps (0 = off)
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,10 @@ CHOICES = {
     "model.activation": ("relu", "tanh", "sigmoid"),
     "model.dtype": ("float32", "float64"),
     "train.loss": ("cross_entropy", "mse"),
+    "train.schedule": ("constant", "step", "cosine"),
+    "train.lr_scaling": ("none", "linear"),
+    "train.comm_dtype": ("float32", "float16", "bfloat16"),
+    "train.on_nonfinite": ("stop", "skip"),
 }
 
 
@@ -168,6 +186,25 @@ def validate(cfg):
            "false when train.momentum = 0 (Nesterov needs momentum)", t.nesterov)
     _check(math.isfinite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay", ">= 0",
            t.weight_decay)
+    r = cfg.run
+    _check(r.keep_checkpoints >= 0, "run.keep_checkpoints", ">= 0 (0 keeps all)",
+           r.keep_checkpoints)
+    _check(r.sync_check_steps >= 0, "run.sync_check_steps", ">= 0 (0 = off)",
+           r.sync_check_steps)
+    _check(math.isfinite(r.watchdog_seconds) and r.watchdog_seconds >= 0,
+           "run.watchdog_seconds", ">= 0 (0 = off)", r.watchdog_seconds)
+    _check(all(m >= 1 for m in t.milestones) and list(t.milestones) == sorted(set(t.milestones)),
+           "train.milestones", "increasing epochs >= 1", list(t.milestones))
+    _check(math.isfinite(t.gamma) and t.gamma > 0, "train.gamma", "a number > 0", t.gamma)
+    _check(math.isfinite(t.warmup_epochs) and 0 <= t.warmup_epochs <= t.epochs,
+           "train.warmup_epochs", f"in [0, train.epochs = {t.epochs}]", t.warmup_epochs)
+    _check(t.base_batch_size >= 1, "train.base_batch_size", ">= 1", t.base_batch_size)
+    _check(1 <= t.accumulation_steps <= t.batch_size, "train.accumulation_steps",
+           f"in [1, train.batch_size = {t.batch_size}]", t.accumulation_steps)
+    _check(math.isfinite(t.clip_grad_norm) and t.clip_grad_norm >= 0, "train.clip_grad_norm",
+           ">= 0 (0 = off)", t.clip_grad_norm)
+    _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", ">= 0 (0 = off)",
+           t.checkpoint_every_steps)
 
 
 def _parse_toml(text, where):

@@ -1,19 +1,31 @@
-"""Fault injection for testing that failures never hang the job. Off unless set.
+"""Fault injection for testing that failures are handled and never hang the job. Off unless
+the variable is set.
 
     DPBP_FAULT=KIND:RANK:STEP    e.g. DPBP_FAULT=raise:1:3
 
-makes rank RANK, just before optimizer step STEP (counted from 0 over the whole run),
-raise an exception (`raise`), call sys.exit(5) (`exit`), kill itself with SIGKILL
-(`kill`) or sleep forever (`hang`).
+Just before optimizer step STEP (counted from 0 over the whole run), rank RANK
+    raise      raises an exception
+    exit       calls sys.exit(5)
+    kill       kills itself with SIGKILL
+    hang       sleeps forever (the watchdog's case)
+    nan        puts a NaN into its shard of the batch (a non-finite loss and gradient)
+    perturb    adds 1e-3 to its parameters (replicas that no longer agree)
+    sigterm    sends itself SIGTERM (as Slurm does before preempting a job)
+    sigint     sends itself SIGINT (as Ctrl-C does)
+and, while rank 0 writes the checkpoint taken when STEP steps are done (RANK must be 0),
+    killsave   kills itself with SIGKILL half-way through the file
+    nospace    fails as a full disk does (OSError ENOSPC)
 """
 
+import errno
 import functools
 import os
 import signal
 import sys
 import time
 
-KINDS = ("raise", "exit", "kill", "hang")
+KINDS = ("raise", "exit", "kill", "hang", "nan", "perturb", "sigterm", "sigint", "killsave",
+         "nospace")
 
 
 def parse(text):
@@ -32,8 +44,9 @@ def _planned():
     return parse(os.environ.get("DPBP_FAULT", ""))
 
 
-def inject(rank, step):
-    """Carry out the planned fault if this is its rank and step; otherwise nothing."""
+def inject(rank, step, x, params):
+    """Carry out the planned fault if this is its rank and step; otherwise nothing.
+    `x` is this rank's copy of its shard of the batch, `params` its flat parameters."""
     fault = _planned()
     if fault is None or fault[1:] != (rank, step):
         return
@@ -44,5 +57,24 @@ def inject(rank, step):
         sys.exit(5)
     if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
-    while True:
+    if kind == "nan":
+        x[:1] = float("nan")
+    if kind == "perturb":
+        params += 1e-3
+    if kind in ("sigterm", "sigint"):
+        os.kill(os.getpid(), signal.SIGTERM if kind == "sigterm" else signal.SIGINT)
+    while kind == "hang":
         time.sleep(3600)
+
+
+def during_save(step, f):
+    """Rank 0, half-way through writing the checkpoint taken after `step` steps to file f."""
+    fault = _planned()
+    if fault is None or fault[0] not in ("killsave", "nospace") or fault[2] != step:
+        return
+    f.flush()
+    f.truncate(f.tell() // 2)
+    if fault[0] == "killsave":
+        os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

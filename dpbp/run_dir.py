@@ -2,7 +2,8 @@
 
     RUN_DIR/config.toml                 the resolved config of the run
     RUN_DIR/metrics.jsonl               one JSON object per epoch
-    RUN_DIR/checkpoints/epoch-EEEE.npz  one checkpoint per epoch (see checkpoint.py)
+    RUN_DIR/checkpoints/epoch-EEEE.npz  a checkpoint per epoch, the newest run.keep_checkpoints
+    RUN_DIR/checkpoints/epoch-EEEE-batch-BBBBBB.npz   mid-epoch ones (see checkpoint.py)
 
 Every function here runs on rank 0 alone; train.py broadcasts what the others need.
 Nothing is written until every check has passed, and a new run never overwrites an
@@ -54,10 +55,10 @@ def check_new(cfg):
     first epoch that was never checkpointed, no config.toml that dpbp did not write,
     and can be created. Returns notes for the log."""
     run_dir = cfg.run.dir
-    found = checkpoint.list_epochs(run_dir)
+    found = checkpoint.list_all(run_dir)
     if found:
         raise UserError(
-            f"run.dir {run_dir} already holds a run ({max(found)} epochs checkpointed); "
+            f"run.dir {run_dir} already holds a run (checkpoint {found[-1][1]}); "
             f"continue it with --resume, or start a new one with --set "
             f"'run.dir=\"{run_dir}-2\"'")
     recorded = [epoch for epoch, _ in read_metrics(run_dir)]
@@ -87,27 +88,47 @@ def check_new(cfg):
 
 
 def newest_checkpoint(run_dir):
-    """(path, state) of the newest checkpoint in run_dir, for --resume; the run's
-    metrics are checked too, before anything is written."""
+    """(path, state, damaged) for --resume: the newest checkpoint in run_dir that loads and
+    verifies, and the paths of newer ones that do not (named in `notes` by the caller).
+    The run's metrics are checked too, before anything is written."""
     read_metrics(run_dir)
-    found = checkpoint.list_epochs(run_dir)
+    found = checkpoint.list_all(run_dir)
     if not found:
         raise UserError(f"--resume: no checkpoint in {os.path.join(run_dir, 'checkpoints')}; "
                         "start the run without --resume")
-    path = found[max(found)]
+    damaged = []
+    for position, path in reversed(found):
+        try:
+            return path, checked(path, position), damaged
+        except UserError as e:
+            damaged.append((path, str(e)))
+    raise UserError(f"--resume: none of the {len(found)} checkpoints in "
+                    f"{os.path.join(run_dir, 'checkpoints')} is valid ({damaged[0][1]}); "
+                    "start the run afresh in another run.dir")
+
+
+def checked(path, position=None):
+    """A loaded checkpoint whose content agrees with its name."""
     state = checkpoint.load(path)
-    if state["epoch"] != max(found):
-        raise UserError(f"checkpoint {path} holds epoch {state['epoch']}, not the epoch in "
-                        "its name; it was renamed or copied from another run")
-    return path, state
+    position = position or checkpoint.position_of(path)
+    if position is not None and (state["epoch"], state["batch"]) != position:
+        raise UserError(f"checkpoint {path} holds epoch {state['epoch']} batch "
+                        f"{state['batch']}, not the position in its name; it was renamed "
+                        "or copied from another run")
+    return state
 
 
-def resumed_config(saved_toml, path, run_dir, config_file, overrides):
+def resumed_config(saved_toml, path, config_file, overrides, run_dir=None):
     """The config of a resumed run: the checkpoint's own, with the command line's
-    --config and --set applied on top, in `run_dir` (where the checkpoint was found).
-    Returns (cfg, notes); changes to the network or the global batch are refused."""
+    --config and --set applied on top. It runs in `run_dir` (plain --resume: where the
+    checkpoint was found); for --resume PATH, in the run.dir the command line names, else
+    in the run directory holding PATH. Returns (cfg, notes); changes to the network or
+    the global batch are refused."""
     saved = config.from_toml(saved_toml, f"checkpoint {path}")
     cfg = config.load(config_file, overrides, base=saved)
+    if run_dir is None:   # --resume PATH
+        explicit = cfg.run.dir != saved.run.dir
+        run_dir = cfg.run.dir if explicit else (home_of(path) or cfg.run.dir)
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=run_dir))
     old, new = config.flat(saved), config.flat(cfg)
     changed = [k for k in old if old[k] != new[k] and k != "run.dir"]
@@ -126,27 +147,49 @@ def resumed_config(saved_toml, path, run_dir, config_file, overrides):
     return cfg, notes
 
 
-def prepare(cfg, start_epoch):
-    """Create and lock the run directory, save the resolved config, remove temporary files
-    a killed writer left, and drop metrics of epochs after `start_epoch` (they will be
-    trained again). Returns (lock, notes): the lock is held while the run lives, so a
-    second run started into the same directory is refused instead of writing over it."""
+def home_of(path):
+    """The run directory holding checkpoint `path` (RUN_DIR/checkpoints/NAME), or None."""
+    folder = os.path.dirname(os.path.abspath(path))
+    return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else None
+
+
+def prepare(cfg, start, resumed_from=None, damaged=()):
+    """Create and lock the run directory, save the resolved config, set aside `damaged`
+    checkpoints (renamed to NAME.damaged), remove temporary files a killed writer left,
+    and drop metrics of epochs after the starting one (they will be trained again).
+    `start` = (epoch, batch) of the checkpoint `resumed_from`, (0, 0) for a new run. A
+    run resumed from another directory's checkpoint (a branch) must start in a new one.
+    Returns (lock, notes): the lock is held while the run lives, so a second run started
+    into the same directory is refused instead of writing over it."""
     run_dir = cfg.run.dir
     folder = os.path.join(run_dir, "checkpoints")
+    home = home_of(resumed_from) if resumed_from else None
+    new = home is None or os.path.realpath(home) != os.path.realpath(run_dir)
+
+    def check():   # before anything is written, and again under the lock
+        if new:
+            return check_new(cfg)
+        newer = [p for pos, p in checkpoint.list_all(run_dir)
+                 if pos > tuple(start) and p not in damaged]
+        if newer:
+            raise UserError(
+                f"{run_dir} holds a newer checkpoint than {resumed_from}: {newer[-1]}; "
+                "continue from the newest with --resume, or branch off from this one into "
+                f"a new run directory with --resume {resumed_from} --set 'run.dir=\"...\"'")
+        return []
+
+    notes = check()
     try:
         os.makedirs(folder, exist_ok=True)
-        lock, notes = _lock(run_dir)
+        lock, more_notes = _lock(run_dir)
     except OSError as e:
         raise UserError(f"run.dir {run_dir}: cannot write ({e.strerror}: {e.filename})"
                         ) from None
-    # again, now under the lock: nobody started or advanced a run here meanwhile
-    if start_epoch == 0:
-        check_new(cfg)
-    elif max(checkpoint.list_epochs(run_dir), default=0) != start_epoch:
-        raise UserError(f"the run in {run_dir} moved on from epoch {start_epoch} while this "
-                        "one was starting; run --resume again")
-    kept = [line for epoch, line in read_metrics(run_dir) if epoch <= start_epoch]
+    check()   # nobody started or advanced a run here meanwhile
+    kept = [line for epoch, line in read_metrics(run_dir) if epoch <= start[0]]
     try:
+        for path in damaged:
+            os.replace(path, path + ".damaged")
         remove_stale_temporaries(folder)
         write_atomic(config_path(run_dir),
                      lambda f: f.write((CONFIG_HEADER + config.to_toml(cfg)).encode()))
@@ -154,7 +197,7 @@ def prepare(cfg, start_epoch):
     except OSError as e:
         raise UserError(f"run.dir {run_dir}: cannot write ({e.strerror}: {e.filename})"
                         ) from None
-    return lock, notes
+    return lock, notes + more_notes
 
 
 def _lock(run_dir):
@@ -178,18 +221,27 @@ def _lock(run_dir):
     return lock, []
 
 
-def save_epoch(cfg, model, optimizer, step, world_size, record):
-    """The epoch's line of metrics, then its checkpoint. (In this order, a crash between
-    the two leaves a metrics line that `prepare` drops on resume, never a missing one.)"""
-    epoch = record["epoch"]
-    path = checkpoint.path_for(cfg.run.dir, epoch)
+def save(cfg, model, optimizer, position, world_size, loss_sums=(0.0,), record=None):
+    """Checkpoint at `position` = (epoch, batch, step, skipped, counted); at the end of an epoch
+    (batch 0) first append its line of metrics, `record`. (In this order, a crash between
+    the two leaves a metrics line that `prepare` drops on resume, never a missing one.)
+    Then delete checkpoints beyond the newest run.keep_checkpoints, this one being
+    durable by now. Returns the checkpoint's path."""
+    epoch, batch = position[:2]
+    path = checkpoint.path_for(cfg.run.dir, epoch, batch)
     try:
-        with open(metrics_path(cfg.run.dir), "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, allow_nan=False) + "\n")
-        checkpoint.save(path, model, optimizer, epoch, step, world_size, config.to_toml(cfg))
+        if record is not None:
+            with open(metrics_path(cfg.run.dir), "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, allow_nan=False) + "\n")
+        checkpoint.save(path, model, optimizer, position, world_size, config.to_toml(cfg),
+                        loss_sums)
+        keep = cfg.run.keep_checkpoints
+        if keep:
+            for _, old in checkpoint.list_all(cfg.run.dir)[:-keep]:
+                os.unlink(old)
     except OSError as e:
         hint = ("earlier checkpoints are intact, --resume continues from the newest"
-                if checkpoint.list_epochs(cfg.run.dir) else "rerun the same command to start "
+                if checkpoint.list_all(cfg.run.dir) else "rerun the same command to start "
                 "afresh")
-        raise UserError(f"cannot save epoch {epoch} in {cfg.run.dir} ({e.strerror}); {hint}"
-                        ) from None
+        raise UserError(f"cannot save {path} ({e.strerror}); {hint}") from None
+    return path

@@ -11,6 +11,7 @@ checkpoint every epoch.
 
 import argparse
 import math
+import os
 import sys
 import time
 import zlib
@@ -18,14 +19,16 @@ import zlib
 import numpy as np
 
 from dpbp import __version__, checkpoint, comm as mpi, config, data as datasets, faults
-from dpbp import run_dir, sharding
+from dpbp import run_dir, schedule, sharding
 from dpbp.errors import UserError
 from dpbp.losses import correct, cross_entropy, mse
 from dpbp.model import MLP
 from dpbp.optim import SGD
+from dpbp.supervise import StopSignals, Watchdog, signal_name
 from dpbp.threads import limit_blas_threads
 
 EXIT_DIVERGED = 3   # training stopped: a non-finite loss, or replicas that differ
+EXIT_HUNG = 4       # the watchdog ended the job: no step finished in run.watchdog_seconds
 
 
 # ----------------------------------------------------------------------------- one step
@@ -41,31 +44,24 @@ def train_step(model, optimizer, loss_fn, x, y, N, comm):
     - The loss gradient is normalised by the global N, not by B, so the sum over ranks is
       the gradient of the global batch's mean loss: what one process computes on the
       whole batch, up to floating-point rounding.
+    - A rank whose loss is not finite puts a NaN into its gradient, so the summed gradient
+      is not finite on every rank alike; then no rank updates (returns ok = False).
     - Never communicated: parameters, activations, per-step losses.
     - Identical on every rank after the call: model.params and the optimizer state, since
       every rank applies the same update to the same summed gradient.
-    Returns this rank's sum of per-sample losses.
+    Returns (this rank's sum of per-sample losses, ok).
     """
     outputs = model.forward(x)
     losses, doutputs = loss_fn(outputs, y, N)
     model.backward(doutputs)
+    loss_sum = losses.sum()
+    if not math.isfinite(loss_sum):
+        model.grads[0] = np.nan
     comm.allreduce_(model.grads)          # DP: sum of shard gradients = global gradient
+    if not math.isfinite(np.dot(model.grads, model.grads)):   # same verdict on every rank
+        return loss_sum, False
     optimizer.step()
-    return losses.sum()
-
-
-def train_epoch(model, optimizer, loss_fn, data, cfg, epoch, step, comm):
-    """Collective. One epoch over the training set, its first optimizer step numbered
-    `step`; returns the mean training loss."""
-    order = sharding.epoch_order(len(data.x), cfg.run.seed, epoch, cfg.data.shuffle)
-    loss_sum = 0.0
-    for k, batch in enumerate(sharding.global_batches(order, cfg.train.batch_size)):
-        faults.inject(comm.rank, step + k)   # test hook, off unless DPBP_FAULT is set
-        rows = batch[sharding.shard(len(batch), comm.rank, comm.size)]   # DP: my shard
-        loss_sum += train_step(model, optimizer, loss_fn, data.x[rows], data.y[rows],
-                               len(batch), comm)
-    total = comm.allreduce_(np.array([loss_sum]))                      # DP: epoch total
-    return total[0] / len(data.x)
+    return loss_sum, True
 
 
 def evaluate(model, loss_fn, x, y, num_classes, comm, chunk=2048):
@@ -100,38 +96,113 @@ def main(argv=None):
     if setup is None:   # --help, or a resumed run that is already complete
         return 0
     cfg, data, model, optimizer, start, lock = setup   # rank 0 holds the run dir's lock
-    loss_fn = {"cross_entropy": cross_entropy, "mse": mse}[cfg.train.loss]
-    steps_per_epoch = sharding.num_batches(len(data.x), cfg.train.batch_size)
-    epochs = cfg.train.epochs
+    tc = cfg.train
+    loss_fn = {"cross_entropy": cross_entropy, "mse": mse}[tc.loss]
+    steps_per_epoch = sharding.num_batches(len(data.x), tc.batch_size)
+    watchdog = Watchdog(cfg.run.watchdog_seconds, comm.rank,
+                        lambda: (time.sleep(2), mpi.abort(EXIT_HUNG)))   # let all ranks speak
 
     step = start["step"]
-    for epoch in range(start["epoch"], epochs):
-        t0 = time.perf_counter()
-        # every rank: train on its shards, validate on its share, check replicas agree
-        with np.errstate(over="ignore", invalid="ignore"):   # divergence is caught below
-            train_loss = train_epoch(model, optimizer, loss_fn, data, cfg, epoch, step, comm)
+    with StopSignals() as signals:
+        for epoch in range(start["epoch"], tc.epochs):
+            t0 = time.perf_counter()
+            order = sharding.epoch_order(len(data.x), cfg.run.seed, epoch, cfg.data.shuffle)
+            batches = sharding.global_batches(order, tc.batch_size)
+            first = start["batch"] if epoch == start["epoch"] else 0   # mid-epoch resume
+            loss_sum, counted, skipped = ((start["loss_sum"], start["counted"],
+                                           start["skipped"]) if first else (0.0, 0, 0))
+            for b in range(first, len(batches)):
+                # every rank: train on its shard of global batch b
+                watchdog.feed()
+                rows = batches[b][sharding.shard(len(batches[b]), comm.rank, comm.size)]
+                x, y = data.x[rows], data.y[rows]
+                faults.inject(comm.rank, step, x, model.params)   # test hook, off by default
+                optimizer.lr = schedule.lr_at(tc, step, steps_per_epoch)
+                with np.errstate(over="ignore", invalid="ignore"):   # non-finite: caught
+                    loss, ok = train_step(model, optimizer, loss_fn, x, y, len(batches[b]),
+                                          comm)
+                step += 1
+                if ok:
+                    loss_sum, counted = loss_sum + loss, counted + len(batches[b])
+                else:
+                    skipped += 1
+                    stop_on_nonfinite(comm, tc.on_nonfinite, epoch + 1, b + 1, step)
+                check_replicas(comm, cfg.run.sync_check_steps, model, step)
+                stop = comm.allreduce_max(signals.received)   # DP: the ranks agree to stop
+                due = tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0
+                if b + 1 < len(batches) and (stop or due):
+                    position = (epoch, b + 1, step, skipped, counted)
+                    path = save_checkpoint(comm, cfg, model, optimizer, position, loss_sum)
+                    if stop:
+                        return stopped_by(stop, path, epoch, b + 1, say)
+            watchdog.feed()
+            # every rank: the epoch's loss, then validation on its share of the rows
             train_seconds = time.perf_counter() - t0
+            train_loss = comm.allreduce_(np.array([loss_sum]))[0] / max(counted, 1)
             val_loss, val_accuracy = None, None
-            if data.x_val is not None:
-                val_loss, val_accuracy = evaluate(model, loss_fn, data.x_val, data.y_val,
-                                                  data.num_classes, comm)
-        stop_unless_healthy(comm, model, epoch + 1, train_loss, val_loss)
-        step += steps_per_epoch
-        record = dict(epoch=epoch + 1, train_loss=train_loss, val_loss=val_loss,
-                      val_accuracy=val_accuracy, lr=cfg.train.lr,
-                      seconds=time.perf_counter() - t0,
-                      samples_per_second=len(data.x) / train_seconds, world_size=comm.size)
-        with mpi.agreement(comm):          # rank 0 alone writes; a full disk stops all
-            if comm.rank == 0:
-                run_dir.save_epoch(cfg, model, optimizer, step, comm.size, record)
-        say(format_epoch(record, epochs))
-    say(f"done: {plural(epochs, 'epoch')}; checkpoint "
-        f"{checkpoint.path_for(cfg.run.dir, epochs)}, metrics {run_dir.metrics_path(cfg.run.dir)}")
+            with np.errstate(over="ignore", invalid="ignore"):   # divergence is caught below
+                if data.x_val is not None:
+                    val_loss, val_accuracy = evaluate(model, loss_fn, data.x_val, data.y_val,
+                                                      data.num_classes, comm)
+            stop_unless_healthy(comm, model, epoch + 1, train_loss, val_loss)
+            record = dict(epoch=epoch + 1, train_loss=train_loss, val_loss=val_loss,
+                          val_accuracy=val_accuracy, lr=optimizer.lr,
+                          seconds=time.perf_counter() - t0,
+                          samples_per_second=len(data.x) / train_seconds,
+                          world_size=comm.size, skipped_steps=skipped)
+            path = save_checkpoint(comm, cfg, model, optimizer, (epoch + 1, 0, step, 0, 0),
+                                   0.0, record)
+            say(format_epoch(record, tc.epochs))
+            stop = comm.allreduce_max(signals.received)
+            if stop and epoch + 1 < tc.epochs:
+                return stopped_by(stop, path, epoch + 1, 0, say)
+    watchdog.stop()
+    say(f"done: {plural(tc.epochs, 'epoch')}; checkpoint "
+        f"{checkpoint.path_for(cfg.run.dir, tc.epochs)}, metrics {run_dir.metrics_path(cfg.run.dir)}")
     return 0
 
 
-def plural(n, noun):
-    return f"{n} {noun}{'s' * (n != 1)}"
+def save_checkpoint(comm, cfg, model, optimizer, position, loss_sum, record=None):
+    """Collective. Rank 0 writes the checkpoint at `position` = (epoch, batch, step,
+    skipped, counted), with every rank's partial loss sum (so that a resumed epoch adds up
+    its loss exactly as an uninterrupted one), and `record`'s metrics at an epoch's end.
+    A failure to write (a full disk) stops every rank. Returns the path."""
+    sums = comm.allgatherv_(np.array([loss_sum]), np.empty(comm.size), [1] * comm.size)
+    with mpi.agreement(comm):
+        if comm.rank == 0:
+            run_dir.save(cfg, model, optimizer, position, comm.size, sums, record)
+    return checkpoint.path_for(cfg.run.dir, *position[:2])
+
+
+def stopped_by(signum, path, epoch, batch, say):
+    say(f"dpbp: stopped by {signal_name(signum)} after {plural(epoch, 'epoch')} and "
+        f"{plural(batch, 'batch', 'batches')}; saved {path}; continue with --resume")
+    return 128 + signum
+
+
+def stop_on_nonfinite(comm, policy, epoch, batch, step):
+    """Collective. After a step whose loss or summed gradient was not finite (the same
+    step on every rank): stop every rank under "stop"; under "skip" the step was dropped."""
+    with mpi.agreement(comm, code=EXIT_DIVERGED):
+        if policy == "stop":
+            raise UserError(f"non-finite loss or gradient in epoch {epoch}, batch {batch} "
+                            f"(step {step}); nothing of this epoch was saved. Lower train.lr, "
+                            'set train.clip_grad_norm, or skip such steps with '
+                            'train.on_nonfinite = "skip"')
+
+
+def check_replicas(comm, every, model, step):
+    """Collective, every `every` steps: stop if the ranks' parameters differ."""
+    if every and step % every == 0:
+        identical = comm.replicas_identical(model.params)
+        with mpi.agreement(comm, code=EXIT_DIVERGED):
+            if not identical:
+                raise UserError(f"replicas diverged by step {step}: the ranks' parameters "
+                                "differ (a fault in a node or in MPI); nothing more was saved")
+
+
+def plural(n, noun, nouns=None):
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"
 
 
 def stop_unless_healthy(comm, model, epoch, train_loss, val_loss):
@@ -173,18 +244,23 @@ def set_up(argv, comm, say):
         return None
     threads, why = limit_blas_threads(comm.ranks_sharing_cores)
 
-    ckpt_path, state = None, None       # rank 0, on --resume: the newest checkpoint
+    ckpt_path, state, damaged = None, None, []   # rank 0, on --resume: the checkpoint
     with mpi.agreement(comm):
         cfg = config.load(args.config, args.set)
-        if args.resume and comm.rank == 0:
-            ckpt_path, state = run_dir.newest_checkpoint(cfg.run.dir)
+        if args.resume is True and comm.rank == 0:
+            ckpt_path, state, damaged = run_dir.newest_checkpoint(cfg.run.dir)
+        elif args.resume and comm.rank == 0:
+            ckpt_path, state = args.resume, run_dir.checked(args.resume)
     saved = comm.bcast_obj(None if state is None else (ckpt_path, state["config"]))
-    notes = []
+    notes = [f"resume: {path} is damaged ({why}); set aside as {os.path.basename(path)}"
+             ".damaged" for path, why in damaged]
     with mpi.agreement(comm):
         if saved is not None:
             ckpt_path, saved_toml = saved
-            cfg, notes = run_dir.resumed_config(saved_toml, ckpt_path, cfg.run.dir,
-                                                args.config, args.set)
+            cfg, more_notes = run_dir.resumed_config(
+                saved_toml, ckpt_path, args.config, args.set,
+                cfg.run.dir if args.resume is True else None)
+            notes += more_notes
         try:
             data = datasets.load(cfg.data, cfg.train.loss, cfg.model.dtype, cfg.run.seed)
         except MemoryError:
@@ -199,13 +275,10 @@ def set_up(argv, comm, say):
         if cfg.model.init and saved is None:   # a resumed run has its own weights
             checkpoint.load_weights(model, cfg.model.init)
         tc = cfg.train
-        optimizer = SGD(model.params, model.grads, tc.lr, tc.momentum, tc.nesterov,
-                        tc.weight_decay)
-        if comm.rank == 0:
-            if state is None:
-                notes = run_dir.check_new(cfg)
-            else:
-                checkpoint.restore(state, ckpt_path, model, optimizer)
+        optimizer = SGD(model.params, model.grads, schedule.base_lr(tc), tc.momentum,
+                        tc.nesterov, tc.weight_decay)
+        if comm.rank == 0 and state is not None:
+            checkpoint.restore(state, ckpt_path, model, optimizer)
 
     # DP: every rank must have read the same config and data; then replicas start
     # identical, parameters and optimizer state coming from rank 0.
@@ -217,8 +290,12 @@ def set_up(argv, comm, say):
     comm.bcast_(model.params)
     if optimizer.momentum_buffer is not None:
         comm.bcast_(optimizer.momentum_buffer)
-    start = comm.bcast_obj({"epoch": 0, "step": 0} if state is None else
-                           {"epoch": state["epoch"], "step": state["step"]})
+    start = comm.bcast_obj(
+        dict(epoch=0, batch=0, step=0, skipped=0, counted=0, loss_sums=[0.0], world_size=1)
+        if state is None else {k: state[k] for k in (*checkpoint.COUNTERS, "loss_sums")})
+    sums = start.pop("loss_sums")   # each rank's partial loss sum of a mid-epoch checkpoint
+    start["loss_sum"] = (float(sums[comm.rank]) if start["world_size"] == comm.size
+                         else math.fsum(sums) if comm.rank == 0 else 0.0)
     if start["epoch"] >= tc.epochs:   # before prepare: a finished run is left untouched
         say(f"nothing to do: the run in {cfg.run.dir} already completed "
             f"{plural(start['epoch'], 'epoch')} of {tc.epochs}")
@@ -226,12 +303,17 @@ def set_up(argv, comm, say):
     lock = None
     with mpi.agreement(comm):
         if comm.rank == 0:
-            lock, more_notes = run_dir.prepare(cfg, start["epoch"])
+            lock, more_notes = run_dir.prepare(cfg, (start["epoch"], start["batch"]),
+                                               ckpt_path, [p for p, _ in damaged])
             notes = notes + more_notes
 
     say(describe_run(comm, threads, why, cfg, data, model))
     if saved is not None:
-        say(f"resume: from {ckpt_path} (epoch {start['epoch']}, step {start['step']})")
+        say(f"resume: from {ckpt_path} (epoch {start['epoch']}, batch {start['batch']}, "
+            f"step {start['step']})")
+    if tc.lr_scaling == "linear":
+        say(f"lr: {tc.lr:g} x {tc.batch_size} / {tc.base_batch_size} = "
+            f"{schedule.base_lr(tc):g} (linear scaling)")
     for note in notes:
         say(note)
     return cfg, data, model, optimizer, start, lock
@@ -288,10 +370,11 @@ PARSER.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", defau
                     help="override one config key, VALUE in TOML syntax (repeatable), "
                          "e.g. --set train.lr=0.05 --set 'model.hidden=[256,128]' "
                          "--set 'data.source=\"npz\"'")
-PARSER.add_argument("--resume", action="store_true",
-                    help="continue the run in run.dir from its newest checkpoint, with its "
-                         "saved config; --config and --set change it (not the network or "
-                         "the global batch)")
+PARSER.add_argument("--resume", metavar="PATH", nargs="?", const=True, default=None,
+                    help="continue the run in run.dir from its newest valid checkpoint, or "
+                         "from the checkpoint PATH, with its saved config; --config and --set "
+                         "change it (not the network or the global batch). With PATH and a "
+                         "new run.dir, the run branches off into that directory")
 
 
 def parse_args(argv):

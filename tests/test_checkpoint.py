@@ -32,19 +32,74 @@ def test_round_trip(tmp_path):
     model, opt = make()
     path = checkpoint.path_for(tmp_path, 3)
     os.makedirs(os.path.dirname(path))
-    checkpoint.save(path, model, opt, epoch=3, step=42, world_size=4,
+    checkpoint.save(path, model, opt, (3, 0, 42, 0, 0), world_size=4,
                     config_toml=config.to_toml(config.Config()))
     assert os.path.basename(path) == "epoch-0003.npz"
     assert os.listdir(os.path.dirname(path)) == ["epoch-0003.npz"]   # no temporary left
     state = checkpoint.load(path)
-    assert (state["epoch"], state["step"], state["world_size"]) == (3, 42, 4)
+    assert (state["epoch"], state["batch"], state["step"], state["world_size"]) == (3, 0, 42, 4)
     assert config.from_toml(state["config"]) == config.Config()
     np.testing.assert_array_equal(state["optimizer.momentum_buffer"], opt.momentum_buffer)
     other, _ = make()
     other.params[...] = 0
     assert other.load_state_dict(state, "ckpt") is None
     np.testing.assert_array_equal(other.params, model.params)
-    assert checkpoint.list_epochs(tmp_path) == {3: path}
+    mid = checkpoint.path_for(tmp_path, 3, 17)
+    checkpoint.save(mid, model, opt, (3, 17, 59, 1, 2176), 2, config.to_toml(config.Config()),
+                    loss_sums=[1.5, 2.5])
+    assert os.path.basename(mid) == "epoch-0003-batch-000017.npz"
+    state = checkpoint.load(mid)
+    assert [state[k] for k in ("batch", "skipped", "counted")] == [17, 1, 2176]
+    np.testing.assert_array_equal(state["loss_sums"], [1.5, 2.5])
+    assert checkpoint.list_all(tmp_path) == [((3, 0), path), ((3, 17), mid)]
+
+
+def rewrite(path, **change):
+    """Rewrite the checkpoint's .npz with some entries changed: a consistent zip file whose
+    content no longer matches the digest written with it."""
+    with np.load(path) as f:
+        arrays = dict({k: f[k] for k in f.files}, **change)
+    np.savez(path, **arrays)
+
+
+def test_digest_catches_any_change_of_content(tmp_path):
+    model, opt = make()
+    path = str(tmp_path / "epoch-0001.npz")
+    checkpoint.save(path, model, opt, (1, 0, 1, 0, 0), 1, config.to_toml(config.Config()))
+    weight = np.load(path)["model.0.weight"].copy()
+    weight[0, 0] = np.nextafter(weight[0, 0], 1)   # one bit of one weight
+    rewrite(path, **{"model.0.weight": weight})
+    with pytest.raises(UserError, match=r"epoch-0001.npz is damaged: its content does not "
+                                        r"match its SHA-256 digest"):
+        checkpoint.load(path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_bytes_never_load(tmp_path, damage):
+    """Truncated or bit-flipped anywhere: an error naming the file, or (for a bit of zip
+    metadata that does not touch the content, such as a file time) the very same state."""
+    model, opt = make((20, 30, 5))
+    path = str(tmp_path / "epoch-0001.npz")
+    checkpoint.save(path, model, opt, (1, 0, 1, 0, 0), 1, config.to_toml(config.Config()))
+    raw, intact = open(path, "rb").read(), checkpoint.load(path)
+    refused = 0
+    for at in np.linspace(0, len(raw) - 1, 60).astype(int):
+        if damage == "truncate":
+            bad = raw[:at]
+        else:
+            bad = bytearray(raw)
+            bad[at] ^= 0x10
+        open(path, "wb").write(bytes(bad))
+        try:
+            state = checkpoint.load(path)
+        except UserError as e:
+            assert "epoch-0001.npz" in str(e)
+            refused += 1
+            continue
+        assert state.keys() == intact.keys()
+        for k in state:
+            np.testing.assert_array_equal(state[k], intact[k])
+    assert refused >= (60 if damage == "truncate" else 50)
 
 
 def test_failed_write_leaves_nothing_behind(tmp_path):
@@ -82,14 +137,15 @@ def test_state_that_does_not_fit_is_described():
 def test_unreadable_checkpoint(tmp_path):
     model, opt = make()
     path = str(tmp_path / "epoch-0001.npz")
-    checkpoint.save(path, model, opt, 1, 1, 1, config.to_toml(config.Config()))
+    checkpoint.save(path, model, opt, (1, 0, 1, 0, 0), 1, config.to_toml(config.Config()))
     raw = open(path, "rb").read()
     open(path, "wb").write(raw[: len(raw) // 2])
     with pytest.raises(UserError, match="is not a readable .npz file"):
         checkpoint.load(path)
     np.savez(path, x=np.zeros(2))
-    with pytest.raises(UserError, match="lacks epoch, step, world_size, format_version, "
-                                        "config: not a dpbp checkpoint"):
+    with pytest.raises(UserError, match="lacks epoch, batch, step, skipped, counted, "
+                                        "world_size, format_version, config, digest: not a "
+                                        "dpbp checkpoint"):
         checkpoint.load(path)
 
 
@@ -98,17 +154,40 @@ def test_unreadable_checkpoint(tmp_path):
     ({"step": np.array([1, 2])}, "step must be a non-negative integer"),
     ({"world_size": np.float64(2)}, "world_size must be a non-negative integer"),
     ({"config": np.array([1])}, "config must be TOML text"),
-    ({"format_version": np.int64(99)}, "has format 99; this dpbp reads up to 1"),
+    ({"format_version": np.int64(99)}, "has format 99; this dpbp reads up to 2"),
+    ({"loss_sums": np.array([np.nan])}, "loss_sums must be finite float64 values"),
 ])
 def test_malformed_checkpoint_fields(tmp_path, change, message):
+    """Fields that are wrong although the digest matches them (as a buggy writer makes)."""
     model, opt = make()
     path = str(tmp_path / "epoch-0001.npz")
-    checkpoint.save(path, model, opt, 1, 1, 1, config.to_toml(config.Config()))
+    checkpoint.save(path, model, opt, (1, 0, 1, 0, 0), 1, config.to_toml(config.Config()))
     with np.load(path) as f:
-        arrays = dict({k: f[k] for k in f.files}, **change)
-    np.savez(path, **arrays)
+        arrays = dict({k: f[k] for k in f.files if k != "digest"}, **change)
+    np.savez(path, **arrays, digest=np.str_(checkpoint.digest(arrays)))
     with pytest.raises(UserError, match=message):
         checkpoint.load(path)
+
+
+def test_reads_checkpoints_of_format_1(tmp_path):
+    """dpbp 0.1 wrote no digest and no mid-epoch position; such files still resume."""
+    model, opt = make()
+    path = str(tmp_path / "epoch-0002.npz")
+    checkpoint.save(path, model, opt, (2, 0, 8, 0, 0), 1, config.to_toml(config.Config()))
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files
+                  if k not in ("digest", "batch", "skipped", "counted", "loss_sums")}
+    np.savez(path, **dict(arrays, format_version=np.int64(1)))
+    state = checkpoint.load(path)
+    assert (state["epoch"], state["batch"], state["step"]) == (2, 0, 8)
+
+
+def test_never_writes_non_finite_weights(tmp_path):
+    model, opt = make()
+    model.params[3] = np.inf
+    with pytest.raises(UserError, match="the weights are not finite"):
+        checkpoint.save(str(tmp_path / "x.npz"), model, opt, (1, 0, 1, 0, 0), 1, "")
+    assert os.listdir(tmp_path) == []
 
 
 def test_restore_checks_the_momentum_buffer(tmp_path):

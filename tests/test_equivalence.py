@@ -23,7 +23,7 @@ def train(tmp_path, name, npz, ranks, extra):
     run_dir = tmp_path / name
     args = sets(data__source='"npz"', data__path=f'"{npz}"', model__dtype='"float64"',
                 model__hidden="[6, 4]", train__batch_size=8, train__epochs=4, train__lr=0.1,
-                run__dir=f'"{run_dir}"') + extra
+                run__dir=f'"{run_dir}"', run__keep_checkpoints=0) + extra
     result = run_train(args, ranks=ranks)
     assert result.returncode == 0, result.stderr
     final = model_arrays(run_dir / "checkpoints" / "epoch-0004.npz")

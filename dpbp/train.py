@@ -89,10 +89,13 @@ def evaluate(model, loss_fn, x, y, num_classes, comm, chunk=2048):
 
 def main(argv=None):
     comm = mpi.init()
-    say = print if comm.rank == 0 else (lambda *a, **k: None)   # rank 0 speaks for all
-    if comm.rank == 0 and hasattr(sys.stdout, "reconfigure"):
+    with mpi.agreement(comm):
+        args = PARSER.parse_args(argv)
+    speaks = comm.rank == 0 and not args.quiet   # rank 0 speaks for all
+    say = print if speaks else (lambda *a, **k: None)
+    if speaks and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)   # each epoch's line as it ends, in pipes too
-    setup = set_up(argv, comm, say)
+    setup = set_up(args, comm, say)
     if setup is None:   # --help, or a resumed run that is already complete
         return 0
     cfg, data, model, optimizer, start, lock = setup   # rank 0 holds the run dir's lock
@@ -111,9 +114,11 @@ def main(argv=None):
             first = start["batch"] if epoch == start["epoch"] else 0   # mid-epoch resume
             loss_sum, counted, skipped = ((start["loss_sum"], start["counted"],
                                            start["skipped"]) if first else (0.0, 0, 0))
+            bar = progress_bar(speaks, len(batches), first, f"epoch {epoch + 1}/{tc.epochs}")
             for b in range(first, len(batches)):
                 # every rank: train on its shard of global batch b
                 watchdog.feed()
+                bar.update()
                 rows = batches[b][sharding.shard(len(batches[b]), comm.rank, comm.size)]
                 x, y = data.x[rows], data.y[rows]
                 faults.inject(comm.rank, step, x, model.params)   # test hook, off by default
@@ -136,6 +141,7 @@ def main(argv=None):
                     if stop:
                         return stopped_by(stop, path, epoch, b + 1, say)
             watchdog.feed()
+            bar.close()
             # every rank: the epoch's loss, then validation on its share of the rows
             train_seconds = time.perf_counter() - t0
             train_loss = comm.allreduce_(np.array([loss_sum]))[0] / max(counted, 1)
@@ -160,6 +166,24 @@ def main(argv=None):
     say(f"done: {plural(tc.epochs, 'epoch')}; checkpoint "
         f"{checkpoint.path_for(cfg.run.dir, tc.epochs)}, metrics {run_dir.metrics_path(cfg.run.dir)}")
     return 0
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def progress_bar(speaks, total, done, description):
+    """A progress bar of the epoch's steps on rank 0 when stdout is a terminal (not in logs
+    or CI), and under --quiet never."""
+    if not (speaks and sys.stdout.isatty()):
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(total=total, initial=done, desc=description, unit="step", leave=False,
+                file=sys.stdout, dynamic_ncols=True)
 
 
 def save_checkpoint(comm, cfg, model, optimizer, position, loss_sum, record=None):
@@ -230,15 +254,14 @@ def format_epoch(r, epochs):
 
 # ----------------------------------------------------------------------------- set-up
 
-def set_up(argv, comm, say):
-    """Collective. Parse arguments, resolve the config (on --resume, the checkpoint's own
+def set_up(args, comm, say):
+    """Collective. Resolve the config (on --resume, the checkpoint's own
     with the command line's changes on top), load data, build model and optimizer, and
     prepare the run directory. Bad input on any rank stops every rank with one message
     and nothing written. Returns (cfg, data, model, optimizer, start, lock), or None after
-    --help or for a resumed run that is already complete; start = {"epoch", "step"} to
-    continue from, lock = the run directory's lock on rank 0 (None elsewhere)."""
-    with mpi.agreement(comm):
-        args = parse_args(argv)
+    --help or --print-config, or for a resumed run that is already complete. start = the
+    position to continue from (epoch, batch, step, skipped, counted, and this rank's
+    partial loss_sum); lock = the run directory's lock on rank 0 (None elsewhere)."""
     if args.help:
         say(PARSER.format_help(), end="")
         return None
@@ -261,6 +284,9 @@ def set_up(argv, comm, say):
                 saved_toml, ckpt_path, args.config, args.set,
                 cfg.run.dir if args.resume is True else None)
             notes += more_notes
+        if args.print_config:
+            say(run_dir.CONFIG_HEADER + config.to_toml(cfg), end="")
+            return None
         try:
             data = datasets.load(cfg.data, cfg.train.loss, cfg.model.dtype, cfg.run.seed)
         except MemoryError:
@@ -351,8 +377,12 @@ def _epilog():
     for section, keys in config.defaults_by_section().items():
         lines.append(f"  [{section}]  " + ", ".join(f"{k} = {v}" for k, v in keys.items()))
     lines += ["", "exit codes: 0 done; 2 bad input (config, data, run directory, checkpoint), "
-              "reported once;", f"  {EXIT_DIVERGED} training diverged (a loss not finite) "
-              "or replicas differ, nothing of that epoch saved;",
+              "reported once;", f"  {EXIT_DIVERGED} a non-finite loss or gradient, or "
+              "replicas that differ: nothing of that epoch saved;",
+              f"  {EXIT_HUNG} the watchdog ended the job: no step finished in "
+              "run.watchdog_seconds;",
+              "  128+N stopped by signal N (143 SIGTERM, 130 SIGINT) after saving a "
+              "checkpoint: --resume continues;",
               "  any other non-zero code: a rank failed and the job was ended."]
     return "\n".join(lines)
 
@@ -375,10 +405,11 @@ PARSER.add_argument("--resume", metavar="PATH", nargs="?", const=True, default=N
                          "from the checkpoint PATH, with its saved config; --config and --set "
                          "change it (not the network or the global batch). With PATH and a "
                          "new run.dir, the run branches off into that directory")
-
-
-def parse_args(argv):
-    return PARSER.parse_args(argv)
+PARSER.add_argument("--print-config", action="store_true",
+                    help="print the resolved config (TOML, overrides applied) and exit; "
+                         "saved and passed back with --config, it gives the same run")
+PARSER.add_argument("--quiet", action="store_true",
+                    help="print nothing but errors (no start-up lines, epochs or progress bar)")
 
 
 def cli():

@@ -2,13 +2,14 @@
 
 import json
 import os
+import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
 
-from tests.conftest import model_arrays, mpirun, run_train, run_with_timeout
+from tests.conftest import ROOT, model_arrays, mpirun, run_train, run_with_timeout
 
 METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_accuracy", "lr", "seconds",
                "samples_per_second", "world_size"}
@@ -408,3 +409,47 @@ def test_run_dir_entries_that_are_folders(tmp_path, tiny_npz):
     (run_dir / "config.toml").rmdir()
     (run_dir / "metrics.jsonl").mkdir()
     assert_refused(run_train(tiny_run(tiny_npz, run_dir), ranks=2), "metrics.jsonl: cannot read")
+
+
+def test_print_config_round_trip(tmp_path, tiny_npz):
+    """--print-config prints the resolved config; passed back with --config it gives the
+    very same run."""
+    args = tiny_run(tiny_npz, tmp_path / "a", "--set", "train.lr=0.2",
+                    "--set", 'train.schedule="cosine"', "--set", "train.warmup_epochs=1")
+    r = run_train(args + ["--print-config"])
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert not (tmp_path / "a").exists()
+    saved = tmp_path / "printed.toml"
+    saved.write_text(r.stdout.replace(str(tmp_path / "a"), str(tmp_path / "b")))
+    assert run_train(args).returncode == 0
+    assert run_train(["--config", str(saved)]).returncode == 0
+    a = model_arrays(tmp_path / "a" / "checkpoints" / "epoch-0003.npz")
+    b = model_arrays(tmp_path / "b" / "checkpoints" / "epoch-0003.npz")
+    assert all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def test_quiet_prints_nothing_and_a_terminal_gets_a_progress_bar(tmp_path, tiny_npz):
+    r = run_train(tiny_run(tiny_npz, tmp_path / "q", "--quiet"))
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))   # 100 columns
+    proc = subprocess.Popen([sys.executable, "-m", "dpbp.train",
+                             *tiny_run(tiny_npz, tmp_path / "tty")], stdout=follower,
+                            stderr=subprocess.PIPE, cwd=ROOT)
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:   # the terminal closed
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert proc.wait(timeout=60) == 0
+    assert b"epoch 1/3:" in out and b"step/s" in out   # tqdm's bar, cleared after each epoch
+    assert b"epoch 3/3  train_loss" in out

@@ -32,8 +32,8 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "synthetic"      # "synthetic" | "npz" | "mnist"
-    path: str = ""                 # npz: the .npz file; mnist: the folder of IDX files
+    source: str = "synthetic"      # "synthetic" | "npz" | "npy" | "csv" | "mnist"
+    path: str = ""                 # npz/csv: the file; npy: the folder of x.npy, y.npy; mnist: IDX folder
     val_fraction: float = 0.1      # held out for validation when the source has no val set
     shuffle: bool = True           # one permutation per epoch, from (seed, epoch)
     samples: int = 20000           # synthetic only: samples generated (train + val)
@@ -78,7 +78,7 @@ class Config:
 
 
 CHOICES = {
-    "data.source": ("synthetic", "npz", "mnist"),
+    "data.source": ("synthetic", "npz", "npy", "csv", "mnist"),
     "model.activation": ("relu", "tanh", "sigmoid"),
     "model.dtype": ("float32", "float64"),
     "train.loss": ("cross_entropy", "mse"),

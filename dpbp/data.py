@@ -6,6 +6,13 @@ on its own rows of each global batch; see sharding.py. Sources (`data.source`):
     synthetic  jittered, noisy digit glyphs generated from the seed (see synthetic.py)
     npz        arrays x (n, D) and y: (n,) integer labels or (n, C) float targets;
                optional x_val, y_val are the validation set
+    npy        a folder of x.npy and y.npy (optional x_val.npy, y_val.npy), as for npz;
+               the x arrays stay on disk, memory-mapped, and rows are read (and cast to
+               the model's dtype) as batches need them, so ranks on one node share the
+               page cache instead of each holding a copy
+    csv        a .csv file: the label (or regression target) in the first column, the
+               features after it; a first line whose first field is not a number is a
+               header, and skipped
     mnist      a folder with the four IDX files of MNIST (raw or .gz); pixels scaled to
                [0, 1]; the t10k pair is the validation set. Fashion-MNIST, KMNIST, ... too.
 
@@ -14,7 +21,9 @@ the seed) are held out; 0 means no validation.
 """
 
 import gzip
+import math
 import os
+import warnings
 import zlib
 from dataclasses import dataclass
 
@@ -32,11 +41,60 @@ MNIST_FILES = {
 }
 
 
+class Rows:
+    """Rows of an array that stays on disk (a read-only memory map from np.load), read and
+    cast to `dtype` when indexed: `rows[slice]` or `rows[array of row numbers]` returns
+    a new contiguous array of just those rows. `index` (sorted row numbers of `base`, or
+    None for all) is a validation split taken without copying the whole array. Ranks on
+    one node then share the file's pages in the page cache instead of each holding a
+    private copy."""
+
+    def __init__(self, base, index, dtype):
+        self.base, self.index, self.dtype = base, index, np.dtype(dtype)
+        self.shape = (len(base) if index is None else len(index),) + base.shape[1:]
+        self.ndim = len(self.shape)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        picked = self.base[rows] if self.index is None else self.base[self.index[rows]]
+        with np.errstate(over="ignore"):   # load() checked that every value fits
+            return np.ascontiguousarray(picked, dtype=self.dtype)
+
+    def __array__(self, dtype=None, copy=None):   # np.asarray(rows): the whole array, read
+        return self[:] if dtype is None else self[:].astype(dtype, copy=False)
+
+
+def row_chunks(a, nbytes=1 << 24):
+    """The rows of `a` (an array or Rows) in consecutive blocks of about `nbytes`, so a
+    pass over a large memory-mapped array never holds more than one block in memory."""
+    row_bytes = max(1, math.prod(a.shape[1:]) * np.dtype(a.dtype).itemsize)
+    step = max(1, nbytes // row_bytes)
+    for start in range(0, len(a), step):
+        yield a[start:start + step]
+
+
+def all_finite(a):
+    """No NaN or Inf in `a` (an array or Rows); checked block by block."""
+    if not np.issubdtype(a.dtype, np.floating):
+        return True
+    return all(np.isfinite(block).all() for block in row_chunks(a))
+
+
+def crc32(a):
+    """CRC-32 of the bytes of `a` (an array or Rows), computed block by block."""
+    crc = 0
+    for block in row_chunks(a):
+        crc = zlib.crc32(np.ascontiguousarray(block).view(np.uint8), crc)
+    return crc
+
+
 @dataclass(frozen=True)
 class Dataset:
-    x: np.ndarray              # (n, D_in) in the model's dtype
+    x: np.ndarray | Rows       # (n, D_in) in the model's dtype (Rows: read from disk)
     y: np.ndarray              # (n,) int64 labels, or (n, C) float targets
-    x_val: np.ndarray | None
+    x_val: np.ndarray | Rows | None
     y_val: np.ndarray | None
     num_classes: int | None    # None for float (regression) targets: no accuracy
     num_outputs: int           # the network's output width C
@@ -59,6 +117,10 @@ def load(data_cfg, loss, dtype, seed):
         arrays, where = {"x": x, "y": y}, "synthetic data"
     elif data_cfg.source == "npz":
         arrays, where = _read_npz(data_cfg.path), data_cfg.path
+    elif data_cfg.source == "npy":
+        arrays, where = _open_npy(data_cfg.path), data_cfg.path
+    elif data_cfg.source == "csv":
+        arrays, where = _read_csv(data_cfg.path, loss), data_cfg.path
     else:
         arrays, where = _read_mnist(data_cfg.path), data_cfg.path
     arrays = _check(arrays, where, loss)
@@ -79,9 +141,14 @@ def load(data_cfg, loss, dtype, seed):
     def cast(a):   # inputs and float targets take the model's dtype; labels stay int64
         if a is None or a.ndim == 1:
             return a
-        with np.errstate(over="ignore"):   # overflow is reported just below
-            out = np.ascontiguousarray(a, dtype=dtype)
-        if not np.isfinite(out).all():
+        if isinstance(a, np.memmap):   # stays on disk; its rows are cast as they are read
+            out = Rows(a, None, dtype)
+        elif isinstance(a, Rows):
+            out = Rows(a.base, a.index, dtype)
+        else:
+            with np.errstate(over="ignore"):   # overflow is reported just below
+                out = np.ascontiguousarray(a, dtype=dtype)
+        if not all_finite(out):
             raise UserError(f"{where}: values too large for {np.dtype(dtype).name} (beyond "
                             f"{np.finfo(dtype).max:.3g}); scale the data or use float64")
         return out
@@ -92,6 +159,124 @@ def load(data_cfg, loss, dtype, seed):
 def _read_npz(path):
     arrays = read_npz(path, "data.path")
     return {k: v for k, v in arrays.items() if k in ("x", "y", "x_val", "y_val")}
+
+
+NPY_FILES = ("x", "y", "x_val", "y_val")
+
+
+def _open_npy(folder):
+    """x.npy, y.npy (and x_val.npy, y_val.npy if present) from `folder`, memory-mapped:
+    nothing is read here beyond the headers. The x arrays stay on disk as Rows; the
+    targets, small next to them, are read into memory."""
+    if not os.path.isdir(folder):
+        raise UserError(f"data.path: no such folder {folder} (expected x.npy and y.npy)")
+    arrays = {}
+    for key in NPY_FILES:
+        path = os.path.join(folder, key + ".npy")
+        if not os.path.exists(path):
+            if key in ("x", "y"):
+                raise UserError(f"{folder}: missing {key}.npy (a data.source = \"npy\" "
+                                "folder holds x.npy and y.npy, optionally x_val.npy and "
+                                "y_val.npy)")
+            continue
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(6)
+            if magic != b"\x93NUMPY":
+                raise ValueError("it does not start with the .npy magic string")
+            a = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise UserError(f"{path}: not a readable .npy file ({e})") from None
+        arrays[key] = a if key.startswith("x") else np.array(a)
+    return arrays
+
+
+def _read_csv(path, loss):
+    """A .csv file: label (or regression target) in the first column, then the features.
+
+    A first line whose first field is not a number is a header, and skipped. Labels must be
+    integers for cross-entropy; for MSE the first column is a float target."""
+    if not os.path.isfile(path):
+        raise UserError(f"data.path: no such file {path} (expected a .csv file)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text (expected comma-separated numbers)") from None
+    skip = int(first.strip() != "" and not _is_number(first.split(",")[0]))   # a header
+    try:
+        with np.errstate(over="ignore"), warnings.catch_warnings(), \
+                open(path, encoding="utf-8") as f:
+            warnings.simplefilter("ignore")   # "input contained no data": reported below
+            table = np.loadtxt(f, delimiter=",", skiprows=skip, ndmin=2, comments=None,
+                               dtype=np.float64)
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(_csv_problem(path, skip)) from None
+    if table.size == 0:
+        raise UserError(f"{path}: no data rows" + (" after the header" if skip else ""))
+    if table.shape[1] < 2:
+        raise UserError(f"{path}: has {table.shape[1]} column; expected the label first, "
+                        "then at least one feature column")
+    bad = np.flatnonzero(~np.isfinite(table).all(axis=1))
+    if len(bad):
+        raise UserError(f"{path}: line {_line_of_row(path, skip, bad[0])}: NaN or Inf "
+                        "(or a number too large for float64)")
+    labels = table[:, 0]
+    if loss == "cross_entropy":
+        fractional = np.flatnonzero(labels != np.round(labels))
+        if len(fractional):
+            raise UserError(f"{path}: line {_line_of_row(path, skip, fractional[0])}: label "
+                            f"{labels[fractional[0]]:g} is not an integer class label (for "
+                            "train.loss = \"cross_entropy\" the first column holds 0 .. C-1)")
+        if np.abs(labels).max() >= MAX_CLASSES:   # before the cast, which could wrap
+            row = int(np.argmax(np.abs(labels)))
+            raise UserError(f"{path}: line {_line_of_row(path, skip, row)}: class label "
+                            f"{labels[row]:g}; labels must be 0 .. C-1 with C at most "
+                            f"{MAX_CLASSES}")
+        labels = labels.astype(np.int64)
+    return {"x": table[:, 1:], "y": labels}
+
+
+def _is_number(field):
+    try:
+        float(field)
+        return True
+    except ValueError:
+        return False
+
+
+def _csv_problem(path, skip):
+    """Why numpy could not read the .csv: the first ragged or non-numeric line, by number."""
+    width = None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if number <= skip or not line.strip():
+                continue
+            fields = line.rstrip("\r\n").split(",")
+            if width is None:
+                width = len(fields)
+            if len(fields) != width:
+                return (f"{path}: line {number} has {len(fields)} columns, the first data "
+                        f"row has {width}; every row needs the label and the same features")
+            for column, field in enumerate(fields, start=1):
+                if not _is_number(field):
+                    return (f"{path}: line {number}, column {column}: {field.strip()[:40]!r} "
+                            "is not a number")
+    return f"{path}: not a table of comma-separated numbers"
+
+
+def _line_of_row(path, skip, row):
+    """The line number in the file of data row `row` (0-based; blank lines are skipped)."""
+    with open(path, encoding="utf-8") as f:
+        seen = -1
+        for number, line in enumerate(f, start=1):
+            if number > skip and line.strip():
+                seen += 1
+                if seen == row:
+                    return number
+    return "?"
 
 
 def _read_idx(path):
@@ -173,7 +358,7 @@ def _check_pair(x, y, xn, yn, where, loss):
     if y.ndim == 0 or len(y) != len(x):
         raise UserError(f"{where}: {xn} has {len(x)} samples but {yn} has "
                         f"{len(y) if y.ndim else 'none (a scalar)'}")
-    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+    if not all_finite(x):
         raise UserError(f"{where}: {xn} holds NaN or Inf values")
     if loss == "cross_entropy" or (y.ndim == 1 and np.issubdtype(y.dtype, np.integer)):
         if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
@@ -205,5 +390,8 @@ def _split(arrays, fraction, seed, where):
                         f"out of {n}")
     perm = np.random.default_rng([seed, 0x5A11]).permutation(n)
     train, val = np.sort(perm[n_val:]), np.sort(perm[:n_val])
-    return {"x": arrays["x"][train], "y": arrays["y"][train],
-            "x_val": arrays["x"][val], "y_val": arrays["y"][val]}
+    x = arrays["x"]
+    if isinstance(x, np.memmap):   # stays on disk: the split is a list of row numbers
+        return {"x": Rows(x, train, x.dtype), "y": arrays["y"][train],
+                "x_val": Rows(x, val, x.dtype), "y_val": arrays["y"][val]}
+    return {"x": x[train], "y": arrays["y"][train], "x_val": x[val], "y_val": arrays["y"][val]}

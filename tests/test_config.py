@@ -65,7 +65,7 @@ def test_config_is_frozen():
     (["train.momentum=0", "train.nesterov=true"], "Nesterov needs momentum"),
     (["train.weight_decay=-1"], "train.weight_decay must be >= 0"),
     (["data.val_fraction=1"], "data.val_fraction must be in [0, 1)"),
-    (["data.source=\"csv\""], 'data.source must be one of "synthetic", "npz", "mnist"'),
+    (["data.source=\"hdf5\""], 'data.source must be one of "synthetic", "npz", "npy", "csv", "mnist"'),
     (["data.source=\"npz\""], "data.path must be set"),
     (["model.activation=\"gelu\""], "model.activation must be one of"),
     (["model.dtype=\"float16\""], "model.dtype must be one of"),

@@ -1,13 +1,15 @@
 """Data sources and sharding: what loads, what is refused with a clear message."""
 
 import gzip
+import re
+import zlib
 
 import numpy as np
 import pytest
 
 from dpbp import config, data, sharding, synthetic
 from dpbp.errors import UserError
-from tests.conftest import MNIST
+from tests.conftest import MNIST, model_arrays, run_train
 
 
 def load(source="npz", path="", loss="cross_entropy", val_fraction=0.0, dtype="float64",
@@ -76,7 +78,7 @@ def test_mse_with_integer_labels_is_classification(tmp_path):
           y_val=np.array([1])), "x has shape (2, 2) but x_val has (1, 3)"),
 ])
 def test_bad_npz_is_refused_clearly(tmp_path, arrays, message):
-    with pytest.raises(UserError, match=".*" + __import__("re").escape(message)):
+    with pytest.raises(UserError, match=".*" + re.escape(message)):
         load(path=write_npz(tmp_path, **arrays))
 
 
@@ -231,3 +233,154 @@ def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
 def test_no_shuffle_is_file_order():
     batches = sharding.global_batches(sharding.epoch_order(10, 0, 5, shuffle=False), 4)
     assert [b.tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+# ----------------------------------------------------------------------------- csv
+
+def write_csv(tmp_path, text, name="d.csv"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def csv_of(x, y, header=True):
+    lines = (["label," + ",".join(f"f{j}" for j in range(x.shape[1]))] if header else [])
+    lines += [",".join([str(label)] + [repr(float(v)) for v in row]) for label, row in zip(y, x)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("header", [True, False])
+def test_csv_holds_the_same_data_as_npz(tmp_path, header):
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(30, 4)), rng.integers(0, 3, size=30)
+    from_csv = load("csv", write_csv(tmp_path, csv_of(x, y, header)), val_fraction=0.2)
+    from_npz = load("npz", write_npz(tmp_path, x=x, y=y), val_fraction=0.2)
+    for key in ("x", "y", "x_val", "y_val"):   # the same values, the same split
+        assert np.array_equal(getattr(from_csv, key), getattr(from_npz, key))
+    assert from_csv.y.dtype == np.int64 and from_csv.num_classes == 3
+
+
+def test_csv_blank_lines_crlf_and_regression_targets(tmp_path):
+    path = write_csv(tmp_path, "target,a\r\n0.5,1\r\n\r\n1.5,2\r\n2,3\r\n")
+    d = load("csv", path, loss="mse")
+    assert d.num_classes is None and d.num_outputs == 1
+    assert d.y.ravel().tolist() == [0.5, 1.5, 2.0] and d.x.ravel().tolist() == [1, 2, 3]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("label,a,b\n0,1,2\n1,3\n", "line 3 has 2 columns, the first data row has 3"),
+    ("0,1,2\n\n1,2,3,4\n", "line 3 has 4 columns, the first data row has 3"),
+    ("label,a\n0,1\n1,x7\n", "line 3, column 2: 'x7' is not a number"),
+    ("0,1,oops\n1,2,3\n", "line 1, column 3: 'oops' is not a number"),
+    ("label,a\n", "no data rows after the header"),
+    ("", "no data rows"),
+    ("0\n1\n", "has 1 column; expected the label first"),
+    ("label,a\n0,1\n1,nan\n", "line 3: NaN or Inf"),
+    ("0,1\n1,1e999\n", "line 2: NaN or Inf"),
+    ("0,1\n1.5,2\n", "line 2: label 1.5 is not an integer class label"),
+    ("0,1\n-1,2\n", "negative class label -1"),
+    ("0,1\n70000,2\n", "line 2: class label 70000; labels must be 0 .. C-1"),
+])
+def test_bad_csv_names_the_line(tmp_path, text, message):
+    path = write_csv(tmp_path, text)
+    with pytest.raises(UserError, match=re.escape(f"{path}: ") + ".*" + re.escape(message)):
+        load("csv", path)
+
+
+def test_csv_that_is_missing_or_not_text(tmp_path):
+    with pytest.raises(UserError, match="no such file .*nope.csv"):
+        load("csv", tmp_path / "nope.csv")
+    path = tmp_path / "bin.csv"
+    path.write_bytes(b"0,1\n\xff\xfe\x00,2\n")
+    with pytest.raises(UserError, match="bin.csv: not UTF-8 text"):
+        load("csv", path)
+
+
+# ----------------------------------------------------------------------------- npy
+
+def write_npy(tmp_path, **arrays):
+    folder = tmp_path / "npy"
+    folder.mkdir(exist_ok=True)
+    for name, a in arrays.items():
+        np.save(folder / f"{name}.npy", a)
+    return folder
+
+
+@pytest.mark.parametrize("x_dtype", [np.float32, np.float64, np.uint8])
+def test_npy_stays_on_disk_and_matches_npz(tmp_path, x_dtype):
+    rng = np.random.default_rng(2)
+    x = (rng.random(size=(40, 6)) * 200).astype(x_dtype)
+    y = rng.integers(0, 4, size=40)
+    d = load("npy", write_npy(tmp_path, x=x, y=y), val_fraction=0.25, dtype="float32")
+    ref = load("npz", write_npz(tmp_path, x=x, y=y), val_fraction=0.25, dtype="float32")
+    assert isinstance(d.x, data.Rows) and isinstance(d.x_val, data.Rows)
+    assert isinstance(d.x.base, np.memmap)           # rows are read from the file on demand
+    assert d.x.shape == ref.x.shape and d.x.dtype == np.float32 and len(d.x_val) == 10
+    assert np.array_equal(np.asarray(d.x), ref.x) and np.array_equal(d.x_val[:], ref.x_val)
+    assert np.array_equal(d.y, ref.y) and np.array_equal(d.y_val, ref.y_val)
+    rows = np.array([29, 0, 7])
+    assert np.array_equal(d.x[rows], ref.x[rows]) and d.x[rows].dtype == np.float32
+    assert data.crc32(d.x) == data.crc32(ref.x) == zlib.crc32(ref.x.view(np.uint8))
+
+
+def test_npy_with_its_own_validation_set(tmp_path):
+    rng = np.random.default_rng(3)
+    folder = write_npy(tmp_path, x=rng.normal(size=(8, 2)), y=np.arange(8) % 2,
+                       x_val=rng.normal(size=(3, 2)), y_val=np.array([0, 1, 1]))
+    d = load("npy", folder, val_fraction=0.5, dtype="float64")   # the fraction is ignored
+    assert (len(d.x), len(d.x_val), d.num_classes) == (8, 3, 2)
+
+
+def test_npy_regression_targets(tmp_path):
+    folder = write_npy(tmp_path, x=np.ones((5, 2)), y=np.zeros((5, 3)))
+    d = load("npy", folder, loss="mse")
+    assert d.num_classes is None and d.num_outputs == 3 and d.y.shape == (5, 3)
+
+
+def test_bad_npy_folder_names_the_file(tmp_path):
+    folder = write_npy(tmp_path, y=np.array([0, 1, 0]))
+    with pytest.raises(UserError, match="missing x.npy"):
+        load("npy", folder)
+    with pytest.raises(UserError, match="no such folder"):
+        load("npy", tmp_path / "absent")
+    for setup, message in [
+        (lambda f: (f / "x.npy").write_bytes(b"PK\x03\x04 not npy"), "x.npy: not a readable .npy"),
+        (lambda f: (f / "x.npy").write_bytes(
+            (f / "y.npy").read_bytes()[:-8]), "x.npy: not a readable .npy"),
+        (lambda f: np.save(f / "x.npy", np.array([[1, "a"]], dtype=object)),
+         "x.npy: not a readable .npy"),
+        (lambda f: np.save(f / "x.npy", np.zeros((4, 2))), "x has 4 samples but y has 3"),
+        (lambda f: np.save(f / "x.npy", np.array([[1.0, np.nan]] * 3)), "x holds NaN or Inf"),
+        (lambda f: np.save(f / "x.npy", np.full((3, 2), 1e300)), "too large for float32"),
+        (lambda f: (np.save(f / "x.npy", np.zeros((3, 2))),
+                    np.save(f / "x_val.npy", np.zeros((1, 2)))), "x_val and y_val must come"),
+    ]:
+        for name in ("x.npy", "x_val.npy"):
+            (folder / name).unlink(missing_ok=True)
+        setup(folder)
+        with pytest.raises(UserError, match=re.escape(str(folder)) + ".*" + re.escape(message)):
+            load("npy", folder, dtype="float32")
+    (folder / "x.npy").unlink()
+    np.save(folder / "x.npy", np.zeros((3, 2)))
+    (folder / "y.npy").unlink()
+    with pytest.raises(UserError, match="missing y.npy"):
+        load("npy", folder)
+
+
+def test_npy_and_csv_train_to_the_npz_weights_under_mpirun(tmp_path):
+    """The same numbers from three sources: bitwise the same training at 2 ranks."""
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(90, 5)).astype(np.float32), rng.integers(0, 3, size=90)
+    sources = {"npz": write_npz(tmp_path, x=x, y=y), "npy": write_npy(tmp_path, x=x, y=y),
+               "csv": write_csv(tmp_path, csv_of(x, y))}
+    weights = {}
+    for source, path in sources.items():
+        run_dir = tmp_path / f"run-{source}"
+        r = run_train(["--set", f'data.source="{source}"', "--set", f'data.path="{path}"',
+                       "--set", "model.hidden=[8]", "--set", "train.batch_size=16",
+                       "--set", "train.epochs=2", "--set", f'run.dir="{run_dir}"'], ranks=2)
+        assert r.returncode == 0, r.stderr
+        assert "81 train / 9 val, 5 features, 3 classes" in r.stdout
+        weights[source] = model_arrays(run_dir / "checkpoints" / "epoch-0002.npz")
+    for source in ("npy", "csv"):
+        assert all(np.array_equal(weights[source][k], weights["npz"][k]) for k in weights["npz"])

@@ -1,14 +1,17 @@
-"""launch/ scripts: valid shell, and local.sh really runs a short training."""
+"""launch/ scripts: valid shell, and they really run a short training."""
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from tests.conftest import ROOT, run_with_timeout
+from tests.conftest import ROOT, mpi_env, run_with_timeout
 
-SCRIPTS = sorted((ROOT / "launch").glob("*.sh"))
+SCRIPTS = sorted((ROOT / "launch").glob("*.sh")) + sorted((ROOT / "launch").glob("*.sbatch"))
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -27,9 +30,82 @@ def test_local_sh_trains(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "2 ranks" in r.stdout and "epoch 1/1" in r.stdout
     assert (tmp_path / "run" / "checkpoints" / "epoch-0001.npz").exists()
+    cores = int(subprocess.check_output(["getconf", "_NPROCESSORS_ONLN"]))
+    threads = max(1, cores // 2)   # as local.sh counts them
+    assert f"{threads} BLAS thread" in r.stdout and f"OMP_NUM_THREADS={threads}" in r.stdout
+
+
+def test_local_sh_leaves_the_users_thread_count(tmp_path):
+    r = run_with_timeout(
+        ["bash", str(ROOT / "launch" / "local.sh"), "-n", "1", "--set", "train.epochs=1",
+         "--set", "data.samples=200", "--set", f'run.dir="{tmp_path / "run"}"'],
+        timeout=120, env={"PYTHON": sys.executable, "OPENBLAS_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "OPENBLAS_NUM_THREADS=1 set by the user" in r.stdout
 
 
 def test_local_sh_rejects_a_bad_rank_count():
     r = run_with_timeout(["bash", str(ROOT / "launch" / "local.sh"), "-n", "zero"], timeout=30,
                          env={"PYTHON": sys.executable})
     assert r.returncode == 2 and "-n needs a rank count" in r.stderr
+
+
+# ----------------------------------------------------------------------------- Slurm
+# slurm.sbatch runs here with stand-ins for srun (the command as one process, no MPI)
+# and scontrol (records its arguments), in a job whose id is 4242.
+
+@pytest.fixture
+def fake_slurm(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\n'
+                                  'while [[ $1 == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\necho "$@" >> {tmp_path}/scontrol\n')
+    for name in ("srun", "scontrol"):
+        (bin_dir / name).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable,
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "dpbp", "SLURM_CPUS_PER_TASK": "1",
+           "RUN_DIR": str(tmp_path / "run")}
+    return env
+
+
+def sbatch(args, env, timeout=120):
+    return run_with_timeout(["bash", str(ROOT / "launch" / "slurm.sbatch"), *args], timeout,
+                            env=env)
+
+
+TINY = ["--set", "data.samples=300", "--set", "model.hidden=[8]"]
+
+
+def test_slurm_sbatch_trains_then_resumes(fake_slurm, tmp_path):
+    r = sbatch([*TINY, "--set", "train.epochs=1"], fake_slurm)
+    assert r.returncode == 0 and "epoch 1/1" in r.stdout, r.stderr
+    assert "resuming" not in r.stderr
+    r = sbatch([*TINY, "--set", "train.epochs=2"], fake_slurm)   # as a requeued job
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stderr and "resume: from" in r.stdout and "epoch 2/2" in r.stdout
+    assert (tmp_path / "run" / "checkpoints" / "epoch-0002.npz").exists()
+    assert not (tmp_path / "scontrol").exists()   # nothing to requeue
+
+
+def test_slurm_sbatch_requeues_on_sigterm(fake_slurm, tmp_path):
+    """SIGTERM to the batch script (Slurm's --signal=B:TERM@...) reaches the run, which
+    stops; the script requeues the job, and the next start resumes from a checkpoint."""
+    proc = subprocess.Popen(
+        ["bash", str(ROOT / "launch" / "slurm.sbatch"), *TINY, "--set", "train.epochs=100000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_env(fake_slurm),
+        cwd=ROOT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "run" / "checkpoints" / "epoch-0002.npz").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0 and "SIGTERM (time limit near)" in err, err
+    assert (tmp_path / "scontrol").read_text() == "requeue 4242\n"
+    r = sbatch([*TINY, "--set", "train.epochs=1"], fake_slurm)   # the requeued job
+    assert r.returncode == 0 and "resuming" in r.stderr, r.stderr

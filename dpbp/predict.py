@@ -1,0 +1,174 @@
+"""Apply a trained network to new inputs: class probabilities or regression outputs.
+
+    python -m dpbp.predict --checkpoint runs/default/checkpoints/epoch-0010.npz \
+                           --input x.npy --output probabilities.npy
+
+The input is a .npy of shape (n, features) with the features the network was trained
+on. For a cross-entropy network the output is float64 (n, classes): the softmax of the
+network's outputs, each row summing to 1. For an MSE network it is the outputs
+themselves, float64 (n, outputs) (with integer labels, the per-class scores). Under
+`mpirun -n N` every rank computes a contiguous share of the rows, the shares are
+gathered, and rank 0 alone writes the file, atomically; the input is never overwritten.
+"""
+
+import argparse
+import os
+
+import numpy as np
+
+from dpbp import comm as mpi, config
+from dpbp.errors import UserError
+from dpbp.evaluate import load_checkpoint, restore_model
+from dpbp.files import write_atomic
+from dpbp.sharding import shard, shard_sizes
+from dpbp.threads import limit_blas_threads
+
+
+def softmax(z):
+    # z (B, C) -> probabilities (B, C) float64, each row summing to 1
+    z = z.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)        # no overflow in exp
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def open_input(path, num_inputs):
+    """The input array at `path`, memory-mapped, checked against a network that takes
+    `num_inputs` features; UserError naming the file otherwise."""
+    if not os.path.isfile(path):
+        raise UserError(f"--input: no such file {path}")
+    try:
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                raise ValueError("it does not start with the .npy magic string; save the "
+                                 "inputs with numpy.save")
+        x = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"--input {path}: not a readable .npy file ({e})") from None
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise UserError(f"--input {path}: must hold numbers, got dtype {x.dtype}")
+    if x.ndim == 1 and len(x) == num_inputs:
+        raise UserError(f"--input {path}: shape {x.shape} is one sample; the network takes "
+                        f"(n, {num_inputs}): save it as x.reshape(1, -1)")
+    if x.ndim != 2 or x.shape[1] != num_inputs:
+        raise UserError(f"--input {path}: shape {x.shape}, but the network takes "
+                        f"(n, {num_inputs}): n samples of {num_inputs} features")
+    return x
+
+
+def check_output(path, input_path):
+    """The output may be written: a .npy path, not the input, in an existing folder."""
+    if not path.endswith(".npy"):
+        raise UserError(f"--output {path}: must name a .npy file")
+    if os.path.realpath(path) == os.path.realpath(input_path) or (
+            os.path.exists(path) and os.path.samefile(path, input_path)):
+        raise UserError(f"--output {path} is the input file; choose another name")
+    if os.path.isdir(path):
+        raise UserError(f"--output {path} is a folder; name a .npy file")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--output {path}: {folder} is not a writable folder")
+
+
+def widths_of(state, path, hidden):
+    """[D_in, *hidden, D_out] of the network whose weights `state` holds."""
+    first, last = "model.0.weight", f"model.{2 * len(hidden)}.weight"
+    for key in (first, last):
+        if key not in state or state[key].ndim != 2:
+            raise UserError(f"checkpoint {path} has no 2-D {key}, which its config "
+                            f"(model.hidden = {list(hidden)}) needs: it is damaged")
+    return [state[first].shape[1], *hidden, state[last].shape[0]]
+
+
+def predict(model, x, dtype, probabilities, comm, where="--input", chunk=4096):
+    """Collective. The outputs (float64, (n, C)) for every row of x, computed on every
+    rank for a contiguous share of the rows and gathered. Rows that are not finite in
+    `dtype` stop every rank with one line naming the first (and `where`)."""
+    n, C = len(x), model.widths[-1]
+    mine = shard(n, comm.rank, comm.size)
+    outputs = np.empty((mine.stop - mine.start, C))
+    with mpi.agreement(comm):
+        for start in range(mine.start, mine.stop, chunk):
+            rows = slice(start, min(start + chunk, mine.stop))
+            with np.errstate(over="ignore"):   # overflow is reported just below
+                xb = np.ascontiguousarray(x[rows], dtype=dtype)
+            bad = np.flatnonzero(~np.isfinite(xb).all(axis=1))
+            if len(bad):
+                raise UserError(f"{where}: row {start + bad[0]} holds NaN or Inf (or values "
+                                f"beyond {np.dtype(dtype).name})")
+            z = model.forward(xb)
+            outputs[rows.start - mine.start:rows.stop - mine.start] = (
+                softmax(z) if probabilities else z)
+    every = np.empty((n, C))
+    counts = [rows * C for rows in shard_sizes(n, comm.size)]
+    comm.allgatherv_(outputs.reshape(-1), every.reshape(-1), counts)   # DP: all rows
+    return every
+
+
+def main(argv=None):
+    comm = mpi.init()
+    with mpi.agreement(comm):
+        args = PARSER.parse_args(argv)
+        missing = [f"--{k}" for k in ("checkpoint", "input", "output") if not getattr(args, k)]
+        if missing and not args.help:
+            raise UserError(f"{', '.join(missing)} required (see python -m dpbp.predict --help)")
+    if args.help:
+        if comm.rank == 0:
+            print(PARSER.format_help(), end="")
+        return 0
+    limit_blas_threads(comm.ranks_sharing_cores)
+    state, saved_toml = load_checkpoint(comm, args.checkpoint)
+    widths = None
+    with mpi.agreement(comm):
+        cfg = config.from_toml(saved_toml, f"checkpoint {args.checkpoint}")
+        if comm.rank == 0:
+            widths = widths_of(state, args.checkpoint, cfg.model.hidden)
+            check_output(args.output, args.input)
+    widths = comm.bcast_obj(widths)
+    model = restore_model(comm, state, args.checkpoint, widths, cfg)
+    with mpi.agreement(comm):
+        x = open_input(args.input, widths[0])
+    probabilities = cfg.train.loss == "cross_entropy"
+    out = predict(model, x, cfg.model.dtype, probabilities, comm, f"--input {args.input}")
+    with mpi.agreement(comm):
+        if comm.rank == 0:
+            try:
+                write_atomic(args.output, lambda f: np.save(f, out))
+            except OSError as e:
+                raise UserError(f"--output {args.output}: cannot write it ({e.strerror})"
+                                ) from None
+            what = "class probabilities" if probabilities else "outputs"
+            print(f"wrote {args.output}: {what} {out.shape} float64 for {len(x)} samples "
+                  f"of {args.input}")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):   # a UserError, so ranks agree and report it once
+        raise UserError(f"{message} (see python -m dpbp.predict --help)")
+
+
+PARSER = _Parser(
+    prog="python -m dpbp.predict", add_help=False,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    description="Apply a checkpoint's network to new inputs. A cross-entropy network "
+                "gives class\nprobabilities (n, classes), rows summing to 1; an MSE network "
+                "its outputs (n, outputs).\nBoth are float64. Under mpirun -n N the rows are "
+                "shared over the ranks; rank 0 writes.",
+    epilog="exit codes: 0 done; 2 bad input (checkpoint, input, output path), reported once.")
+PARSER.add_argument("-h", "--help", action="store_true", help="show this help and exit")
+PARSER.add_argument("--checkpoint", metavar="PATH", help="a checkpoint written by dpbp.train")
+PARSER.add_argument("--input", metavar="X.npy",
+                    help="inputs, a .npy of shape (n, features), numbers, finite")
+PARSER.add_argument("--output", metavar="Y.npy",
+                    help="where to write the predictions (.npy, written atomically; "
+                         "never the input)")
+
+
+def cli():
+    mpi.run(main)
+
+
+if __name__ == "__main__":
+    cli()

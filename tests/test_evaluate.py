@@ -1,0 +1,252 @@
+"""`python -m dpbp.evaluate` and `python -m dpbp.predict` end to end, on a real tiny run."""
+
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+
+from dpbp import config, data as datasets, predict
+from dpbp.errors import UserError
+from tests.conftest import mpirun, run_train, run_with_timeout
+
+
+def run_module(module, args, ranks=None, timeout=120):
+    cmd = [sys.executable, "-m", module, *args]
+    return run_with_timeout(mpirun(ranks) + cmd if ranks else cmd, timeout)
+
+
+def assert_refused(r, message):
+    lines = [line for line in r.stderr.splitlines() if line.startswith("dpbp")]
+    assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 2-epoch run under mpirun -n 2 on 600 synthetic digits (60 validate): accuracies
+    far from 0 and 1 that change from epoch to epoch."""
+    run_dir = tmp_path_factory.mktemp("evaluate") / "run"
+    r = run_train(["--set", "data.samples=600", "--set", "train.epochs=2",
+                   "--set", "model.hidden=[16]", "--set", "train.batch_size=32",
+                   "--set", "train.lr=0.02", "--set", f'run.dir="{run_dir}"'], ranks=2)
+    assert r.returncode == 0, r.stderr
+    metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert len({m["val_accuracy"] for m in metrics}) == 2
+    assert all(0.05 < m["val_accuracy"] < 0.95 for m in metrics)
+    return run_dir, metrics
+
+
+def ckpt(run_dir, epoch):
+    return str(run_dir / "checkpoints" / f"epoch-{epoch:04d}.npz")
+
+
+@pytest.mark.parametrize("ranks", [None, 2, 3])
+def test_evaluate_reproduces_the_runs_validation_metrics(run, ranks):
+    run_dir, metrics = run
+    for m in metrics:
+        r = run_module("dpbp.evaluate", ["--checkpoint", ckpt(run_dir, m["epoch"]), "--json"],
+                       ranks)
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)   # one JSON object and nothing else
+        assert out["epoch"] == m["epoch"] and out["samples"] == 60
+        assert out["accuracy"] == m["val_accuracy"]          # exactly
+        if ranks == 2:   # the run's own world size: the same rows, the same bits
+            assert out["loss"] == m["val_loss"]
+        else:
+            assert out["loss"] == pytest.approx(m["val_loss"], rel=1e-6)
+        cm = np.array(out["confusion_matrix"])
+        assert cm.shape == (10, 10) and cm.sum() == 60 and cm.dtype.kind == "i"
+        assert np.trace(cm) / 60 == out["accuracy"]
+        assert out["class_samples"] == cm.sum(axis=1).tolist()
+        assert out["per_class_accuracy"] == [cm[i, i] / cm[i].sum() for i in range(10)]
+
+
+def test_confusion_matrix_is_the_same_at_any_world_size(run):
+    run_dir, _ = run
+    outs = [json.loads(run_module("dpbp.evaluate", ["--checkpoint", ckpt(run_dir, 2), "--json"],
+                                  ranks).stdout) for ranks in (None, 3)]
+    assert outs[0]["confusion_matrix"] == outs[1]["confusion_matrix"]
+
+
+def test_evaluate_text_report(run):
+    run_dir, metrics = run
+    r = run_module("dpbp.evaluate", ["--checkpoint", ckpt(run_dir, 2)], ranks=2)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    hits = round(metrics[1]["val_accuracy"] * 60)
+    assert f"accuracy {100 * metrics[1]['val_accuracy']:.2f}% ({hits}/60)" in r.stdout
+    assert "per-class accuracy:" in r.stdout and "class   9:" in r.stdout
+    assert "confusion matrix (rows: true class, columns: predicted class):" in r.stdout
+
+
+def test_evaluate_on_other_data_with_set(run, tmp_path):
+    """--set points the checkpoint at other data; the validation split follows the seed."""
+    run_dir, _ = run
+    x, y = datasets.synthetic.make_digits(200, 5)
+    np.savez(tmp_path / "other.npz", x_val=x[:50], y_val=y[:50], x=x[50:], y=y[50:])
+    r = run_module("dpbp.evaluate", ["--checkpoint", ckpt(run_dir, 2), "--json",
+                                     "--set", 'data.source="npz"',
+                                     "--set", f'data.path="{tmp_path / "other.npz"}"'])
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["samples"] == 50 and sum(out["class_samples"]) == 50
+
+
+def test_evaluate_regression_reports_loss_only(tmp_path):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(40, 3))
+    np.savez(tmp_path / "reg.npz", x=x, y=x @ rng.normal(size=(3, 2)))
+    r = run_train(["--set", 'data.source="npz"', "--set", f'data.path="{tmp_path / "reg.npz"}"',
+                   "--set", 'train.loss="mse"', "--set", "model.hidden=[4]",
+                   "--set", "train.epochs=1", "--set", "data.val_fraction=0.25",
+                   "--set", f'run.dir="{tmp_path / "run"}"'])
+    assert r.returncode == 0, r.stderr
+    val_loss = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())["val_loss"]
+    r = run_module("dpbp.evaluate", ["--checkpoint", ckpt(tmp_path / "run", 1), "--json"])
+    out = json.loads(r.stdout)
+    assert out["loss"] == val_loss and out["accuracy"] is None
+    assert out["confusion_matrix"] is None and "loss only" in out["note"]
+    r = run_module("dpbp.evaluate", ["--checkpoint", ckpt(tmp_path / "run", 1)])
+    assert r.returncode == 0 and "regression targets: loss only" in r.stdout
+
+
+def test_evaluate_refuses_bad_input(run, tmp_path):
+    run_dir, _ = run
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a checkpoint")
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, x=np.zeros((10, 5)), y=np.arange(10) % 10)
+    cases = [
+        (2, ["--checkpoint", str(tmp_path / "missing.npz")], "checkpoint: no such file"),
+        (None, ["--checkpoint", str(garbage)], "is not a readable .npz file"),
+        (None, [], "--checkpoint PATH is required"),
+        (None, ["--checkpoint", ckpt(run_dir, 1), "--set", "model.hidden=[32]"],
+         "model.0.weight has shape (16, 256), the network needs (32, 256); the checkpoint "
+         "does not fit this config and data"),
+        (2, ["--checkpoint", ckpt(run_dir, 1), "--set", 'data.source="npz"',
+             "--set", f'data.path="{wrong}"'], "the network needs (16, 5)"),
+        (2, ["--checkpoint", ckpt(run_dir, 1), "--set", "data.val_fraction=0"],
+         "has no validation set"),
+    ]
+    for ranks, args, message in cases:
+        assert_refused(run_module("dpbp.evaluate", args, ranks), message)
+
+
+def test_evaluate_help():
+    r = run_module("dpbp.evaluate", ["--help"])
+    assert r.returncode == 0 and "--checkpoint" in r.stdout and "--json" in r.stdout
+
+
+# ----------------------------------------------------------------------------- predict
+
+def reference_outputs(checkpoint_path, x):
+    """The network by hand, in float64: Linear, ReLU, ..., Linear."""
+    with np.load(checkpoint_path, allow_pickle=False) as f:
+        weights = {k: f[k].astype(np.float64) for k in f.files if k.startswith("model.")}
+    layers = sorted({int(k.split(".")[1]) for k in weights})
+    h = x.astype(np.float64)
+    for i in layers:
+        h = h @ weights[f"model.{i}.weight"].T + weights[f"model.{i}.bias"]
+        if i != layers[-1]:
+            h = np.maximum(h, 0)
+    return h
+
+
+def validation_inputs(run_dir):
+    cfg = config.load(str(run_dir / "config.toml"))
+    d = datasets.load(cfg.data, cfg.train.loss, cfg.model.dtype, cfg.run.seed)
+    return d.x_val, d.y_val
+
+
+@pytest.mark.parametrize("ranks", [None, 2])
+def test_predict_gives_probabilities_that_match_the_run(run, tmp_path, ranks):
+    run_dir, metrics = run
+    x_val, y_val = validation_inputs(run_dir)
+    np.save(tmp_path / "x.npy", x_val)
+    out = tmp_path / "p.npy"
+    r = run_module("dpbp.predict", ["--checkpoint", ckpt(run_dir, 2), "--input",
+                                    str(tmp_path / "x.npy"), "--output", str(out)], ranks)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("wrote") == 1   # rank 0 alone writes and speaks
+    p = np.load(out, allow_pickle=False)
+    assert p.shape == (60, 10) and p.dtype == np.float64
+    assert np.allclose(p.sum(axis=1), 1, rtol=0, atol=1e-12) and (p >= 0).all()
+    z = reference_outputs(ckpt(run_dir, 2), x_val)
+    expected = np.exp(z - z.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+    assert np.allclose(p, expected, atol=1e-5)   # the network runs in float32
+    assert np.mean(p.argmax(axis=1) == y_val) == metrics[1]["val_accuracy"]
+    assert sorted(os.listdir(tmp_path)) == ["p.npy", "x.npy"]   # no temporaries left
+
+
+def test_predict_regression_outputs_and_integer_inputs(tmp_path):
+    rng = np.random.default_rng(4)
+    x = rng.integers(-3, 4, size=(30, 3))          # integer inputs are cast, like training
+    np.savez(tmp_path / "reg.npz", x=x, y=x @ rng.normal(size=(3, 2)))
+    r = run_train(["--set", 'data.source="npz"', "--set", f'data.path="{tmp_path / "reg.npz"}"',
+                   "--set", 'train.loss="mse"', "--set", "model.hidden=[4]",
+                   "--set", 'model.dtype="float64"', "--set", "train.epochs=1",
+                   "--set", f'run.dir="{tmp_path / "run"}"'])
+    assert r.returncode == 0, r.stderr
+    np.save(tmp_path / "x.npy", x[:7])
+    r = run_module("dpbp.predict", ["--checkpoint", ckpt(tmp_path / "run", 1), "--input",
+                                    str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy")])
+    assert r.returncode == 0 and "outputs (7, 2)" in r.stdout, r.stderr
+    y = np.load(tmp_path / "y.npy")
+    assert np.allclose(y, reference_outputs(ckpt(tmp_path / "run", 1), x[:7]), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name,array,message", [
+    ("narrow.npy", np.zeros((4, 10)), "shape (4, 10), but the network takes (n, 256)"),
+    ("one.npy", np.zeros(256), "is one sample; the network takes (n, 256)"),
+    ("text.npy", np.array([["a"] * 256]), "must hold numbers, got dtype <U1"),
+    ("notnpy.npy", b"1,2,3\n", "not a readable .npy file"),
+    ("missing.npy", None, "--input: no such file"),
+])
+def test_predict_checks_the_input(tmp_path, name, array, message):
+    path = tmp_path / name
+    if isinstance(array, bytes):
+        path.write_bytes(array)
+    elif array is not None:
+        np.save(path, array)
+    with pytest.raises(UserError, match=re.escape(message)):
+        predict.open_input(str(path), 256)
+
+
+@pytest.mark.parametrize("output,message", [
+    ("x.npy", "is the input file; choose another name"),
+    ("out.txt", "must name a .npy file"),
+    ("nowhere/out.npy", "is not a writable folder"),
+    ("folder.npy", "is a folder"),
+])
+def test_predict_checks_the_output(tmp_path, output, message):
+    np.save(tmp_path / "x.npy", np.zeros((1, 2)))
+    (tmp_path / "folder.npy").mkdir()
+    with pytest.raises(UserError, match=re.escape(message)):
+        predict.check_output(str(tmp_path / output), str(tmp_path / "x.npy"))
+
+
+def test_predict_refuses_bad_input_and_writes_nothing(run, tmp_path):
+    run_dir, _ = run
+    good = np.zeros((4, 256), dtype=np.float32)
+    np.save(tmp_path / "good.npy", good)
+    nan = good.copy()
+    nan[3, 5] = np.nan                       # on rank 1 of 2
+    np.save(tmp_path / "nan.npy", nan)
+    np.save(tmp_path / "big.npy", np.full((3, 256), 1e300))
+    before = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    cases = [
+        (2, "nan.npy", "out.npy", "nan.npy: row 3 holds NaN or Inf"),
+        (None, "big.npy", "out.npy", "row 0 holds NaN or Inf (or values beyond float32)"),
+        (2, "good.npy", "good.npy", "is the input file; choose another name"),
+    ]
+    for ranks, source, target, message in cases:
+        r = run_module("dpbp.predict", ["--checkpoint", ckpt(run_dir, 1), "--input",
+                                        str(tmp_path / source), "--output",
+                                        str(tmp_path / target)], ranks)
+        assert_refused(r, message)
+    assert_refused(run_module("dpbp.predict", ["--input", "x.npy"]),
+                   "--checkpoint, --output required")
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before   # nothing written

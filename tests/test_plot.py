@@ -1,0 +1,80 @@
+"""`python -m dpbp.plot`: a readable PNG of a real run's curves, and clear refusals."""
+
+import json
+import struct
+import sys
+
+import pytest
+
+from tests.conftest import run_train, run_with_timeout
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def plot(args, env=None):
+    return run_with_timeout([sys.executable, "-m", "dpbp.plot", *args], 120, env=env)
+
+
+def png_size(path):
+    """(width, height) from the PNG's IHDR chunk, after checking the signature."""
+    head = path.read_bytes()[:24]
+    assert head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR"
+    return struct.unpack(">II", head[16:24])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("plot") / "run"
+    r = run_train(["--set", "data.samples=400", "--set", "train.epochs=2",
+                   "--set", "model.hidden=[8]", "--set", f'run.dir="{run_dir}"'])
+    assert r.returncode == 0, r.stderr
+    return run_dir
+
+
+def test_plot_writes_a_png_of_sensible_size(run_dir):
+    pytest.importorskip("matplotlib")
+    r = plot([str(run_dir)])
+    assert r.returncode == 0 and r.stdout.strip() == f"wrote {run_dir / 'curves.png'}", r.stderr
+    assert png_size(run_dir / "curves.png") == (1300, 400)
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_plot_to_another_file_and_without_accuracy(run_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "run").mkdir()
+    lines = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    with open(tmp_path / "run" / "metrics.jsonl", "w") as f:   # as a regression run has them
+        for m in lines:
+            f.write(json.dumps(dict(m, val_accuracy=None)) + "\n")
+    r = plot([str(tmp_path / "run"), "-o", str(tmp_path / "c.png")])
+    assert r.returncode == 0, r.stderr
+    assert png_size(tmp_path / "c.png") == (1300, 400)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("absent", "no such run directory"),
+    ("empty", "no metrics to plot"),
+    ("malformed", "metrics.jsonl is malformed"),
+    ("txt", "must name a .png file"),
+    ("no-dir", "RUN_DIR is required"),
+])
+def test_plot_refuses_bad_input(tmp_path, case, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "malformed").mkdir()
+    (tmp_path / "malformed" / "metrics.jsonl").write_text("{not json\n")
+    args = {"absent": [str(tmp_path / "absent")], "empty": [str(tmp_path / "empty")],
+            "malformed": [str(tmp_path / "malformed")],
+            "txt": [str(tmp_path / "empty"), "-o", str(tmp_path / "c.txt")], "no-dir": []}[case]
+    r = plot(args)
+    assert r.returncode == 2 and r.stderr.strip().startswith("dpbp: error: "), r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(run_dir, tmp_path):
+    blocker = tmp_path / "block" / "matplotlib"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('matplotlib is not installed')\n")
+    r = plot([str(run_dir), "-o", str(tmp_path / "c.png")],
+             env={"PYTHONPATH": str(tmp_path / "block")})
+    assert r.returncode == 2 and "pip install 'dpbp[plot]'" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "c.png").exists()

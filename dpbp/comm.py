@@ -12,6 +12,7 @@ so `python -m dpbp.train` runs the same code as `mpirun -n 4 python -m dpbp.trai
 """
 
 import contextlib
+import math
 import os
 import sys
 import time
@@ -25,6 +26,7 @@ from dpbp.threads import available_cores
 
 # Environment variables through which launchers announce the world size before MPI_Init.
 _LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS")
+FLOAT16_MAX = 65504.0   # the largest finite float16
 
 
 class AgreedExit(Exception):
@@ -41,6 +43,7 @@ class Comm:
     def __init__(self, mpi_comm=None, library="no MPI"):
         self._comm = mpi_comm
         self.library = library
+        self._packed = {}   # allreduce_16_'s 16-bit buffer, by size
         # ranks_sharing_cores: ranks on this node that may run on the same cores as this one
         if mpi_comm is None:
             self.rank, self.size, self.ranks_sharing_cores = 0, 1, 1
@@ -101,6 +104,45 @@ class Comm:
         """Collective. True when `array` holds the same bytes on every rank."""
         crc = zlib.crc32(np.ascontiguousarray(array).view(np.uint8))
         return self.allreduce_min(crc) == -self.allreduce_min(-crc)
+
+    def allreduce_16_(self, buf, kind):
+        """Collective. Like allreduce_ on a float32 `buf`, but sending 16-bit values: half
+        the bytes, with the rounding of `kind`, "float16" or "bfloat16".
+
+        float16 reaches only 65504: each rank's values are first multiplied by one power
+        of two that every rank agrees on (from the largest magnitude on any rank), so that
+        the sum of all ranks cannot overflow while small values keep as many bits as the
+        range allows; the sum is divided by it again. bfloat16 has float32's range and
+        needs no scaling. Non-finite values stay non-finite.
+        """
+        if self.size == 1:
+            return buf
+        packed = self._packed.get(buf.size)
+        if packed is None:
+            packed = self._packed[buf.size] = np.empty(buf.size, np.uint16)
+        scale = 1.0
+        if kind == "float16":
+            peak = float(np.max(np.abs(buf))) if buf.size else 0.0
+            peak = self._allreduce_float(peak, self._MPI.MAX)
+            if 0 < peak < math.inf:
+                scale = 2.0 ** math.floor(math.log2(FLOAT16_MAX / (peak * self.size)))
+            np.multiply(buf, scale, out=buf)
+            packed.view(np.float16)[...] = buf
+        else:
+            to_bfloat16(buf, packed)
+        op = _SUM_FLOAT16 if kind == "float16" else _SUM_BFLOAT16
+        self._comm.Allreduce(self._MPI.IN_PLACE, [packed, self._MPI.UINT16_T], op=op())
+        if kind == "float16":
+            buf[...] = packed.view(np.float16)
+            buf *= 1 / scale
+        else:
+            from_bfloat16(packed, buf)
+        return buf
+
+    def _allreduce_float(self, value, op):
+        out = np.array([value], dtype=np.float64)
+        self._comm.Allreduce(self._MPI.IN_PLACE, out, op=op)
+        return float(out[0])
 
 
 @contextlib.contextmanager
@@ -217,3 +259,52 @@ def run(main):
               flush=True)
         abort(code)
     sys.exit(code or 0)
+
+
+# ----------------------------------------------------------------------------- 16-bit sums
+
+def to_bfloat16(x, out):
+    """float32 array x -> bfloat16 bit patterns in uint16 `out`, rounded to nearest even."""
+    bits = x.view(np.uint32)
+    rounded = bits + (0x7FFF + ((bits >> 16) & 1))      # carries into the exponent on overflow
+    out[...] = rounded >> 16
+    out[np.isnan(x)] = 0x7FC0                           # a NaN stays a NaN
+    return out
+
+
+def from_bfloat16(packed, out):
+    """bfloat16 bit patterns (uint16) -> float32 `out` (exact)."""
+    out.view(np.uint32)[...] = packed.astype(np.uint32) << 16
+    return out
+
+
+def _user_op(add):
+    """An MPI reduction op on uint16 buffers holding 16-bit floats (created on first use,
+    after MPI is up)."""
+    made = []
+
+    def get():
+        if not made:
+            from mpi4py import MPI
+
+            def reduce(inbuf, inoutbuf, datatype):
+                a = np.frombuffer(inbuf, np.uint16)
+                b = np.frombuffer(inoutbuf, np.uint16)
+                add(a, b)
+            made.append(MPI.Op.Create(reduce, commute=True))
+        return made[0]
+    return get
+
+
+def _add_float16(a, b):
+    b.view(np.float16)[...] += a.view(np.float16)
+
+
+def _add_bfloat16(a, b):
+    total = from_bfloat16(a, np.empty(a.size, np.float32))
+    total += from_bfloat16(b, np.empty(b.size, np.float32))
+    to_bfloat16(total, b)
+
+
+_SUM_FLOAT16 = _user_op(_add_float16)
+_SUM_BFLOAT16 = _user_op(_add_bfloat16)

@@ -123,3 +123,25 @@ def test_evaluate_gives_the_same_numbers_at_any_world_size(comm, rows):
     one = evaluate(model, cross_entropy, x, y, 5, mpi.Comm(None), chunk=64)
     many = evaluate(model, cross_entropy, x, y, 5, comm, chunk=64)
     assert many == one
+
+
+@pytest.mark.parametrize("kind,rtol", [("float16", 2e-3), ("bfloat16", 2e-2)])
+def test_16_bit_allreduce(comm, kind, rtol):
+    """Half the bytes, the same sum to the format's rounding, bitwise the same on every
+    rank; float16 is scaled so that neither huge nor tiny values are lost."""
+    rng = np.random.default_rng(comm.rank)
+    for magnitude in (1e-7, 1.0, 3e4, 1e30 if kind == "bfloat16" else 6e4):
+        x = (rng.normal(size=1000) * magnitude).astype(np.float32)
+        every = np.empty(comm.size * x.size, np.float32)
+        comm._comm.Allgather(x, every)
+        exact = every.reshape(comm.size, -1).astype(np.float64).sum(axis=0)
+        out = comm.allreduce_16_(x.copy(), kind)
+        assert np.isfinite(out).all()
+        scale = np.abs(every).max() * comm.size
+        np.testing.assert_allclose(out, exact, rtol=0, atol=rtol * scale)
+        assert comm.replicas_identical(out)
+    poisoned = np.ones(10, np.float32)
+    if comm.rank == 1:
+        poisoned[3] = np.nan
+    out = comm.allreduce_16_(poisoned, kind)
+    assert np.isnan(out[3]) and np.isfinite(np.delete(out, 3)).all()

@@ -101,7 +101,18 @@ def _convert(key, value, t, where):
         raise TypeError(f"config field {key} has a type the loader does not know: {t}")
     if not ok:
         raise UserError(f"{where}: {key} must be {_type_name(t)}, got {toml_value(value)}")
+    if t is str and not _utf8(value):
+        raise UserError(f"{where}: {key} must be UTF-8 text, got {ascii(value)} (a path "
+                        "with bytes that are not UTF-8 cannot be saved in config.toml)")
     return tuple(value) if t == tuple[int, ...] else t(value)
+
+
+def _utf8(text):
+    try:
+        text.encode("utf-8")   # an argument holding non-UTF-8 bytes arrives as surrogates
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _unknown(what, name, known, where):
@@ -223,8 +234,8 @@ def toml_value(value):
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)   # a valid TOML basic string
+    if isinstance(value, str):   # a TOML basic string: JSON's escapes, and DEL's too
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     return repr(value)
 
 

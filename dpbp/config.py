@@ -186,6 +186,8 @@ def _parse_toml(text, where):
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{where}: invalid TOML: {e}") from None
+    except RecursionError:   # tomllib parses nested arrays and tables recursively
+        raise UserError(f"{where}: invalid TOML: arrays or tables nested too deeply") from None
 
 
 def parse_override(text):
@@ -196,7 +198,7 @@ def parse_override(text):
         raise UserError(f"--set {text}: expected section.key=VALUE, e.g. --set train.lr=0.05")
     try:
         parsed = tomllib.loads(f"v = {value.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         raise UserError(f"--set {text}: {value.strip()!r} is not a TOML value "
                         f"(strings need quotes: --set '{name.strip()}=\"{value.strip()}\"')"
                         ) from None

@@ -229,6 +229,8 @@ CASES = [
     Case("config-missing", lambda tmp: ["--config", str(tmp / "absent.toml")],
          ("config file", "absent.toml", "No such file")),
     Case("toml-malformed", config_file("[train\nlr = \n"), ("bad.toml", "invalid TOML"), BOTH),
+    Case("toml-nested-too-deeply", config_file("[train]\nlr = " + "[" * 100_000),
+         ("bad.toml", "invalid TOML", "nested too deeply")),
     Case("toml-not-utf8", config_file(b"\xff\xfe[train]"), ("bad.toml", "not UTF-8")),
     Case("toml-unknown-key", config_file("[train]\nlr = 0.1\nmomentun = 0.5\n"),
          ("bad.toml", "unknown key train.momentun", "did you mean train.momentum?")),

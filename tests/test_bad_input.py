@@ -309,6 +309,9 @@ CASES = [
          (IMAGES, "truncated IDX header")),
     Case("idx-wrong-magic", mnist(rewrite(IMAGES, lambda raw: b"\x00\x00\x0d" + raw[3:])),
          (IMAGES, "bad magic number"), TWO),
+    Case("idx-dims-overflow",   # 65536**4 = 2**64: a product in int64 would wrap to 0
+         mnist(rewrite(IMAGES, lambda raw: bytes([0, 0, 8, 4]) + b"\x00\x01\x00\x00" * 4)),
+         (IMAGES, "the header promises 18446744073709551616 bytes")),
     Case("idx-counts-differ",
          mnist(lambda folder: write_idx(folder / LABELS, np.arange(11) % 10)),
          ("train-images-idx3-ubyte has 12 images but train-labels-idx1-ubyte has 11 labels",)),

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dpbp.data import MNIST_FILES
+
 ROOT = Path(__file__).resolve().parent.parent
 MNIST = Path(os.environ.get("DPBP_TEST_MNIST", ROOT.parent / "shared" / "data" / "mnist"))
 
@@ -89,7 +91,6 @@ def write_idx(path, array, gz=False):
 
 def fake_mnist(folder, gz):
     """An MNIST-format folder: 12 training and 6 validation images of 4x4, labels 0-9."""
-    from dpbp.data import MNIST_FILES
     folder.mkdir()
     rng = np.random.default_rng(0)
     for key, name in MNIST_FILES.items():

@@ -193,19 +193,15 @@ AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 # ----------------------------------------------------------------------------- the table
 
 CASES = [
-    # the command line and config keys: every rank reads them
+    # the command line and config keys: every rank reads them (test_config.py has more
+    # variants, test_properties.py random ones)
     Case("unknown-option", lambda tmp: ["--bogus"], ("unrecognized arguments: --bogus",), TWO),
     Case("unknown-key", given("train.lrr=0.1"),
          ("unknown key train.lrr", "did you mean train.lr?"), BOTH),
-    Case("unknown-section", given("trian.lr=0.1"), ("unknown section [trian]", "[train]?")),
     Case("set-not-toml", given("data.source=npz"), ("--set data.source=npz", "need quotes")),
-    Case("set-without-value", given("train.lr"), ("--set train.lr", "section.key=VALUE")),
     Case("type-int", given("train.epochs=2.5"), ("train.epochs must be an integer", "2.5")),
     Case("type-number", given('train.lr="fast"'), ("train.lr must be a number", '"fast"')),
-    Case("type-list", given("model.hidden=64"), ("model.hidden must be a list", "64")),
-    Case("type-bool", given("train.nesterov=1"), ("train.nesterov must be true or false",)),
     Case("lr-negative", given("train.lr=-0.1"), ("train.lr must be a number > 0", "-0.1")),
-    Case("lr-zero", given("train.lr=0"), ("train.lr must be a number > 0",)),
     Case("lr-inf", given("train.lr=inf"), ("train.lr must be a number > 0", "inf")),
     Case("batch-size-0", given("train.batch_size=0"), ("train.batch_size must be >= 1",), TWO),
     Case("momentum-1", given("train.momentum=1.0"), ("train.momentum must be in [0, 1)",)),
@@ -218,12 +214,11 @@ CASES = [
     Case("epochs-0", given("train.epochs=0"), ("train.epochs must be >= 1, got 0",)),
     Case("epochs-negative", given("train.epochs=-3"), ("train.epochs must be >= 1, got -3",)),
     Case("hidden-width-0", given("model.hidden=[8, 0]"), ("model.hidden", "widths >= 1")),
-    Case("hidden-width-negative", given("model.hidden=[-4]"), ("model.hidden", "widths >= 1")),
+    # (model.hidden = [] is not bad input: it is a linear model)
     Case("unknown-activation", given('model.activation="gelu"'),
          ("model.activation must be one of", '"relu"')),
     Case("unknown-loss", given('train.loss="l1"'), ("train.loss must be one of", '"mse"')),
     Case("unknown-dtype", given('model.dtype="float16"'), ("model.dtype must be one of",)),
-    Case("unknown-source", given('data.source="xlsx"'), ("data.source must be one of",)),
 
     # config files
     Case("config-missing", lambda tmp: ["--config", str(tmp / "absent.toml")],
@@ -236,8 +231,6 @@ CASES = [
          ("bad.toml", "unknown key train.momentun", "did you mean train.momentum?")),
     Case("toml-wrong-type", config_file('[train]\nepochs = "ten"\n'),
          ("bad.toml", "train.epochs must be an integer")),
-    Case("toml-key-outside-section", config_file("lr = 0.1\n"),
-         ("bad.toml", "outside any [section]", "under [train]")),
 
     # .npz data: every rank reads it
     Case("npz-missing", lambda tmp: npz_source(tmp / "absent.npz"),

@@ -119,7 +119,18 @@ def _convert(key, value, t, where):
         raise TypeError(f"config field {key} has a type the loader does not know: {t}")
     if not ok:
         raise UserError(f"{where}: {key} must be {_type_name(t)}, got {toml_value(value)}")
+    if t is str and not _utf8(value):
+        raise UserError(f"{where}: {key} must be UTF-8 text, got {ascii(value)} (a path "
+                        "with bytes that are not UTF-8 cannot be saved in config.toml)")
     return tuple(value) if t == tuple[int, ...] else t(value)
+
+
+def _utf8(text):
+    try:
+        text.encode("utf-8")   # an argument holding non-UTF-8 bytes arrives as surrogates
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _unknown(what, name, known, where):
@@ -212,6 +223,8 @@ def _parse_toml(text, where):
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{where}: invalid TOML: {e}") from None
+    except RecursionError:   # tomllib parses nested arrays and tables recursively
+        raise UserError(f"{where}: invalid TOML: arrays or tables nested too deeply") from None
 
 
 def parse_override(text):
@@ -222,7 +235,7 @@ def parse_override(text):
         raise UserError(f"--set {text}: expected section.key=VALUE, e.g. --set train.lr=0.05")
     try:
         parsed = tomllib.loads(f"v = {value.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         raise UserError(f"--set {text}: {value.strip()!r} is not a TOML value "
                         f"(strings need quotes: --set '{name.strip()}=\"{value.strip()}\"')"
                         ) from None
@@ -260,8 +273,8 @@ def toml_value(value):
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)   # a valid TOML basic string
+    if isinstance(value, str):   # a TOML basic string: JSON's escapes, and DEL's too
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     return repr(value)
 
 

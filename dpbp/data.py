@@ -294,7 +294,7 @@ def _read_idx(path):
     if len(raw) < header:
         raise UserError(f"{path}: truncated IDX header")
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    expected = int(np.prod(dims))
+    expected = math.prod(dims)   # exact: np.prod would wrap around in int64
     if len(raw) - header != expected:
         raise UserError(f"{path}: the header promises {expected} bytes of data for shape "
                         f"{dims}, the file holds {len(raw) - header}; it is truncated or corrupt")

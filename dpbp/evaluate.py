@@ -13,7 +13,6 @@ counts are summed with one int64 Allreduce, so they are exact at any world size.
 
 import argparse
 import json
-import sys
 
 import numpy as np
 

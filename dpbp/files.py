@@ -6,15 +6,23 @@ and turns every way a file can be missing, truncated or not an .npz into one Use
 the target, so a crash leaves either the old file or the new one, never half of one.
 """
 
+import lzma
 import os
 import tempfile
 import zipfile
+import zlib
 
 import numpy as np
 
 from dpbp.errors import UserError
 
 TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".partial"
+
+# What zipfile and numpy raise on a damaged archive: besides OSError and ValueError, a
+# flipped bit in a header can claim an unsupported method or version (NotImplementedError)
+# or encryption (RuntimeError), and damaged compressed data fails in zlib or lzma.
+_DAMAGED = (OSError, ValueError, EOFError, NotImplementedError, RuntimeError, zlib.error,
+            lzma.LZMAError, zipfile.BadZipFile, zipfile.LargeZipFile)
 
 
 def read_npz(path, what):
@@ -29,8 +37,15 @@ def read_npz(path, what):
         if not magic.startswith(b"PK"):
             raise ValueError("it is not a zip archive")
         with np.load(path, allow_pickle=False) as loaded:
-            return {name: loaded[name] for name in loaded.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile) as e:
+            arrays = {name: loaded[name] for name in loaded.files}
+        for name, a in arrays.items():
+            if not isinstance(a, np.ndarray):   # numpy returns raw bytes for non-.npy members
+                raise ValueError(f"its member {name!r} is not a .npy array")
+        return arrays
+    except MemoryError as e:   # numpy allocates what the header declares before reading
+        raise UserError(f"{what}: {path} declares an array too large for memory ({e})"
+                        ) from None
+    except _DAMAGED as e:
         raise UserError(f"{what}: {path} is not a readable .npz file ({e})") from None
 
 

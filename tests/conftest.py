@@ -1,5 +1,6 @@
 """Shared helpers: launching dpbp under mpirun in a subprocess, always with a timeout."""
 
+import gzip
 import os
 import shutil
 import signal
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from dpbp.data import MNIST_FILES
 
 ROOT = Path(__file__).resolve().parent.parent
 MNIST = Path(os.environ.get("DPBP_TEST_MNIST", ROOT.parent / "shared" / "data" / "mnist"))
@@ -77,6 +80,24 @@ def tiny_npz(tmp_path):
     np.savez(path, x=rng.normal(size=(17, 5)), y=rng.integers(0, 3, size=17),
              x_val=rng.normal(size=(7, 5)), y_val=rng.integers(0, 3, size=7))
     return path
+
+
+def write_idx(path, array, gz=False):
+    """An IDX file of unsigned bytes (MNIST's format), raw or gzip."""
+    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, ">u4").tobytes()
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def fake_mnist(folder, gz):
+    """An MNIST-format folder: 12 training and 6 validation images of 4x4, labels 0-9."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for key, name in MNIST_FILES.items():
+        n = 6 if key.endswith("val") else 12
+        arr = rng.integers(0, 256, size=(n, 4, 4)) if key.startswith("x") else np.arange(n) % 10
+        write_idx(folder / (name + (".gz" if gz else "")), arr, gz)
+    return folder
 
 
 def pytest_ignore_collect(collection_path, config):

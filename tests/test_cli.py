@@ -76,33 +76,6 @@ def test_mpi_run_prints_once_and_reports_per_rank_batch(tmp_path, tiny_npz):
     assert len([line for line in r.stdout.splitlines() if line.startswith("epoch ")]) == 3
 
 
-@pytest.mark.parametrize("ranks", [None, 3])
-@pytest.mark.parametrize("args,message", [
-    (["--set", "train.lrr=0.1"], "unknown key train.lrr (did you mean train.lr?)"),
-    (["--set", "train.batch_size=0"], "train.batch_size must be >= 1, got 0"),
-    (["--set", 'data.source="npz"', "--set", 'data.path="/nonexistent/d.npz"'],
-     "no such file /nonexistent/d.npz"),
-    (["--config", "/nonexistent.toml"], "config file /nonexistent.toml"),
-    (["--bogus"], "unrecognized arguments: --bogus"),
-    (["--resume"], "--resume: no checkpoint in"),
-    (["--set", 'model.init="/nonexistent/w.npz"'], "model.init: no such file"),
-])
-def test_bad_input_one_message_exit_2_nothing_written(tmp_path, ranks, args, message):
-    run_dir = tmp_path / "run"
-    r = run_train(args + ["--set", f'run.dir="{run_dir}"'], ranks=ranks, cwd=tmp_path)
-    # (Open MPI's launcher adds its own banner about the exit code; MPICH's adds nothing)
-    assert_refused(r, message)
-    assert r.stderr.startswith("dpbp: error") and r.stdout == ""
-    assert os.listdir(tmp_path) == []
-
-
-def test_unwritable_run_dir(tmp_path, tiny_npz):
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    r = run_train(tiny_run(tiny_npz, blocker / "run"))
-    assert_refused(r, "cannot create it")
-
-
 def test_second_run_never_clobbers_the_first(tmp_path, tiny_npz):
     run_dir = tmp_path / "run"
     assert run_train(tiny_run(tiny_npz, run_dir)).returncode == 0
@@ -149,7 +122,7 @@ def test_resume_refuses_another_network(tmp_path, tiny_npz):
     assert snapshot(run_dir) == before
 
 
-def test_init_from_npz_and_mismatch(tmp_path, tiny_npz):
+def test_init_from_npz(tmp_path, tiny_npz):
     rng = np.random.default_rng(0)
     weights = {"model.0.weight": rng.normal(size=(8, 5)), "model.0.bias": np.zeros(8),
                "model.2.weight": rng.normal(size=(3, 8)), "model.2.bias": np.zeros(3)}
@@ -160,11 +133,6 @@ def test_init_from_npz_and_mismatch(tmp_path, tiny_npz):
     assert run_train(args).returncode == 0
     after = model_arrays(tmp_path / "a" / "checkpoints" / "epoch-0001.npz")
     np.testing.assert_allclose(after["model.0.weight"], weights["model.0.weight"], atol=1e-6)
-    bad = tmp_path / "bad.npz"
-    np.savez(bad, **dict(weights, **{"model.2.weight": np.zeros((4, 8))}))
-    r = run_train(tiny_run(tiny_npz, tmp_path / "b", "--set", f'model.init="{bad}"'), ranks=2)
-    assert_refused(r, "model.2.weight has shape (4, 8), the network needs (3, 8)")
-    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.parametrize("failure", ["ImportError('No module named mpi4py')",

@@ -36,8 +36,10 @@ def train_step(model, optimizer, loss_fn, x, y, N, comm):
     The data-parallel contract:
     - Identical on every rank before the call: model.params, the optimizer state, N.
     - Each rank passes its own rows of the global batch; a rank may have none (B = 0).
-    - Communicated: the flat gradient buffer, once, with Allreduce(SUM). It is collective:
-      every rank calls it every step, ranks with no rows included.
+    - Communicated: the flat gradient buffer, summed with Allreduce(SUM): once after
+      backpropagation, or, with comm.overlap, in buckets started as backpropagation
+      finishes them (non-blocking, the same sums). It is collective: every rank calls it
+      every step, ranks with no rows included, and all ranks must agree on comm.overlap.
     - The loss gradient is normalised by the global N, not by B, so the sum over ranks is
       the gradient of the global batch's mean loss: what one process computes on the
       whole batch, up to floating-point rounding.
@@ -48,8 +50,13 @@ def train_step(model, optimizer, loss_fn, x, y, N, comm):
     """
     outputs = model.forward(x)
     losses, doutputs = loss_fn(outputs, y, N)
-    model.backward(doutputs)
-    comm.allreduce_(model.grads)          # DP: sum of shard gradients = global gradient
+    if comm.overlap:   # DP: each bucket of gradients is summed while backward goes on
+        for ready in model.backward_steps(doutputs):
+            comm.allreduce_ready_(model.grads, ready)
+        comm.allreduce_wait()
+    else:
+        model.backward(doutputs)
+        comm.allreduce_(model.grads)      # DP: sum of shard gradients = global gradient
     optimizer.step()
     return losses.sum()
 

@@ -109,3 +109,14 @@ def test_importing_the_bench_module_starts_nothing():
             "if m in sys.modules))")
     r = run_with_timeout([sys.executable, "-c", code], 60)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
+
+
+def test_the_readme_table_script():
+    """launch/bench_table.py, which makes the README's performance table, runs every row."""
+    r = run_with_timeout([sys.executable, "launch/bench_table.py", "--repeats", "1", *TINY], 600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    table = r.stdout
+    for row in ("`OMP_NUM_THREADS=1 mpirun -n 1`", "`mpirun -n 2", "--overlap", "`mpirun -n 4`"):
+        assert row in table
+    assert table.count("\n| `") == 5 and "Strong scaling" in table
+    assert ("--compare-torch" in table) == HAS_TORCH   # the DDP columns, where PyTorch is

@@ -49,7 +49,8 @@ MEMORY_SLACK = 1.5   # peak RSS may exceed what the run needs by this factor
 
 def bench_dpbp(comm, widths, N, dtype, warmup, steps):
     """Collective. Per-rank arrays of step and communication-wait seconds of the timed
-    steps, and the bytes of the model, optimizer state and activations of this rank."""
+    steps, the CPU seconds this rank used in them, and the bytes of the model, optimizer
+    state and activations of this rank."""
     model = MLP(widths, "relu", dtype)
     model.init_(np.random.default_rng([0, 0x1417]))
     optimizer = SGD(model.params, model.grads, LR, MOMENTUM)
@@ -60,13 +61,16 @@ def bench_dpbp(comm, widths, N, dtype, warmup, steps):
 
     seconds, waits = np.empty(steps), np.empty(steps)
     for k in range(-warmup, steps):
+        if k == 0:
+            cpu = time.process_time()
         comm.wait_seconds = 0.0
         t0 = time.perf_counter()
         dpbp.train.train_step(model, optimizer, cross_entropy, x, y, N, comm)
         if k >= 0:
             seconds[k], waits[k] = time.perf_counter() - t0, comm.wait_seconds
+    cpu = time.process_time() - cpu
     state = model.params.nbytes + model.grads.nbytes + optimizer.nbytes()
-    return seconds, waits, state + activation_bytes(widths, B, dtype)
+    return seconds, waits, cpu, state + activation_bytes(widths, B, dtype)
 
 
 def activation_bytes(widths, B, dtype):
@@ -204,7 +208,7 @@ def run_bench(args, comm, say):
     rates = gemm_rates(comm, dtype)
     base_rss = gather(comm, rss_bytes()).max()   # interpreter, libraries, MPI, BLAS buffers
 
-    seconds, waits, need = bench_dpbp(comm, widths, args.batch_size, dtype, args.warmup,
+    seconds, waits, cpu, need = bench_dpbp(comm, widths, args.batch_size, dtype, args.warmup,
                                       args.steps)
     peak_rss = gather(comm, peak_rss_bytes()).max()
     # The peak: the best window, before or after the steps, of all ranks' rates summed
@@ -225,6 +229,7 @@ def run_bench(args, comm, say):
              samples_per_second=samples_per_second,
              step_seconds=step, compute_seconds=step * (1 - comm_fraction),
              comm_seconds=step * comm_fraction, comm_fraction=comm_fraction,
+             cpu_seconds_per_sample=gather(comm, cpu).sum() / (args.steps * args.batch_size),
              flops=flops, peak_flops=peak_gemm, mfu=flops / peak_gemm,
              peak_rss_mb=peak_rss / 2**20, memory_budget_mb=budget / 2**20,
              base_rss_mb=base_rss / 2**20, model_and_activations_mb=need / 2**20,
@@ -264,6 +269,8 @@ def report(r):
         f"samples/s        {r['samples_per_second']:,.0f}",
         f"step (median)    {ms(r['step_seconds'])}: compute {ms(r['compute_seconds'])}, "
         f"communication wait {ms(r['comm_seconds'])} ({100 * r['comm_fraction']:.1f} %)",
+        f"CPU time         {1e6 * r['cpu_seconds_per_sample']:,.1f} us per sample (all ranks "
+        "together; waiting ranks that spin count too)",
         f"achieved         {r['flops'] / 1e9:,.1f} GFLOP/s (6 x weights x samples/s)",
         f"GEMM peak        {r['peak_flops'] / 1e9:,.1f} GFLOP/s ({r['dtype']} {GEMM_N}x{GEMM_N} "
         f"matmul, all ranks at once)",

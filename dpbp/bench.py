@@ -107,7 +107,7 @@ def gemm_rates(comm, dtype, windows=3, window_seconds=0.2):
 
 def bench_torch(torch, comm, widths, N, warmup, steps, threads):
     """Collective. The same network, batch and steps under DistributedDataParallel (gloo)
-    in these processes; per-rank step seconds."""
+    in these processes; per-rank step seconds, and the CPU seconds of the timed steps."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -138,13 +138,15 @@ def bench_torch(torch, comm, widths, N, warmup, steps, threads):
         y = torch.randint(0, widths[-1], (B,), generator=gen)
         seconds = np.empty(steps)
         for k in range(-warmup, steps):
+            if k == 0:
+                cpu = time.process_time()
             t0 = time.perf_counter()
             optimizer.zero_grad()
             loss_fn(model(x), y).backward()
             optimizer.step()
             if k >= 0:
                 seconds[k] = time.perf_counter() - t0
-        return seconds
+        return seconds, time.process_time() - cpu
     finally:
         dist.destroy_process_group()
 
@@ -239,12 +241,14 @@ def run_bench(args, comm, say):
     if args.compare_torch:
         with mpi.agreement(comm):
             torch = import_torch()
-        torch_seconds = bench_torch(torch, comm, widths, args.batch_size, args.warmup,
+        torch_seconds, torch_cpu = bench_torch(torch, comm, widths, args.batch_size, args.warmup,
                                     args.steps, threads)
         torch_step = np.median(gather(comm, torch_seconds).max(axis=0))
         r.update(torch_version=torch.__version__,
                  torch_samples_per_second=args.batch_size / torch_step,
                  torch_mfu=6 * weights * args.batch_size / torch_step / peak_gemm,
+                 torch_cpu_seconds_per_sample=gather(comm, torch_cpu).sum()
+                 / (args.steps * args.batch_size),
                  speedup_vs_torch=torch_step / step)
         say(report_torch(r))
     r["bench_seconds"] = time.perf_counter() - t0
@@ -287,7 +291,8 @@ def report(r):
 def report_torch(r):
     return "\n".join([
         f"PyTorch {r['torch_version']} DDP (gloo), same ranks and threads: "
-        f"{r['torch_samples_per_second']:,.0f} samples/s, MFU {r['torch_mfu']:.3f}",
+        f"{r['torch_samples_per_second']:,.0f} samples/s, MFU {r['torch_mfu']:.3f}, CPU time "
+        f"{1e6 * r['torch_cpu_seconds_per_sample']:,.1f} us per sample",
         f"dpbp / PyTorch   {r['speedup_vs_torch']:.2f} x samples/s"])
 
 

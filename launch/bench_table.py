@@ -44,7 +44,7 @@ def main():
     has_torch = subprocess.run([sys.executable, "-c", "import torch"],
                                capture_output=True).returncode == 0
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    results = {}
+    results, load_before = {}, os.getloadavg()[0]
     for _ in range(repeats):
         for label, n, extra, more_env in rows(has_torch):
             cmd = mpirun(n) + [sys.executable, "-m", "dpbp.bench", "--json", *extra, *args]
@@ -55,27 +55,32 @@ def main():
             results.setdefault(label, []).append(json.loads(r.stdout.strip().splitlines()[-1]))
             print(".", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    print(table(results, repeats))
+    print(table(results, repeats, (load_before, os.getloadavg()[0])))
 
 
-def table(results, repeats):
+def table(results, repeats, loads):
     med = lambda runs, key: statistics.median(r[key] for r in runs)
     first = next(iter(results.values()))[0]
     lines = [f"Medians of {repeats} runs; network {'-'.join(map(str, first['layers']))} "
              f"{first['dtype']}, global batch {first['batch_size']}, {first['steps']} timed "
-             f"steps after {first['warmup']} warm-up; {first['mpi']}.", "",
+             f"steps after {first['warmup']} warm-up; {first['mpi']}; load average "
+             f"{loads[0]:.1f} before, {loads[1]:.1f} after.", "",
              "| command | threads/rank | samples/s | step | communication | MFU | "
-             "peak memory / budget | PyTorch DDP samples/s (MFU) | dpbp / PyTorch |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "CPU µs/sample | peak memory / budget | PyTorch DDP samples/s (MFU, CPU µs/sample) "
+             "| dpbp / PyTorch |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for label, runs in results.items():
         torch = "-", "-"
         if "torch_samples_per_second" in runs[0]:
             torch = (f"{med(runs, 'torch_samples_per_second'):,.0f} "
-                     f"({med(runs, 'torch_mfu'):.2f})", f"{med(runs, 'speedup_vs_torch'):.2f} x")
+                     f"({med(runs, 'torch_mfu'):.2f}, "
+                     f"{1e6 * med(runs, 'torch_cpu_seconds_per_sample'):.0f})",
+                     f"{med(runs, 'speedup_vs_torch'):.2f} x")
         lines.append(
             f"| {label} | {runs[0]['threads_per_rank']} | "
             f"{med(runs, 'samples_per_second'):,.0f} | {1e3 * med(runs, 'step_seconds'):.1f} ms | "
             f"{100 * med(runs, 'comm_fraction'):.1f} % | {med(runs, 'mfu'):.2f} | "
+            f"{1e6 * med(runs, 'cpu_seconds_per_sample'):.0f} | "
             f"{med(runs, 'peak_rss_mb'):.0f} / {med(runs, 'memory_budget_mb'):.0f} MB | "
             f"{torch[0]} | {torch[1]} |")
     # Ratios of runs made one after the other, in the same repeat, then their median.

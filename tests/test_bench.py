@@ -37,6 +37,7 @@ def check_sane(f, world_size):
     assert f["compute_seconds"] + f["comm_seconds"] == pytest.approx(f["step_seconds"])
     assert 0 < f["base_rss_mb"] <= f["peak_rss_mb"] <= f["memory_budget_mb"]
     assert 0 < f["import_seconds"] < 60
+    assert f["cpu_seconds_per_sample"] > 0
 
 
 def test_one_process():
@@ -99,6 +100,7 @@ def test_compare_torch():
     f = figures(r)
     check_sane(f, 2)
     assert f["torch_samples_per_second"] > 0 and f["torch_mfu"] > 0
+    assert f["torch_cpu_seconds_per_sample"] > 0
     assert f["speedup_vs_torch"] == pytest.approx(
         f["samples_per_second"] / f["torch_samples_per_second"])
     assert "PyTorch" in r.stdout and "DDP" in r.stdout

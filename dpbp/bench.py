@@ -189,6 +189,15 @@ def rss_bytes():
 
 
 def peak_rss_bytes():
+    """This process's peak resident memory. On Linux from VmHWM: getrusage's ru_maxrss
+    would also count what the parent held when it forked this process."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024   # bytes on macOS, else KiB
 

@@ -3,9 +3,10 @@
 A `Comm` knows its `rank`, `size` and `ranks_sharing_cores`, and has a few verbs:
 in-place `allreduce_` on a flat array, `bcast_`, `bcast_obj`, `allreduce_min`,
 `barrier` and `replicas_identical`; `allreduce_ready_` and `allreduce_wait` sum a
-buffer in buckets while backpropagation still fills it. It adds up the seconds spent in `allreduce_` in
-`wait_seconds`, which the benchmark reads as the communication share of a step. `agreement(comm)` is the collective check that turns
-bad input seen on some ranks into one message and a clean stop on all of them. The hot
+buffer in buckets while backpropagation still fills it. The seconds spent waiting for
+those sums add up in `wait_seconds`, which the benchmark reads as the communication
+share of a step. `agreement(comm)` is the collective check that turns bad input seen on
+some ranks into one message and a clean stop on all of them. The hot
 path uses mpi4py's buffer API (no pickling), and every verb costs nothing at world size 1.
 
 `init()` returns a world of one when there is no launcher, no mpi4py or no MPI library,

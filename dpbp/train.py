@@ -38,7 +38,8 @@ def train_step(model, optimizer, loss_fn, x, y, N, comm):
     - Each rank passes its own rows of the global batch; a rank may have none (B = 0).
     - Communicated: the flat gradient buffer, summed with Allreduce(SUM): once after
       backpropagation, or, with comm.overlap, in buckets started as backpropagation
-      finishes them (non-blocking, the same sums). It is collective: every rank calls it
+      finishes them (non-blocking; the same sums, to rounding beyond 2 ranks, where MPI
+      may add the ranks' values in another order). It is collective: every rank calls it
       every step, ranks with no rows included, and all ranks must agree on comm.overlap.
     - The loss gradient is normalised by the global N, not by B, so the sum over ranks is
       the gradient of the global batch's mean loss: what one process computes on the

@@ -2,8 +2,11 @@
 
 A `Comm` knows its `rank`, `size` and `ranks_sharing_cores`, and has a few verbs:
 in-place `allreduce_` on a flat array, `bcast_`, `bcast_obj`, `allreduce_min`,
-`barrier` and `replicas_identical`. `agreement(comm)` is the collective check that turns
-bad input seen on some ranks into one message and a clean stop on all of them. The hot
+`barrier` and `replicas_identical`; `allreduce_ready_` and `allreduce_wait` sum a
+buffer in buckets while backpropagation still fills it. The seconds spent waiting for
+those sums add up in `wait_seconds`, which the benchmark reads as the communication
+share of a step. `agreement(comm)` is the collective check that turns bad input seen on
+some ranks into one message and a clean stop on all of them. The hot
 path uses mpi4py's buffer API (no pickling), and every verb costs nothing at world size 1.
 
 `init()` returns a world of one when there is no launcher, no mpi4py or no MPI library,
@@ -28,6 +31,13 @@ from dpbp.threads import available_cores
 _LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS")
 FLOAT16_MAX = 65504.0   # the largest finite float16
 
+# allreduce_ready_ sends gradients in buckets of at least this size.
+BUCKET_BYTES = 1 << 20
+
+# How long a rank waiting for a collective sleeps between progress checks when ranks
+# outnumber cores (see Comm.oversubscribed).
+YIELD_SECONDS = 50e-6
+
 
 class AgreedExit(Exception):
     """Every rank agreed to stop with this exit code; the reason was printed once."""
@@ -44,9 +54,13 @@ class Comm:
         self._comm = mpi_comm
         self.library = library
         self._packed = {}   # allreduce_16_'s 16-bit buffer, by size
+        self.wait_seconds = 0.0
+        self.overlap = False   # train_step: overlap the gradient sum with backpropagation
+        self._buckets, self._unsent = [], None   # allreduce_ready_'s requests in flight
         # ranks_sharing_cores: ranks on this node that may run on the same cores as this one
         if mpi_comm is None:
             self.rank, self.size, self.ranks_sharing_cores = 0, 1, 1
+            self.oversubscribed = False
             return
         from mpi4py import MPI
         self._MPI = MPI
@@ -55,12 +69,60 @@ class Comm:
         cores = sorted(available_cores())
         self.ranks_sharing_cores = sum(c == cores for c in node.allgather(cores))
         node.Free()
+        # More ranks than cores: a rank that waits must leave its core to the ones that
+        # still compute, instead of spinning in MPI's busy-polling progress loop.
+        self.oversubscribed = self.ranks_sharing_cores > len(cores)
 
     def allreduce_(self, buf):
         """Collective. Replace `buf` (a contiguous array) with its elementwise sum over ranks."""
         if self.size > 1:
-            self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+            t0 = time.perf_counter()
+            if self.oversubscribed:
+                self._wait_yielding(
+                    self._comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM))
+            else:
+                self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+            self.wait_seconds += time.perf_counter() - t0
         return buf
+
+    def allreduce_ready_(self, buf, ready):
+        """Collective, non-blocking: sum buf[ready:] in place across ranks, in buckets.
+
+        For overlapping the sum with backpropagation: call it whenever more of `buf`
+        is final, `ready` decreasing to 0, then `allreduce_wait()`. Values since the
+        last bucket are sent as one bucket once they reach BUCKET_BYTES, and when
+        `ready` is 0; every call also drives the progress of the buckets in flight.
+        Every rank must make the same calls. The sums are those of `allreduce_`.
+        """
+        if self.size == 1:
+            return
+        if self._unsent is None:
+            self._unsent = buf.size          # buf[:_unsent] is not yet in a bucket
+        if (self._unsent - ready) * buf.itemsize >= BUCKET_BYTES or (ready == 0 < self._unsent):
+            self._buckets.append(self._comm.Iallreduce(
+                self._MPI.IN_PLACE, buf[ready:self._unsent], op=self._MPI.SUM))
+            self._unsent = ready
+        if self._buckets:
+            self._MPI.Request.Testall(self._buckets)
+
+    def allreduce_wait(self):
+        """Complete the buckets that allreduce_ready_ started."""
+        if self.size == 1:
+            return
+        t0 = time.perf_counter()
+        if self.oversubscribed:
+            for request in self._buckets:
+                self._wait_yielding(request)
+        else:
+            self._MPI.Request.Waitall(self._buckets)
+        self._buckets, self._unsent = [], None
+        self.wait_seconds += time.perf_counter() - t0
+
+    @staticmethod
+    def _wait_yielding(request):
+        """Complete a non-blocking request, giving the core away between progress checks."""
+        while not request.Test():
+            time.sleep(YIELD_SECONDS)
 
     def allreduce_min(self, value):
         """Collective. The minimum of an integer over ranks."""

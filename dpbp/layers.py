@@ -5,9 +5,20 @@ Shapes use one vocabulary throughout dpbp:
     D_in  input width of a layer, D_out its output width
 Backward reuses what forward cached, and writes weight gradients in place into views of
 the model's flat gradient buffer (`dW`, `db`), never rebinding them.
+
+No step allocates: each layer writes its output (and its input gradient) into a buffer
+of its own, made on the first call and again only when a call brings more rows, so the
+array a layer returns is overwritten by the layer's next call.
 """
 
 import numpy as np
+
+
+def rows_of(buf, B, D, dtype):
+    """A buffer with room for (B, D) of dtype: `buf` itself when it is big enough."""
+    if buf is None or buf.shape[0] < B or buf.shape[1] != D or buf.dtype != dtype:
+        buf = np.empty((B, D), dtype=dtype)
+    return buf
 
 
 class Linear:
@@ -15,11 +26,14 @@ class Linear:
 
     def __init__(self, W, b, dW, db):
         self.W, self.b, self.dW, self.db = W, b, dW, db   # views into flat buffers
+        self.y = self.dx = None                           # this layer's own row buffers
 
     def forward(self, x):
         # x (B, D_in) -> y (B, D_out)
         self.x = x
-        y = x @ self.W.T
+        B, D_out = len(x), self.W.shape[0]
+        self.y = rows_of(self.y, B, D_out, self.W.dtype)
+        y = np.matmul(x, self.W.T, out=self.y[:B])
         y += self.b
         return y
 
@@ -27,14 +41,23 @@ class Linear:
         # dy (B, D_out) -> dx (B, D_in); sets dW (D_out, D_in) and db (D_out,)
         np.matmul(dy.T, self.x, out=self.dW)
         np.sum(dy, axis=0, out=self.db)
-        return dy @ self.W if need_dx else None
+        if not need_dx:   # the first layer: nobody needs the gradient of the data
+            return None
+        B, D_in = len(dy), self.W.shape[1]
+        self.dx = rows_of(self.dx, B, D_in, self.W.dtype)
+        return np.matmul(dy, self.W, out=self.dx[:B])
 
 
 class ReLU:
+    def __init__(self):
+        self.positive = None
+
     def forward(self, x):
-        # x (B, D) -> y (B, D)
-        self.mask = x > 0
-        return np.multiply(x, self.mask, out=x)   # x is the fresh output of a Linear
+        # x (B, D) -> y (B, D), in place: x is the fresh output of a Linear
+        B, D = x.shape
+        self.positive = rows_of(self.positive, B, D, np.bool_)
+        self.mask = np.greater(x, 0, out=self.positive[:B])
+        return np.multiply(x, self.mask, out=x)
 
     def backward(self, dy):
         # dy (B, D) -> dx (B, D)
@@ -42,17 +65,27 @@ class ReLU:
 
 
 class Tanh:
+    def __init__(self):
+        self.scratch = None
+
     def forward(self, x):
-        # x (B, D) -> y (B, D)
+        # x (B, D) -> y (B, D), in place
         self.y = np.tanh(x, out=x)
         return self.y
 
     def backward(self, dy):
-        # dy (B, D) -> dx (B, D): dtanh/dx = 1 - y^2
-        return dy * (1 - self.y * self.y)
+        # dy (B, D) -> dx (B, D), in place: dtanh/dx = 1 - y^2
+        B, D = dy.shape
+        self.scratch = rows_of(self.scratch, B, D, dy.dtype)
+        d = np.multiply(self.y, self.y, out=self.scratch[:B])
+        np.subtract(1, d, out=d)
+        return np.multiply(dy, d, out=dy)
 
 
 class Sigmoid:
+    def __init__(self):
+        self.scratch = None
+
     def forward(self, x):
         # x (B, D) -> y (B, D); 0.5 (1 + tanh(x/2)) never overflows, unlike 1/(1+exp(-x))
         y = np.multiply(x, 0.5, out=x)
@@ -63,6 +96,10 @@ class Sigmoid:
         return y
 
     def backward(self, dy):
-        # dy (B, D) -> dx (B, D): dsigmoid/dx = y (1 - y)
-        return dy * self.y * (1 - self.y)
+        # dy (B, D) -> dx (B, D), in place: dsigmoid/dx = y (1 - y)
+        B, D = dy.shape
+        self.scratch = rows_of(self.scratch, B, D, dy.dtype)
+        d = np.subtract(1, self.y, out=self.scratch[:B])
+        d *= self.y
+        return np.multiply(dy, d, out=dy)
 

@@ -61,9 +61,22 @@ class MLP:
 
     def backward(self, dout):
         # dout (B, D_out) -> nothing; overwrites every gradient in `grads`
-        for i in range(len(self.layers) - 1, 0, -1):
-            dout = self.layers[i].backward(dout)
-        self.layers[0].backward(dout, need_dx=False)
+        for _ in self.backward_steps(dout):
+            pass
+
+    def backward_steps(self, dout):
+        """backward(dout), one layer at a time: after each layer, yields `ready`, the
+        offset in `grads` from which on every gradient is final (grads[ready:]). Layers
+        run from the last to the first, so `ready` only decreases, to 0."""
+        ready = self.grads.size
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[i]
+            if isinstance(layer, Linear):
+                dout = layer.backward(dout, need_dx=i > 0)   # not needed: the data's gradient
+                ready -= layer.dW.size + layer.db.size
+            else:
+                dout = layer.backward(dout)
+            yield ready
 
     def state_dict(self):
         """{'model.0.weight': view, ...}: the torch.nn.Sequential state-dict layout."""

@@ -39,43 +39,41 @@ def train_step(model, optimizer, loss_fn, x, y, N, comm, tc=None, grad_sum=None)
     The data-parallel contract:
     - Identical on every rank before the call: model.params, the optimizer state, N.
     - Each rank passes its own rows of the global batch; a rank may have none (B = 0).
-    - Communicated: the flat gradient buffer, once, with Allreduce(SUM). It is collective:
-      every rank calls it every step, ranks with no rows included.
+    - Communicated: the flat gradient buffer, summed with Allreduce(SUM): once after
+      backpropagation, or, with comm.overlap, in buckets started as backpropagation
+      finishes them (non-blocking, the same sums). It is collective: every rank calls it
+      every step, ranks with no rows included, and all ranks must agree on comm.overlap.
     - The loss gradient is normalised by the global N, not by B, so the sum over ranks is
       the gradient of the global batch's mean loss: what one process computes on the
       whole batch, up to floating-point rounding.
-    - A rank whose loss is not finite puts a NaN into its gradient, so the summed gradient
+    - A rank whose loss is not finite makes its loss gradient NaN, so the summed gradient
       is not finite on every rank alike; then no rank updates (returns ok = False).
     - Never communicated: parameters, activations, per-step losses.
     - Identical on every rank after the call: model.params and the optimizer state, since
       every rank applies the same update to the same summed gradient.
     The train config `tc` (defaults without it) may ask for: accumulation_steps = k, the
-    shard processed as k micro-batches in turn, their gradients added up in `grad_sum`
-    (a buffer like model.grads) before the one Allreduce; comm_dtype, the Allreduce sent
-    in 16 bits; clip_grad_norm, the summed gradient scaled down to that global norm
-    (identical on every rank, as the sum is).
+    shard processed as k micro-batches in turn, the gradients of all but the last added
+    up in `grad_sum` (a buffer like model.grads), then one sum over ranks; comm_dtype, that
+    sum sent in 16 bits; clip_grad_norm, the summed gradient scaled down to that global
+    norm (identical on every rank, as the sum is).
     Returns (this rank's sum of per-sample losses, ok).
     """
     k = tc.accumulation_steps if tc else 1
     loss_sum = 0.0
-    for i in range(k):   # micro-batches: contiguous parts of the shard
+    for i in range(k):   # micro-batches: contiguous parts of the shard, the last never empty
         part = sharding.shard(len(x), i, k)
         outputs = model.forward(x[part])
         losses, doutputs = loss_fn(outputs, y[part], N)
         loss_sum += losses.sum()
-        model.backward(doutputs)   # overwrites model.grads
-        if k > 1 and i == 0:
-            np.copyto(grad_sum, model.grads)
-        elif i < k - 1:
-            grad_sum += model.grads
-    if k > 1:
-        model.grads += grad_sum
-    if not math.isfinite(loss_sum):
-        model.grads[0] = np.nan
-    if tc is None or tc.comm_dtype == "float32":
-        comm.allreduce_(model.grads)      # DP: sum of shard gradients = global gradient
-    else:
-        comm.allreduce_16_(model.grads, tc.comm_dtype)
+        if not math.isfinite(loss_sum):
+            doutputs[...] = np.nan            # NaN reaches every gradient, then every rank
+        if i < k - 1:                         # all but the last: keep their gradients
+            model.backward(doutputs)          # overwrites model.grads
+            if i == 0:
+                np.copyto(grad_sum, model.grads)
+            else:
+                grad_sum += model.grads
+    backward_and_sum(model, doutputs, comm, tc, grad_sum if k > 1 else None)
     norm = math.sqrt(np.dot(model.grads, model.grads))   # the same on every rank
     if not math.isfinite(norm):
         return loss_sum, False
@@ -83,6 +81,29 @@ def train_step(model, optimizer, loss_fn, x, y, N, comm, tc=None, grad_sum=None)
         model.grads *= tc.clip_grad_norm / (norm + 1e-6)   # as torch's clip_grad_norm_
     optimizer.step()
     return loss_sum, True
+
+
+def backward_and_sum(model, doutputs, comm, tc, earlier):
+    """Backward of the (last) micro-batch, plus the gradients of `earlier` ones if any,
+    then model.grads summed over all ranks: in buckets overlapped with backward under
+    comm.overlap, in 16 bits under a 16-bit comm_dtype, or with one Allreduce."""
+    kind = tc.comm_dtype if tc else "float32"
+    if comm.overlap and kind == "float32":   # DP: each bucket summed while backward goes on
+        done = model.grads.size
+        for ready in model.backward_steps(doutputs):
+            if earlier is not None:
+                model.grads[ready:done] += earlier[ready:done]
+            done = ready
+            comm.allreduce_ready_(model.grads, ready)
+        comm.allreduce_wait()
+        return
+    model.backward(doutputs)
+    if earlier is not None:
+        model.grads += earlier
+    if kind == "float32":
+        comm.allreduce_(model.grads)          # DP: sum of shard gradients = global gradient
+    else:
+        comm.allreduce_16_(model.grads, kind)
 
 
 def evaluate(model, loss_fn, x, y, num_classes, comm, chunk=2048):

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from dpbp import checkpoint
 from tests.conftest import ROOT, mpi_env, run_with_timeout
 
 SCRIPTS = sorted((ROOT / "launch").glob("*.sh")) + sorted((ROOT / "launch").glob("*.sbatch"))
@@ -97,8 +98,9 @@ def test_slurm_sbatch_requeues_on_sigterm(fake_slurm, tmp_path):
         cwd=ROOT, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while not (tmp_path / "run" / "checkpoints" / "epoch-0002.npz").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        while not [p for p, _ in checkpoint.list_all(tmp_path / "run") if p >= (2, 0)]:
+            assert proc.poll() is None, "the job ended before its second epoch"
+            assert time.monotonic() < deadline, "no second epoch in 60 s"
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)

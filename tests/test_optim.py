@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from dpbp import optim
 from dpbp.optim import SGD
 
 
@@ -21,11 +22,13 @@ def reference_sgd(p, grads, lr, momentum, nesterov, weight_decay):
 @pytest.mark.parametrize("momentum,nesterov,weight_decay", [
     (0.0, False, 0.0), (0.0, False, 0.01), (0.9, False, 0.0), (0.9, True, 0.0),
     (0.5, True, 0.1), (0.99, False, 0.001)])
-def test_sgd_matches_reference(momentum, nesterov, weight_decay):
+@pytest.mark.parametrize("chunk", [optim.CHUNK, 7])   # one chunk, or 8 and a partial one
+def test_sgd_matches_reference(momentum, nesterov, weight_decay, chunk, monkeypatch):
+    monkeypatch.setattr(optim, "CHUNK", chunk)
     rng = np.random.default_rng(0)
-    p0 = rng.normal(size=50)
-    grads = [rng.normal(size=50) for _ in range(6)]
-    params, g = p0.copy(), np.zeros(50)
+    p0 = rng.normal(size=60)
+    grads = [rng.normal(size=60) for _ in range(6)]
+    params, g = p0.copy(), np.zeros(60)
     opt = SGD(params, g, lr=0.1, momentum=momentum, nesterov=nesterov,
               weight_decay=weight_decay)
     for step_grad in grads:

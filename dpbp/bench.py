@@ -1,0 +1,384 @@
+"""How fast does dpbp train here? Times dpbp.train.train_step on synthetic data.
+
+    python -m dpbp.bench                              # one process
+    mpirun -n 2 python -m dpbp.bench --compare-torch  # two ranks, and PyTorch DDP alike
+
+Each rank trains on its shard of a global batch of random inputs and labels, with the
+same train_step as `python -m dpbp.train` (no separate fast path). After warm-up steps,
+every timed step is measured on every rank; a step's time is its slowest rank's. The
+report: samples/s (global batch / median step time), the step split into compute and
+communication wait (time inside the gradient Allreduce, including waiting for slower
+ranks), achieved FLOP/s counted as 6 x weights x samples/s (forward 2, backward 4 per
+weight and sample), the float32 GEMM peak of the same ranks and threads (1024x1024
+matmuls, all ranks at once, best of short windows before and after the steps), their ratio (MFU), and peak resident memory per rank next
+to what the run needs. `--compare-torch` runs the same network, batch and steps under
+torch.nn.parallel.DistributedDataParallel (gloo) in the same processes, where PyTorch is
+installed; dpbp never needs it.
+"""
+
+import time
+
+_t0 = time.perf_counter()
+import dpbp.train  # noqa: E402 -- timed: hundreds of ranks import it at once
+IMPORT_SECONDS = time.perf_counter() - _t0
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+from datetime import timedelta  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from dpbp import comm as mpi, sharding  # noqa: E402
+from dpbp.errors import UserError  # noqa: E402
+from dpbp.losses import cross_entropy  # noqa: E402
+from dpbp.model import MLP  # noqa: E402
+from dpbp.optim import SGD  # noqa: E402
+from dpbp.threads import limit_blas_threads  # noqa: E402
+
+GEMM_N = 1024
+LR, MOMENTUM = 0.01, 0.9
+MEMORY_SLACK = 1.5   # peak RSS may exceed what the run needs by this factor
+
+
+# ----------------------------------------------------------------------------- dpbp
+
+def bench_dpbp(comm, widths, N, dtype, warmup, steps):
+    """Collective. Per-rank arrays of step and communication-wait seconds of the timed
+    steps, the CPU seconds this rank used in them, and the bytes of the model, optimizer
+    state and activations of this rank."""
+    model = MLP(widths, "relu", dtype)
+    model.init_(np.random.default_rng([0, 0x1417]))
+    optimizer = SGD(model.params, model.grads, LR, MOMENTUM)
+    B = sharding.shard_sizes(N, comm.size)[comm.rank]
+    rng = np.random.default_rng([1, comm.rank])
+    x = rng.standard_normal((B, widths[0]), dtype=np.float64).astype(dtype)
+    y = rng.integers(0, widths[-1], size=B)
+
+    seconds, waits = np.empty(steps), np.empty(steps)
+    for k in range(-warmup, steps):
+        if k == 0:
+            cpu = time.process_time()
+        comm.wait_seconds = 0.0
+        t0 = time.perf_counter()
+        dpbp.train.train_step(model, optimizer, cross_entropy, x, y, N, comm)
+        if k >= 0:
+            seconds[k], waits[k] = time.perf_counter() - t0, comm.wait_seconds
+    cpu = time.process_time() - cpu
+    state = model.params.nbytes + model.grads.nbytes + optimizer.nbytes()
+    return seconds, waits, cpu, state + activation_bytes(widths, B, dtype)
+
+
+def activation_bytes(widths, B, dtype):
+    """What one step holds per row batch: the input, every layer's output and (but the
+    first) input gradient, the ReLU masks and the loss gradient."""
+    item = np.dtype(dtype).itemsize
+    outputs = sum(widths[1:]) * item
+    input_grads = sum(widths[1:-1]) * item
+    masks = sum(widths[1:-1])
+    loss = 3 * widths[-1] * item
+    return B * (widths[0] * item + outputs + input_grads + masks + loss)
+
+
+def gemm_rates(comm, dtype, windows=3, window_seconds=0.2):
+    """Collective. FLOP/s of this rank's GEMM_N x GEMM_N matmuls while every rank runs
+    them, in short windows that start together on every rank."""
+    rng = np.random.default_rng(comm.rank)
+    a, b = (rng.standard_normal((GEMM_N, GEMM_N)).astype(dtype) for _ in range(2))
+    c = np.empty_like(a)
+    np.matmul(a, b, out=c)
+    rates = np.empty(windows)
+    for k in range(-1, windows):   # the first window warms up
+        comm.barrier()
+        t0, n = time.perf_counter(), 0
+        while (elapsed := time.perf_counter() - t0) < window_seconds:
+            np.matmul(a, b, out=c)
+            n += 1
+        if k >= 0:
+            rates[k] = 2 * GEMM_N ** 3 * n / elapsed
+    return rates
+
+
+# ----------------------------------------------------------------------------- PyTorch
+
+def bench_torch(torch, comm, widths, N, warmup, steps, threads):
+    """Collective. The same network, batch and steps under DistributedDataParallel (gloo)
+    in these processes; per-rank step seconds, and the CPU seconds of the timed steps."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(threads)
+    host = comm.bcast_obj(socket.gethostname())
+    on_one_node = comm.allreduce_min(int(host == socket.gethostname())) == 1
+    addr = "127.0.0.1" if on_one_node else host
+    store = None
+    if comm.rank == 0:
+        store = dist.TCPStore(addr, 0, comm.size, is_master=True, wait_for_workers=False,
+                              timeout=timedelta(seconds=60))
+    port = comm.bcast_obj(store.port if store is not None else None)
+    if comm.rank != 0:
+        store = dist.TCPStore(addr, port, comm.size, is_master=False,
+                              timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=comm.rank, world_size=comm.size)
+    try:
+        torch.manual_seed(0)
+        layers = []
+        for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
+            layers += [torch.nn.Linear(d_in, d_out)] + [torch.nn.ReLU()] * (i < len(widths) - 2)
+        model = DistributedDataParallel(torch.nn.Sequential(*layers))
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+        loss_fn = torch.nn.CrossEntropyLoss()
+        B = sharding.shard_sizes(N, comm.size)[comm.rank]
+        gen = torch.Generator().manual_seed(1 + comm.rank)
+        x = torch.randn(B, widths[0], generator=gen)
+        y = torch.randint(0, widths[-1], (B,), generator=gen)
+        seconds = np.empty(steps)
+        for k in range(-warmup, steps):
+            if k == 0:
+                cpu = time.process_time()
+            t0 = time.perf_counter()
+            optimizer.zero_grad()
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+            if k >= 0:
+                seconds[k] = time.perf_counter() - t0
+        return seconds, time.process_time() - cpu
+    finally:
+        dist.destroy_process_group()
+
+
+NO_TORCH = ("--compare-torch needs PyTorch, which is not installed here (pip install torch; "
+            "dpbp itself never needs it)")
+
+
+def import_torch():
+    """PyTorch, or a UserError saying that --compare-torch needs it. Imported only after
+    dpbp's own figures are taken, so that it weighs on neither their time nor memory."""
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError as e:
+        raise UserError(f"{NO_TORCH}: {e}") from None
+    if not dist.is_available() or not dist.is_gloo_available():
+        raise UserError(f"--compare-torch needs PyTorch with the gloo backend; "
+                        f"torch {torch.__version__} here has none")
+    return torch
+
+
+# ----------------------------------------------------------------------------- the report
+
+def gather(comm, value):
+    """Collective. Every rank's float, or every rank's equal-length array, in rank order."""
+    mine = np.atleast_1d(np.asarray(value, dtype=np.float64))
+    out = np.empty(comm.size * mine.size)
+    comm.allgatherv_(mine, out, [mine.size] * comm.size)
+    return out.reshape(comm.size, mine.size)
+
+
+def rss_bytes():
+    """This process's resident memory now (Linux), or its peak where /proc is absent."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return peak_rss_bytes()
+
+
+def peak_rss_bytes():
+    """This process's peak resident memory. On Linux from VmHWM: getrusage's ru_maxrss
+    would also count what the parent held when it forked this process."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024   # bytes on macOS, else KiB
+
+
+def blas_threads():
+    """The BLAS threads numpy will use, as the BLAS reports them."""
+    from threadpoolctl import threadpool_info
+    counts = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    return max(counts) if counts else 1
+
+
+def run_bench(args, comm, say):
+    widths = args.layers
+    dtype = np.dtype(args.dtype)
+    t0 = time.perf_counter()
+    comm.overlap = args.overlap
+    limit_blas_threads(comm.ranks_sharing_cores)
+    threads = blas_threads()
+    rates = gemm_rates(comm, dtype)
+    base_rss = gather(comm, rss_bytes()).max()   # interpreter, libraries, MPI, BLAS buffers
+
+    seconds, waits, cpu, need = bench_dpbp(comm, widths, args.batch_size, dtype, args.warmup,
+                                      args.steps)
+    peak_rss = gather(comm, peak_rss_bytes()).max()
+    # The peak: the best window, before or after the steps, of all ranks' rates summed
+    # (others' work on a shared machine only ever lowers a window's rate).
+    rates = np.concatenate([rates, gemm_rates(comm, dtype)])
+    peak_gemm = gather(comm, rates).sum(axis=0).max()
+    need = gather(comm, need).max()
+    step = np.median(gather(comm, seconds).max(axis=0))
+    comm_fraction = float(np.mean(gather(comm, waits.sum() / seconds.sum())))
+    weights = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+    samples_per_second = args.batch_size / step
+    flops = 6 * weights * samples_per_second
+    budget = MEMORY_SLACK * (base_rss + need)
+    r = dict(world_size=comm.size, threads_per_rank=threads, cores=len(mpi.available_cores()),
+             ranks_sharing_cores=comm.ranks_sharing_cores, mpi=comm.library,
+             layers=widths, weights=weights, batch_size=args.batch_size, dtype=dtype.name,
+             warmup=args.warmup, steps=args.steps, overlap=args.overlap,
+             samples_per_second=samples_per_second,
+             step_seconds=step, compute_seconds=step * (1 - comm_fraction),
+             comm_seconds=step * comm_fraction, comm_fraction=comm_fraction,
+             cpu_seconds_per_sample=gather(comm, cpu).sum() / (args.steps * args.batch_size),
+             flops=flops, peak_flops=peak_gemm, mfu=flops / peak_gemm,
+             peak_rss_mb=peak_rss / 2**20, memory_budget_mb=budget / 2**20,
+             base_rss_mb=base_rss / 2**20, model_and_activations_mb=need / 2**20,
+             import_seconds=float(gather(comm, IMPORT_SECONDS).max()))
+
+    say(report(r))
+    if args.compare_torch:
+        with mpi.agreement(comm):
+            torch = import_torch()
+        torch_seconds, torch_cpu = bench_torch(torch, comm, widths, args.batch_size, args.warmup,
+                                    args.steps, threads)
+        torch_step = np.median(gather(comm, torch_seconds).max(axis=0))
+        r.update(torch_version=torch.__version__,
+                 torch_samples_per_second=args.batch_size / torch_step,
+                 torch_mfu=6 * weights * args.batch_size / torch_step / peak_gemm,
+                 torch_cpu_seconds_per_sample=gather(comm, torch_cpu).sum()
+                 / (args.steps * args.batch_size),
+                 speedup_vs_torch=torch_step / step)
+        say(report_torch(r))
+    r["bench_seconds"] = time.perf_counter() - t0
+    if args.json:
+        say(json.dumps(r))
+    return 0
+
+
+def report(r):
+    mb = lambda v: f"{v:,.0f} MB"
+    ms = lambda v: f"{1e3 * v:.2f} ms"
+    per_rank = sorted(set(sharding.shard_sizes(r["batch_size"], r["world_size"])))
+    lines = [
+        f"dpbp bench: {plural(r['world_size'], 'rank')} ({r['mpi']}), "
+        f"{plural(r['threads_per_rank'], 'BLAS thread')} per rank "
+        f"({r['cores']} cores for {r['ranks_sharing_cores']} "
+        f"rank{'s' * (r['ranks_sharing_cores'] != 1)})",
+        f"network {'-'.join(map(str, r['layers']))} relu {r['dtype']}, {r['weights']:,} "
+        f"weights; global batch {r['batch_size']} (per rank {'-'.join(map(str, per_rank))}); "
+        f"{r['warmup']} warm-up + {r['steps']} timed steps; gradients summed "
+        + ("in buckets during backpropagation" if r["overlap"] else "after backpropagation"),
+        f"samples/s        {r['samples_per_second']:,.0f}",
+        f"step (median)    {ms(r['step_seconds'])}: compute {ms(r['compute_seconds'])}, "
+        f"communication wait {ms(r['comm_seconds'])} ({100 * r['comm_fraction']:.1f} %)",
+        f"CPU time         {1e6 * r['cpu_seconds_per_sample']:,.1f} us per sample (all ranks "
+        "together; waiting ranks that spin count too)",
+        f"achieved         {r['flops'] / 1e9:,.1f} GFLOP/s (6 x weights x samples/s)",
+        f"GEMM peak        {r['peak_flops'] / 1e9:,.1f} GFLOP/s ({r['dtype']} {GEMM_N}x{GEMM_N} "
+        f"matmul, all ranks at once)",
+        f"MFU              {r['mfu']:.3f}",
+        f"peak memory      {mb(r['peak_rss_mb'])} per rank (largest); budget "
+        f"{mb(r['memory_budget_mb'])} = {MEMORY_SLACK} x ({mb(r['base_rss_mb'])} interpreter "
+        f"and libraries + {mb(r['model_and_activations_mb'])} parameters, gradients, "
+        f"optimizer state and activations)",
+        f"import dpbp.train {r['import_seconds']:.3f} s (slowest rank)",
+    ]
+    return "\n".join(lines)
+
+
+def report_torch(r):
+    return "\n".join([
+        f"PyTorch {r['torch_version']} DDP (gloo), same ranks and threads: "
+        f"{r['torch_samples_per_second']:,.0f} samples/s, MFU {r['torch_mfu']:.3f}, CPU time "
+        f"{1e6 * r['torch_cpu_seconds_per_sample']:,.1f} us per sample",
+        f"dpbp / PyTorch   {r['speedup_vs_torch']:.2f} x samples/s"])
+
+
+def plural(n, noun):
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
+# ----------------------------------------------------------------------------- command line
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(f"{message} (see python -m dpbp.bench --help)")
+
+
+def widths_arg(text):
+    try:
+        widths = [int(w) for w in text.split(",")]
+    except ValueError:
+        widths = []
+    if len(widths) < 2 or min(widths) < 1:
+        raise argparse.ArgumentTypeError(
+            f"--layers takes at least two positive widths, input to output, like "
+            f"784,1024,1024,10 (got {text!r})")
+    return widths
+
+
+def positive_int(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def count(text):
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
+PARSER = _Parser(prog="python -m dpbp.bench", add_help=False,
+                 description="Time dpbp's training step on synthetic data. Run as one "
+                             "process, or as N ranks\nwith: mpirun -n N python -m dpbp.bench "
+                             "[options]",
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
+PARSER.add_argument("-h", "--help", action="store_true", help="show this help and exit")
+PARSER.add_argument("--layers", type=widths_arg, default=[784, 1024, 1024, 10],
+                    metavar="D_IN,...,D_OUT",
+                    help="layer widths, input to output (default 784,1024,1024,10)")
+PARSER.add_argument("--batch-size", type=positive_int, default=512, metavar="N",
+                    help="global batch, split across ranks (default 512)")
+PARSER.add_argument("--steps", type=positive_int, default=30, metavar="K",
+                    help="timed steps (default 30)")
+PARSER.add_argument("--warmup", type=count, default=5, metavar="K",
+                    help="untimed steps first (default 5)")
+PARSER.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                    help="parameter and data type (default float32)")
+PARSER.add_argument("--overlap", action="store_true",
+                    help="sum gradients in buckets while backpropagation runs (comm.overlap) "
+                         "instead of in one Allreduce after it")
+PARSER.add_argument("--json", action="store_true",
+                    help="also print the figures as one JSON object on the last line")
+PARSER.add_argument("--compare-torch", action="store_true",
+                    help="also time PyTorch DistributedDataParallel (gloo) on the same "
+                         "network, batch and steps (needs PyTorch installed)")
+
+
+def main(argv=None):
+    comm = mpi.init()
+    say = print if comm.rank == 0 else (lambda *a, **k: None)
+    with mpi.agreement(comm):
+        args = PARSER.parse_args(argv)
+        if args.compare_torch and importlib.util.find_spec("torch") is None:
+            raise UserError(NO_TORCH)
+    if args.help:
+        say(PARSER.format_help(), end="")
+        return 0
+    return run_bench(args, comm, say)
+
+
+if __name__ == "__main__":
+    mpi.run(main)

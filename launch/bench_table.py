@@ -1,0 +1,100 @@
+"""The README's performance table: python -m dpbp.bench at 1, 2 and 4 ranks, repeated.
+
+    python launch/bench_table.py [--repeats 5] [bench options, e.g. --steps 60]
+
+Runs, in turn and REPEATS times over (so that a busy moment hits every row alike):
+1 rank with 1 BLAS thread, 1 rank with all cores, 2 ranks with --compare-torch (where
+PyTorch is installed), 2 ranks with --overlap, and 4 ranks; then prints a Markdown table
+of the medians. Uses the mpirun beside this Python, else the one on PATH.
+"""
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+
+def mpirun(n):
+    here = Path(sys.executable).parent / "mpirun"
+    exe = str(here) if here.exists() else shutil.which("mpirun")
+    if exe is None:
+        sys.exit("bench_table: no mpirun found; pip install 'dpbp[mpich]' brings one")
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+    return [exe, "--oversubscribe", "-n", str(n)] if "Open MPI" in version else [exe, "-n", str(n)]
+
+
+def rows(has_torch):
+    """(label, ranks, extra bench options, extra environment)"""
+    return [("`OMP_NUM_THREADS=1 mpirun -n 1`", 1, [], {"OMP_NUM_THREADS": "1"}),
+            ("`mpirun -n 1`", 1, [], {}),
+            ("`mpirun -n 2" + (" --compare-torch`" if has_torch else "`"), 2,
+             ["--compare-torch"] if has_torch else [], {}),
+            ("`mpirun -n 2 --overlap`", 2, ["--overlap"], {}),
+            ("`mpirun -n 4` (4 ranks on the cores)", 4, [], {})]
+
+
+def main():
+    args = sys.argv[1:]
+    repeats = 5
+    if args[:1] == ["--repeats"]:
+        repeats, args = int(args[1]), args[2:]
+    has_torch = subprocess.run([sys.executable, "-c", "import torch"],
+                               capture_output=True).returncode == 0
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    results, load_before = {}, os.getloadavg()[0]
+    for _ in range(repeats):
+        for label, n, extra, more_env in rows(has_torch):
+            cmd = mpirun(n) + [sys.executable, "-m", "dpbp.bench", "--json", *extra, *args]
+            r = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, **more_env),
+                               timeout=900)
+            if r.returncode != 0:
+                sys.exit(f"bench_table: {' '.join(cmd)} failed:\n{r.stdout}{r.stderr}")
+            results.setdefault(label, []).append(json.loads(r.stdout.strip().splitlines()[-1]))
+            print(".", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    print(table(results, repeats, (load_before, os.getloadavg()[0])))
+
+
+def table(results, repeats, loads):
+    med = lambda runs, key: statistics.median(r[key] for r in runs)
+    first = next(iter(results.values()))[0]
+    lines = [f"Medians of {repeats} runs; network {'-'.join(map(str, first['layers']))} "
+             f"{first['dtype']}, global batch {first['batch_size']}, {first['steps']} timed "
+             f"steps after {first['warmup']} warm-up; {first['mpi']}; load average "
+             f"{loads[0]:.1f} before, {loads[1]:.1f} after.", "",
+             "| command | threads/rank | samples/s | step | communication | MFU | "
+             "CPU µs/sample | peak memory / budget | PyTorch DDP samples/s (MFU, CPU µs/sample) "
+             "| dpbp / PyTorch |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, runs in results.items():
+        torch = "-", "-"
+        if "torch_samples_per_second" in runs[0]:
+            torch = (f"{med(runs, 'torch_samples_per_second'):,.0f} "
+                     f"({med(runs, 'torch_mfu'):.2f}, "
+                     f"{1e6 * med(runs, 'torch_cpu_seconds_per_sample'):.0f})",
+                     f"{med(runs, 'speedup_vs_torch'):.2f} x")
+        lines.append(
+            f"| {label} | {runs[0]['threads_per_rank']} | "
+            f"{med(runs, 'samples_per_second'):,.0f} | {1e3 * med(runs, 'step_seconds'):.1f} ms | "
+            f"{100 * med(runs, 'comm_fraction'):.1f} % | {med(runs, 'mfu'):.2f} | "
+            f"{1e6 * med(runs, 'cpu_seconds_per_sample'):.0f} | "
+            f"{med(runs, 'peak_rss_mb'):.0f} / {med(runs, 'memory_budget_mb'):.0f} MB | "
+            f"{torch[0]} | {torch[1]} |")
+    # Ratios of runs made one after the other, in the same repeat, then their median.
+    ratio = lambda a, b: statistics.median(x["samples_per_second"] / y["samples_per_second"]
+                                           for x, y in zip(a, b))
+    labels = list(results)
+    one, two, four = results[labels[0]], results[labels[2]], results[labels[4]]
+    lines += ["", f"Strong scaling, 2 ranks / 1 rank (1 thread each): {ratio(two, one):.2f} x; "
+              f"4 ranks / 2 ranks: {ratio(four, two):.2f} x; "
+              f"overlap / no overlap at 2 ranks: {ratio(results[labels[3]], two):.2f} x"]
+    lines.append(f"import dpbp.train: {med(sum(results.values(), []), 'import_seconds'):.2f} s "
+                 "(median over runs of the slowest rank)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""python -m dpbp.bench end to end, on a tiny network: the figures it reports are there
+and consistent. Nothing here asserts a speed; the machine may be busy."""
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from tests.conftest import mpirun, run_with_timeout
+
+TINY = ["--layers", "20,16,4", "--batch-size", "24", "--steps", "3", "--warmup", "1"]
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def bench(args, ranks=None, env=None, timeout=120):
+    cmd = [sys.executable, "-m", "dpbp.bench", *args]
+    if ranks is not None:
+        cmd = mpirun(ranks) + cmd
+    return run_with_timeout(cmd, timeout, env=env)
+
+
+def figures(r):
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def check_sane(f, world_size):
+    assert f["world_size"] == world_size
+    assert f["layers"] == [20, 16, 4] and f["weights"] == 20 * 16 + 16 + 16 * 4 + 4
+    assert f["threads_per_rank"] >= 1
+    assert f["samples_per_second"] > 0 and f["step_seconds"] > 0
+    assert f["samples_per_second"] == pytest.approx(24 / f["step_seconds"])
+    assert f["flops"] == pytest.approx(6 * f["weights"] * f["samples_per_second"])
+    assert 0 < f["mfu"] and f["mfu"] == pytest.approx(f["flops"] / f["peak_flops"])
+    assert 0 <= f["comm_fraction"] <= 1
+    assert f["compute_seconds"] + f["comm_seconds"] == pytest.approx(f["step_seconds"])
+    assert 0 < f["base_rss_mb"] <= f["peak_rss_mb"] <= f["memory_budget_mb"]
+    assert 0 < f["import_seconds"] < 60
+    assert f["cpu_seconds_per_sample"] > 0
+
+
+def test_one_process():
+    r = bench(TINY + ["--json"])
+    f = figures(r)
+    check_sane(f, 1)
+    assert f["comm_fraction"] == 0   # nothing to wait for
+    for label in ("samples/s", "communication wait", "GEMM peak", "MFU", "peak memory",
+                  "budget", "import dpbp.train"):
+        assert label in r.stdout
+
+
+def test_two_ranks_share_the_cores():
+    f = figures(bench(TINY + ["--json"], ranks=2))
+    check_sane(f, 2)
+    assert f["threads_per_rank"] == max(1, f["cores"] // f["ranks_sharing_cores"])
+
+
+def test_threads_chosen_by_the_user_are_kept():
+    f = figures(bench(TINY + ["--json"], env={"OMP_NUM_THREADS": "1"}))
+    assert f["threads_per_rank"] == 1
+
+
+def test_overlap_option_under_mpirun():
+    f = figures(bench(TINY + ["--json", "--overlap", "--dtype", "float64"], ranks=2))
+    check_sane(f, 2)
+    assert f["overlap"] is True and f["dtype"] == "float64"
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--layers", "784"], "--layers takes at least two positive widths"),
+    (["--layers", "784,x,10"], "--layers takes at least two positive widths"),
+    (["--batch-size", "0"], "expected a positive integer"),
+    (["--dtype", "float16"], "invalid choice"),
+    (["--frobnicate"], "unrecognized arguments"),
+])
+def test_bad_options_one_line(args, words):
+    r = bench(args)
+    assert r.returncode == 2
+    assert r.stderr.startswith("dpbp: error: ") and words in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
+
+
+def test_help():
+    r = bench(["--help"])
+    assert r.returncode == 0 and "--compare-torch" in r.stdout and "--overlap" in r.stdout
+
+
+@pytest.mark.skipif(HAS_TORCH, reason="PyTorch is installed here")
+def test_compare_torch_without_torch_says_so():
+    r = bench(TINY + ["--compare-torch"], ranks=2)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "--compare-torch needs PyTorch, which is not installed" in r.stderr
+    assert r.stderr.count("dpbp: error") == 1 and r.stdout == ""
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed (never a dependency)")
+def test_compare_torch():
+    r = bench(TINY + ["--json", "--compare-torch"], ranks=2, timeout=300)
+    f = figures(r)
+    check_sane(f, 2)
+    assert f["torch_samples_per_second"] > 0 and f["torch_mfu"] > 0
+    assert f["torch_cpu_seconds_per_sample"] > 0
+    assert f["speedup_vs_torch"] == pytest.approx(
+        f["samples_per_second"] / f["torch_samples_per_second"])
+    assert "PyTorch" in r.stdout and "DDP" in r.stdout
+
+
+def test_importing_the_bench_module_starts_nothing():
+    code = ("import sys, dpbp.bench; print(sorted(m for m in ('mpi4py.MPI', 'torch') "
+            "if m in sys.modules))")
+    r = run_with_timeout([sys.executable, "-c", code], 60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
+
+
+def test_the_readme_table_script():
+    """launch/bench_table.py, which makes the README's performance table, runs every row."""
+    r = run_with_timeout([sys.executable, "launch/bench_table.py", "--repeats", "1", *TINY], 600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    table = r.stdout
+    for row in ("`OMP_NUM_THREADS=1 mpirun -n 1`", "`mpirun -n 2", "--overlap", "`mpirun -n 4`"):
+        assert row in table
+    assert table.count("\n| `") == 5 and "Strong scaling" in table
+    assert ("--compare-torch" in table) == HAS_TORCH   # the DDP columns, where PyTorch is

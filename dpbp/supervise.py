@@ -1,9 +1,10 @@
 """Watching over a run: stop requests from signals, and a watchdog for ranks that hang.
 
 `StopSignals` turns SIGTERM (Slurm preemption, `kill`) and SIGINT (Ctrl-C) into a request
-that the training loop sees at its next step; the ranks agree on it collectively, save a
-checkpoint and exit 128 + the signal's number, so `--resume` continues exactly. A second
-signal of the same kind is not caught: it ends the process at once.
+that the training loop sees within a step or two: `StopVote` lets the ranks agree on it
+collectively (so all stop after the same step), then they save a checkpoint and exit
+128 + the signal's number, and `--resume` continues exactly. A second signal of the same
+kind is not caught: it ends the process at once.
 
 `Watchdog` is a thread that ends the job when the training loop has not called `feed()`
 for `seconds`: a rank stuck in I/O, or waiting in a collective on a peer that is gone.
@@ -15,6 +16,8 @@ import signal
 import sys
 import threading
 import time
+
+import numpy as np
 
 
 class StopSignals:
@@ -40,6 +43,32 @@ class StopSignals:
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+class StopVote:
+    """Collective. The ranks' agreement on stopping. Every rank calls poll() once per
+    step; it returns the number of a signal that some rank had received by the previous
+    call, else 0, the same on every rank. The vote runs one step behind: a non-blocking
+    max over ranks started at one call is collected at the next, so it adds no wait to a
+    step. Leaving it (a context manager) completes the vote in flight."""
+
+    def __init__(self, comm, signals):
+        self.comm, self.signals = comm, signals
+        self._ballot = np.zeros(1, np.int64)
+        self._request = comm.start_allreduce_max_(self._ballot)
+
+    def poll(self):
+        self._request.Wait()
+        agreed = int(self._ballot[0])
+        self._ballot[0] = self.signals.received
+        self._request = self.comm.start_allreduce_max_(self._ballot)
+        return agreed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._request.Wait()
 
 
 def signal_name(signum):

@@ -24,7 +24,7 @@ from dpbp.errors import UserError
 from dpbp.losses import correct, cross_entropy, mse
 from dpbp.model import MLP
 from dpbp.optim import SGD
-from dpbp.supervise import StopSignals, Watchdog, signal_name
+from dpbp.supervise import StopSignals, StopVote, Watchdog, signal_name
 from dpbp.threads import limit_blas_threads
 
 EXIT_DIVERGED = 3   # training stopped: a non-finite loss, or replicas that differ
@@ -149,7 +149,7 @@ def main(argv=None):
                         lambda: (time.sleep(2), mpi.abort(EXIT_HUNG)))   # let all ranks speak
 
     step = start["step"]
-    with StopSignals() as signals:
+    with StopSignals() as signals, StopVote(comm, signals) as vote:
         for epoch in range(start["epoch"], tc.epochs):
             t0 = time.perf_counter()
             order = sharding.epoch_order(len(data.x), cfg.run.seed, epoch, cfg.data.shuffle)
@@ -158,6 +158,7 @@ def main(argv=None):
             loss_sum, counted, skipped = ((start["loss_sum"], start["counted"],
                                            start["skipped"]) if first else (0.0, 0, 0))
             bar = progress_bar(speaks, len(batches), first, f"epoch {epoch + 1}/{tc.epochs}")
+            stop = 0
             for b in range(first, len(batches)):
                 # every rank: train on its shard of global batch b
                 watchdog.feed()
@@ -176,7 +177,7 @@ def main(argv=None):
                     skipped += 1
                     stop_on_nonfinite(comm, tc.on_nonfinite, epoch + 1, b + 1, step)
                 check_replicas(comm, cfg.run.sync_check_steps, model, step)
-                stop = comm.allreduce_max(signals.received)   # DP: the ranks agree to stop
+                stop = vote.poll()   # DP: the ranks agree to stop, one step behind
                 due = tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0
                 if b + 1 < len(batches) and (stop or due):
                     position = (epoch, b + 1, step, skipped, counted)
@@ -202,8 +203,7 @@ def main(argv=None):
             path = save_checkpoint(comm, cfg, model, optimizer, (epoch + 1, 0, step, 0, 0),
                                    0.0, record)
             say(format_epoch(record, tc.epochs))
-            stop = comm.allreduce_max(signals.received)
-            if stop and epoch + 1 < tc.epochs:
+            if stop and epoch + 1 < tc.epochs:   # agreed in the epoch's last step
                 return stopped_by(stop, path, epoch + 1, 0, say)
     watchdog.stop()
     say(f"done: {plural(tc.epochs, 'epoch')}; checkpoint "

@@ -45,13 +45,14 @@ def uninterrupted(tmp_path, tiny_npz):
 
 
 @pytest.mark.parametrize("fault,code,saved", [
-    ("sigterm:1:6", 128 + signal.SIGTERM, "epoch-0001-batch-000002.npz"),   # mid-epoch
-    ("sigint:0:9", 128 + signal.SIGINT, "epoch-0002.npz"),          # in an epoch's last step
+    ("sigterm:1:6", 128 + signal.SIGTERM, "epoch-0001-batch-000003.npz"),   # mid-epoch
+    ("sigint:0:8", 128 + signal.SIGINT, "epoch-0002.npz"),       # agreed in an epoch's last step
 ])
 def test_a_signal_checkpoints_and_resume_is_bitwise(tmp_path, tiny_npz, uninterrupted, fault,
                                                      code, saved):
-    """SIGTERM or SIGINT on one rank: the ranks agree at the end of that step, rank 0 saves
-    where they are, and --resume ends bitwise where an uninterrupted run ends."""
+    """SIGTERM or SIGINT on one rank during step S: the ranks agree on it after step S + 1
+    (the vote runs a step behind), rank 0 saves where they are, and --resume ends bitwise
+    where an uninterrupted run ends."""
     run_dir = tmp_path / "run"
     r = run_train(tiny_run(tiny_npz, run_dir), ranks=2, env={"DPBP_FAULT": fault})
     assert r.returncode == code, r.stderr

@@ -33,7 +33,8 @@ def assert_same_sums(comm, got, want):
 @pytest.mark.parametrize("oversubscribed", [False, True])
 def test_buckets_sum_like_one_allreduce(comm, monkeypatch, bucket_bytes, oversubscribed):
     monkeypatch.setattr(mpi, "BUCKET_BYTES", bucket_bytes)
-    monkeypatch.setattr(comm, "oversubscribed", oversubscribed)   # the yielding wait
+    monkeypatch.setattr(comm, "oversubscribed", oversubscribed)   # the yielding wait...
+    monkeypatch.setattr(mpi, "YIELD_MIN_BYTES", 0)                 # ...for any size
     rng = np.random.default_rng(comm.rank)
     values = rng.normal(size=1000)
     want = comm.allreduce_(values.copy())

@@ -37,6 +37,7 @@ from dpbp import comm as mpi, sharding  # noqa: E402
 from dpbp.errors import UserError  # noqa: E402
 from dpbp.losses import cross_entropy  # noqa: E402
 from dpbp.model import MLP  # noqa: E402
+from dpbp.config import TrainConfig  # noqa: E402
 from dpbp.optim import SGD  # noqa: E402
 from dpbp.threads import limit_blas_threads  # noqa: E402
 
@@ -47,13 +48,14 @@ MEMORY_SLACK = 1.5   # peak RSS may exceed what the run needs by this factor
 
 # ----------------------------------------------------------------------------- dpbp
 
-def bench_dpbp(comm, widths, N, dtype, warmup, steps):
+def bench_dpbp(comm, widths, N, dtype, warmup, steps, comm_dtype="float32"):
     """Collective. Per-rank arrays of step and communication-wait seconds of the timed
     steps, the CPU seconds this rank used in them, and the bytes of the model, optimizer
     state and activations of this rank."""
     model = MLP(widths, "relu", dtype)
     model.init_(np.random.default_rng([0, 0x1417]))
     optimizer = SGD(model.params, model.grads, LR, MOMENTUM)
+    tc = TrainConfig(comm_dtype=comm_dtype)
     B = sharding.shard_sizes(N, comm.size)[comm.rank]
     rng = np.random.default_rng([1, comm.rank])
     x = rng.standard_normal((B, widths[0]), dtype=np.float64).astype(dtype)
@@ -65,7 +67,7 @@ def bench_dpbp(comm, widths, N, dtype, warmup, steps):
             cpu = time.process_time()
         comm.wait_seconds = 0.0
         t0 = time.perf_counter()
-        dpbp.train.train_step(model, optimizer, cross_entropy, x, y, N, comm)
+        dpbp.train.train_step(model, optimizer, cross_entropy, x, y, N, comm, tc)
         if k >= 0:
             seconds[k], waits[k] = time.perf_counter() - t0, comm.wait_seconds
     cpu = time.process_time() - cpu
@@ -220,7 +222,7 @@ def run_bench(args, comm, say):
     base_rss = gather(comm, rss_bytes()).max()   # interpreter, libraries, MPI, BLAS buffers
 
     seconds, waits, cpu, need = bench_dpbp(comm, widths, args.batch_size, dtype, args.warmup,
-                                      args.steps)
+                                           args.steps, args.comm_dtype)
     peak_rss = gather(comm, peak_rss_bytes()).max()
     # The peak: the best window, before or after the steps, of all ranks' rates summed
     # (others' work on a shared machine only ever lowers a window's rate).
@@ -237,6 +239,7 @@ def run_bench(args, comm, say):
              ranks_sharing_cores=comm.ranks_sharing_cores, mpi=comm.library,
              layers=widths, weights=weights, batch_size=args.batch_size, dtype=dtype.name,
              warmup=args.warmup, steps=args.steps, overlap=args.overlap,
+             comm_dtype=args.comm_dtype,
              samples_per_second=samples_per_second,
              step_seconds=step, compute_seconds=step * (1 - comm_fraction),
              comm_seconds=step * comm_fraction, comm_fraction=comm_fraction,
@@ -278,7 +281,8 @@ def report(r):
         f"network {'-'.join(map(str, r['layers']))} relu {r['dtype']}, {r['weights']:,} "
         f"weights; global batch {r['batch_size']} (per rank {'-'.join(map(str, per_rank))}); "
         f"{r['warmup']} warm-up + {r['steps']} timed steps; gradients summed "
-        + ("in buckets during backpropagation" if r["overlap"] else "after backpropagation"),
+        + ("in buckets during backpropagation" if r["overlap"] else "after backpropagation")
+        + ("" if r["comm_dtype"] == "float32" else f", sent as {r['comm_dtype']}"),
         f"samples/s        {r['samples_per_second']:,.0f}",
         f"step (median)    {ms(r['step_seconds'])}: compute {ms(r['compute_seconds'])}, "
         f"communication wait {ms(r['comm_seconds'])} ({100 * r['comm_fraction']:.1f} %)",
@@ -360,6 +364,9 @@ PARSER.add_argument("--dtype", choices=["float32", "float64"], default="float32"
 PARSER.add_argument("--overlap", action="store_true",
                     help="sum gradients in buckets while backpropagation runs (comm.overlap) "
                          "instead of in one Allreduce after it")
+PARSER.add_argument("--comm-dtype", choices=["float32", "float16", "bfloat16"],
+                    default="float32", help="send the gradient sum in 16 bits, as "
+                    "train.comm_dtype does (default float32)")
 PARSER.add_argument("--json", action="store_true",
                     help="also print the figures as one JSON object on the last line")
 PARSER.add_argument("--compare-torch", action="store_true",

@@ -64,7 +64,7 @@ class Comm:
     def __init__(self, mpi_comm=None, library="no MPI"):
         self._comm = mpi_comm
         self.library = library
-        self._packed = {}   # allreduce_16_'s 16-bit buffer, by size
+        self._scratch16 = {}   # allreduce_16_'s 16-bit buffers
         self.wait_seconds = 0.0
         self.overlap = False   # train_step: overlap the gradient sum with backpropagation
         self._buckets, self._unsent = [], None   # allreduce_ready_'s requests in flight
@@ -190,35 +190,62 @@ class Comm:
         """Collective. Like allreduce_ on a float32 `buf`, but sending 16-bit values: half
         the bytes, with the rounding of `kind`, "float16" or "bfloat16".
 
-        float16 reaches only 65504: each rank's values are first multiplied by one power
-        of two that every rank agrees on (from the largest magnitude on any rank), so that
-        the sum of all ranks cannot overflow while small values keep as many bits as the
-        range allows; the sum is divided by it again. bfloat16 has float32's range and
-        needs no scaling. Non-finite values stay non-finite.
+        A reduce-scatter then an allgather, both of 16-bit values: each rank receives its
+        part of every rank's buffer (Alltoallv), adds the parts up in float32 in rank
+        order, rounds the sum to 16 bits and sends it to all (Allgatherv); so every rank
+        ends with the same bits. float16 reaches only 65504: every rank first multiplies
+        its values by one power of two that all agree on (from the largest magnitude on
+        any rank), so that the sum cannot overflow while small values keep as many bits
+        as the range allows; the sum is divided by it again. bfloat16 has float32's range
+        and needs no scaling. Non-finite values stay non-finite.
         """
         if self.size == 1:
             return buf
-        packed = self._packed.get(buf.size)
-        if packed is None:
-            packed = self._packed[buf.size] = np.empty(buf.size, np.uint16)
+        t0 = time.perf_counter()
+        MPI, n, size = self._MPI, buf.size, self.size
+        counts = np.array([len(range(n)[r * n // size:(r + 1) * n // size])
+                           for r in range(size)])
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        mine = slice(starts[self.rank], starts[self.rank] + counts[self.rank])
+        packed, parts = self._scratch(n, counts[self.rank])
         scale = 1.0
         if kind == "float16":
-            peak = float(np.max(np.abs(buf))) if buf.size else 0.0
-            peak = self._allreduce_float(peak, self._MPI.MAX)
+            peak = float(np.max(np.abs(buf))) if n else 0.0
+            peak = self._allreduce_float(peak, MPI.MAX)
             if 0 < peak < math.inf:
-                scale = 2.0 ** math.floor(math.log2(FLOAT16_MAX / (peak * self.size)))
+                scale = 2.0 ** math.floor(math.log2(FLOAT16_MAX / (peak * size)))
             np.multiply(buf, scale, out=buf)
             packed.view(np.float16)[...] = buf
         else:
             to_bfloat16(buf, packed)
-        op = _SUM_FLOAT16 if kind == "float16" else _SUM_BFLOAT16
-        self._comm.Allreduce(self._MPI.IN_PLACE, [packed, self._MPI.UINT16_T], op=op())
+        c = int(counts[self.rank])
+        self._comm.Alltoallv([packed, (counts, starts), MPI.UINT16_T],
+                             [parts, ([c] * size, [c * r for r in range(size)]), MPI.UINT16_T])
+        total = buf[mine]   # this rank's part of the sum, accumulated in float32
+        parts = parts.reshape(size, c)
+        total[...] = 0
+        for r in range(size):   # in rank order, the same on every rank
+            total += (parts[r].view(np.float16) if kind == "float16"
+                      else from_bfloat16(parts[r], np.empty(c, np.float32)))
+        if kind == "float16":
+            packed[mine].view(np.float16)[...] = total
+        else:
+            to_bfloat16(total, packed[mine])
+        self._comm.Allgatherv(MPI.IN_PLACE, [packed, (counts, starts), MPI.UINT16_T])
         if kind == "float16":
             buf[...] = packed.view(np.float16)
             buf *= 1 / scale
         else:
             from_bfloat16(packed, buf)
+        self.wait_seconds += time.perf_counter() - t0   # conversions included
         return buf
+
+    def _scratch(self, n, c):
+        """allreduce_16_'s buffers: n 16-bit values, and `size` parts of c values."""
+        if (n, c) not in self._scratch16:
+            self._scratch16 = {(n, c): (np.empty(n, np.uint16),
+                                        np.empty(c * self.size, np.uint16))}
+        return self._scratch16[n, c]
 
     def _allreduce_float(self, value, op):
         out = np.array([value], dtype=np.float64)
@@ -357,35 +384,3 @@ def from_bfloat16(packed, out):
     """bfloat16 bit patterns (uint16) -> float32 `out` (exact)."""
     out.view(np.uint32)[...] = packed.astype(np.uint32) << 16
     return out
-
-
-def _user_op(add):
-    """An MPI reduction op on uint16 buffers holding 16-bit floats (created on first use,
-    after MPI is up)."""
-    made = []
-
-    def get():
-        if not made:
-            from mpi4py import MPI
-
-            def reduce(inbuf, inoutbuf, datatype):
-                a = np.frombuffer(inbuf, np.uint16)
-                b = np.frombuffer(inoutbuf, np.uint16)
-                add(a, b)
-            made.append(MPI.Op.Create(reduce, commute=True))
-        return made[0]
-    return get
-
-
-def _add_float16(a, b):
-    b.view(np.float16)[...] += a.view(np.float16)
-
-
-def _add_bfloat16(a, b):
-    total = from_bfloat16(a, np.empty(a.size, np.float32))
-    total += from_bfloat16(b, np.empty(b.size, np.float32))
-    to_bfloat16(total, b)
-
-
-_SUM_FLOAT16 = _user_op(_add_float16)
-_SUM_BFLOAT16 = _user_op(_add_bfloat16)

@@ -145,8 +145,7 @@ def main(argv=None):
     loss_fn = {"cross_entropy": cross_entropy, "mse": mse}[tc.loss]
     steps_per_epoch = sharding.num_batches(len(data.x), tc.batch_size)
     grad_sum = np.empty_like(model.grads) if tc.accumulation_steps > 1 else None
-    watchdog = Watchdog(cfg.run.watchdog_seconds, comm.rank,
-                        lambda: (time.sleep(2), mpi.abort(EXIT_HUNG)))   # let all ranks speak
+    watchdog = Watchdog(cfg.run.watchdog_seconds, comm.rank, end_hung_job)
 
     step = start["step"]
     with StopSignals() as signals, StopVote(comm, signals) as vote:
@@ -209,6 +208,12 @@ def main(argv=None):
     say(f"done: {plural(tc.epochs, 'epoch')}; checkpoint "
         f"{checkpoint.path_for(cfg.run.dir, tc.epochs)}, metrics {run_dir.metrics_path(cfg.run.dir)}")
     return 0
+
+
+def end_hung_job():
+    """The watchdog's last act, on the first rank whose watchdog fires."""
+    time.sleep(2)   # the other ranks' watchdogs fire too: let them print their stacks
+    mpi.abort(EXIT_HUNG)
 
 
 class _NoBar:

@@ -113,9 +113,11 @@ def load(path):
     if state["format_version"] > FORMAT_VERSION:
         raise UserError(f"checkpoint {path} has format {state['format_version']}; this dpbp "
                         f"reads up to {FORMAT_VERSION}: upgrade dpbp")
-    sums = state.setdefault("loss_sums", np.zeros(1))
-    if sums.ndim != 1 or sums.dtype != np.float64 or not np.isfinite(sums).all():
-        raise UserError(f"checkpoint {path}: loss_sums must be finite float64 values")
+    sums = state.setdefault("loss_sums", np.zeros(state["world_size"]))   # format 1: none
+    if sums.shape != (state["world_size"],) or sums.dtype != np.float64 \
+            or not np.isfinite(sums).all():
+        raise UserError(f"checkpoint {path}: loss_sums must be world_size finite float64 "
+                        "values")
     return state
 
 

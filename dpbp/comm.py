@@ -81,8 +81,10 @@ class Comm:
         self.ranks_sharing_cores = sum(c == cores for c in node.allgather(cores))
         node.Free()
         # More ranks than cores: a rank that waits must leave its core to the ones that
-        # still compute, instead of spinning in MPI's busy-polling progress loop.
-        self.oversubscribed = self.ranks_sharing_cores > len(cores)
+        # still compute, instead of spinning in MPI's busy-polling progress loop. Agreed
+        # by all ranks (it picks non-blocking collectives, which must match on every rank).
+        self.oversubscribed = bool(self.allreduce_max(int(self.ranks_sharing_cores >
+                                                          len(cores))))
 
     def allreduce_(self, buf):
         """Collective. Replace `buf` (a contiguous array) with its elementwise sum over ranks."""
@@ -195,7 +197,8 @@ class Comm:
         order, rounds the sum to 16 bits and sends it to all (Allgatherv); so every rank
         ends with the same bits. float16 reaches only 65504: every rank first multiplies
         its values by one power of two that all agree on (from the largest magnitude on
-        any rank), so that the sum cannot overflow while small values keep as many bits
+        any rank, with a factor 2 to spare), so that the sum cannot overflow while small
+        values keep as many bits
         as the range allows; the sum is divided by it again. bfloat16 has float32's range
         and needs no scaling. Non-finite values stay non-finite.
         """
@@ -212,8 +215,9 @@ class Comm:
         if kind == "float16":
             peak = float(np.max(np.abs(buf))) if n else 0.0
             peak = self._allreduce_float(peak, MPI.MAX)
-            if 0 < peak < math.inf:
-                scale = 2.0 ** math.floor(math.log2(FLOAT16_MAX / (peak * size)))
+            if 0 < peak < math.inf:   # a factor 2 to spare for rounding up to float16
+                scale = min(2.0 ** math.floor(math.log2(FLOAT16_MAX / (2 * peak * size))),
+                            2.0 ** 126)   # and it and its inverse are float32 numbers
             np.multiply(buf, scale, out=buf)
             packed.view(np.float16)[...] = buf
         else:

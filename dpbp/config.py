@@ -214,6 +214,9 @@ def validate(cfg):
            f"in [1, train.batch_size = {t.batch_size}]", t.accumulation_steps)
     _check(math.isfinite(t.clip_grad_norm) and t.clip_grad_norm >= 0, "train.clip_grad_norm",
            ">= 0 (0 = off)", t.clip_grad_norm)
+    _check(t.comm_dtype == "float32" or m.dtype == "float32", "train.comm_dtype",
+           f'"float32" when model.dtype = "{m.dtype}" (16-bit sums are of float32 gradients)',
+           t.comm_dtype)
     _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", ">= 0 (0 = off)",
            t.checkpoint_every_steps)
 

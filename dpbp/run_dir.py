@@ -42,7 +42,10 @@ def read_metrics(run_dir):
         return []
     try:
         with open(path, encoding="utf-8") as f:
-            return [(int(json.loads(line)["epoch"]), line) for line in f if line.strip()]
+            lines = [line for line in f if line.strip()]
+        if lines and not lines[-1].endswith("\n"):
+            lines.pop()   # torn by a crash or a full disk while appending: never finished
+        return [(int(json.loads(line)["epoch"]), line) for line in lines]
     except OSError as e:
         raise UserError(f"{path}: cannot read it ({e.strerror})") from None
     except (ValueError, KeyError, TypeError):
@@ -186,7 +189,10 @@ def prepare(cfg, start, resumed_from=None, damaged=()):
         raise UserError(f"run.dir {run_dir}: cannot write ({e.strerror}: {e.filename})"
                         ) from None
     check()   # nobody started or advanced a run here meanwhile
-    kept = [line for epoch, line in read_metrics(run_dir) if epoch <= start[0]]
+    # the metrics of the epochs resumed from: a branch takes them from the run it leaves
+    source = (None if resumed_from is None else home if new else run_dir)
+    earlier = read_metrics(source) if source else []
+    kept = [line for epoch, line in earlier if epoch <= start[0]]
     try:
         for path in damaged:
             os.replace(path, path + ".damaged")

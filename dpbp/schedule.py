@@ -8,7 +8,7 @@
     step      base * gamma ** (milestones reached), a milestone m reached from epoch m on
               (after m epochs)
     cosine    base * (1 + cos(pi * t / T)) / 2 over the T steps after warmup, t = 0..T-1:
-              from base down to 0 at the last epoch
+              from base down towards 0 at the last step
 Steps count from 0 over the whole run, so a resumed run continues the same curve.
 """
 

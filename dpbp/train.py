@@ -74,13 +74,22 @@ def train_step(model, optimizer, loss_fn, x, y, N, comm, tc=None, grad_sum=None)
             else:
                 grad_sum += model.grads
     backward_and_sum(model, doutputs, comm, tc, grad_sum if k > 1 else None)
-    norm = math.sqrt(np.dot(model.grads, model.grads))   # the same on every rank
+    norm = grad_norm(model.grads)   # the same on every rank, as the sum is
     if not math.isfinite(norm):
         return loss_sum, False
     if tc and tc.clip_grad_norm and norm > tc.clip_grad_norm:
         model.grads *= tc.clip_grad_norm / (norm + 1e-6)   # as torch's clip_grad_norm_
     optimizer.step()
     return loss_sum, True
+
+
+def grad_norm(g):
+    """The L2 norm of g: one BLAS dot, and in float64 only where float32 squares overflow
+    (a finite gradient must not look non-finite); NaN or Inf in g give a non-finite norm."""
+    norm = math.sqrt(np.dot(g, g))
+    if math.isinf(norm) and g.dtype != np.float64:
+        norm = math.sqrt(np.dot(g.astype(np.float64), g.astype(np.float64)))
+    return norm
 
 
 def backward_and_sum(model, doutputs, comm, tc, earlier):
@@ -187,17 +196,20 @@ def main(argv=None):
             bar.close()
             # every rank: the epoch's loss, then validation on its share of the rows
             train_seconds = time.perf_counter() - t0
-            train_loss = comm.allreduce_(np.array([loss_sum]))[0] / max(counted, 1)
+            trained = sum(len(batch) for batch in batches[first:])   # rows in this process
+            total = comm.allreduce_(np.array([loss_sum]))[0]
+            train_loss = total / counted if counted else None   # None: every step skipped
             val_loss, val_accuracy = None, None
             with np.errstate(over="ignore", invalid="ignore"):   # divergence is caught below
                 if data.x_val is not None:
                     val_loss, val_accuracy = evaluate(model, loss_fn, data.x_val, data.y_val,
                                                       data.num_classes, comm)
-            stop_unless_healthy(comm, model, epoch + 1, train_loss, val_loss)
+            stop_unless_healthy(comm, model, epoch + 1, total, val_loss)
+            watchdog.feed()
             record = dict(epoch=epoch + 1, train_loss=train_loss, val_loss=val_loss,
                           val_accuracy=val_accuracy, lr=optimizer.lr,
                           seconds=time.perf_counter() - t0,
-                          samples_per_second=len(data.x) / train_seconds,
+                          samples_per_second=trained / train_seconds,
                           world_size=comm.size, skipped_steps=skipped)
             path = save_checkpoint(comm, cfg, model, optimizer, (epoch + 1, 0, step, 0, 0),
                                    0.0, record)
@@ -258,7 +270,8 @@ def stop_on_nonfinite(comm, policy, epoch, batch, step):
     with mpi.agreement(comm, code=EXIT_DIVERGED):
         if policy == "stop":
             raise UserError(f"non-finite loss or gradient in epoch {epoch}, batch {batch} "
-                            f"(step {step}); nothing of this epoch was saved. Lower train.lr, "
+                            f"(step {step}); nothing after the last checkpoint was saved. Lower "
+                            "train.lr, "
                             'set train.clip_grad_norm, or skip such steps with '
                             'train.on_nonfinite = "skip"')
 
@@ -277,25 +290,28 @@ def plural(n, noun, nouns=None):
     return f"{n} {noun if n == 1 else nouns or noun + 's'}"
 
 
-def stop_unless_healthy(comm, model, epoch, train_loss, val_loss):
+def stop_unless_healthy(comm, model, epoch, train_loss_sum, val_loss):
     """Collective. Stop every rank, before anything is saved, if the losses are not finite
     or the replicas no longer hold identical parameters."""
     identical = comm.replicas_identical(model.params)
     with mpi.agreement(comm, code=EXIT_DIVERGED):
-        if not math.isfinite(train_loss) or (val_loss is not None and not math.isfinite(val_loss)):
-            raise UserError(f"training diverged in epoch {epoch}: train loss {train_loss}, "
-                            f"val loss {val_loss}; nothing of this epoch was saved. Lower "
-                            "train.lr, or start from an earlier checkpoint")
+        if not math.isfinite(train_loss_sum) or (val_loss is not None
+                                                 and not math.isfinite(val_loss)):
+            raise UserError(f"training diverged in epoch {epoch}: train loss sum "
+                            f"{train_loss_sum}"
+                            f", val loss {val_loss}; nothing after the last checkpoint was "
+                            "saved. Lower train.lr, or start from an earlier checkpoint")
         if not identical:
             raise UserError(f"replicas diverged in epoch {epoch}: the ranks' parameters "
-                            "differ (a fault in a node or in MPI); nothing was saved")
+                            "differ (a fault in a node or in MPI); nothing more was saved")
 
 
 def format_epoch(r, epochs):
     val = "val_loss -  val_acc -" if r["val_loss"] is None else (
         f"val_loss {r['val_loss']:.4f}  val_acc "
         + ("-" if r["val_accuracy"] is None else f"{100 * r['val_accuracy']:.2f}%"))
-    return (f"epoch {r['epoch']:>{len(str(epochs))}}/{epochs}  train_loss {r['train_loss']:.4f}"
+    train = "-" if r["train_loss"] is None else f"{r['train_loss']:.4f}"
+    return (f"epoch {r['epoch']:>{len(str(epochs))}}/{epochs}  train_loss {train}"
             f"  {val}  lr {r['lr']:g}  {r['seconds']:.2f} s  "
             f"{r['samples_per_second']:,.0f} samples/s")
 
@@ -426,7 +442,7 @@ def _epilog():
         lines.append(f"  [{section}]  " + ", ".join(f"{k} = {v}" for k, v in keys.items()))
     lines += ["", "exit codes: 0 done; 2 bad input (config, data, run directory, checkpoint), "
               "reported once;", f"  {EXIT_DIVERGED} a non-finite loss or gradient, or "
-              "replicas that differ: nothing of that epoch saved;",
+              "replicas that differ: nothing after the last checkpoint saved;",
               f"  {EXIT_HUNG} the watchdog ended the job: no step finished in "
               "run.watchdog_seconds;",
               "  128+N stopped by signal N (143 SIGTERM, 130 SIGINT) after saving a "

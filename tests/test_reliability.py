@@ -219,3 +219,46 @@ def test_resume_from_a_chosen_checkpoint(tmp_path, tiny_npz, uninterrupted):
     a, b = model_arrays(uninterrupted / "checkpoints" / FULL), model_arrays(branch / "checkpoints" / FULL)
     assert all(a[k].tobytes() == b[k].tobytes() for k in a)
     assert snapshot(run_dir) == before
+
+
+def test_resume_of_a_format_1_checkpoint_at_the_same_world_size(tmp_path, tiny_npz):
+    """dpbp 0.1's checkpoints (no digest, no partial loss sums) resume under mpirun."""
+    run_dir = tmp_path / "run"
+    assert run_train(tiny_run(tiny_npz, run_dir, "--set", "train.epochs=1"), ranks=2
+                     ).returncode == 0
+    path = run_dir / "checkpoints" / "epoch-0001.npz"
+    with np.load(path) as f:
+        old = {k: f[k] for k in f.files
+               if k not in ("digest", "batch", "skipped", "counted", "loss_sums")}
+    np.savez(path, **dict(old, format_version=np.int64(1)))
+    r = run_train(tiny_run(tiny_npz, run_dir, "--resume", "--set", "train.epochs=2"), ranks=2)
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_branch_keeps_the_history_it_branches_from(tmp_path, tiny_npz):
+    """--resume PATH into a new run.dir starts its metrics with the parent's epochs up to
+    PATH, not with what an earlier failed run left in that directory."""
+    parent = tmp_path / "parent"
+    assert run_train(tiny_run(tiny_npz, parent)).returncode == 0
+    branch = tmp_path / "branch"
+    failed = run_train(tiny_run(tiny_npz, branch, "--set", "run.seed=7"),
+                       env={"DPBP_FAULT": "nospace:0:5"})   # fails saving its epoch 1
+    assert failed.returncode == 2 and len(metrics(branch)) == 1
+    r = run_train(["--resume", str(parent / "checkpoints" / "epoch-0002.npz"),
+                   "--set", f'run.dir="{branch}"'])
+    assert r.returncode == 0, r.stderr
+    assert metrics(branch)[:2] == metrics(parent)[:2]
+    assert [m["epoch"] for m in metrics(branch)] == [1, 2, 3]
+
+
+def test_a_torn_metrics_line_is_dropped(tmp_path, tiny_npz):
+    """A crash mid-append leaves a line without its newline: --resume drops it (that epoch
+    is trained again)."""
+    run_dir = tmp_path / "run"
+    r = run_train(tiny_run(tiny_npz, run_dir), ranks=2, env={"DPBP_FAULT": "sigterm:0:12"})
+    assert r.returncode == 128 + signal.SIGTERM
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "train_lo')
+    r = run_train(tiny_run(tiny_npz, run_dir, "--resume"), ranks=2)
+    assert r.returncode == 0, r.stderr
+    assert [m["epoch"] for m in metrics(run_dir)] == [1, 2, 3]

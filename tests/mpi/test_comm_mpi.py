@@ -145,3 +145,17 @@ def test_16_bit_allreduce(comm, kind, rtol):
         poisoned[3] = np.nan
     out = comm.allreduce_16_(poisoned, kind)
     assert np.isnan(out[3]) and np.isfinite(np.delete(out, 3)).all()
+
+
+def test_float16_sum_at_the_edge_of_its_range(comm):
+    """Every rank holding the largest value the scaling allows for, with the same sign:
+    rounding each part up to float16 must not push the sum past 65504; tiny values must
+    not be scaled past float32's range."""
+    edge = np.full(4, 65504.0 / comm.size * 0.9999, np.float32)
+    out = comm.allreduce_16_(edge.copy(), "float16")
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, edge * comm.size, rtol=2e-3)
+    tiny = np.array([1e-36, 0.0, 5e-37], np.float32)
+    out = comm.allreduce_16_(tiny.copy(), "float16")
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, tiny * comm.size, rtol=2e-3)

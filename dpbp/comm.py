@@ -1,13 +1,15 @@
 """All communication between ranks. The only module in dpbp that imports mpi4py.
 
 A `Comm` knows its `rank`, `size` and `ranks_sharing_cores`, and has a few verbs:
-in-place `allreduce_` on a flat array, `bcast_`, `bcast_obj`, `allreduce_min`,
-`barrier` and `replicas_identical`; `allreduce_ready_` and `allreduce_wait` sum a
-buffer in buckets while backpropagation still fills it. The seconds spent waiting for
-those sums add up in `wait_seconds`, which the benchmark reads as the communication
-share of a step. `agreement(comm)` is the collective check that turns bad input seen on
-some ranks into one message and a clean stop on all of them. The hot
-path uses mpi4py's buffer API (no pickling), and every verb costs nothing at world size 1.
+in-place `allreduce_` on a flat array (and `allreduce_16_`, which sends it in 16 bits),
+`allgatherv_`, `bcast_`, `bcast_obj`, `allreduce_min`/`allreduce_max`, the non-blocking
+`start_allreduce_max_`, `barrier` and `replicas_identical`; `allreduce_ready_` and
+`allreduce_wait` sum a buffer in buckets while backpropagation still fills it. The
+seconds spent in the gradient sums add up in `wait_seconds`, which the benchmark reads
+as the communication share of a step. `agreement(comm)` is the collective check that
+turns bad input seen on some ranks into one message and a clean stop on all of them.
+The hot path uses mpi4py's buffer API (no pickling), and every verb costs nothing at
+world size 1.
 
 `init()` returns a world of one when there is no launcher, no mpi4py or no MPI library,
 so `python -m dpbp.train` runs the same code as `mpirun -n 4 python -m dpbp.train`.
@@ -25,6 +27,7 @@ import zlib
 import numpy as np
 
 from dpbp.errors import UserError
+from dpbp.sharding import shard_sizes
 from dpbp.threads import available_cores
 
 # Environment variables through which launchers announce the world size before MPI_Init.
@@ -206,8 +209,7 @@ class Comm:
             return buf
         t0 = time.perf_counter()
         MPI, n, size = self._MPI, buf.size, self.size
-        counts = np.array([len(range(n)[r * n // size:(r + 1) * n // size])
-                           for r in range(size)])
+        counts = np.array(shard_sizes(n, size))   # this rank sums part `rank` of all
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         mine = slice(starts[self.rank], starts[self.rank] + counts[self.rank])
         packed, parts = self._scratch(n, counts[self.rank])

@@ -49,17 +49,19 @@ def digest(arrays):
     return h.hexdigest()
 
 
-def save(path, model, optimizer, position, world_size, config_toml, loss_sums=(0.0,)):
+def save(path, model, optimizer, position, world_size, config_toml, loss_sums=None):
     """Write the checkpoint atomically (rank 0 only). `position` = (epoch, batch, step,
-    skipped, counted); `loss_sums` = every rank's partial training-loss sum of the epoch."""
+    skipped, counted); `loss_sums` = every rank's partial training-loss sum of the epoch
+    (zeros by default, as at an epoch's end)."""
     if not np.isfinite(model.params).all():   # never write NaN or Inf weights
         raise UserError(f"refusing to write {path}: the weights are not finite")
     epoch, batch, step, skipped, counted = position
     arrays = dict(model.state_dict())
     if optimizer.momentum_buffer is not None:
         arrays["optimizer.momentum_buffer"] = optimizer.momentum_buffer
+    sums = np.zeros(world_size) if loss_sums is None else np.asarray(loss_sums, np.float64)
     arrays.update(epoch=np.int64(epoch), batch=np.int64(batch), step=np.int64(step),
-                  skipped=np.int64(skipped), counted=np.int64(counted), loss_sums=np.asarray(loss_sums, np.float64),
+                  skipped=np.int64(skipped), counted=np.int64(counted), loss_sums=sums,
                   world_size=np.int64(world_size), config=np.str_(config_toml),
                   format_version=np.int64(FORMAT_VERSION))
     arrays["digest"] = np.str_(digest(arrays))

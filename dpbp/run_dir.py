@@ -227,7 +227,7 @@ def _lock(run_dir):
     return lock, []
 
 
-def save(cfg, model, optimizer, position, world_size, loss_sums=(0.0,), record=None):
+def save(cfg, model, optimizer, position, world_size, loss_sums=None, record=None):
     """Checkpoint at `position` = (epoch, batch, step, skipped, counted); at the end of an epoch
     (batch 0) first append its line of metrics, `record`. (In this order, a crash between
     the two leaves a metrics line that `prepare` drops on resume, never a missing one.)

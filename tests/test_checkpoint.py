@@ -155,7 +155,7 @@ def test_unreadable_checkpoint(tmp_path):
     ({"world_size": np.float64(2)}, "world_size must be a non-negative integer"),
     ({"config": np.array([1])}, "config must be TOML text"),
     ({"format_version": np.int64(99)}, "has format 99; this dpbp reads up to 2"),
-    ({"loss_sums": np.array([np.nan])}, "loss_sums must be finite float64 values"),
+    ({"loss_sums": np.array([np.nan])}, "loss_sums must be world_size finite float64 values"),
 ])
 def test_malformed_checkpoint_fields(tmp_path, change, message):
     """Fields that are wrong although the digest matches them (as a buggy writer makes)."""

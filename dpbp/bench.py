@@ -34,7 +34,7 @@ from datetime import timedelta  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dpbp import comm as mpi, sharding  # noqa: E402
-from dpbp.errors import UserError  # noqa: E402
+from dpbp.errors import ArgumentParser, UserError  # noqa: E402
 from dpbp.losses import cross_entropy  # noqa: E402
 from dpbp.model import MLP  # noqa: E402
 from dpbp.config import TrainConfig  # noqa: E402
@@ -315,11 +315,6 @@ def plural(n, noun):
 
 # ----------------------------------------------------------------------------- command line
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(f"{message} (see python -m dpbp.bench --help)")
-
-
 def widths_arg(text):
     try:
         widths = [int(w) for w in text.split(",")]
@@ -344,7 +339,7 @@ def count(text):
     return int(text)
 
 
-PARSER = _Parser(prog="python -m dpbp.bench", add_help=False,
+PARSER = ArgumentParser(prog="python -m dpbp.bench", add_help=False,
                  description="Time dpbp's training step on synthetic data. Run as one "
                              "process, or as N ranks\nwith: mpirun -n N python -m dpbp.bench "
                              "[options]",

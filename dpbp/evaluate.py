@@ -17,7 +17,7 @@ import json
 import numpy as np
 
 from dpbp import checkpoint, comm as mpi, config, data as datasets
-from dpbp.errors import UserError
+from dpbp.errors import ArgumentParser, UserError
 from dpbp.losses import cross_entropy, mse
 from dpbp.model import MLP
 from dpbp.sharding import shard
@@ -175,12 +175,7 @@ def report(r):
     return "\n".join(lines)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):   # a UserError, so ranks agree and report it once
-        raise UserError(f"{message} (see python -m dpbp.evaluate --help)")
-
-
-PARSER = _Parser(
+PARSER = ArgumentParser(
     prog="python -m dpbp.evaluate", add_help=False,
     description="Evaluate a checkpoint on its run's validation set: loss, accuracy, "
                 "per-class accuracy and\nconfusion matrix. Run as one process, or sharded "

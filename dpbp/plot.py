@@ -13,7 +13,7 @@ import json
 import os
 
 from dpbp import comm as mpi
-from dpbp.errors import UserError
+from dpbp.errors import ArgumentParser, UserError
 from dpbp.files import write_atomic
 from dpbp.run_dir import metrics_path, read_metrics
 
@@ -103,12 +103,7 @@ def main(argv=None):
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(f"{message} (see python -m dpbp.plot --help)")
-
-
-PARSER = _Parser(
+PARSER = ArgumentParser(
     prog="python -m dpbp.plot", add_help=False,
     description="Plot training and validation loss, validation accuracy and learning "
                 "rate against epoch,\nfrom RUN_DIR/metrics.jsonl, into a PNG. Needs "

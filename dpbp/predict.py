@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from dpbp import comm as mpi, config
-from dpbp.errors import UserError
+from dpbp.errors import ArgumentParser, UserError
 from dpbp.evaluate import load_checkpoint, restore_model
 from dpbp.files import write_atomic
 from dpbp.sharding import shard, shard_sizes
@@ -144,12 +144,7 @@ def main(argv=None):
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):   # a UserError, so ranks agree and report it once
-        raise UserError(f"{message} (see python -m dpbp.predict --help)")
-
-
-PARSER = _Parser(
+PARSER = ArgumentParser(
     prog="python -m dpbp.predict", add_help=False,
     formatter_class=argparse.RawDescriptionHelpFormatter,
     description="Apply a checkpoint's network to new inputs. A cross-entropy network "

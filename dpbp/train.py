@@ -20,7 +20,7 @@ import numpy as np
 
 from dpbp import __version__, checkpoint, comm as mpi, config, data as datasets, faults
 from dpbp import run_dir, schedule, sharding
-from dpbp.errors import UserError
+from dpbp.errors import ArgumentParser, UserError
 from dpbp.losses import correct, cross_entropy, mse
 from dpbp.model import MLP
 from dpbp.optim import SGD
@@ -184,7 +184,8 @@ def main(argv=None):
                 else:
                     skipped += 1
                     stop_on_nonfinite(comm, tc.on_nonfinite, epoch + 1, b + 1, step)
-                check_replicas(comm, cfg.run.sync_check_steps, model, step)
+                if cfg.run.sync_check_steps and step % cfg.run.sync_check_steps == 0:
+                    check_replicas(comm, model, f"by step {step}")
                 stop = vote.poll()   # DP: the ranks agree to stop, one step behind
                 due = tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0
                 if b + 1 < len(batches) and (stop or due):
@@ -204,7 +205,8 @@ def main(argv=None):
                 if data.x_val is not None:
                     val_loss, val_accuracy = evaluate(model, loss_fn, data.x_val, data.y_val,
                                                       data.num_classes, comm)
-            stop_unless_healthy(comm, model, epoch + 1, total, val_loss)
+            stop_unless_finite(comm, epoch + 1, total, val_loss)
+            check_replicas(comm, model, f"in epoch {epoch + 1}")
             watchdog.feed()
             record = dict(epoch=epoch + 1, train_loss=train_loss, val_loss=val_loss,
                           val_accuracy=val_accuracy, lr=optimizer.lr,
@@ -276,34 +278,30 @@ def stop_on_nonfinite(comm, policy, epoch, batch, step):
                             'train.on_nonfinite = "skip"')
 
 
-def check_replicas(comm, every, model, step):
-    """Collective, every `every` steps: stop if the ranks' parameters differ."""
-    if every and step % every == 0:
-        identical = comm.replicas_identical(model.params)
-        with mpi.agreement(comm, code=EXIT_DIVERGED):
-            if not identical:
-                raise UserError(f"replicas diverged by step {step}: the ranks' parameters "
-                                "differ (a fault in a node or in MPI); nothing more was saved")
+def check_replicas(comm, model, when):
+    """Collective. Stop every rank, before anything more is saved, if the ranks'
+    parameters differ; `when` says where in the run (for the message)."""
+    identical = comm.replicas_identical(model.params)
+    with mpi.agreement(comm, code=EXIT_DIVERGED):
+        if not identical:
+            raise UserError(f"replicas diverged {when}: the ranks' parameters differ (a "
+                            "fault in a node or in MPI); nothing more was saved")
 
 
 def plural(n, noun, nouns=None):
     return f"{n} {noun if n == 1 else nouns or noun + 's'}"
 
 
-def stop_unless_healthy(comm, model, epoch, train_loss_sum, val_loss):
-    """Collective. Stop every rank, before anything is saved, if the losses are not finite
-    or the replicas no longer hold identical parameters."""
-    identical = comm.replicas_identical(model.params)
+def stop_unless_finite(comm, epoch, train_loss_sum, val_loss):
+    """Collective. Stop every rank, before anything more is saved, if the epoch's losses
+    are not finite."""
     with mpi.agreement(comm, code=EXIT_DIVERGED):
         if not math.isfinite(train_loss_sum) or (val_loss is not None
                                                  and not math.isfinite(val_loss)):
             raise UserError(f"training diverged in epoch {epoch}: train loss sum "
-                            f"{train_loss_sum}"
-                            f", val loss {val_loss}; nothing after the last checkpoint was "
-                            "saved. Lower train.lr, or start from an earlier checkpoint")
-        if not identical:
-            raise UserError(f"replicas diverged in epoch {epoch}: the ranks' parameters "
-                            "differ (a fault in a node or in MPI); nothing more was saved")
+                            f"{train_loss_sum}, val loss {val_loss}; nothing after the last "
+                            "checkpoint was saved. Lower train.lr, or start from an earlier "
+                            "checkpoint")
 
 
 def format_epoch(r, epochs):
@@ -431,11 +429,6 @@ def fingerprint(cfg, data):
     return np.array(crcs, dtype=np.int64)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):   # a UserError, so ranks agree and report it once
-        raise UserError(f"{message} (see python -m dpbp.train --help)")
-
-
 def _epilog():
     lines = ["config keys and their defaults (configs/default.toml spells them out):"]
     for section, keys in config.defaults_by_section().items():
@@ -451,7 +444,7 @@ def _epilog():
     return "\n".join(lines)
 
 
-PARSER = _Parser(
+PARSER = ArgumentParser(
     prog="python -m dpbp.train", add_help=False,
     formatter_class=argparse.RawDescriptionHelpFormatter,
     description="Data-parallel training of a multilayer perceptron. Run as one process, "

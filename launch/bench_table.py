@@ -22,7 +22,8 @@ def mpirun(n):
     exe = str(here) if here.exists() else shutil.which("mpirun")
     if exe is None:
         sys.exit("bench_table: no mpirun found; pip install 'dpbp[mpich]' brings one")
-    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
     return [exe, "--oversubscribe", "-n", str(n)] if "Open MPI" in version else [exe, "-n", str(n)]
 
 
@@ -42,7 +43,7 @@ def main():
     if args[:1] == ["--repeats"]:
         repeats, args = int(args[1]), args[2:]
     has_torch = subprocess.run([sys.executable, "-c", "import torch"],
-                               capture_output=True).returncode == 0
+                               capture_output=True, timeout=300).returncode == 0
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     results, load_before = {}, os.getloadavg()[0]
     for _ in range(repeats):

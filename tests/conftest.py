@@ -28,7 +28,8 @@ def mpirun(n):
     exe = find_mpirun()
     if exe is None:
         pytest.skip("no mpirun found (pip install -e '.[test]' brings one)")
-    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
     if "Open MPI" in version or "OpenRTE" in version:
         return [exe, "--oversubscribe", "-n", str(n)]
     return [exe, "-n", str(n)]

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -107,6 +108,8 @@ def test_ctrl_c_to_the_whole_job_checkpoints_and_resumes(tmp_path):
                        "--set", "data.samples=2000", "--set", "train.epochs=500"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=mpi_env(), start_new_session=True)
+    guard = threading.Timer(120, os.killpg, (proc.pid, signal.SIGKILL))   # never hang
+    guard.start()
     try:
         for line in proc.stdout:   # wait until training is under way
             if line.startswith("epoch") and " 2/500" in line:
@@ -115,6 +118,7 @@ def test_ctrl_c_to_the_whole_job_checkpoints_and_resumes(tmp_path):
         start = time.monotonic()
         out, err = proc.communicate(timeout=60)
     finally:
+        guard.cancel()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert time.monotonic() - start < 10

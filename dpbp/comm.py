@@ -148,6 +148,15 @@ class Comm:
             return _Done()
         return self._comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MAX)
 
+    def allreduce_max_(self, buf):
+        """Collective. Replace the float64 array `buf` with its elementwise maximum over
+        ranks (exact: a maximum never rounds)."""
+        if self.size > 1:
+            t0 = time.perf_counter()
+            self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MAX)
+            self.wait_seconds += time.perf_counter() - t0
+        return buf
+
     def allreduce_min(self, value):
         """Collective. The minimum of an integer over ranks."""
         if self.size == 1:

@@ -67,6 +67,8 @@ class TrainConfig:
     comm_dtype: str = "float32"    # gradient Allreduce in "float32" | "float16" | "bfloat16"
     on_nonfinite: str = "stop"     # a non-finite loss or gradient: "stop" | "skip" the step
     checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every this many steps (0 = off)
+    deterministic: bool = False    # the same bits at every world size (see README)
+    grains: int = 8                # deterministic: equal parts of each batch, shared by ranks
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,8 @@ class Config:
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
 
+
+MAX_GRAINS = 1024   # train.grains: a grain's float32 gradient keeps 21 - ceil(log2 grains) bits
 
 CHOICES = {
     "data.source": ("synthetic", "npz", "npy", "csv", "mnist"),
@@ -217,6 +221,16 @@ def validate(cfg):
     _check(t.comm_dtype == "float32" or m.dtype == "float32", "train.comm_dtype",
            f'"float32" when model.dtype = "{m.dtype}" (16-bit sums are of float32 gradients)',
            t.comm_dtype)
+    _check(1 <= t.grains <= MAX_GRAINS, "train.grains", f"in [1, {MAX_GRAINS}]", t.grains)
+    _check(not t.deterministic or t.grains <= t.batch_size, "train.grains",
+           f"<= train.batch_size = {t.batch_size} when train.deterministic = true (a grain "
+           "is at least one row)", t.grains)
+    _check(not t.deterministic or t.accumulation_steps == 1, "train.accumulation_steps",
+           "1 when train.deterministic = true (each rank already takes its rows grain by "
+           "grain: train.grains)", t.accumulation_steps)
+    _check(not t.deterministic or t.comm_dtype == "float32", "train.comm_dtype",
+           '"float32" when train.deterministic = true (16-bit sums are rounded in an order '
+           "that depends on the world size)", t.comm_dtype)
     _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", ">= 0 (0 = off)",
            t.checkpoint_every_steps)
 

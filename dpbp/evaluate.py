@@ -7,8 +7,9 @@ confusion matrix, in one process or sharded over many under MPI.
 The data is the run's own (the config saved in the checkpoint) unless --config or --set
 change it. Loss and accuracy come from the same function, on the same rows, that the
 training run used for its metrics line, so they equal that epoch's `val_loss` and
-`val_accuracy`. Every rank evaluates a contiguous share of the rows; the per-class
-counts are summed with one int64 Allreduce, so they are exact at any world size.
+`val_accuracy`. The rows are cut into blocks at fixed offsets and every rank evaluates
+its share of the blocks; the per-class counts are summed with one int64 Allreduce, so
+they are exact at any world size.
 """
 
 import argparse
@@ -20,25 +21,23 @@ from dpbp import checkpoint, comm as mpi, config, data as datasets
 from dpbp.errors import ArgumentParser, UserError
 from dpbp.losses import cross_entropy, mse
 from dpbp.model import MLP
-from dpbp.sharding import shard
+from dpbp.sharding import blocks
 from dpbp.threads import limit_blas_threads
-from dpbp.train import evaluate, fingerprint
+from dpbp.train import EVAL_BLOCK, evaluate, fingerprint
 
 MAX_MATRIX_CLASSES = 1000   # beyond this, a confusion matrix is too large to be of use
 
 
 # ----------------------------------------------------------------------------- counting
 
-def class_counts(model, x, y, num_classes, comm, chunk=2048):
+def class_counts(model, x, y, num_classes, comm, block=EVAL_BLOCK):
     """Collective. (confusion, per_class): confusion[i, j] = validation samples of class i
     predicted as j (None beyond MAX_MATRIX_CLASSES classes), per_class = [samples of class
     i, of them correct] as an int64 array (2, C). Rows are sharded like `evaluate`'s."""
     C = num_classes
     with_matrix = C <= MAX_MATRIX_CLASSES
     counts = np.zeros(C * C + 2 * C if with_matrix else 2 * C, dtype=np.int64)
-    mine = shard(len(x), comm.rank, comm.size)
-    for start in range(mine.start, mine.stop, chunk):
-        rows = slice(start, min(start + chunk, mine.stop))
+    for rows in blocks(len(x), block, comm.rank, comm.size):
         predicted, truth = model.forward(x[rows]).argmax(axis=1), y[rows]
         counts[:C] += np.bincount(truth, minlength=C)
         counts[C:2 * C] += np.bincount(truth[predicted == truth], minlength=C)
@@ -91,11 +90,12 @@ def main(argv=None):
         if comm.rank == 0:
             print(PARSER.format_help(), end="")
         return 0
-    limit_blas_threads(comm.ranks_sharing_cores)
     state, saved_toml = load_checkpoint(comm, args.checkpoint)
     with mpi.agreement(comm):
         saved = config.from_toml(saved_toml, f"checkpoint {args.checkpoint}")
         cfg = config.load(args.config, args.set, base=saved)
+    limit_blas_threads(comm.ranks_sharing_cores, cfg.train.deterministic)   # as the run
+    with mpi.agreement(comm):
         try:
             data = datasets.load(cfg.data, cfg.train.loss, cfg.model.dtype, cfg.run.seed)
         except MemoryError:

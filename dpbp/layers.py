@@ -37,10 +37,12 @@ class Linear:
         y += self.b
         return y
 
-    def backward(self, dy, need_dx=True):
-        # dy (B, D_out) -> dx (B, D_in); sets dW (D_out, D_in) and db (D_out,)
-        np.matmul(dy.T, self.x, out=self.dW)
-        np.sum(dy, axis=0, out=self.db)
+    def backward(self, dy, need_dx=True, into=None):
+        # dy (B, D_out) -> dx (B, D_in); sets dW (D_out, D_in) and db (D_out,), or the
+        # pair of arrays `into` (train.deterministic: one gradient per grain)
+        dW, db = (self.dW, self.db) if into is None else into
+        np.matmul(dy.T, self.x, out=dW)
+        np.sum(dy, axis=0, out=db)
         if not need_dx:   # the first layer: nobody needs the gradient of the data
             return None
         B, D_in = len(dy), self.W.shape[1]

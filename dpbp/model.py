@@ -20,18 +20,10 @@ class MLP:
         shapes = []
         for d_in, d_out in zip(widths[:-1], widths[1:]):
             shapes += [(d_out, d_in), (d_out,)]
-        sizes = [int(np.prod(s)) for s in shapes]
-        self.params = np.zeros(sum(sizes), dtype=dtype)
+        self.shapes = shapes
+        self.params = np.zeros(sum(int(np.prod(s)) for s in shapes), dtype=dtype)
         self.grads = np.zeros_like(self.params)
-
-        def views(buf):
-            out, offset = [], 0
-            for shape, size in zip(shapes, sizes):
-                out.append(buf[offset:offset + size].reshape(shape))
-                offset += size
-            return out
-
-        p, g = views(self.params), views(self.grads)
+        p, g = self.split(self.params), self.split(self.grads)
         self.linears = [Linear(p[2 * i], p[2 * i + 1], g[2 * i], g[2 * i + 1])
                         for i in range(len(widths) - 1)]
         Activation = {"relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid}[activation]
@@ -46,6 +38,15 @@ class MLP:
                 self.names += [f"model.{i}.weight", f"model.{i}.bias"]
         self.arrays = p   # same order as names
 
+    def split(self, buf):
+        """Views of a flat buffer laid out like params: [W_0, b_0, W_1, b_1, ...]."""
+        out, offset = [], 0
+        for shape in self.shapes:
+            size = int(np.prod(shape))
+            out.append(buf[offset:offset + size].reshape(shape))
+            offset += size
+        return out
+
     def init_(self, rng):
         """torch.nn.Linear's default init: W and b uniform in +-1/sqrt(D_in)."""
         for linear in self.linears:
@@ -59,20 +60,24 @@ class MLP:
             x = layer.forward(x)
         return x
 
-    def backward(self, dout):
-        # dout (B, D_out) -> nothing; overwrites every gradient in `grads`
-        for _ in self.backward_steps(dout):
+    def backward(self, dout, grads=None):
+        # dout (B, D_out) -> nothing; overwrites every gradient in `grads`, a flat buffer
+        # laid out like params (default: self.grads)
+        for _ in self.backward_steps(dout, grads):
             pass
 
-    def backward_steps(self, dout):
-        """backward(dout), one layer at a time: after each layer, yields `ready`, the
-        offset in `grads` from which on every gradient is final (grads[ready:]). Layers
-        run from the last to the first, so `ready` only decreases, to 0."""
+    def backward_steps(self, dout, grads=None):
+        """backward(dout, grads), one layer at a time: after each layer, yields `ready`,
+        the offset in `grads` from which on every gradient is final (grads[ready:]).
+        Layers run from the last to the first, so `ready` only decreases, to 0."""
+        views = None if grads is None else self.split(grads)
         ready = self.grads.size
         for i in range(len(self.layers) - 1, -1, -1):
             layer = self.layers[i]
             if isinstance(layer, Linear):
-                dout = layer.backward(dout, need_dx=i > 0)   # not needed: the data's gradient
+                # layer i is Linear i // 2, whose W and b are views[i] and views[i + 1]
+                into = None if views is None else views[i:i + 2]
+                dout = layer.backward(dout, need_dx=i > 0, into=into)   # i = 0: no dx needed
                 ready -= layer.dW.size + layer.db.size
             else:
                 dout = layer.backward(dout)

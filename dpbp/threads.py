@@ -20,14 +20,19 @@ def available_cores():
         return set(range(os.cpu_count() or 1))
 
 
-def limit_blas_threads(sharing_ranks):
+def limit_blas_threads(sharing_ranks, single=False):
     """Set this rank's BLAS threads to its cores / `sharing_ranks` (the ranks on this node
-    that may run on the same cores); return (threads, why) for the start-up log."""
+    that may run on the same cores), or to one when `single` (train.deterministic, whose
+    bits must not depend on how a product is split between threads, whatever the user
+    set); return (threads, why) for the start-up log."""
+    from threadpoolctl import threadpool_limits
+    if single:
+        threadpool_limits(limits=1, user_api="blas")
+        return 1, "train.deterministic"
     for var in USER_VARS:
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var]), f"{var}={os.environ[var]} set by the user"
     cores = len(available_cores())
     threads = max(1, cores // sharing_ranks)
-    from threadpoolctl import threadpool_limits
     threadpool_limits(limits=threads, user_api="blas")
     return threads, f"{cores} cores for {sharing_ranks} rank{'s' * (sharing_ranks != 1)}"

@@ -19,7 +19,7 @@ import zlib
 import numpy as np
 
 from dpbp import __version__, checkpoint, comm as mpi, config, data as datasets, faults
-from dpbp import run_dir, schedule, sharding
+from dpbp import exact, run_dir, schedule, sharding
 from dpbp.errors import ArgumentParser, UserError
 from dpbp.losses import correct, cross_entropy, mse
 from dpbp.model import MLP
@@ -29,11 +29,12 @@ from dpbp.threads import limit_blas_threads
 
 EXIT_DIVERGED = 3   # training stopped: a non-finite loss, or replicas that differ
 EXIT_HUNG = 4       # the watchdog ended the job: no step finished in run.watchdog_seconds
+EVAL_BLOCK = 256    # rows per forward pass in evaluation, on fixed offsets
 
 
 # ----------------------------------------------------------------------------- one step
 
-def train_step(model, optimizer, loss_fn, x, y, N, comm, tc=None, grad_sum=None):
+def train_step(model, optimizer, loss_fn, x, y, N, comm, tc=None, scratch=None):
     """One data-parallel SGD step on this rank's shard (x, y) of a global batch of N rows.
 
     The data-parallel contract:
@@ -52,15 +53,37 @@ def train_step(model, optimizer, loss_fn, x, y, N, comm, tc=None, grad_sum=None)
     - Identical on every rank after the call: model.params and the optimizer state, since
       every rank applies the same update to the same summed gradient.
     The train config `tc` (defaults without it) may ask for: accumulation_steps = k, the
-    shard processed as k micro-batches in turn, the gradients of all but the last added
-    up in `grad_sum` (a buffer like model.grads), then one sum over ranks; comm_dtype, that
+    shard processed as k micro-batches in turn (see micro_batches_summed); comm_dtype, the
     sum sent in 16 bits; clip_grad_norm, the summed gradient scaled down to that global
-    norm (identical on every rank, as the sum is).
-    Returns (this rank's sum of per-sample losses, ok).
+    norm (identical on every rank, as the sum is); deterministic, the gradient summed
+    exactly grain by grain, the same bits at every world size (see grains_summed), x and
+    y then being whole grains (sharding.batch_shard). `scratch` holds the gradient
+    buffers these need besides model.grads (scratch_for).
+    Returns (loss sum, ok): this rank's sum of per-sample losses, or under deterministic
+    the whole batch's, identical on every rank.
     """
+    if tc and tc.deterministic:
+        loss_sum, ok = grains_summed(model, loss_fn, x, y, N, comm, tc.grains, scratch)
+        if not ok:
+            return loss_sum, False
+    else:
+        loss_sum = micro_batches_summed(model, loss_fn, x, y, N, comm, tc, scratch)
+    norm = grad_norm(model.grads)   # the same on every rank, as the sum is
+    if not math.isfinite(norm):
+        return loss_sum, False
+    if tc and tc.clip_grad_norm and norm > tc.clip_grad_norm:
+        model.grads *= tc.clip_grad_norm / (norm + 1e-6)   # as torch's clip_grad_norm_
+    optimizer.step()
+    return loss_sum, True
+
+
+def micro_batches_summed(model, loss_fn, x, y, N, comm, tc, scratch):
+    """model.grads = the global batch's gradient, summed over ranks; returns this rank's
+    loss sum. With accumulation_steps = k the shard goes through as k micro-batches (the
+    last never empty), the gradients of all but the last added up in scratch[0]."""
     k = tc.accumulation_steps if tc else 1
     loss_sum = 0.0
-    for i in range(k):   # micro-batches: contiguous parts of the shard, the last never empty
+    for i in range(k):   # micro-batches: contiguous parts of the shard
         part = sharding.shard(len(x), i, k)
         outputs = model.forward(x[part])
         losses, doutputs = loss_fn(outputs, y[part], N)
@@ -70,17 +93,73 @@ def train_step(model, optimizer, loss_fn, x, y, N, comm, tc=None, grad_sum=None)
         if i < k - 1:                         # all but the last: keep their gradients
             model.backward(doutputs)          # overwrites model.grads
             if i == 0:
-                np.copyto(grad_sum, model.grads)
+                np.copyto(scratch[0], model.grads)
             else:
-                grad_sum += model.grads
-    backward_and_sum(model, doutputs, comm, tc, grad_sum if k > 1 else None)
-    norm = grad_norm(model.grads)   # the same on every rank, as the sum is
-    if not math.isfinite(norm):
-        return loss_sum, False
-    if tc and tc.clip_grad_norm and norm > tc.clip_grad_norm:
-        model.grads *= tc.clip_grad_norm / (norm + 1e-6)   # as torch's clip_grad_norm_
-    optimizer.step()
-    return loss_sum, True
+                scratch[0] += model.grads
+    backward_and_sum(model, doutputs, comm, tc, scratch[0] if k > 1 else None)
+    return loss_sum
+
+
+def grains_summed(model, loss_fn, x, y, N, comm, grains, scratch):
+    """train.deterministic: model.grads = the global batch's gradient, with the same bits
+    at every world size; returns (the batch's loss sum, ok), identical on every rank.
+
+    The batch is cut into `grains` parts whose rows never depend on the world size
+    (sharding.grain_rows), and this rank's (x, y) are whole grains. Each grain's gradient
+    is computed on its own, with single-threaded BLAS, so it has the same bits whichever
+    rank computes it: into scratch[0], scratch[1], ... and the last into model.grads.
+    Communicated, both collective, every rank calling them every step:
+    - Allreduce(MAX) of a few floats: per parameter array, the largest |gradient| of any
+      grain, and every grain's loss sum (-inf from the ranks that do not have it). Each
+      grain's gradient is then rounded to the grid exact.grid picks from those maxima
+      and added up on this rank, which is exact (dpbp/exact.py).
+    - Allreduce(SUM) of model.grads, exact too, so any order gives the same bits.
+    The loss is math.fsum of the grains' losses: exact, in grain order. A non-finite loss
+    or gradient in any grain makes the agreed maxima non-finite: ok = False on every rank,
+    and the sum is skipped.
+    """
+    A = len(model.shapes)
+    agreed = np.full(A + grains, -np.inf)   # max |gradient| per array, then grain losses
+    agreed[:A] = 0.0
+    offset = sharding.batch_shard(N, comm.rank, comm.size, grains).start
+    mine = range(grains)[sharding.shard(grains, comm.rank, comm.size)]
+    buffers = [scratch[n] for n in range(len(mine) - 1)] + [model.grads]
+    if not mine:
+        model.grads.fill(0)                   # a rank with no grain adds nothing
+    grain_rows = sharding.grain_rows(N, grains)
+    for j, grads in zip(mine, buffers):
+        part = slice(grain_rows[j].start - offset, grain_rows[j].stop - offset)
+        outputs = model.forward(x[part])
+        losses, doutputs = loss_fn(outputs, y[part], N)
+        loss = losses.sum()
+        if not math.isfinite(loss):           # every rank will see an infinite maximum
+            loss = math.inf
+            doutputs[...] = np.nan
+        model.backward(doutputs, grads)
+        agreed[A + j] = loss
+        for i, g in enumerate(model.split(grads)):
+            agreed[i] = max(agreed[i], exact.abs_max(g))
+    comm.allreduce_max_(agreed)   # DP: the grids and every grain's loss, on every rank
+    grids = [exact.grid(largest, grains, model.grads.dtype) for largest in agreed[:A]]
+    if None in grids or not np.isfinite(agreed[A:]).all():
+        return math.inf, False
+    for grads in buffers:
+        for g, k in zip(model.split(grads), grids):
+            exact.round_to_grid_(g, k)
+    for grads in buffers[:-1]:
+        model.grads += grads                  # exact: values on the grid, sums bounded
+    comm.allreduce_(model.grads)              # DP: exact, the same bits in any order
+    return math.fsum(agreed[A:]), True
+
+
+def scratch_for(tc, grads, comm):
+    """The gradient buffers train_step needs besides `grads`, made once: the running sum
+    of accumulation's micro-batches, or the gradients of this rank's grains but the last."""
+    if tc.deterministic:
+        n = max(len(range(tc.grains)[sharding.shard(tc.grains, comm.rank, comm.size)]) - 1, 0)
+    else:
+        n = 1 if tc.accumulation_steps > 1 else 0
+    return np.empty((n, grads.size), grads.dtype)
 
 
 def grad_norm(g):
@@ -115,22 +194,25 @@ def backward_and_sum(model, doutputs, comm, tc, earlier):
         comm.allreduce_16_(model.grads, kind)
 
 
-def evaluate(model, loss_fn, x, y, num_classes, comm, chunk=2048):
+def evaluate(model, loss_fn, x, y, num_classes, comm, block=EVAL_BLOCK):
     """Collective. (mean loss, accuracy or None) over (x, y), rows sharded across ranks.
 
-    Each rank takes a contiguous block of rows, so every sample counts exactly once: no
-    padding, no duplicates. The per-sample losses are gathered and summed with math.fsum,
-    which is exact, so the mean does not depend on how the rows were split.
+    The rows go through the network in blocks of `block` at fixed offsets, the blocks
+    sharded over the ranks (sharding.blocks), so every sample counts exactly once and is
+    computed in the same block at every world size. The per-sample losses are gathered
+    and summed with math.fsum, which is exact, and the hits are counted in integers: the
+    results do not depend on how the rows were split.
     """
-    counts = sharding.shard_sizes(len(x), comm.size)
-    mine = sharding.shard(len(x), comm.rank, comm.size)
-    losses, hits = np.empty(counts[comm.rank]), 0
-    for start in range(mine.start, mine.stop, chunk):
-        rows = slice(start, min(start + chunk, mine.stop))
+    mine = sharding.blocks(len(x), block, comm.rank, comm.size)
+    counts = [sum(rows.stop - rows.start for rows in sharding.blocks(len(x), block, r, comm.size))
+              for r in range(comm.size)]
+    losses, hits, done = np.empty(counts[comm.rank]), 0, 0
+    for rows in mine:
         outputs = model.forward(x[rows])
-        losses[rows.start - mine.start:rows.stop - mine.start] = loss_fn(
-            outputs, y[rows], 1, need_grad=False)[0]
+        n = rows.stop - rows.start
+        losses[done:done + n] = loss_fn(outputs, y[rows], 1, need_grad=False)[0]
         hits += correct(outputs, y[rows]) if num_classes else 0
+        done += n
     every_loss = comm.allgatherv_(losses, np.empty(len(x)), counts)   # DP: all samples
     total_hits = comm.allreduce_(np.array([hits], dtype=np.int64))[0]   # DP: exact count
     return math.fsum(every_loss) / len(x), (total_hits / len(x) if num_classes else None)
@@ -153,7 +235,8 @@ def main(argv=None):
     tc = cfg.train
     loss_fn = {"cross_entropy": cross_entropy, "mse": mse}[tc.loss]
     steps_per_epoch = sharding.num_batches(len(data.x), tc.batch_size)
-    grad_sum = np.empty_like(model.grads) if tc.accumulation_steps > 1 else None
+    scratch = scratch_for(tc, model.grads, comm)
+    grains = tc.grains if tc.deterministic else None
     watchdog = Watchdog(cfg.run.watchdog_seconds, comm.rank, end_hung_job)
 
     step = start["step"]
@@ -171,13 +254,14 @@ def main(argv=None):
                 # every rank: train on its shard of global batch b
                 watchdog.feed()
                 bar.update()
-                rows = batches[b][sharding.shard(len(batches[b]), comm.rank, comm.size)]
+                rows = batches[b][sharding.batch_shard(len(batches[b]), comm.rank,
+                                                       comm.size, grains)]
                 x, y = data.x[rows], data.y[rows]
                 faults.inject(comm.rank, step, x, model.params)   # test hook, off by default
                 optimizer.lr = schedule.lr_at(tc, step, steps_per_epoch)
                 with np.errstate(over="ignore", invalid="ignore"):   # non-finite: caught
                     loss, ok = train_step(model, optimizer, loss_fn, x, y, len(batches[b]),
-                                          comm, tc, grad_sum)
+                                          comm, tc, scratch)
                 step += 1
                 if ok:
                     loss_sum, counted = loss_sum + loss, counted + len(batches[b])
@@ -198,7 +282,7 @@ def main(argv=None):
             # every rank: the epoch's loss, then validation on its share of the rows
             train_seconds = time.perf_counter() - t0
             trained = sum(len(batch) for batch in batches[first:])   # rows in this process
-            total = comm.allreduce_(np.array([loss_sum]))[0]
+            total = loss_sum if tc.deterministic else comm.allreduce_(np.array([loss_sum]))[0]
             train_loss = total / counted if counted else None   # None: every step skipped
             val_loss, val_accuracy = None, None
             with np.errstate(over="ignore", invalid="ignore"):   # divergence is caught below
@@ -253,6 +337,8 @@ def save_checkpoint(comm, cfg, model, optimizer, position, loss_sum, record=None
     skipped, counted), with every rank's partial loss sum (so that a resumed epoch adds up
     its loss exactly as an uninterrupted one), and `record`'s metrics at an epoch's end.
     A failure to write (a full disk) stops every rank. Returns the path."""
+    if cfg.train.deterministic and comm.rank > 0:
+        loss_sum = 0.0   # every rank holds the whole batch's sum: rank 0 saves it
     sums = comm.allgatherv_(np.array([loss_sum]), np.empty(comm.size), [1] * comm.size)
     with mpi.agreement(comm):
         if comm.rank == 0:
@@ -327,7 +413,6 @@ def set_up(args, comm, say):
     if args.help:
         say(PARSER.format_help(), end="")
         return None
-    threads, why = limit_blas_threads(comm.ranks_sharing_cores)
 
     ckpt_path, state, damaged = None, None, []   # rank 0, on --resume: the checkpoint
     with mpi.agreement(comm):
@@ -368,6 +453,8 @@ def set_up(args, comm, say):
         if comm.rank == 0 and state is not None:
             checkpoint.restore(state, ckpt_path, model, optimizer)
 
+    threads, why = limit_blas_threads(comm.ranks_sharing_cores, tc.deterministic)
+
     # DP: every rank must have read the same config and data; then replicas start
     # identical, parameters and optimizer state coming from rank 0.
     same_inputs = comm.replicas_identical(fingerprint(cfg, data))
@@ -382,8 +469,12 @@ def set_up(args, comm, say):
         dict(epoch=0, batch=0, step=0, skipped=0, counted=0, loss_sums=[0.0], world_size=1)
         if state is None else {k: state[k] for k in (*checkpoint.COUNTERS, "loss_sums")})
     sums = start.pop("loss_sums")   # each rank's partial loss sum of a mid-epoch checkpoint
-    start["loss_sum"] = (float(sums[comm.rank]) if start["world_size"] == comm.size
-                         else math.fsum(sums) if comm.rank == 0 else 0.0)
+    if tc.deterministic:                   # every rank holds the whole batch's partial sum
+        start["loss_sum"] = math.fsum(sums)
+    elif start["world_size"] == comm.size:
+        start["loss_sum"] = float(sums[comm.rank])
+    else:                                  # saved by another world: rank 0 carries it all
+        start["loss_sum"] = math.fsum(sums) if comm.rank == 0 else 0.0
     if start["epoch"] >= tc.epochs:   # before prepare: a finished run is left untouched
         say(f"nothing to do: the run in {cfg.run.dir} already completed "
             f"{plural(start['epoch'], 'epoch')} of {tc.epochs}")
@@ -409,16 +500,27 @@ def set_up(args, comm, say):
 
 def describe_run(comm, threads, why, cfg, data, model):
     """The start-up lines: world, data, model, batch."""
-    per_rank = sorted(set(sharding.shard_sizes(cfg.train.batch_size, comm.size)))
-    steps = sharding.num_batches(len(data.x), cfg.train.batch_size)
-    return "\n".join([
+    tc = cfg.train
+    joined = lambda sizes: "-".join(map(str, sorted(set(sizes))))   # noqa: E731
+    batch = f"batch: global {tc.batch_size}, per rank {joined(sharding.shard_sizes(tc.batch_size, comm.size))}"
+    if tc.deterministic:
+        per_rank = sharding.shard_sizes(tc.grains, comm.size)
+        batch = (f"batch: global {tc.batch_size} in {plural(tc.grains, 'grain')} of "
+                 f"{joined(sharding.shard_sizes(tc.batch_size, tc.grains))} rows, "
+                 f"{joined(per_rank)} per rank (deterministic)")
+    steps = sharding.num_batches(len(data.x), tc.batch_size)
+    lines = [
         f"dpbp {__version__}: {plural(comm.size, 'rank')} ({comm.library}), "
         f"{plural(threads, 'BLAS thread')} per rank ({why})",
         f"data: {cfg.data.source}, {data.describe()}",
         f"model: {'-'.join(map(str, model.widths))} {cfg.model.activation} "
-        f"{cfg.model.dtype}, {model.params.size:,} parameters; loss {cfg.train.loss}",
-        f"batch: global {cfg.train.batch_size}, per rank {'-'.join(map(str, per_rank))}; "
-        f"{plural(steps, 'step')} per epoch; run dir {cfg.run.dir}"])
+        f"{cfg.model.dtype}, {model.params.size:,} parameters; loss {tc.loss}",
+        f"{batch}; {plural(steps, 'step')} per epoch; run dir {cfg.run.dir}"]
+    if tc.deterministic and tc.grains % comm.size:
+        lines.append(f"note: {plural(tc.grains, 'grain')} do not split evenly over "
+                     f"{plural(comm.size, 'rank')}; train.grains = a multiple of {comm.size} "
+                     "balances the work (and gives other bits)")
+    return "\n".join(lines)
 
 
 def fingerprint(cfg, data):

@@ -1,0 +1,60 @@
+"""Sums whose bits do not depend on their order: the arithmetic of train.deterministic.
+
+Floating-point addition is not associative, so a sum over ranks depends on how it is
+grouped, and so on the world size. But values that are all multiples of one power of
+two, 2^k, and whose magnitudes add up to less than 2^(k+p) (p = 24 mantissa bits for
+float32, 53 for float64) add up exactly, in any order and any grouping: every partial
+sum is a multiple of 2^k below 2^(k+p), so it is representable and no addition rounds.
+
+train.deterministic rounds every grain's gradient to such a grid, one k per parameter
+array, chosen from the largest magnitude in that array over all grains (agreed over
+ranks) with room for `grains` of them. After that the sum over grains, on one rank and
+then across ranks with Allreduce, is exact. The price is the rounding: a grain's
+largest value keeps p - 3 - ceil(log2 grains) bits or more (18 for float32 and 8
+grains); smaller values keep the same absolute precision.
+"""
+
+import math
+
+import numpy as np
+
+
+def abs_max(a):
+    """max |a| as a Python float; inf when a holds NaN or Inf (comparable, unlike NaN)."""
+    hi, lo = float(a.max()), float(a.min())
+    if math.isnan(hi) or math.isnan(lo):
+        return math.inf
+    return max(hi, -lo)
+
+
+def grid(largest, grains, dtype):
+    """The exponent k of the grid 2^k for an array whose grains' values are at most
+    `largest` in magnitude, so that `grains` such arrays, rounded to 2^k, add up exactly
+    in `dtype`; None when no k of dtype does (largest is Inf, or near dtype's maximum).
+
+    With M = largest < 2^e and h = ceil(log2 grains), k = e + h + 2 - p: then
+    M < 2^(k+p-2), as round_to_grid_ needs, and each rounded value is at most
+    M + 2^(k-1), so the magnitudes of all grains add up to at most
+    2^h (2^(k+p-2-h) + 2^(k-1)) <= 2^(k+p-1) < 2^(k+p).
+    """
+    info = np.finfo(dtype)
+    p = info.nmant + 1
+    k_min = info.minexp - info.nmant        # the subnormals' spacing: every value is on it
+    k_max = info.maxexp - p - 1             # the largest k whose 1.5 * 2^(k+p-1) is finite
+    if not math.isfinite(largest):
+        return None
+    h = (grains - 1).bit_length()
+    k = k_min if largest == 0 else max(k_min, math.frexp(largest)[1] + h + 2 - p)
+    return k if k <= k_max else None
+
+
+def round_to_grid_(a, k):
+    """Round every value of `a` (|a| < 2^(k+p-2)) in place to the nearest multiple of 2^k,
+    ties to even. Adding C = 1.5 * 2^(k+p-1) moves a into [2^(k+p-1), 2^(k+p)], where the
+    spacing of `a`'s dtype is exactly 2^k, so the addition rounds to the grid; taking C
+    away again is exact."""
+    p = np.finfo(a.dtype).nmant + 1
+    C = a.dtype.type(1.5 * 2.0 ** (k + p - 1))
+    a += C
+    a -= C
+    return a

@@ -33,7 +33,7 @@ from datetime import timedelta  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from dpbp import comm as mpi, sharding  # noqa: E402
+from dpbp import comm as mpi, config, sharding  # noqa: E402
 from dpbp.errors import ArgumentParser, UserError  # noqa: E402
 from dpbp.losses import cross_entropy  # noqa: E402
 from dpbp.model import MLP  # noqa: E402
@@ -48,15 +48,16 @@ MEMORY_SLACK = 1.5   # peak RSS may exceed what the run needs by this factor
 
 # ----------------------------------------------------------------------------- dpbp
 
-def bench_dpbp(comm, widths, N, dtype, warmup, steps, comm_dtype="float32"):
+def bench_dpbp(comm, widths, N, dtype, warmup, steps, tc):
     """Collective. Per-rank arrays of step and communication-wait seconds of the timed
     steps, the CPU seconds this rank used in them, and the bytes of the model, optimizer
     state and activations of this rank."""
     model = MLP(widths, "relu", dtype)
     model.init_(np.random.default_rng([0, 0x1417]))
     optimizer = SGD(model.params, model.grads, LR, MOMENTUM)
-    tc = TrainConfig(comm_dtype=comm_dtype)
-    B = sharding.shard_sizes(N, comm.size)[comm.rank]
+    scratch = dpbp.train.scratch_for(tc, model.grads, comm)
+    rows = sharding.batch_shard(N, comm.rank, comm.size, tc.grains if tc.deterministic else None)
+    B = rows.stop - rows.start
     rng = np.random.default_rng([1, comm.rank])
     x = rng.standard_normal((B, widths[0]), dtype=np.float64).astype(dtype)
     y = rng.integers(0, widths[-1], size=B)
@@ -67,11 +68,11 @@ def bench_dpbp(comm, widths, N, dtype, warmup, steps, comm_dtype="float32"):
             cpu = time.process_time()
         comm.wait_seconds = 0.0
         t0 = time.perf_counter()
-        dpbp.train.train_step(model, optimizer, cross_entropy, x, y, N, comm, tc)
+        dpbp.train.train_step(model, optimizer, cross_entropy, x, y, N, comm, tc, scratch)
         if k >= 0:
             seconds[k], waits[k] = time.perf_counter() - t0, comm.wait_seconds
     cpu = time.process_time() - cpu
-    state = model.params.nbytes + model.grads.nbytes + optimizer.nbytes()
+    state = model.params.nbytes + model.grads.nbytes + scratch.nbytes + optimizer.nbytes()
     return seconds, waits, cpu, state + activation_bytes(widths, B, dtype)
 
 
@@ -216,13 +217,15 @@ def run_bench(args, comm, say):
     dtype = np.dtype(args.dtype)
     t0 = time.perf_counter()
     comm.overlap = args.overlap
-    limit_blas_threads(comm.ranks_sharing_cores)
+    limit_blas_threads(comm.ranks_sharing_cores, args.deterministic)
     threads = blas_threads()
     rates = gemm_rates(comm, dtype)
     base_rss = gather(comm, rss_bytes()).max()   # interpreter, libraries, MPI, BLAS buffers
 
+    tc = TrainConfig(batch_size=args.batch_size, comm_dtype=args.comm_dtype,
+                     deterministic=args.deterministic, grains=args.grains)
     seconds, waits, cpu, need = bench_dpbp(comm, widths, args.batch_size, dtype, args.warmup,
-                                           args.steps, args.comm_dtype)
+                                           args.steps, tc)
     peak_rss = gather(comm, peak_rss_bytes()).max()
     # The peak: the best window, before or after the steps, of all ranks' rates summed
     # (others' work on a shared machine only ever lowers a window's rate).
@@ -239,7 +242,8 @@ def run_bench(args, comm, say):
              ranks_sharing_cores=comm.ranks_sharing_cores, mpi=comm.library,
              layers=widths, weights=weights, batch_size=args.batch_size, dtype=dtype.name,
              warmup=args.warmup, steps=args.steps, overlap=args.overlap,
-             comm_dtype=args.comm_dtype,
+             comm_dtype=args.comm_dtype, deterministic=args.deterministic,
+             grains=args.grains if args.deterministic else None,
              samples_per_second=samples_per_second,
              step_seconds=step, compute_seconds=step * (1 - comm_fraction),
              comm_seconds=step * comm_fraction, comm_fraction=comm_fraction,
@@ -273,6 +277,10 @@ def report(r):
     mb = lambda v: f"{v:,.0f} MB"
     ms = lambda v: f"{1e3 * v:.2f} ms"
     per_rank = sorted(set(sharding.shard_sizes(r["batch_size"], r["world_size"])))
+    if r["deterministic"]:
+        per_rank = sorted(set(len(range(r["batch_size"])[sharding.batch_shard(
+            r["batch_size"], rank, r["world_size"], r["grains"])])
+            for rank in range(r["world_size"])))
     lines = [
         f"dpbp bench: {plural(r['world_size'], 'rank')} ({r['mpi']}), "
         f"{plural(r['threads_per_rank'], 'BLAS thread')} per rank "
@@ -282,7 +290,8 @@ def report(r):
         f"weights; global batch {r['batch_size']} (per rank {'-'.join(map(str, per_rank))}); "
         f"{r['warmup']} warm-up + {r['steps']} timed steps; gradients summed "
         + ("in buckets during backpropagation" if r["overlap"] else "after backpropagation")
-        + ("" if r["comm_dtype"] == "float32" else f", sent as {r['comm_dtype']}"),
+        + ("" if r["comm_dtype"] == "float32" else f", sent as {r['comm_dtype']}")
+        + (f", exactly in {r['grains']} grains (deterministic)" if r["deterministic"] else ""),
         f"samples/s        {r['samples_per_second']:,.0f}",
         f"step (median)    {ms(r['step_seconds'])}: compute {ms(r['compute_seconds'])}, "
         f"communication wait {ms(r['comm_seconds'])} ({100 * r['comm_fraction']:.1f} %)",
@@ -362,6 +371,11 @@ PARSER.add_argument("--overlap", action="store_true",
 PARSER.add_argument("--comm-dtype", choices=["float32", "float16", "bfloat16"],
                     default="float32", help="send the gradient sum in 16 bits, as "
                     "train.comm_dtype does (default float32)")
+PARSER.add_argument("--deterministic", action="store_true",
+                    help="train.deterministic: the gradient summed exactly, grain by grain, "
+                         "with one BLAS thread per rank")
+PARSER.add_argument("--grains", type=positive_int, default=TrainConfig.grains, metavar="G",
+                    help=f"train.grains under --deterministic (default {TrainConfig.grains})")
 PARSER.add_argument("--json", action="store_true",
                     help="also print the figures as one JSON object on the last line")
 PARSER.add_argument("--compare-torch", action="store_true",
@@ -376,6 +390,12 @@ def main(argv=None):
         args = PARSER.parse_args(argv)
         if args.compare_torch and importlib.util.find_spec("torch") is None:
             raise UserError(NO_TORCH)
+        if args.deterministic and (args.overlap or args.comm_dtype != "float32"):
+            raise UserError("--deterministic sums the gradient exactly after backpropagation, "
+                            "in float32: it excludes --overlap and --comm-dtype")
+        if args.grains > min(args.batch_size, config.MAX_GRAINS):
+            raise UserError(f"--grains must be at most --batch-size ({args.batch_size}) and "
+                            f"{config.MAX_GRAINS}, got {args.grains}")
     if args.help:
         say(PARSER.format_help(), end="")
         return 0

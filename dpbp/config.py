@@ -68,7 +68,7 @@ class TrainConfig:
     on_nonfinite: str = "stop"     # a non-finite loss or gradient: "stop" | "skip" the step
     checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every this many steps (0 = off)
     deterministic: bool = False    # the same bits at every world size (see README)
-    grains: int = 8                # deterministic: equal parts of each batch, shared by ranks
+    grains: int = 4                # deterministic: equal parts of each batch, shared by ranks
 
 
 @dataclass(frozen=True)

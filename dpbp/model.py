@@ -8,6 +8,8 @@ update of `params`, and a checkpoint is those views by name. Update in place onl
 rebinding a parameter array would silently detach it from the flat buffer.
 """
 
+import math
+
 import numpy as np
 
 from dpbp.layers import Linear, ReLU, Sigmoid, Tanh
@@ -21,7 +23,8 @@ class MLP:
         for d_in, d_out in zip(widths[:-1], widths[1:]):
             shapes += [(d_out, d_in), (d_out,)]
         self.shapes = shapes
-        self.params = np.zeros(sum(int(np.prod(s)) for s in shapes), dtype=dtype)
+        self.sizes = [math.prod(s) for s in shapes]
+        self.params = np.zeros(sum(self.sizes), dtype=dtype)
         self.grads = np.zeros_like(self.params)
         p, g = self.split(self.params), self.split(self.grads)
         self.linears = [Linear(p[2 * i], p[2 * i + 1], g[2 * i], g[2 * i + 1])
@@ -41,8 +44,7 @@ class MLP:
     def split(self, buf):
         """Views of a flat buffer laid out like params: [W_0, b_0, W_1, b_1, ...]."""
         out, offset = [], 0
-        for shape in self.shapes:
-            size = int(np.prod(shape))
+        for shape, size in zip(self.shapes, self.sizes):
             out.append(buf[offset:offset + size].reshape(shape))
             offset += size
         return out

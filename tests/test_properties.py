@@ -96,6 +96,8 @@ VALID = {
     "train.comm_dtype": choice("train.comm_dtype"),
     "train.on_nonfinite": choice("train.on_nonfinite"),
     "train.checkpoint_every_steps": st.integers(0, INT64),
+    "train.deterministic": st.booleans(),
+    "train.grains": st.integers(1, config.MAX_GRAINS),   # at most train.batch_size: below
 }
 
 NAN = st.just(math.nan)
@@ -133,6 +135,7 @@ OUT_OF_RANGE = {
     "train.comm_dtype": TEXT.filter(lambda v: v not in config.CHOICES["train.comm_dtype"]),
     "train.on_nonfinite": TEXT.filter(lambda v: v not in config.CHOICES["train.on_nonfinite"]),
     "train.checkpoint_every_steps": st.integers(max_value=-1),
+    "train.grains": st.integers(max_value=0) | st.integers(config.MAX_GRAINS + 1),
 }
 
 # A value of another type than each type of key takes (an int is a fine float).
@@ -173,6 +176,11 @@ def valid_settings(draw):
         flat["train.accumulation_steps"] = min(
             flat["train.accumulation_steps"],
             flat.get("train.batch_size", config.TrainConfig.batch_size))
+    if flat.get("train.deterministic"):                # exact float32 sums, grain by grain
+        flat["train.accumulation_steps"] = 1
+        flat["train.comm_dtype"] = "float32"
+        flat["train.grains"] = min(flat.get("train.grains", config.TrainConfig.grains),
+                                   flat.get("train.batch_size", config.TrainConfig.batch_size))
     return flat
 
 

@@ -120,8 +120,8 @@ def test_evaluate_gives_the_same_numbers_at_any_world_size(comm, rows):
     x, y = rng.normal(size=(rows, 8)), rng.integers(0, 5, size=rows)
     model = MLP([8, 16, 5], "tanh", np.float64)
     model.init_(np.random.default_rng(4))
-    one = evaluate(model, cross_entropy, x, y, 5, mpi.Comm(None), chunk=64)
-    many = evaluate(model, cross_entropy, x, y, 5, comm, chunk=64)
+    one = evaluate(model, cross_entropy, x, y, 5, mpi.Comm(None), block=64)
+    many = evaluate(model, cross_entropy, x, y, 5, comm, block=64)
     assert many == one
 
 

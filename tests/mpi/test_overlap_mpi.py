@@ -9,7 +9,7 @@ from dpbp.losses import cross_entropy
 from dpbp.model import MLP
 from dpbp.optim import SGD
 from dpbp.config import TrainConfig
-from dpbp.train import train_step
+from dpbp.train import scratch_for, train_step
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -74,11 +74,11 @@ def test_train_step_with_overlap_equals_blocking(comm, monkeypatch, dtype, micro
         model.init_(np.random.default_rng(1))
         opt = SGD(model.params, model.grads, lr=0.2, momentum=0.9, weight_decay=0.01)
         monkeypatch.setattr(c, "overlap", overlap)
-        grad_sum = np.empty_like(model.grads)
+        scratch = scratch_for(tc, model.grads, c)
         for batch in batches:
             rows = batch[sharding.shard(len(batch), c.rank, c.size)]
             train_step(model, opt, cross_entropy, x[rows], y[rows], len(batch), c, tc,
-                       grad_sum)
+                       scratch)
         return model.params
 
     blocking, overlapped = run(comm, False), run(comm, True)

@@ -393,7 +393,7 @@ def main(argv=None):
         if args.deterministic and (args.overlap or args.comm_dtype != "float32"):
             raise UserError("--deterministic sums the gradient exactly after backpropagation, "
                             "in float32: it excludes --overlap and --comm-dtype")
-        if args.grains > min(args.batch_size, config.MAX_GRAINS):
+        if args.deterministic and args.grains > min(args.batch_size, config.MAX_GRAINS):
             raise UserError(f"--grains must be at most --batch-size ({args.batch_size}) and "
                             f"{config.MAX_GRAINS}, got {args.grains}")
     if args.help:

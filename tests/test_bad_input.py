@@ -219,6 +219,14 @@ CASES = [
          ("model.activation must be one of", '"relu"')),
     Case("unknown-loss", given('train.loss="l1"'), ("train.loss must be one of", '"mse"')),
     Case("unknown-dtype", given('model.dtype="float16"'), ("model.dtype must be one of",)),
+    Case("grains-0", given("train.grains=0"), ("train.grains must be in [1, 1024], got 0",)),
+    Case("grains-beyond-batch", given("train.deterministic=true", "train.batch_size=3"),
+         ("train.grains must be <= train.batch_size = 3 when train.deterministic", "got 4")),
+    Case("deterministic-accumulation", given("train.deterministic=true",
+                                             "train.accumulation_steps=2"),
+         ("train.accumulation_steps must be 1 when train.deterministic = true", "got 2"), TWO),
+    Case("deterministic-float16", given("train.deterministic=true", 'train.comm_dtype="float16"'),
+         ("train.comm_dtype must be \"float32\" when train.deterministic",)),
 
     # config files
     Case("config-missing", lambda tmp: ["--config", str(tmp / "absent.toml")],

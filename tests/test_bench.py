@@ -67,7 +67,18 @@ def test_overlap_option_under_mpirun():
     assert f["overlap"] is True and f["dtype"] == "float64"
 
 
+def test_deterministic_option_under_mpirun():
+    r = bench(TINY + ["--json", "--deterministic", "--grains", "3"], ranks=2)
+    f = figures(r)
+    check_sane(f, 2)
+    assert f["deterministic"] is True and f["grains"] == 3 and f["threads_per_rank"] == 1
+    assert "(per rank 8-16)" in r.stdout and "exactly in 3 grains" in r.stdout
+
+
 @pytest.mark.parametrize("args,words", [
+    (["--deterministic", "--overlap"], "excludes --overlap and --comm-dtype"),
+    (["--deterministic", "--comm-dtype", "bfloat16"], "excludes --overlap and --comm-dtype"),
+    (["--deterministic", "--batch-size", "8", "--grains", "9"], "--grains must be at most --batch-size (8)"),
     (["--layers", "784"], "--layers takes at least two positive widths"),
     (["--layers", "784,x,10"], "--layers takes at least two positive widths"),
     (["--batch-size", "0"], "expected a positive integer"),

@@ -1,0 +1,74 @@
+"""train.deterministic on real ranks (run by tests/test_mpi_suite.py at 2 and 3 ranks):
+every step gives bit for bit the parameters of one process, with uneven grains, empty
+grains and ranks that hold no grain."""
+
+import math
+
+import numpy as np
+import pytest
+
+from dpbp import comm as mpi, sharding
+from dpbp.config import TrainConfig
+from dpbp.losses import cross_entropy, mse
+from dpbp.model import MLP
+from dpbp.optim import SGD
+from dpbp.threads import limit_blas_threads
+from dpbp.train import scratch_for, train_step
+
+pytestmark = pytest.mark.mpi(min_size=2)
+
+
+@pytest.fixture(scope="module")
+def comm():
+    c = mpi.init()
+    limit_blas_threads(c.ranks_sharing_cores, single=True)
+    return c
+
+
+def run(comm, dtype, loss_fn, grains, batches, x, y):
+    """Steps over `batches` (arrays of row indices) under train.deterministic; returns the
+    parameters and every step's loss sum."""
+    tc = TrainConfig(deterministic=True, grains=grains, clip_grad_norm=5.0)
+    model = MLP([x.shape[1], 12, 8, 5], "tanh", dtype)
+    model.init_(np.random.default_rng(1))
+    opt = SGD(model.params, model.grads, lr=0.2, momentum=0.9, weight_decay=0.01)
+    scratch = scratch_for(tc, model.grads, comm)
+    losses = []
+    for batch in batches:
+        rows = batch[sharding.batch_shard(len(batch), comm.rank, comm.size, grains)]
+        loss, ok = train_step(model, opt, loss_fn, x[rows], y[rows], len(batch), comm, tc,
+                              scratch)
+        assert ok
+        losses.append(loss)
+    return model.params, losses
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("grains", [1, 2, 4, 5])
+@pytest.mark.parametrize("loss_fn", [cross_entropy, mse])
+def test_every_step_has_the_bits_of_one_process(comm, dtype, grains, loss_fn):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(46, 9)).astype(dtype), rng.integers(0, 5, size=46)
+    batches = sharding.global_batches(rng.permutation(46), 16)   # 16, 16, 14 rows
+    batches += [np.arange(3), np.arange(1)]   # fewer rows than grains: empty grains
+    many, many_losses = run(comm, dtype, loss_fn, grains, batches, x, y)
+    one, one_losses = run(mpi.Comm(None), dtype, loss_fn, grains, batches, x, y)
+    assert many.tobytes() == one.tobytes()
+    assert many_losses == one_losses
+    assert comm.replicas_identical(many)
+
+
+def test_a_nan_in_one_grain_stops_the_step_on_every_rank(comm):
+    tc = TrainConfig(deterministic=True, grains=4)
+    model = MLP([3, 4, 2], "relu", np.float32)
+    model.init_(np.random.default_rng(2))
+    before = model.params.copy()
+    opt = SGD(model.params, model.grads, lr=0.1)
+    x, y = np.ones((8, 3), np.float32), np.zeros(8, int)
+    x[7, 0] = np.nan                                   # grain 3: the last rank's
+    rows = sharding.batch_shard(8, comm.rank, comm.size, 4)
+    with np.errstate(invalid="ignore", over="ignore"):
+        loss, ok = train_step(model, opt, cross_entropy, x[rows], y[rows], 8, comm, tc,
+                              scratch_for(tc, model.grads, comm))
+    assert not ok and math.isinf(loss)
+    assert model.params.tobytes() == before.tobytes()   # no rank updated

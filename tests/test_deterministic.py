@@ -1,0 +1,257 @@
+"""train.deterministic: the same bits at every world size.
+
+The arithmetic first (dpbp/exact.py: rounded grains add up exactly, in any order), then
+whole runs under a real mpirun at 1 to 4 ranks, whose final checkpoints must hash alike,
+and do not without deterministic mode (so the comparison can fail).
+"""
+
+import hashlib
+import json
+import math
+import random
+import signal
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+from dpbp import exact
+from dpbp.config import TrainConfig
+from dpbp.comm import Comm
+from dpbp.losses import cross_entropy
+from dpbp.model import MLP
+from dpbp.optim import SGD
+from dpbp.train import scratch_for, train_step
+from tests.conftest import run_train
+
+# ----------------------------------------------------------------------------- arithmetic
+
+
+def rounded(grains_values, dtype):
+    """Each grain rounded to the grid of their common largest magnitude, or None."""
+    largest = max(exact.abs_max(g) for g in grains_values)
+    k = exact.grid(largest, len(grains_values), dtype)
+    if k is None:
+        return None, None
+    return [exact.round_to_grid_(g.copy(), k) for g in grains_values], k
+
+
+def sums_in_many_orders(values, rng):
+    """The elementwise sum of `values` (arrays), taken in several orders and groupings:
+    left to right, right to left, a pairwise tree, and split among 'ranks' at random."""
+    out = []
+    forward = np.zeros_like(values[0])
+    for v in values:
+        forward = forward + v
+    out.append(forward)
+    backward = np.zeros_like(values[0])
+    for v in reversed(values):
+        backward = backward + v
+    out.append(backward)
+    level = list(values)
+    while len(level) > 1:
+        level = [level[i] + level[i + 1] if i + 1 < len(level) else level[i]
+                 for i in range(0, len(level), 2)]
+    out.append(level[0])
+    for _ in range(3):
+        shuffled = list(values)
+        rng.shuffle(shuffled)
+        cut = sorted(rng.sample(range(len(shuffled) + 1), 2))
+        parts = [shuffled[:cut[0]], shuffled[cut[0]:cut[1]], shuffled[cut[1]:]]
+        partial = [sum(p, np.zeros_like(values[0])) for p in parts]
+        out.append(partial[2] + partial[0] + partial[1])
+    return out
+
+
+def check_exact(grains_values, dtype, seed=0):
+    """Rounded grains: every order gives the same bits, and that is the exact sum (math.fsum
+    of the rounded values, correctly rounded, equals it); each value moved by at most half
+    the grid, a grid no coarser than largest * 2^(ceil(log2 grains) + 3 - p)."""
+    values, k = rounded(grains_values, dtype)
+    if values is None:
+        return False
+    for before, after in zip(grains_values, values):
+        assert np.all(after % np.ldexp(dtype(1), k) == 0)
+        assert np.all(np.abs(after.astype(np.float64) - before) <= math.ldexp(1, k - 1))
+    largest = max(exact.abs_max(g) for g in grains_values)
+    p = np.finfo(dtype).nmant + 1
+    if largest >= np.finfo(dtype).tiny:   # above the subnormals, the promised precision
+        assert math.ldexp(1, k) <= largest * 2.0 ** ((len(values) - 1).bit_length() + 3 - p)
+    results = sums_in_many_orders(values, random.Random(seed))
+    for r in results:
+        assert r.dtype == dtype and r.tobytes() == results[0].tobytes()
+    for i in range(values[0].size):
+        assert float(results[0].flat[i]) == math.fsum(float(v.flat[i]) for v in values)
+    return True
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("grains", [1, 2, 3, 8, 13, 1024])
+def test_rounded_grains_add_up_exactly_in_any_order(dtype, grains):
+    rng = np.random.default_rng(grains)
+    # values over 30 binades, negatives, zeros, and the largest one a power of two
+    values = [(rng.normal(size=64) * 2.0 ** rng.integers(-30, 0, size=64)).astype(dtype)
+              for _ in range(grains)]
+    values[0][0] = 0
+    values[-1][1] = -1.0
+    assert check_exact(values, dtype)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data(), st.sampled_from([np.float32, np.float64]), st.integers(1, 9))
+def test_rounded_grains_add_up_exactly_for_any_values(data, dtype, grains):
+    """Any finite values, subnormals and the dtype's extremes included; the only refusal
+    is a largest value so close to the dtype's maximum that no grid has room."""
+    values = [data.draw(hnp.arrays(dtype, 6, elements=st.floats(
+        allow_nan=False, allow_infinity=False, width=np.finfo(dtype).bits)))
+        for _ in range(grains)]
+    largest = max(exact.abs_max(v) for v in values)
+    ok = check_exact(values, dtype)
+    assert ok or largest > np.finfo(dtype).max / 2 ** 22
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_grid_limits(dtype):
+    info = np.finfo(dtype)
+    k_min = info.minexp - info.nmant
+    assert exact.grid(0.0, 4, dtype) == k_min                      # zeros stay zeros
+    assert exact.grid(float(info.smallest_subnormal), 4, dtype) == k_min
+    assert exact.grid(math.inf, 4, dtype) is None
+    assert exact.grid(float(info.max), 4, dtype) is None           # no room to add 4
+    assert exact.grid(1.0, 1, dtype) == 1 + 0 + 2 - (info.nmant + 1)
+    assert exact.grid(1.0, 8, dtype) == exact.grid(1.0, 5, dtype) == 1 + 3 + 2 - (info.nmant + 1)
+
+
+def test_abs_max_sees_nan_anywhere_as_infinite():
+    for i in range(5):
+        a = np.arange(5, dtype=np.float32) - 2
+        a[i] = np.nan
+        assert exact.abs_max(a) == math.inf
+    assert exact.abs_max(np.array([-3.0, 2.0])) == 3.0
+
+
+# ----------------------------------------------------------------------------- one step
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_deterministic_steps_follow_the_plain_gradient(dtype, tol):
+    """The rounding of the grains only moves a step at the last bits: after ten steps the
+    parameters agree with plain training to about the dtype's precision."""
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(64, 7)).astype(dtype), rng.integers(0, 4, size=64)
+
+    def run(tc):
+        model = MLP([7, 16, 4], "tanh", dtype)
+        model.init_(np.random.default_rng(6))
+        opt = SGD(model.params, model.grads, lr=0.1, momentum=0.9)
+        scratch = scratch_for(tc, model.grads, Comm(None))
+        for _ in range(10):
+            assert train_step(model, opt, cross_entropy, x, y, 64, Comm(None), tc, scratch)[1]
+        return model.params
+
+    plain = run(TrainConfig())
+    for grains in (1, 3, 8):
+        np.testing.assert_allclose(run(TrainConfig(deterministic=True, grains=grains)),
+                                   plain, rtol=0, atol=tol)
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+def sets(*pairs):
+    out = []
+    for pair in pairs:
+        out += ["--set", pair]
+    return out
+
+
+def model_sha256(run_dir, name):
+    """SHA-256 over the final checkpoint's model arrays, in name order."""
+    h = hashlib.sha256()
+    with np.load(run_dir / "checkpoints" / name, allow_pickle=False) as f:
+        for key in sorted(k for k in f.files if k.startswith("model.")):
+            h.update(key.encode() + f[key].tobytes())
+    return h.hexdigest()
+
+
+def logged(run_dir):
+    """Every epoch's losses and accuracy, as logged."""
+    keys = ("train_loss", "val_loss", "val_accuracy", "lr", "skipped_steps")
+    return [[json.loads(line)[k] for k in keys] for line in open(run_dir / "metrics.jsonl")]
+
+
+def runs(tmp_path, args, name, world_sizes, deterministic):
+    """{world size: (model SHA-256, logged metrics)}; world size 1 is one process
+    without mpirun."""
+    out = {}
+    for n in world_sizes:
+        run_dir = tmp_path / f"{'det' if deterministic else 'plain'}-{n}"
+        r = run_train(args + sets(f"train.deterministic={str(deterministic).lower()}",
+                                  f'run.dir="{run_dir}"', "run.keep_checkpoints=0"),
+                      ranks=None if n == 1 else n, timeout=180)
+        assert r.returncode == 0, r.stdout + r.stderr
+        out[n] = (model_sha256(run_dir, name), logged(run_dir))
+    return out
+
+
+def test_default_config_gives_the_same_bits_at_1_to_4_ranks(tmp_path):
+    """The default config (synthetic data, 10 epochs): the final weights hash alike and
+    every logged loss and accuracy is equal at 1, 2, 3 and 4 ranks; without
+    deterministic mode 1 and 2 ranks end with other bits."""
+    det = runs(tmp_path, [], "epoch-0010.npz", [1, 2, 3, 4], True)
+    assert len({sha for sha, _ in det.values()}) == 1, det
+    assert all(metrics == det[1][1] for _, metrics in det.values())
+    plain = runs(tmp_path, [], "epoch-0010.npz", [1, 2], False)
+    assert plain[1][0] != plain[2][0]
+    assert plain[1][0] != det[1][0]
+
+
+@pytest.fixture
+def uneven_npz(tmp_path):
+    """195 training samples: at batch 32, six full batches and one of 3 rows, fewer rows
+    than the 4 grains, so a grain is empty and at 4 ranks one rank has no sample."""
+    rng = np.random.default_rng(11)
+    path = tmp_path / "uneven.npz"
+    centers = rng.normal(size=(3, 12)) * 2
+    y, y_val = rng.integers(0, 3, size=195), rng.integers(0, 3, size=50)
+    np.savez(path, x=centers[y] + rng.normal(size=(195, 12)), y=y,
+             x_val=centers[y_val] + rng.normal(size=(50, 12)), y_val=y_val)
+    return path
+
+
+def uneven_args(npz, *more):
+    return sets('data.source="npz"', f'data.path="{npz}"', "model.hidden=[16, 8]",
+                "train.batch_size=32", "train.epochs=3", "train.lr=0.1", *more)
+
+
+def test_npz_with_an_uneven_last_batch_gives_the_same_bits_at_1_to_4_ranks(tmp_path,
+                                                                           uneven_npz):
+    det = runs(tmp_path, uneven_args(uneven_npz), "epoch-0003.npz", [1, 2, 3, 4], True)
+    assert len({sha for sha, _ in det.values()}) == 1, det
+    assert all(metrics == det[1][1] for _, metrics in det.values())
+    plain = runs(tmp_path, uneven_args(uneven_npz), "epoch-0003.npz", [1, 3], False)
+    assert plain[1][0] != plain[3][0]
+
+
+def test_resume_at_other_world_sizes_stays_bitwise(tmp_path, uneven_npz):
+    """Stopped mid-epoch at 2 ranks (SIGTERM), resumed at 3, stopped again at an epoch's
+    end, resumed at 4: the weights, the momentum and every logged figure are bitwise those
+    of one uninterrupted process."""
+    args = uneven_args(uneven_npz, "train.deterministic=true", "run.keep_checkpoints=0")
+    full, run_dir = tmp_path / "full", tmp_path / "run"
+    assert run_train(args + sets(f'run.dir="{full}"'), timeout=120).returncode == 0
+    here = args + sets(f'run.dir="{run_dir}"')
+    r = run_train(here, ranks=2, env={"DPBP_FAULT": "sigterm:1:9"}, timeout=120)  # epoch 2
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr
+    assert "epoch-0001-batch-000004.npz" in r.stdout
+    r = run_train(here + ["--resume"], ranks=3, env={"DPBP_FAULT": "sigterm:2:12"},
+                  timeout=120)
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr
+    assert "resume: from" in r.stdout and "epoch-0002.npz" in r.stdout   # stopped at its end
+    r = run_train(here + ["--resume"], ranks=4, timeout=120)
+    assert r.returncode == 0, r.stderr
+    with np.load(full / "checkpoints" / "epoch-0003.npz") as f, \
+            np.load(run_dir / "checkpoints" / "epoch-0003.npz") as g:
+        for name in f.files:
+            if name.startswith(("model.", "optimizer.")):
+                assert f[name].tobytes() == g[name].tobytes(), name
+    assert logged(full) == logged(run_dir)

@@ -148,12 +148,18 @@ class Comm:
             return _Done()
         return self._comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MAX)
 
-    def allreduce_max_(self, buf):
+    def allreduce_max_(self, buf, like=None):
         """Collective. Replace the float64 array `buf` with its elementwise maximum over
-        ranks (exact: a maximum never rounds)."""
+        ranks (exact: a maximum never rounds). With `like`, a buffer that allreduce_ will
+        sum next, the ranks may arrive as far apart as there: wait the same way (yielding
+        the core when oversubscribed and `like` is large)."""
         if self.size > 1:
             t0 = time.perf_counter()
-            self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MAX)
+            if like is not None and self.oversubscribed and like.nbytes >= YIELD_MIN_BYTES:
+                self._wait_yielding(
+                    self._comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MAX))
+            else:
+                self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MAX)
             self.wait_seconds += time.perf_counter() - t0
         return buf
 

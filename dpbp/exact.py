@@ -53,8 +53,29 @@ def round_to_grid_(a, k):
     ties to even. Adding C = 1.5 * 2^(k+p-1) moves a into [2^(k+p-1), 2^(k+p)], where the
     spacing of `a`'s dtype is exactly 2^k, so the addition rounds to the grid; taking C
     away again is exact."""
-    p = np.finfo(a.dtype).nmant + 1
-    C = a.dtype.type(1.5 * 2.0 ** (k + p - 1))
+    C = _shift(a.dtype, k)
     a += C
     a -= C
     return a
+
+
+def _shift(dtype, k):
+    return dtype.type(1.5 * 2.0 ** (k + np.finfo(dtype).nmant))   # 1.5 * 2^(k+p-1)
+
+
+def add_rounded_(grains, grids, chunk=1 << 16):
+    """Round every grain in place to `grids` (one k per array: grains[g][i] is array i of
+    grain g), then add all grains into the last one, exactly. Chunk by chunk, so that a
+    chunk of every grain is rounded and added while it is in cache."""
+    for i, k in enumerate(grids):
+        C = _shift(grains[0][i].dtype, k)
+        flat = [arrays[i].reshape(-1) for arrays in grains]
+        for start in range(0, flat[0].size, chunk):
+            total = flat[-1][start:start + chunk]
+            total += C
+            total -= C
+            for other in flat[:-1]:
+                part = other[start:start + chunk]
+                part += C
+                part -= C
+                total += part          # exact: values on the grid, sums bounded

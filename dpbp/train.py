@@ -139,15 +139,11 @@ def grains_summed(model, loss_fn, x, y, N, comm, grains, scratch):
         agreed[A + j] = loss
         for i, g in enumerate(model.split(grads)):
             agreed[i] = max(agreed[i], exact.abs_max(g))
-    comm.allreduce_max_(agreed)   # DP: the grids and every grain's loss, on every rank
+    comm.allreduce_max_(agreed, like=model.grads)   # DP: the grids, every grain's loss
     grids = [exact.grid(largest, grains, model.grads.dtype) for largest in agreed[:A]]
     if None in grids or not np.isfinite(agreed[A:]).all():
         return math.inf, False
-    for grads in buffers:
-        for g, k in zip(model.split(grads), grids):
-            exact.round_to_grid_(g, k)
-    for grads in buffers[:-1]:
-        model.grads += grads                  # exact: values on the grid, sums bounded
+    exact.add_rounded_([model.split(grads) for grads in buffers], grids)   # into model.grads
     comm.allreduce_(model.grads)              # DP: exact, the same bits in any order
     return math.fsum(agreed[A:]), True
 

@@ -1,11 +1,14 @@
-"""The README's performance table: python -m dpbp.bench at 1, 2 and 4 ranks, repeated.
+"""The README's performance tables: python -m dpbp.bench at 1, 2 and 4 ranks, repeated.
 
-    python launch/bench_table.py [--repeats 5] [bench options, e.g. --steps 60]
+    python launch/bench_table.py [--repeats 5] [--deterministic] [bench options, e.g. --steps 60]
 
 Runs, in turn and REPEATS times over (so that a busy moment hits every row alike):
 1 rank with 1 BLAS thread, 1 rank with all cores, 2 ranks with --compare-torch (where
 PyTorch is installed), 2 ranks with --overlap, and 4 ranks; then prints a Markdown table
-of the medians. Uses the mpirun beside this Python, else the one on PATH.
+of the medians. With --deterministic instead: at 1 (one thread), 2 and 4 ranks, plain
+training next to train.deterministic with one grain per rank and with 4 grains (the
+default), and the cost of each as the median ratio to the plain run of its repeat. Uses
+the mpirun beside this Python, else the one on PATH.
 """
 
 import json
@@ -37,17 +40,34 @@ def rows(has_torch):
             ("`mpirun -n 4` (4 ranks on the cores)", 4, [], {})]
 
 
+def deterministic_rows():
+    """(label, ranks, extra bench options, extra environment): each plain row, then the
+    deterministic rows that are compared with it."""
+    out = []
+    for n, env in ((1, {"OMP_NUM_THREADS": "1"}), (2, {}), (4, {})):
+        prefix = ("OMP_NUM_THREADS=1 " if env else "") + f"mpirun -n {n}"
+        out.append((f"`{prefix}`", n, [], env))
+        for grains in sorted({n, 4}):
+            out.append((f"`{prefix} --deterministic --grains {grains}`", n,
+                        ["--deterministic", "--grains", str(grains)], env))
+    return out
+
+
 def main():
     args = sys.argv[1:]
     repeats = 5
     if args[:1] == ["--repeats"]:
         repeats, args = int(args[1]), args[2:]
-    has_torch = subprocess.run([sys.executable, "-c", "import torch"],
-                               capture_output=True, timeout=300).returncode == 0
+    deterministic = "--deterministic" in args
+    if deterministic:
+        args.remove("--deterministic")
+    has_torch = not deterministic and subprocess.run(
+        [sys.executable, "-c", "import torch"], capture_output=True, timeout=300).returncode == 0
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     results, load_before = {}, os.getloadavg()[0]
     for _ in range(repeats):
-        for label, n, extra, more_env in rows(has_torch):
+        for label, n, extra, more_env in (deterministic_rows() if deterministic
+                                          else rows(has_torch)):
             cmd = mpirun(n) + [sys.executable, "-m", "dpbp.bench", "--json", *extra, *args]
             r = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, **more_env),
                                timeout=900)
@@ -56,16 +76,46 @@ def main():
             results.setdefault(label, []).append(json.loads(r.stdout.strip().splitlines()[-1]))
             print(".", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    print(table(results, repeats, (load_before, os.getloadavg()[0])))
+    loads = (load_before, os.getloadavg()[0])
+    print((cost_table if deterministic else table)(results, repeats, loads))
+
+
+def heading(results, repeats, loads):
+    first = next(iter(results.values()))[0]
+    return (f"Medians of {repeats} runs; network {'-'.join(map(str, first['layers']))} "
+            f"{first['dtype']}, global batch {first['batch_size']}, {first['steps']} timed "
+            f"steps after {first['warmup']} warm-up; {first['mpi']}; load average "
+            f"{loads[0]:.1f} before, {loads[1]:.1f} after.")
+
+
+def cost_table(results, repeats, loads):
+    """Plain and deterministic runs side by side; 'cost' is the median over repeats of
+    (plain samples/s / deterministic samples/s - 1), the two made one after the other."""
+    med = lambda runs, key: statistics.median(r[key] for r in runs)
+    lines = [heading(results, repeats, loads), "",
+             "| command | grains per rank | samples/s | step | MFU | peak memory | "
+             "cost against plain |", "|---|---|---|---|---|---|---|"]
+    plain = None
+    for label, runs in results.items():
+        f = runs[0]
+        if not f["deterministic"]:
+            plain, per_rank, cost = runs, "-", "-"
+        else:
+            n, grains = f["world_size"], f["grains"]   # rank r: grains [r G / n, (r+1) G / n)
+            per_rank = "-".join(map(str, sorted({(r + 1) * grains // n - r * grains // n
+                                                 for r in range(n)})))
+            cost = statistics.median(p["samples_per_second"] / d["samples_per_second"] - 1
+                                     for p, d in zip(plain, runs))
+            cost = f"{100 * cost:+.0f} %"
+        lines.append(f"| {label} | {per_rank} | {med(runs, 'samples_per_second'):,.0f} | "
+                     f"{1e3 * med(runs, 'step_seconds'):.1f} ms | {med(runs, 'mfu'):.2f} | "
+                     f"{med(runs, 'peak_rss_mb'):.0f} MB | {cost} |")
+    return "\n".join(lines)
 
 
 def table(results, repeats, loads):
     med = lambda runs, key: statistics.median(r[key] for r in runs)
-    first = next(iter(results.values()))[0]
-    lines = [f"Medians of {repeats} runs; network {'-'.join(map(str, first['layers']))} "
-             f"{first['dtype']}, global batch {first['batch_size']}, {first['steps']} timed "
-             f"steps after {first['warmup']} warm-up; {first['mpi']}; load average "
-             f"{loads[0]:.1f} before, {loads[1]:.1f} after.", "",
+    lines = [heading(results, repeats, loads), "",
              "| command | threads/rank | samples/s | step | communication | MFU | "
              "CPU µs/sample | peak memory / budget | PyTorch DDP samples/s (MFU, CPU µs/sample) "
              "| dpbp / PyTorch |",

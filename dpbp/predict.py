@@ -7,8 +7,9 @@ The input is a .npy of shape (n, features) with the features the network was tra
 on. For a cross-entropy network the output is float64 (n, classes): the softmax of the
 network's outputs, each row summing to 1. For an MSE network it is the outputs
 themselves, float64 (n, outputs) (with integer labels, the per-class scores). Under
-`mpirun -n N` every rank computes a contiguous share of the rows, the shares are
-gathered, and rank 0 alone writes the file, atomically; the input is never overwritten.
+`mpirun -n N` every rank computes its share of the rows, in blocks at fixed offsets (so
+each row's output is the same at any world size), the shares are gathered, and rank 0
+alone writes the file, atomically; the input is never overwritten.
 """
 
 import argparse
@@ -20,7 +21,8 @@ from dpbp import comm as mpi, config
 from dpbp.errors import ArgumentParser, UserError
 from dpbp.evaluate import load_checkpoint, restore_model
 from dpbp.files import write_atomic
-from dpbp.sharding import shard, shard_sizes
+from dpbp.sharding import blocks
+from dpbp.train import EVAL_BLOCK
 from dpbp.threads import limit_blas_threads
 
 
@@ -81,28 +83,29 @@ def widths_of(state, path, hidden):
     return [state[first].shape[1], *hidden, state[last].shape[0]]
 
 
-def predict(model, x, dtype, probabilities, comm, where="--input", chunk=4096):
-    """Collective. The outputs (float64, (n, C)) for every row of x, computed on every
-    rank for a contiguous share of the rows and gathered. Rows that are not finite in
-    `dtype` stop every rank with one line naming the first (and `where`)."""
+def predict(model, x, dtype, probabilities, comm, where="--input", block=EVAL_BLOCK):
+    """Collective. The outputs (float64, (n, C)) for every row of x, computed in blocks at
+    fixed offsets shared among the ranks (as evaluation does, so each row's output is the
+    same at any world size) and gathered. Rows that are not finite in `dtype` stop every
+    rank with one line naming the first (and `where`)."""
     n, C = len(x), model.widths[-1]
-    mine = shard(n, comm.rank, comm.size)
-    outputs = np.empty((mine.stop - mine.start, C))
+    mine = blocks(n, block, comm.rank, comm.size)
+    counts = [sum(rows.stop - rows.start for rows in blocks(n, block, r, comm.size))
+              for r in range(comm.size)]
+    outputs, done = np.empty((counts[comm.rank], C)), 0
     with mpi.agreement(comm):
-        for start in range(mine.start, mine.stop, chunk):
-            rows = slice(start, min(start + chunk, mine.stop))
+        for rows in mine:
             with np.errstate(over="ignore"):   # overflow is reported just below
                 xb = np.ascontiguousarray(x[rows], dtype=dtype)
             bad = np.flatnonzero(~np.isfinite(xb).all(axis=1))
             if len(bad):
-                raise UserError(f"{where}: row {start + bad[0]} holds NaN or Inf (or values "
-                                f"beyond {np.dtype(dtype).name})")
+                raise UserError(f"{where}: row {rows.start + bad[0]} holds NaN or Inf (or "
+                                f"values beyond {np.dtype(dtype).name})")
             z = model.forward(xb)
-            outputs[rows.start - mine.start:rows.stop - mine.start] = (
-                softmax(z) if probabilities else z)
+            outputs[done:done + len(xb)] = softmax(z) if probabilities else z
+            done += len(xb)
     every = np.empty((n, C))
-    counts = [rows * C for rows in shard_sizes(n, comm.size)]
-    comm.allgatherv_(outputs.reshape(-1), every.reshape(-1), counts)   # DP: all rows
+    comm.allgatherv_(outputs.reshape(-1), every.reshape(-1), [c * C for c in counts])   # DP
     return every
 
 
@@ -117,7 +120,6 @@ def main(argv=None):
         if comm.rank == 0:
             print(PARSER.format_help(), end="")
         return 0
-    limit_blas_threads(comm.ranks_sharing_cores)
     state, saved_toml = load_checkpoint(comm, args.checkpoint)
     widths = None
     with mpi.agreement(comm):
@@ -126,6 +128,7 @@ def main(argv=None):
             widths = widths_of(state, args.checkpoint, cfg.model.hidden)
             check_output(args.output, args.input)
     widths = comm.bcast_obj(widths)
+    limit_blas_threads(comm.ranks_sharing_cores, cfg.train.deterministic)   # as the run
     model = restore_model(comm, state, args.checkpoint, widths, cfg)
     with mpi.agreement(comm):
         x = open_input(args.input, widths[0])

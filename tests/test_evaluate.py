@@ -181,6 +181,22 @@ def test_predict_gives_probabilities_that_match_the_run(run, tmp_path, ranks):
     assert sorted(os.listdir(tmp_path)) == ["p.npy", "x.npy"]   # no temporaries left
 
 
+def test_predict_gives_the_same_bits_at_any_world_size(run, tmp_path):
+    """600 rows, three blocks: computed by one process or shared among 3 ranks (one with
+    no block at 4), each row comes out of the same block, with the same bits."""
+    run_dir, _ = run
+    np.save(tmp_path / "x.npy", np.concatenate([validation_inputs(run_dir)[0]] * 10))
+    outputs = []
+    for ranks in (None, 3, 4):
+        out = tmp_path / f"p{ranks}.npy"
+        r = run_module("dpbp.predict", ["--checkpoint", ckpt(run_dir, 2), "--input",
+                                        str(tmp_path / "x.npy"), "--output", str(out)], ranks)
+        assert r.returncode == 0, r.stderr
+        outputs.append(np.load(out, allow_pickle=False))
+    assert outputs[0].shape == (600, 10)
+    assert outputs[0].tobytes() == outputs[1].tobytes() == outputs[2].tobytes()
+
+
 def test_predict_regression_outputs_and_integer_inputs(tmp_path):
     rng = np.random.default_rng(4)
     x = rng.integers(-3, 4, size=(30, 3))          # integer inputs are cast, like training

@@ -179,9 +179,9 @@ def logged(run_dir):
     return [[json.loads(line)[k] for k in keys] for line in open(run_dir / "metrics.jsonl")]
 
 
-def runs(tmp_path, args, name, world_sizes, deterministic):
+def runs(tmp_path, args, name, world_sizes, deterministic, said=None):
     """{world size: (model SHA-256, logged metrics)}; world size 1 is one process
-    without mpirun."""
+    without mpirun. `said`, if given, collects each run's output by world size."""
     out = {}
     for n in world_sizes:
         run_dir = tmp_path / f"{'det' if deterministic else 'plain'}-{n}"
@@ -190,6 +190,8 @@ def runs(tmp_path, args, name, world_sizes, deterministic):
                       ranks=None if n == 1 else n, timeout=180)
         assert r.returncode == 0, r.stdout + r.stderr
         out[n] = (model_sha256(run_dir, name), logged(run_dir))
+        if said is not None:
+            said[n] = r.stdout
     return out
 
 
@@ -197,8 +199,13 @@ def test_default_config_gives_the_same_bits_at_1_to_4_ranks(tmp_path):
     """The default config (synthetic data, 10 epochs): the final weights hash alike and
     every logged loss and accuracy is equal at 1, 2, 3 and 4 ranks; without
     deterministic mode 1 and 2 ranks end with other bits."""
-    det = runs(tmp_path, [], "epoch-0010.npz", [1, 2, 3, 4], True)
+    said = {}
+    det = runs(tmp_path, [], "epoch-0010.npz", [1, 2, 3, 4], True, said)
     assert len({sha for sha, _ in det.values()}) == 1, det
+    assert "1 BLAS thread per rank (train.deterministic)" in said[1]
+    assert "batch: global 128 in 4 grains of 32 rows, 1-2 per rank (deterministic)" in said[3]
+    assert "note: 4 grains do not split evenly over 3 ranks" in said[3]
+    assert "batch: global 128 in 4 grains of 32 rows, 1 per rank (deterministic)" in said[4]
     assert all(metrics == det[1][1] for _, metrics in det.values())
     plain = runs(tmp_path, [], "epoch-0010.npz", [1, 2], False)
     assert plain[1][0] != plain[2][0]

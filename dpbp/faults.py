@@ -15,6 +15,8 @@ Just before optimizer step STEP (counted from 0 over the whole run), rank RANK
 and, while rank 0 writes the checkpoint taken when STEP steps are done (RANK must be 0),
     killsave   kills itself with SIGKILL half-way through the file
     nospace    fails as a full disk does (OSError ENOSPC)
+and at start-up (STEP 0) under train.deterministic, rank RANK
+    otherblas  reports another BLAS than the others (a node of another CPU type)
 """
 
 import errno
@@ -25,7 +27,7 @@ import sys
 import time
 
 KINDS = ("raise", "exit", "kill", "hang", "nan", "perturb", "sigterm", "sigint", "killsave",
-         "nospace")
+         "nospace", "otherblas")
 
 
 def parse(text):
@@ -78,3 +80,12 @@ def during_save(step, f):
         os.fsync(f.fileno())
         os.kill(os.getpid(), signal.SIGKILL)
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def arithmetic(rank, description):
+    """What rank `rank` reports as its numpy and BLAS (threads.arithmetic): `description`,
+    or, under otherblas for this rank, another one."""
+    fault = _planned()
+    if fault is not None and fault[:2] == ("otherblas", rank):
+        return description + " (otherblas)"
+    return description

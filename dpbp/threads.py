@@ -36,3 +36,15 @@ def limit_blas_threads(sharing_ranks, single=False):
     threads = max(1, cores // sharing_ranks)
     threadpool_limits(limits=threads, user_api="blas")
     return threads, f"{cores} cores for {sharing_ranks} rank{'s' * (sharing_ranks != 1)}"
+
+
+def arithmetic():
+    """What the bits of a product depend on here, besides the config: numpy's version and
+    the BLAS library, its version and the kernels it picked for this CPU, e.g.
+    "numpy 2.3.5, openblas 0.3.30 (SkylakeX kernels)"."""
+    import numpy
+    from threadpoolctl import threadpool_info
+    blas = [f"{p['internal_api']} {p['version']}" + (f" ({p['architecture']} kernels)"
+                                                    if p.get("architecture") else "")
+            for p in threadpool_info() if p["user_api"] == "blas"]
+    return ", ".join([f"numpy {numpy.__version__}", *blas])

@@ -25,7 +25,7 @@ from dpbp.losses import correct, cross_entropy, mse
 from dpbp.model import MLP
 from dpbp.optim import SGD
 from dpbp.supervise import StopSignals, StopVote, Watchdog, signal_name
-from dpbp.threads import limit_blas_threads
+from dpbp.threads import arithmetic, limit_blas_threads
 
 EXIT_DIVERGED = 3   # training stopped: a non-finite loss, or replicas that differ
 EXIT_HUNG = 4       # the watchdog ended the job: no step finished in run.watchdog_seconds
@@ -450,6 +450,14 @@ def set_up(args, comm, say):
             checkpoint.restore(state, ckpt_path, model, optimizer)
 
     threads, why = limit_blas_threads(comm.ranks_sharing_cores, tc.deterministic)
+    if tc.deterministic:   # DP: the same bits need the same arithmetic on every rank
+        mine = faults.arithmetic(comm.rank, arithmetic())
+        first = comm.bcast_obj(mine)
+        with mpi.agreement(comm):
+            if mine != first:
+                raise UserError(f"train.deterministic: rank {comm.rank} computes with {mine}, "
+                                f"rank 0 with {first}; the same bits need the same CPU type, "
+                                "numpy and BLAS on every node (or train.deterministic = false)")
 
     # DP: every rank must have read the same config and data; then replicas start
     # identical, parameters and optimizer state coming from rank 0.
@@ -512,6 +520,8 @@ def describe_run(comm, threads, why, cfg, data, model):
         f"model: {'-'.join(map(str, model.widths))} {cfg.model.activation} "
         f"{cfg.model.dtype}, {model.params.size:,} parameters; loss {tc.loss}",
         f"{batch}; {plural(steps, 'step')} per epoch; run dir {cfg.run.dir}"]
+    if tc.deterministic:
+        lines.append(f"arithmetic: {arithmetic()}, the same on every rank")
     if tc.deterministic and tc.grains % comm.size:
         lines.append(f"note: {plural(tc.grains, 'grain')} do not split evenly over "
                      f"{plural(comm.size, 'rank')}; train.grains = a multiple of {comm.size} "

@@ -262,3 +262,17 @@ def test_resume_at_other_world_sizes_stays_bitwise(tmp_path, uneven_npz):
             if name.startswith(("model.", "optimizer.")):
                 assert f[name].tobytes() == g[name].tobytes(), name
     assert logged(full) == logged(run_dir)
+
+
+def test_ranks_with_another_blas_are_refused(tmp_path):
+    """A rank whose numpy or BLAS (kernels) differ from rank 0's, as on a node of another
+    CPU type, would compute other bits: the run stops before anything is written."""
+    run_dir = tmp_path / "run"
+    r = run_train(sets("train.deterministic=true", f'run.dir="{run_dir}"'), ranks=2,
+                  env={"DPBP_FAULT": "otherblas:1:0"})
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr
+    assert "train.deterministic: rank 1 computes with numpy" in lines[0]
+    assert "the same bits need the same CPU type, numpy and BLAS on every node" in lines[0]
+    assert not run_dir.exists()

@@ -278,6 +278,7 @@ def main(argv=None):
             # every rank: the epoch's loss, then validation on its share of the rows
             train_seconds = time.perf_counter() - t0
             trained = sum(len(batch) for batch in batches[first:])   # rows in this process
+            # the epoch's loss: summed over ranks, or under deterministic already whole
             total = loss_sum if tc.deterministic else comm.allreduce_(np.array([loss_sum]))[0]
             train_loss = total / counted if counted else None   # None: every step skipped
             val_loss, val_accuracy = None, None

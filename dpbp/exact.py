@@ -9,9 +9,11 @@ sum is a multiple of 2^k below 2^(k+p), so it is representable and no addition r
 train.deterministic rounds every grain's gradient to such a grid, one k per parameter
 array, chosen from the largest magnitude in that array over all grains (agreed over
 ranks) with room for `grains` of them. After that the sum over grains, on one rank and
-then across ranks with Allreduce, is exact. The price is the rounding: a grain's
-largest value keeps p - 3 - ceil(log2 grains) bits or more (18 for float32 and 8
-grains); smaller values keep the same absolute precision.
+then across ranks with Allreduce, is exact. The price is the rounding: the largest
+value of an array, over all grains, keeps p - 3 - ceil(log2 grains) bits or more (19 for
+float32 and 4 grains); every other value, in any grain, keeps the same absolute
+precision 2^k, so values far smaller than that largest one keep fewer bits, and those
+below 2^(k-1) become 0.
 """
 
 import math

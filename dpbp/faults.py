@@ -16,7 +16,7 @@ and, while rank 0 writes the checkpoint taken when STEP steps are done (RANK mus
     killsave   kills itself with SIGKILL half-way through the file
     nospace    fails as a full disk does (OSError ENOSPC)
 and at start-up (STEP 0) under train.deterministic, rank RANK
-    otherblas  reports another BLAS than the others (a node of another CPU type)
+    othercpu   reports other numpy code paths and BLAS kernels (a node of another CPU type)
 """
 
 import errno
@@ -27,7 +27,7 @@ import sys
 import time
 
 KINDS = ("raise", "exit", "kill", "hang", "nan", "perturb", "sigterm", "sigint", "killsave",
-         "nospace", "otherblas")
+         "nospace", "othercpu")
 
 
 def parse(text):
@@ -84,8 +84,8 @@ def during_save(step, f):
 
 def arithmetic(rank, description):
     """What rank `rank` reports as its numpy and BLAS (threads.arithmetic): `description`,
-    or, under otherblas for this rank, another one."""
+    or, under othercpu for this rank, another one."""
     fault = _planned()
-    if fault is not None and fault[:2] == ("otherblas", rank):
-        return description + " (otherblas)"
+    if fault is not None and fault[:2] == ("othercpu", rank):
+        return description + " (othercpu)"
     return description

@@ -40,11 +40,16 @@ def limit_blas_threads(sharing_ranks, single=False):
 
 def arithmetic():
     """What the bits of a product depend on here, besides the config: numpy's version and
-    the BLAS library, its version and the kernels it picked for this CPU, e.g.
-    "numpy 2.3.5, openblas 0.3.30 (SkylakeX kernels)"."""
+    the CPU-specific code it dispatches to (its exp, log, tanh differ by instruction
+    set), and the BLAS library, its version and the kernels it picked for this CPU, e.g.
+    "numpy 2.4.6 (X86_V3 X86_V4 AVX512_ICL code), openblas 0.3.31 (SkylakeX kernels)"."""
     import numpy
     from threadpoolctl import threadpool_info
+    umath = getattr(getattr(numpy, "_core", None), "_multiarray_umath", None)
+    features = getattr(umath, "__cpu_features__", {})
+    dispatched = [t for t in getattr(umath, "__cpu_dispatch__", []) if features.get(t)]
+    here = f"numpy {numpy.__version__} ({' '.join(dispatched) or 'baseline'} code)"
     blas = [f"{p['internal_api']} {p['version']}" + (f" ({p['architecture']} kernels)"
                                                     if p.get("architecture") else "")
             for p in threadpool_info() if p["user_api"] == "blas"]
-    return ", ".join([f"numpy {numpy.__version__}", *blas])
+    return ", ".join([here, *blas])

@@ -115,8 +115,9 @@ def grains_summed(model, loss_fn, x, y, N, comm, grains, scratch):
       and added up on this rank, which is exact (dpbp/exact.py).
     - Allreduce(SUM) of model.grads, exact too, so any order gives the same bits.
     The loss is math.fsum of the grains' losses: exact, in grain order. A non-finite loss
-    or gradient in any grain makes the agreed maxima non-finite: ok = False on every rank,
-    and the sum is skipped.
+    or gradient in any grain makes the agreed maxima non-finite, and so does a gradient
+    too large for any grid (beyond about 1e34 in float32) or losses whose sum overflows:
+    then ok = False on every rank, and the sum is skipped.
     """
     A = len(model.shapes)
     agreed = np.full(A + grains, -np.inf)   # max |gradient| per array, then grain losses
@@ -143,9 +144,13 @@ def grains_summed(model, loss_fn, x, y, N, comm, grains, scratch):
     grids = [exact.grid(largest, grains, model.grads.dtype) for largest in agreed[:A]]
     if None in grids or not np.isfinite(agreed[A:]).all():
         return math.inf, False
+    try:
+        loss = math.fsum(agreed[A:])
+    except OverflowError:                     # finite grain losses beyond the float range
+        return math.inf, False
     exact.add_rounded_([model.split(grads) for grads in buffers], grids)   # into model.grads
     comm.allreduce_(model.grads)              # DP: exact, the same bits in any order
-    return math.fsum(agreed[A:]), True
+    return loss, True
 
 
 def scratch_for(tc, grads, comm):
@@ -451,14 +456,6 @@ def set_up(args, comm, say):
             checkpoint.restore(state, ckpt_path, model, optimizer)
 
     threads, why = limit_blas_threads(comm.ranks_sharing_cores, tc.deterministic)
-    if tc.deterministic:   # DP: the same bits need the same arithmetic on every rank
-        mine = faults.arithmetic(comm.rank, arithmetic())
-        first = comm.bcast_obj(mine)
-        with mpi.agreement(comm):
-            if mine != first:
-                raise UserError(f"train.deterministic: rank {comm.rank} computes with {mine}, "
-                                f"rank 0 with {first}; the same bits need the same CPU type, "
-                                "numpy and BLAS on every node (or train.deterministic = false)")
 
     # DP: every rank must have read the same config and data; then replicas start
     # identical, parameters and optimizer state coming from rank 0.
@@ -467,6 +464,14 @@ def set_up(args, comm, say):
         if not same_inputs:
             raise UserError("the ranks loaded different configs or data; check that every "
                             "node sees the same files")
+    if tc.deterministic:   # DP: the same bits need the same arithmetic on every rank
+        mine = faults.arithmetic(comm.rank, arithmetic())
+        first = comm.bcast_obj(mine)
+        with mpi.agreement(comm):
+            if mine != first:
+                raise UserError(f"train.deterministic: rank {comm.rank} computes with {mine}, "
+                                f"rank 0 with {first}; the same bits need the same CPU type, "
+                                "numpy and BLAS on every node (or train.deterministic = false)")
     comm.bcast_(model.params)
     if optimizer.momentum_buffer is not None:
         comm.bcast_(optimizer.momentum_buffer)
@@ -507,12 +512,14 @@ def describe_run(comm, threads, why, cfg, data, model):
     """The start-up lines: world, data, model, batch."""
     tc = cfg.train
     joined = lambda sizes: "-".join(map(str, sorted(set(sizes))))   # noqa: E731
-    batch = f"batch: global {tc.batch_size}, per rank {joined(sharding.shard_sizes(tc.batch_size, comm.size))}"
+    per_rank = sharding.shard_sizes(tc.batch_size, comm.size)
+    batch = f"batch: global {tc.batch_size}, per rank {joined(per_rank)}"
     if tc.deterministic:
         per_rank = sharding.shard_sizes(tc.grains, comm.size)
         batch = (f"batch: global {tc.batch_size} in {plural(tc.grains, 'grain')} of "
                  f"{joined(sharding.shard_sizes(tc.batch_size, tc.grains))} rows, "
-                 f"{joined(per_rank)} per rank (deterministic)")
+                 f"{joined(per_rank)} grain{'s' * (per_rank != [1] * comm.size)} per rank "
+                 "(deterministic)")
     steps = sharding.num_batches(len(data.x), tc.batch_size)
     lines = [
         f"dpbp {__version__}: {plural(comm.size, 'rank')} ({comm.library}), "

@@ -78,7 +78,8 @@ def test_deterministic_option_under_mpirun():
 @pytest.mark.parametrize("args,words", [
     (["--deterministic", "--overlap"], "excludes --overlap and --comm-dtype"),
     (["--deterministic", "--comm-dtype", "bfloat16"], "excludes --overlap and --comm-dtype"),
-    (["--deterministic", "--batch-size", "8", "--grains", "9"], "--grains must be at most --batch-size (8)"),
+    (["--deterministic", "--batch-size", "8", "--grains", "9"],
+     "--grains must be at most --batch-size (8)"),
     (["--layers", "784"], "--layers takes at least two positive widths"),
     (["--layers", "784,x,10"], "--layers takes at least two positive widths"),
     (["--batch-size", "0"], "expected a positive integer"),

@@ -10,6 +10,7 @@ import json
 import math
 import random
 import signal
+import sys
 
 import numpy as np
 import pytest
@@ -19,11 +20,11 @@ from hypothesis.extra import numpy as hnp
 from dpbp import exact
 from dpbp.config import TrainConfig
 from dpbp.comm import Comm
-from dpbp.losses import cross_entropy
+from dpbp.losses import cross_entropy, mse
 from dpbp.model import MLP
 from dpbp.optim import SGD
 from dpbp.train import scratch_for, train_step
-from tests.conftest import run_train
+from tests.conftest import mpirun, run_train, run_with_timeout
 
 # ----------------------------------------------------------------------------- arithmetic
 
@@ -155,6 +156,21 @@ def test_deterministic_steps_follow_the_plain_gradient(dtype, tol):
                                    plain, rtol=0, atol=tol)
 
 
+def test_grain_losses_whose_sum_overflows_make_a_non_finite_step():
+    """Two grains, each with a finite loss near the float64 maximum: their sum is not
+    finite, which stops the step as a NaN would, instead of raising."""
+    model = MLP([2, 1], "relu", np.float64)
+    model.init_(np.random.default_rng(0))
+    before = model.params.copy()
+    opt = SGD(model.params, model.grads, lr=0.1)
+    x, targets = np.zeros((2, 2)), np.full((2, 1), 1.3e154)   # each row's loss ~ 1.7e308
+    tc = TrainConfig(deterministic=True, grains=2, loss="mse")
+    loss, ok = train_step(model, opt, mse, x, targets, 2, Comm(None), tc,
+                          scratch_for(tc, model.grads, Comm(None)))
+    assert not ok and loss == math.inf
+    assert model.params.tobytes() == before.tobytes()
+
+
 # ----------------------------------------------------------------------------- whole runs
 
 def sets(*pairs):
@@ -203,9 +219,9 @@ def test_default_config_gives_the_same_bits_at_1_to_4_ranks(tmp_path):
     det = runs(tmp_path, [], "epoch-0010.npz", [1, 2, 3, 4], True, said)
     assert len({sha for sha, _ in det.values()}) == 1, det
     assert "1 BLAS thread per rank (train.deterministic)" in said[1]
-    assert "batch: global 128 in 4 grains of 32 rows, 1-2 per rank (deterministic)" in said[3]
+    assert "in 4 grains of 32 rows, 1-2 grains per rank (deterministic)" in said[3]
     assert "note: 4 grains do not split evenly over 3 ranks" in said[3]
-    assert "batch: global 128 in 4 grains of 32 rows, 1 per rank (deterministic)" in said[4]
+    assert "batch: global 128 in 4 grains of 32 rows, 1 grain per rank" in said[4]
     assert all(metrics == det[1][1] for _, metrics in det.values())
     plain = runs(tmp_path, [], "epoch-0010.npz", [1, 2], False)
     assert plain[1][0] != plain[2][0]
@@ -269,10 +285,22 @@ def test_ranks_with_another_blas_are_refused(tmp_path):
     CPU type, would compute other bits: the run stops before anything is written."""
     run_dir = tmp_path / "run"
     r = run_train(sets("train.deterministic=true", f'run.dir="{run_dir}"'), ranks=2,
-                  env={"DPBP_FAULT": "otherblas:1:0"})
+                  env={"DPBP_FAULT": "othercpu:1:0"})
     assert r.returncode == 2, r.stdout + r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr
     assert "train.deterministic: rank 1 computes with numpy" in lines[0]
     assert "the same bits need the same CPU type, numpy and BLAS on every node" in lines[0]
     assert not run_dir.exists()
+
+
+def test_ranks_that_disagree_on_deterministic_mode_stop_cleanly(tmp_path):
+    """One rank deterministic, the other not (two programs under one mpirun): the config
+    check across ranks stops both with one line, before any collective could mismatch."""
+    run_dir = tmp_path / "run"
+    train = [sys.executable, "-m", "dpbp.train", "--set", f'run.dir="{run_dir}"']
+    cmd = mpirun(1) + train + ["--set", "train.deterministic=true", ":", "-n", "1"] + train
+    r = run_with_timeout(cmd, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "the ranks loaded different configs or data" in r.stderr
+    assert "Traceback" not in r.stderr and not run_dir.exists()

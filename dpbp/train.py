@@ -10,6 +10,7 @@ checkpoint every epoch.
 """
 
 import argparse
+import hashlib
 import math
 import os
 import sys
@@ -305,8 +306,10 @@ def main(argv=None):
             if stop and epoch + 1 < tc.epochs:   # agreed in the epoch's last step
                 return stopped_by(stop, path, epoch + 1, 0, say)
     watchdog.stop()
-    say(f"done: {plural(tc.epochs, 'epoch')}; checkpoint "
-        f"{checkpoint.path_for(cfg.run.dir, tc.epochs)}, metrics {run_dir.metrics_path(cfg.run.dir)}")
+    weights = hashlib.sha256(model.params.tobytes()).hexdigest()[:16]   # to compare runs
+    say(f"done: {plural(tc.epochs, 'epoch')}; weights sha256 {weights}; checkpoint "
+        f"{checkpoint.path_for(cfg.run.dir, tc.epochs)}, "
+        f"metrics {run_dir.metrics_path(cfg.run.dir)}")
     return 0
 
 

@@ -222,6 +222,9 @@ def test_default_config_gives_the_same_bits_at_1_to_4_ranks(tmp_path):
     assert "in 4 grains of 32 rows, 1-2 grains per rank (deterministic)" in said[3]
     assert "note: 4 grains do not split evenly over 3 ranks" in said[3]
     assert "batch: global 128 in 4 grains of 32 rows, 1 grain per rank" in said[4]
+    last = {n: out.strip().splitlines()[-1] for n, out in said.items()}
+    weights = {line.split("weights sha256 ")[1][:16] for line in last.values()}
+    assert len(weights) == 1 and all(line.startswith("done: 10 epochs") for line in last.values())
     assert all(metrics == det[1][1] for _, metrics in det.values())
     plain = runs(tmp_path, [], "epoch-0010.npz", [1, 2], False)
     assert plain[1][0] != plain[2][0]

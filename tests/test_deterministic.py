@@ -112,6 +112,19 @@ def test_rounded_grains_add_up_exactly_for_any_values(data, dtype, grains):
     assert ok or largest > np.finfo(dtype).max / 2 ** 22
 
 
+def test_adding_rounded_grains_chunk_by_chunk_is_rounding_then_adding():
+    """add_rounded_, chunk by chunk in place, equals rounding every grain, then adding."""
+    rng = np.random.default_rng(3)
+    grains = [[rng.normal(size=(7, 5)).astype(np.float32), rng.normal(size=7).astype(np.float32)]
+              for _ in range(3)]
+    grids = [exact.grid(max(exact.abs_max(g[i]) for g in grains), 3, np.float32)
+             for i in range(2)]
+    want = [sum(exact.round_to_grid_(g[i].copy(), grids[i]) for g in grains) for i in range(2)]
+    exact.add_rounded_(grains, grids, chunk=4)   # chunks that cut rows of W apart
+    for i in range(2):
+        assert grains[-1][i].tobytes() == want[i].tobytes()
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_grid_limits(dtype):
     info = np.finfo(dtype)

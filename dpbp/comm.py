@@ -92,14 +92,19 @@ class Comm:
     def allreduce_(self, buf):
         """Collective. Replace `buf` (a contiguous array) with its elementwise sum over ranks."""
         if self.size > 1:
-            t0 = time.perf_counter()
-            if self.oversubscribed and buf.nbytes >= YIELD_MIN_BYTES:
-                self._wait_yielding(
-                    self._comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM))
-            else:
-                self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
-            self.wait_seconds += time.perf_counter() - t0
+            self._allreduce_waiting(buf, self._MPI.SUM, buf)
         return buf
+
+    def _allreduce_waiting(self, buf, op, like):
+        """Allreduce(op) of `buf` in place, timed into wait_seconds. Where the ranks may
+        arrive far apart, at the sum of a buffer as large as `like`, and share cores,
+        wait yielding the core to the ranks still computing, not spinning."""
+        t0 = time.perf_counter()
+        if self.oversubscribed and like.nbytes >= YIELD_MIN_BYTES:
+            self._wait_yielding(self._comm.Iallreduce(self._MPI.IN_PLACE, buf, op=op))
+        else:
+            self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=op)
+        self.wait_seconds += time.perf_counter() - t0
 
     def allreduce_ready_(self, buf, ready):
         """Collective, non-blocking: sum buf[ready:] in place across ranks, in buckets.
@@ -150,17 +155,11 @@ class Comm:
 
     def allreduce_max_(self, buf, like=None):
         """Collective. Replace the float64 array `buf` with its elementwise maximum over
-        ranks (exact: a maximum never rounds). With `like`, a buffer that allreduce_ will
-        sum next, the ranks may arrive as far apart as there: wait the same way (yielding
-        the core when oversubscribed and `like` is large)."""
+        ranks (exact: a maximum never rounds). It waits as allreduce_ does for `like`
+        (default `buf`): give the buffer that allreduce_ sums next, and the ranks, which
+        arrive as far apart as they would there, wait the same way."""
         if self.size > 1:
-            t0 = time.perf_counter()
-            if like is not None and self.oversubscribed and like.nbytes >= YIELD_MIN_BYTES:
-                self._wait_yielding(
-                    self._comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MAX))
-            else:
-                self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MAX)
-            self.wait_seconds += time.perf_counter() - t0
+            self._allreduce_waiting(buf, self._MPI.MAX, buf if like is None else like)
         return buf
 
     def allreduce_min(self, value):

@@ -276,11 +276,9 @@ def run_bench(args, comm, say):
 def report(r):
     mb = lambda v: f"{v:,.0f} MB"
     ms = lambda v: f"{1e3 * v:.2f} ms"
-    per_rank = sorted(set(sharding.shard_sizes(r["batch_size"], r["world_size"])))
-    if r["deterministic"]:
-        per_rank = sorted(set(len(range(r["batch_size"])[sharding.batch_shard(
-            r["batch_size"], rank, r["world_size"], r["grains"])])
-            for rank in range(r["world_size"])))
+    N, size = r["batch_size"], r["world_size"]   # grains: None unless deterministic
+    per_rank = sorted({len(range(N)[sharding.batch_shard(N, rank, size, r["grains"])])
+                       for rank in range(size)})
     lines = [
         f"dpbp bench: {plural(r['world_size'], 'rank')} ({r['mpi']}), "
         f"{plural(r['threads_per_rank'], 'BLAS thread')} per rank "

@@ -21,7 +21,7 @@ from dpbp import comm as mpi, config
 from dpbp.errors import ArgumentParser, UserError
 from dpbp.evaluate import load_checkpoint, restore_model
 from dpbp.files import write_atomic
-from dpbp.sharding import blocks
+from dpbp.sharding import block_sizes, blocks
 from dpbp.train import EVAL_BLOCK
 from dpbp.threads import limit_blas_threads
 
@@ -90,8 +90,7 @@ def predict(model, x, dtype, probabilities, comm, where="--input", block=EVAL_BL
     rank with one line naming the first (and `where`)."""
     n, C = len(x), model.widths[-1]
     mine = blocks(n, block, comm.rank, comm.size)
-    counts = [sum(rows.stop - rows.start for rows in blocks(n, block, r, comm.size))
-              for r in range(comm.size)]
+    counts = block_sizes(n, block, comm.size)
     outputs, done = np.empty((counts[comm.rank], C)), 0
     with mpi.agreement(comm):
         for rows in mine:

@@ -58,3 +58,9 @@ def blocks(n, block, rank, size):
     ranks; so each row goes through the network in the same block at every world size."""
     mine = shard(-(-n // block), rank, size)
     return [slice(i * block, min((i + 1) * block, n)) for i in range(mine.start, mine.stop)]
+
+
+def block_sizes(n, block, size):
+    """[rows of rank 0, rows of rank 1, ...] when n rows are shared as `blocks` shares them."""
+    return [sum(rows.stop - rows.start for rows in blocks(n, block, r, size))
+            for r in range(size)]

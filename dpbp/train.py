@@ -158,7 +158,7 @@ def scratch_for(tc, grads, comm):
     """The gradient buffers train_step needs besides `grads`, made once: the running sum
     of accumulation's micro-batches, or the gradients of this rank's grains but the last."""
     if tc.deterministic:
-        n = max(len(range(tc.grains)[sharding.shard(tc.grains, comm.rank, comm.size)]) - 1, 0)
+        n = max(sharding.shard_sizes(tc.grains, comm.size)[comm.rank] - 1, 0)
     else:
         n = 1 if tc.accumulation_steps > 1 else 0
     return np.empty((n, grads.size), grads.dtype)
@@ -206,8 +206,7 @@ def evaluate(model, loss_fn, x, y, num_classes, comm, block=EVAL_BLOCK):
     results do not depend on how the rows were split.
     """
     mine = sharding.blocks(len(x), block, comm.rank, comm.size)
-    counts = [sum(rows.stop - rows.start for rows in sharding.blocks(len(x), block, r, comm.size))
-              for r in range(comm.size)]
+    counts = sharding.block_sizes(len(x), block, comm.size)
     losses, hits, done = np.empty(counts[comm.rank]), 0, 0
     for rows in mine:
         outputs = model.forward(x[rows])
@@ -467,8 +466,9 @@ def set_up(args, comm, say):
         if not same_inputs:
             raise UserError("the ranks loaded different configs or data; check that every "
                             "node sees the same files")
+    arith = arithmetic() if tc.deterministic else None
     if tc.deterministic:   # DP: the same bits need the same arithmetic on every rank
-        mine = faults.arithmetic(comm.rank, arithmetic())
+        mine = faults.arithmetic(comm.rank, arith)
         first = comm.bcast_obj(mine)
         with mpi.agreement(comm):
             if mine != first:
@@ -499,7 +499,7 @@ def set_up(args, comm, say):
                                                ckpt_path, [p for p, _ in damaged])
             notes = notes + more_notes
 
-    say(describe_run(comm, threads, why, cfg, data, model))
+    say(describe_run(comm, threads, why, cfg, data, model, arith))
     if saved is not None:
         say(f"resume: from {ckpt_path} (epoch {start['epoch']}, batch {start['batch']}, "
             f"step {start['step']})")
@@ -511,8 +511,9 @@ def set_up(args, comm, say):
     return cfg, data, model, optimizer, start, lock
 
 
-def describe_run(comm, threads, why, cfg, data, model):
-    """The start-up lines: world, data, model, batch."""
+def describe_run(comm, threads, why, cfg, data, model, arith):
+    """The start-up lines: world, data, model, batch, and under deterministic the
+    arithmetic every rank shares (threads.arithmetic)."""
     tc = cfg.train
     joined = lambda sizes: "-".join(map(str, sorted(set(sizes))))   # noqa: E731
     per_rank = sharding.shard_sizes(tc.batch_size, comm.size)
@@ -532,7 +533,7 @@ def describe_run(comm, threads, why, cfg, data, model):
         f"{cfg.model.dtype}, {model.params.size:,} parameters; loss {tc.loss}",
         f"{batch}; {plural(steps, 'step')} per epoch; run dir {cfg.run.dir}"]
     if tc.deterministic:
-        lines.append(f"arithmetic: {arithmetic()}, the same on every rank")
+        lines.append(f"arithmetic: {arith}, the same on every rank")
     if tc.deterministic and tc.grains % comm.size:
         lines.append(f"note: {plural(tc.grains, 'grain')} do not split evenly over "
                      f"{plural(comm.size, 'rank')}; train.grains = a multiple of {comm.size} "

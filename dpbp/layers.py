@@ -37,6 +37,12 @@ class Linear:
         y += self.b
         return y
 
+    def infer(self, x):
+        # x (B, D_in) -> y (B, D_out): forward's arithmetic, caching nothing
+        y = np.matmul(x, self.W.T)
+        y += self.b
+        return y
+
     def backward(self, dy, need_dx=True, into=None):
         # dy (B, D_out) -> dx (B, D_in); sets dW (D_out, D_in) and db (D_out,), or the
         # pair of arrays `into` (train.deterministic: one gradient per grain)
@@ -61,6 +67,11 @@ class ReLU:
         self.mask = np.greater(x, 0, out=self.positive[:B])
         return np.multiply(x, self.mask, out=x)
 
+    @staticmethod
+    def infer(x):
+        # x (B, D) -> y (B, D), in place: forward's arithmetic, caching nothing
+        return np.multiply(x, np.greater(x, 0), out=x)
+
     def backward(self, dy):
         # dy (B, D) -> dx (B, D)
         return np.multiply(dy, self.mask, out=dy)
@@ -72,8 +83,13 @@ class Tanh:
 
     def forward(self, x):
         # x (B, D) -> y (B, D), in place
-        self.y = np.tanh(x, out=x)
+        self.y = self.infer(x)
         return self.y
+
+    @staticmethod
+    def infer(x):
+        # x (B, D) -> y (B, D), in place, caching nothing
+        return np.tanh(x, out=x)
 
     def backward(self, dy):
         # dy (B, D) -> dx (B, D), in place: dtanh/dx = 1 - y^2
@@ -89,12 +105,18 @@ class Sigmoid:
         self.scratch = None
 
     def forward(self, x):
-        # x (B, D) -> y (B, D); 0.5 (1 + tanh(x/2)) never overflows, unlike 1/(1+exp(-x))
+        # x (B, D) -> y (B, D), in place
+        self.y = self.infer(x)
+        return self.y
+
+    @staticmethod
+    def infer(x):
+        # x (B, D) -> y (B, D), in place, caching nothing; 0.5 (1 + tanh(x/2)) never
+        # overflows, unlike 1/(1+exp(-x))
         y = np.multiply(x, 0.5, out=x)
         np.tanh(y, out=y)
         y += 1
         y *= 0.5
-        self.y = y
         return y
 
     def backward(self, dy):

@@ -62,6 +62,13 @@ class MLP:
             x = layer.forward(x)
         return x
 
+    def infer(self, x):
+        # x (B, D_in) -> outputs (B, D_out): forward's arithmetic without the layers'
+        # caches, so several threads may run it at once (evaluation and predict)
+        for layer in self.layers:
+            x = layer.infer(x)
+        return x
+
     def backward(self, dout, grads=None):
         # dout (B, D_out) -> nothing; overwrites every gradient in `grads`, a flat buffer
         # laid out like params (default: self.grads)

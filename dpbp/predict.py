@@ -23,7 +23,7 @@ from dpbp.evaluate import load_checkpoint, restore_model
 from dpbp.files import write_atomic
 from dpbp.sharding import block_sizes, blocks
 from dpbp.train import EVAL_BLOCK
-from dpbp.threads import limit_blas_threads
+from dpbp.threads import blas_threads, blockwise, limit_blas_threads
 
 
 def softmax(z):
@@ -91,18 +91,20 @@ def predict(model, x, dtype, probabilities, comm, where="--input", block=EVAL_BL
     n, C = len(x), model.widths[-1]
     mine = blocks(n, block, comm.rank, comm.size)
     counts = block_sizes(n, block, comm.size)
-    outputs, done = np.empty((counts[comm.rank], C)), 0
+
+    def outputs_of(rows):   # on several threads at once: nothing shared is written
+        with np.errstate(over="ignore"):   # overflow is reported just below
+            xb = np.ascontiguousarray(x[rows], dtype=dtype)
+        bad = np.flatnonzero(~np.isfinite(xb).all(axis=1))
+        if len(bad):
+            raise UserError(f"{where}: row {rows.start + bad[0]} holds NaN or Inf (or "
+                            f"values beyond {np.dtype(dtype).name})")
+        z = model.infer(xb)
+        return softmax(z) if probabilities else z.astype(np.float64)
+
     with mpi.agreement(comm):
-        for rows in mine:
-            with np.errstate(over="ignore"):   # overflow is reported just below
-                xb = np.ascontiguousarray(x[rows], dtype=dtype)
-            bad = np.flatnonzero(~np.isfinite(xb).all(axis=1))
-            if len(bad):
-                raise UserError(f"{where}: row {rows.start + bad[0]} holds NaN or Inf (or "
-                                f"values beyond {np.dtype(dtype).name})")
-            z = model.forward(xb)
-            outputs[done:done + len(xb)] = softmax(z) if probabilities else z
-            done += len(xb)
+        done = blockwise(outputs_of, mine, blas_threads())
+    outputs = np.concatenate([np.empty((0, C))] + done)
     every = np.empty((n, C))
     comm.allgatherv_(outputs.reshape(-1), every.reshape(-1), [c * C for c in counts])   # DP
     return every

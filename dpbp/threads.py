@@ -6,7 +6,9 @@ each rank gets its cores / the ranks that share them, at least one. A rank that 
 launcher bound to cores of its own uses all of them.
 """
 
+import functools
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 USER_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
              "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
@@ -36,6 +38,34 @@ def limit_blas_threads(sharing_ranks, single=False):
     threads = max(1, cores // sharing_ranks)
     threadpool_limits(limits=threads, user_api="blas")
     return threads, f"{cores} cores for {sharing_ranks} rank{'s' * (sharing_ranks != 1)}"
+
+
+@functools.cache
+def _blas():
+    """threadpoolctl's handle on the BLAS libraries numpy loaded (found once)."""
+    from threadpoolctl import ThreadpoolController
+    return ThreadpoolController().select(user_api="blas")
+
+
+def blas_threads():
+    """The BLAS threads this rank computes with (what limit_blas_threads chose)."""
+    return max([lib.num_threads for lib in _blas().lib_controllers], default=1)
+
+
+def blockwise(fn, blocks, threads):
+    """[fn(b) for b in blocks], each block computed with single-threaded BLAS, the blocks
+    spread over `threads` threads of this process.
+
+    With some kernels (OpenBLAS's Haswell ones, for instance) the bits of a matrix
+    product depend on how BLAS splits it between threads, never on which thread runs a
+    single-threaded product: so each block has the same bits whatever `threads` is, and
+    the rank still uses its cores. fn must be safe to run on several threads at once
+    (MLP.infer is; MLP.forward, which caches for backward, is not)."""
+    with _blas().limit(limits=1):
+        if threads <= 1 or len(blocks) <= 1:
+            return [fn(b) for b in blocks]
+        with ThreadPoolExecutor(min(threads, len(blocks))) as pool:
+            return list(pool.map(fn, blocks))
 
 
 def arithmetic():

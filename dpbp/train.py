@@ -26,7 +26,7 @@ from dpbp.losses import correct, cross_entropy, mse
 from dpbp.model import MLP
 from dpbp.optim import SGD
 from dpbp.supervise import StopSignals, StopVote, Watchdog, signal_name
-from dpbp.threads import arithmetic, limit_blas_threads
+from dpbp.threads import arithmetic, blas_threads, blockwise, limit_blas_threads
 
 EXIT_DIVERGED = 3   # training stopped: a non-finite loss, or replicas that differ
 EXIT_HUNG = 4       # the watchdog ended the job: no step finished in run.watchdog_seconds
@@ -201,19 +201,21 @@ def evaluate(model, loss_fn, x, y, num_classes, comm, block=EVAL_BLOCK):
 
     The rows go through the network in blocks of `block` at fixed offsets, the blocks
     sharded over the ranks (sharding.blocks), so every sample counts exactly once and is
-    computed in the same block at every world size. The per-sample losses are gathered
-    and summed with math.fsum, which is exact, and the hits are counted in integers: the
-    results do not depend on how the rows were split.
+    computed in the same block at every world size; each block with single-threaded BLAS
+    (threads.blockwise), so its bits do not depend on the threads either. The per-sample
+    losses are gathered and summed with math.fsum, which is exact, and the hits are
+    counted in integers: the results do not depend on how the rows were split.
     """
+    def losses_and_hits(rows):
+        outputs = model.infer(x[rows])
+        hits = correct(outputs, y[rows]) if num_classes else 0
+        return loss_fn(outputs, y[rows], 1, need_grad=False)[0], hits
+
     mine = sharding.blocks(len(x), block, comm.rank, comm.size)
     counts = sharding.block_sizes(len(x), block, comm.size)
-    losses, hits, done = np.empty(counts[comm.rank]), 0, 0
-    for rows in mine:
-        outputs = model.forward(x[rows])
-        n = rows.stop - rows.start
-        losses[done:done + n] = loss_fn(outputs, y[rows], 1, need_grad=False)[0]
-        hits += correct(outputs, y[rows]) if num_classes else 0
-        done += n
+    done = blockwise(losses_and_hits, mine, blas_threads())
+    losses = np.concatenate([np.empty(0)] + [losses for losses, _ in done])
+    hits = sum(h for _, h in done)
     every_loss = comm.allgatherv_(losses, np.empty(len(x)), counts)   # DP: all samples
     total_hits = comm.allreduce_(np.array([hits], dtype=np.int64))[0]   # DP: exact count
     return math.fsum(every_loss) / len(x), (total_hits / len(x) if num_classes else None)

@@ -43,14 +43,25 @@ def mpi_env(extra=None):
     return env
 
 
-def run_train(args, ranks=None, timeout=120, env=None, cwd=None):
-    """Run `python -m dpbp.train ARGS`, under `mpirun -n ranks` unless ranks is None.
+def run_module(module, args, ranks=None, timeout=120, env=None, cwd=None,
+               thread_sensitive=False):
+    """Run `python -m MODULE ARGS`, under `mpirun -n ranks` unless ranks is None; with
+    thread_sensitive, through tests/thread_sensitive.py (a matrix product whose bits
+    depend on the BLAS thread count, on any CPU).
 
     A hung job is killed at `timeout` and fails the test rather than the suite."""
-    cmd = [sys.executable, "-m", "dpbp.train", *args]
+    cmd = [sys.executable, "-m", module, *args]
+    if thread_sensitive:
+        cmd[2:2] = ["tests.thread_sensitive"]
+        env = dict(env or {}, PYTHONPATH=str(ROOT))
     if ranks is not None:
         cmd = mpirun(ranks) + cmd
     return run_with_timeout(cmd, timeout, env=env, cwd=cwd)
+
+
+def run_train(args, ranks=None, timeout=120, env=None, cwd=None, thread_sensitive=False):
+    """Run `python -m dpbp.train ARGS` as run_module does."""
+    return run_module("dpbp.train", args, ranks, timeout, env, cwd, thread_sensitive)
 
 
 def run_with_timeout(cmd, timeout, env=None, cwd=None):
@@ -80,6 +91,19 @@ def tiny_npz(tmp_path):
     path = tmp_path / "tiny.npz"
     np.savez(path, x=rng.normal(size=(17, 5)), y=rng.integers(0, 3, size=17),
              x_val=rng.normal(size=(7, 5)), y_val=rng.integers(0, 3, size=7))
+    return path
+
+
+@pytest.fixture
+def uneven_npz(tmp_path):
+    """195 training samples: at batch 32, six full batches and one of 3 rows, fewer rows
+    than the 4 grains, so a grain is empty and at 4 ranks one rank has no sample."""
+    rng = np.random.default_rng(11)
+    path = tmp_path / "uneven.npz"
+    centers = rng.normal(size=(3, 12)) * 2
+    y, y_val = rng.integers(0, 3, size=195), rng.integers(0, 3, size=50)
+    np.savez(path, x=centers[y] + rng.normal(size=(195, 12)), y=y,
+             x_val=centers[y_val] + rng.normal(size=(50, 12)), y_val=y_val)
     return path
 
 

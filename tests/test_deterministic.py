@@ -244,19 +244,6 @@ def test_default_config_gives_the_same_bits_at_1_to_4_ranks(tmp_path):
     assert plain[1][0] != det[1][0]
 
 
-@pytest.fixture
-def uneven_npz(tmp_path):
-    """195 training samples: at batch 32, six full batches and one of 3 rows, fewer rows
-    than the 4 grains, so a grain is empty and at 4 ranks one rank has no sample."""
-    rng = np.random.default_rng(11)
-    path = tmp_path / "uneven.npz"
-    centers = rng.normal(size=(3, 12)) * 2
-    y, y_val = rng.integers(0, 3, size=195), rng.integers(0, 3, size=50)
-    np.savez(path, x=centers[y] + rng.normal(size=(195, 12)), y=y,
-             x_val=centers[y_val] + rng.normal(size=(50, 12)), y_val=y_val)
-    return path
-
-
 def uneven_args(npz, *more):
     return sets('data.source="npz"', f'data.path="{npz}"', "model.hidden=[16, 8]",
                 "train.batch_size=32", "train.epochs=3", "train.lr=0.1", *more)

@@ -16,7 +16,6 @@ each has a deadline, so the file runs in seconds and CI is stable.
 
 import contextlib
 import dataclasses
-import datetime
 import gzip
 import io
 import math
@@ -35,7 +34,8 @@ from dpbp import config, data
 from dpbp.errors import UserError
 from tests.conftest import fake_mnist
 
-BOUNDED = settings(max_examples=60, deadline=datetime.timedelta(seconds=5), derandomize=True,
+# No deadline: how long an example takes depends on the machine, not on the code under test.
+BOUNDED = settings(max_examples=60, deadline=None, derandomize=True,
                    database=None)
 
 

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -102,26 +101,26 @@ def test_resume_at_another_world_size_matches_to_rounding(tmp_path, tiny_npz):
 
 
 def test_ctrl_c_to_the_whole_job_checkpoints_and_resumes(tmp_path):
-    """A real SIGINT to mpirun and every rank (what Ctrl-C in a terminal sends)."""
+    """A real SIGINT to mpirun and every rank (what Ctrl-C in a terminal sends). A job
+    that went on would need hours for its epochs: stopping before the 60 s timeout is
+    the proof that it stopped, on a machine of any speed."""
     run_dir = tmp_path / "run"
     cmd = mpirun(2) + [sys.executable, "-m", "dpbp.train", "--set", f'run.dir="{run_dir}"',
-                       "--set", "data.samples=2000", "--set", "train.epochs=500"]
+                       "--set", "data.samples=2000", "--set", "train.epochs=100000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=mpi_env(), start_new_session=True)
     guard = threading.Timer(120, os.killpg, (proc.pid, signal.SIGKILL))   # never hang
     guard.start()
     try:
         for line in proc.stdout:   # wait until training is under way
-            if line.startswith("epoch") and " 2/500" in line:
+            if line.startswith("epoch") and " 2/100000" in line:
                 break
         os.killpg(proc.pid, signal.SIGINT)
-        start = time.monotonic()
         out, err = proc.communicate(timeout=60)
     finally:
         guard.cancel()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert time.monotonic() - start < 10
     assert proc.returncode == 128 + signal.SIGINT, err
     assert "stopped by SIGINT" in out and "Traceback" not in err
     newest = checkpoint.list_all(run_dir)[-1][1]
@@ -162,10 +161,10 @@ def test_replicas_that_drift_apart_are_caught(tmp_path, tiny_npz):
 
 def test_watchdog_ends_a_hung_job_with_every_rank_stack(tmp_path, tiny_npz):
     run_dir = tmp_path / "run"
-    start = time.monotonic()
+    # The hung rank sleeps for an hour: only the watchdog can end the job before the
+    # timeout fails the test, on a machine of any speed.
     r = run_train(tiny_run(tiny_npz, run_dir, "--set", "run.watchdog_seconds=2"), ranks=2,
                   env={"DPBP_FAULT": "hang:1:6"}, timeout=60)
-    assert time.monotonic() - start < 20
     assert r.returncode != 0
     for rank in (0, 1):
         assert f"dpbp: rank {rank}: no training step finished in 2 s" in r.stderr, r.stderr

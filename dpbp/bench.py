@@ -20,6 +20,7 @@ import time
 
 _t0 = time.perf_counter()
 import dpbp.train  # noqa: E402 -- timed: hundreds of ranks import it at once
+
 IMPORT_SECONDS = time.perf_counter() - _t0
 
 import argparse  # noqa: E402
@@ -33,13 +34,15 @@ from datetime import timedelta  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from dpbp import comm as mpi, config, sharding  # noqa: E402
 from dpbp.errors import ArgumentParser, UserError  # noqa: E402
-from dpbp.losses import cross_entropy  # noqa: E402
-from dpbp.model import MLP  # noqa: E402
-from dpbp.config import TrainConfig  # noqa: E402
-from dpbp.optim import SGD  # noqa: E402
-from dpbp.threads import limit_blas_threads  # noqa: E402
+from dpbp.nn.losses import cross_entropy  # noqa: E402
+from dpbp.nn.model import MLP  # noqa: E402
+from dpbp.nn.optim import SGD  # noqa: E402
+from dpbp.parallel import comm as mpi  # noqa: E402
+from dpbp.parallel import sharding
+from dpbp.parallel.threads import limit_blas_threads  # noqa: E402
+from dpbp.service import config
+from dpbp.service.config import TrainConfig  # noqa: E402
 
 GEMM_N = 1024
 LR, MOMENTUM = 0.01, 0.9

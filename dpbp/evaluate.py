@@ -17,12 +17,14 @@ import json
 
 import numpy as np
 
-from dpbp import checkpoint, comm as mpi, config, data as datasets
 from dpbp.errors import ArgumentParser, UserError
-from dpbp.losses import cross_entropy, mse
-from dpbp.model import MLP
-from dpbp.sharding import blocks
-from dpbp.threads import blas_threads, blockwise, limit_blas_threads
+from dpbp.nn.losses import cross_entropy, mse
+from dpbp.nn.model import MLP
+from dpbp.parallel import comm as mpi
+from dpbp.parallel.sharding import blocks
+from dpbp.parallel.threads import blas_threads, blockwise, limit_blas_threads
+from dpbp.service import checkpoint, config
+from dpbp.service import data as datasets
 from dpbp.train import EVAL_BLOCK, evaluate, fingerprint
 
 MAX_MATRIX_CLASSES = 1000   # beyond this, a confusion matrix is too large to be of use

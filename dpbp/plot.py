@@ -12,10 +12,10 @@ import argparse
 import json
 import os
 
-from dpbp import comm as mpi
 from dpbp.errors import ArgumentParser, UserError
-from dpbp.files import write_atomic
-from dpbp.run_dir import metrics_path, read_metrics
+from dpbp.parallel import comm as mpi
+from dpbp.service.files import write_atomic
+from dpbp.service.run_dir import metrics_path, read_metrics
 
 SIZE_INCHES, DPI = (13.0, 4.0), 100   # 1300 x 400 pixels
 
@@ -37,7 +37,7 @@ def draw(curves, title):
     """The figure: losses (on a log axis where they span a factor of 10), validation
     accuracy (%), learning rate."""
     try:
-        from matplotlib.figure import Figure   # no pyplot: no global state, no display
+        from matplotlib.figure import Figure  # no pyplot: no global state, no display
     except ImportError:
         raise UserError("plotting needs matplotlib: pip install 'dpbp[plot]' "
                         "(or pip install matplotlib)") from None

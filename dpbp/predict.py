@@ -17,13 +17,14 @@ import os
 
 import numpy as np
 
-from dpbp import comm as mpi, config
 from dpbp.errors import ArgumentParser, UserError
 from dpbp.evaluate import load_checkpoint, restore_model
-from dpbp.files import write_atomic
-from dpbp.sharding import block_sizes, blocks
+from dpbp.parallel import comm as mpi
+from dpbp.parallel.sharding import block_sizes, blocks
+from dpbp.parallel.threads import blas_threads, blockwise, limit_blas_threads
+from dpbp.service import config
+from dpbp.service.files import write_atomic
 from dpbp.train import EVAL_BLOCK
-from dpbp.threads import blas_threads, blockwise, limit_blas_threads
 
 
 def softmax(z):

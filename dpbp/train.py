@@ -19,14 +19,23 @@ import zlib
 
 import numpy as np
 
-from dpbp import __version__, checkpoint, comm as mpi, config, data as datasets, faults
-from dpbp import exact, run_dir, schedule, sharding
+from dpbp import __version__, faults
 from dpbp.errors import ArgumentParser, UserError
-from dpbp.losses import correct, cross_entropy, mse
-from dpbp.model import MLP
-from dpbp.optim import SGD
-from dpbp.supervise import StopSignals, StopVote, Watchdog, signal_name
-from dpbp.threads import arithmetic, blas_threads, blockwise, limit_blas_threads
+from dpbp.nn import schedule
+from dpbp.nn.losses import correct, cross_entropy, mse
+from dpbp.nn.model import MLP
+from dpbp.nn.optim import SGD
+from dpbp.parallel import comm as mpi
+from dpbp.parallel import exact, sharding
+from dpbp.parallel.threads import (
+    arithmetic,
+    blas_threads,
+    blockwise,
+    limit_blas_threads,
+)
+from dpbp.service import checkpoint, config, run_dir
+from dpbp.service import data as datasets
+from dpbp.service.supervise import StopSignals, StopVote, Watchdog, signal_name
 
 EXIT_DIVERGED = 3   # training stopped: a non-finite loss, or replicas that differ
 EXIT_HUNG = 4       # the watchdog ended the job: no step finished in run.watchdog_seconds

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpbp.data import MNIST_FILES
+from dpbp.service.data import MNIST_FILES
 
 ROOT = Path(__file__).resolve().parent.parent
 MNIST = Path(os.environ.get("DPBP_TEST_MNIST", ROOT.parent / "shared" / "data" / "mnist"))

@@ -24,9 +24,9 @@ from typing import Callable, NamedTuple
 import numpy as np
 import pytest
 
-from dpbp import checkpoint, config
-from dpbp.model import MLP
-from dpbp.optim import SGD
+from dpbp.nn.model import MLP
+from dpbp.nn.optim import SGD
+from dpbp.service import checkpoint, config
 from tests.conftest import fake_mnist, run_train, write_idx
 
 ONE, TWO, BOTH = (None,), (2,), (None, 2)   # ranks to launch with; None: no mpirun

@@ -5,10 +5,10 @@ import os
 import numpy as np
 import pytest
 
-from dpbp import checkpoint, config, files
 from dpbp.errors import UserError
-from dpbp.model import MLP
-from dpbp.optim import SGD
+from dpbp.nn.model import MLP
+from dpbp.nn.optim import SGD
+from dpbp.service import checkpoint, config, files
 
 
 def make(widths=(4, 6, 3), momentum=0.9):

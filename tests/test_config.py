@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 
-from dpbp import config
 from dpbp.errors import UserError
+from dpbp.service import config
 from tests.conftest import ROOT
 
 

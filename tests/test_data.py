@@ -7,8 +7,9 @@ import zlib
 import numpy as np
 import pytest
 
-from dpbp import config, data, sharding, synthetic
 from dpbp.errors import UserError
+from dpbp.parallel import sharding
+from dpbp.service import config, data, synthetic
 from tests.conftest import MNIST, fake_mnist, model_arrays, run_train
 
 

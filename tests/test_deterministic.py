@@ -14,15 +14,16 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from dpbp import exact
-from dpbp.config import TrainConfig
-from dpbp.comm import Comm
-from dpbp.losses import cross_entropy, mse
-from dpbp.model import MLP
-from dpbp.optim import SGD
+from dpbp.nn.losses import cross_entropy, mse
+from dpbp.nn.model import MLP
+from dpbp.nn.optim import SGD
+from dpbp.parallel import exact
+from dpbp.parallel.comm import Comm
+from dpbp.service.config import TrainConfig
 from dpbp.train import scratch_for, train_step
 from tests.conftest import mpirun, run_train, run_with_timeout
 

@@ -7,8 +7,10 @@ import re
 import numpy as np
 import pytest
 
-from dpbp import config, data as datasets, predict
+from dpbp import predict
 from dpbp.errors import UserError
+from dpbp.service import config
+from dpbp.service import data as datasets
 from tests.conftest import run_module, run_train
 
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from dpbp.layers import Linear, ReLU, Sigmoid, Tanh
-from dpbp.losses import cross_entropy, mse
-from dpbp.model import MLP
+from dpbp.nn.layers import Linear, ReLU, Sigmoid, Tanh
+from dpbp.nn.losses import cross_entropy, mse
+from dpbp.nn.model import MLP
 
 ACTIVATIONS = {"relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid}
 SHAPES = [(1, 1, 1), (4, 3, 5), (7, 10, 2), (0, 3, 4)]   # (B, D_in, D_out); B = 0: no rows

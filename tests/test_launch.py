@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from dpbp import checkpoint
+from dpbp.service import checkpoint
 from tests.conftest import ROOT, mpi_env, run_with_timeout
 
 SCRIPTS = sorted((ROOT / "launch").glob("*.sh")) + sorted((ROOT / "launch").glob("*.sbatch"))

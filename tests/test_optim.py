@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from dpbp import optim
-from dpbp.optim import SGD
+from dpbp.nn import optim
+from dpbp.nn.optim import SGD
 
 
 def reference_sgd(p, grads, lr, momentum, nesterov, weight_decay):

@@ -27,11 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from dpbp import config, data
 from dpbp.errors import UserError
+from dpbp.service import config, data
 from tests.conftest import fake_mnist
 
 # No deadline: how long an example takes depends on the machine, not on the code under test.

@@ -15,7 +15,7 @@ import threading
 import numpy as np
 import pytest
 
-from dpbp import checkpoint
+from dpbp.service import checkpoint
 from tests.conftest import model_arrays, mpi_env, mpirun, run_train
 from tests.test_cli import assert_refused, snapshot, tiny_run
 

@@ -5,8 +5,8 @@ import fcntl
 
 import pytest
 
-from dpbp import run_dir
 from dpbp.errors import UserError
+from dpbp.service import run_dir
 
 
 def test_lock_names_its_holder_and_refuses_a_second_taker(tmp_path):

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from dpbp import config
-from dpbp.schedule import base_lr, lr_at
+from dpbp.nn.schedule import base_lr, lr_at
+from dpbp.service import config
 
 
 def train(**keys):

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from dpbp import threads
-from dpbp.comm import Comm
-from dpbp.losses import cross_entropy
-from dpbp.model import MLP
+from dpbp.nn.losses import cross_entropy
+from dpbp.nn.model import MLP
+from dpbp.parallel import threads
+from dpbp.parallel.comm import Comm
 from dpbp.predict import predict
 from dpbp.train import evaluate
 from tests import thread_sensitive

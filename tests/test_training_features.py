@@ -65,7 +65,8 @@ def test_16_bit_gradient_sums_still_converge(tmp_path):
 
 
 def test_logged_lr_is_the_schedule_at_each_epochs_last_step(tmp_path, tiny_npz):
-    from dpbp import config, schedule
+    from dpbp.nn import schedule
+    from dpbp.service import config
     keys = dict(train__schedule='"cosine"', train__warmup_epochs=1.5,
                 train__lr_scaling='"linear"', train__base_batch_size=4)
     _, metrics, r = train(tmp_path, "cos", tiny_npz, 2, **keys)

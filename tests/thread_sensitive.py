@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from dpbp.threads import blas_threads
+from dpbp.parallel.threads import blas_threads
 
 _matmul = np.matmul
 

@@ -8,11 +8,12 @@ Run by tests/test_mpi_suite.py as
 import numpy as np
 import pytest
 
-from dpbp import comm as mpi, sharding
 from dpbp.errors import UserError
-from dpbp.losses import cross_entropy
-from dpbp.model import MLP
-from dpbp.optim import SGD
+from dpbp.nn.losses import cross_entropy
+from dpbp.nn.model import MLP
+from dpbp.nn.optim import SGD
+from dpbp.parallel import comm as mpi
+from dpbp.parallel import sharding
 from dpbp.train import evaluate, train_step
 
 pytestmark = pytest.mark.mpi(min_size=2)

@@ -7,12 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from dpbp import comm as mpi, sharding
-from dpbp.config import TrainConfig
-from dpbp.losses import cross_entropy, mse
-from dpbp.model import MLP
-from dpbp.optim import SGD
-from dpbp.threads import limit_blas_threads
+from dpbp.nn.losses import cross_entropy, mse
+from dpbp.nn.model import MLP
+from dpbp.nn.optim import SGD
+from dpbp.parallel import comm as mpi
+from dpbp.parallel import sharding
+from dpbp.parallel.threads import limit_blas_threads
+from dpbp.service.config import TrainConfig
 from dpbp.train import scratch_for, train_step
 
 pytestmark = pytest.mark.mpi(min_size=2)

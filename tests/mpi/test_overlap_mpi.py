@@ -4,11 +4,12 @@ blocking Allreduce after it, on real ranks (run by tests/test_mpi_suite.py)."""
 import numpy as np
 import pytest
 
-from dpbp import comm as mpi, sharding
-from dpbp.losses import cross_entropy
-from dpbp.model import MLP
-from dpbp.optim import SGD
-from dpbp.config import TrainConfig
+from dpbp.nn.losses import cross_entropy
+from dpbp.nn.model import MLP
+from dpbp.nn.optim import SGD
+from dpbp.parallel import comm as mpi
+from dpbp.parallel import sharding
+from dpbp.service.config import TrainConfig
 from dpbp.train import scratch_for, train_step
 
 pytestmark = pytest.mark.mpi(min_size=2)

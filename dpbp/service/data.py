@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dpbp import synthetic
 from dpbp.errors import UserError
-from dpbp.files import read_npz
+from dpbp.service import synthetic
+from dpbp.service.files import read_npz
 
 MAX_CLASSES = 1 << 16   # a larger label is a mistake, not a network to build
 

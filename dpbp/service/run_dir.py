@@ -16,9 +16,9 @@ import json
 import os
 import socket
 
-from dpbp import checkpoint, config
 from dpbp.errors import UserError
-from dpbp.files import remove_stale_temporaries, write_atomic
+from dpbp.service import checkpoint, config
+from dpbp.service.files import remove_stale_temporaries, write_atomic
 
 # Keys a resumed run may not change: they define the network or the global batch.
 FIXED_ON_RESUME = ("model.hidden", "model.activation", "train.loss", "train.batch_size")

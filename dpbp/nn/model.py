@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from dpbp.layers import Linear, ReLU, Sigmoid, Tanh
+from dpbp.nn.layers import Linear, ReLU, Sigmoid, Tanh
 
 
 class MLP:

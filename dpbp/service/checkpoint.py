@@ -27,7 +27,7 @@ import numpy as np
 
 from dpbp import faults
 from dpbp.errors import UserError
-from dpbp.files import read_npz, write_atomic
+from dpbp.service.files import read_npz, write_atomic
 
 FORMAT_VERSION = 2
 COUNTERS = ("epoch", "batch", "step", "skipped", "counted", "world_size", "format_version")

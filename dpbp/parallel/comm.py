@@ -27,8 +27,8 @@ import zlib
 import numpy as np
 
 from dpbp.errors import UserError
-from dpbp.sharding import shard_sizes
-from dpbp.threads import available_cores
+from dpbp.parallel.sharding import shard_sizes
+from dpbp.parallel.threads import available_cores
 
 # Environment variables through which launchers announce the world size before MPI_Init.
 _LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS")

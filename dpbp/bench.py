@@ -19,7 +19,7 @@ installed; dpbp never needs it.
 import time
 
 _t0 = time.perf_counter()
-import dpbp.train  # noqa: E402 -- timed: hundreds of ranks import it at once
+import dpbp.train  # noqa: E402, F401 -- timed: hundreds of ranks import it at once
 
 IMPORT_SECONDS = time.perf_counter() - _t0
 
@@ -40,9 +40,11 @@ from dpbp.nn.model import MLP  # noqa: E402
 from dpbp.nn.optim import SGD  # noqa: E402
 from dpbp.parallel import comm as mpi  # noqa: E402
 from dpbp.parallel import sharding
-from dpbp.parallel.threads import limit_blas_threads  # noqa: E402
+from dpbp.parallel.step import train_step  # noqa: E402
+from dpbp.parallel.threads import blas_threads, limit_blas_threads  # noqa: E402
 from dpbp.service import config
 from dpbp.service.config import TrainConfig  # noqa: E402
+from dpbp.service.startup import gradient_sum  # noqa: E402
 
 GEMM_N = 1024
 LR, MOMENTUM = 0.01, 0.9
@@ -58,8 +60,8 @@ def bench_dpbp(comm, widths, N, dtype, warmup, steps, tc):
     model = MLP(widths, "relu", dtype)
     model.init_(np.random.default_rng([0, 0x1417]))
     optimizer = SGD(model.params, model.grads, LR, MOMENTUM)
-    scratch = dpbp.train.scratch_for(tc, model.grads, comm)
-    rows = sharding.batch_shard(N, comm.rank, comm.size, tc.grains if tc.deterministic else None)
+    summed = gradient_sum(tc, comm, model)
+    rows = summed.rows(N)
     B = rows.stop - rows.start
     rng = np.random.default_rng([1, comm.rank])
     x = rng.standard_normal((B, widths[0]), dtype=np.float64).astype(dtype)
@@ -71,11 +73,11 @@ def bench_dpbp(comm, widths, N, dtype, warmup, steps, tc):
             cpu = time.process_time()
         comm.wait_seconds = 0.0
         t0 = time.perf_counter()
-        dpbp.train.train_step(model, optimizer, cross_entropy, x, y, N, comm, tc, scratch)
+        train_step(model, optimizer, cross_entropy, x, y, N, summed)
         if k >= 0:
             seconds[k], waits[k] = time.perf_counter() - t0, comm.wait_seconds
     cpu = time.process_time() - cpu
-    state = model.params.nbytes + model.grads.nbytes + scratch.nbytes + optimizer.nbytes()
+    state = model.params.nbytes + model.grads.nbytes + summed.scratch_bytes() + optimizer.nbytes()
     return seconds, waits, cpu, state + activation_bytes(widths, B, dtype)
 
 
@@ -208,18 +210,10 @@ def peak_rss_bytes():
     return peak if sys.platform == "darwin" else peak * 1024   # bytes on macOS, else KiB
 
 
-def blas_threads():
-    """The BLAS threads numpy will use, as the BLAS reports them."""
-    from threadpoolctl import threadpool_info
-    counts = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
-    return max(counts) if counts else 1
-
-
 def run_bench(args, comm, say):
     widths = args.layers
     dtype = np.dtype(args.dtype)
     t0 = time.perf_counter()
-    comm.overlap = args.overlap
     limit_blas_threads(comm.ranks_sharing_cores, args.deterministic)
     threads = blas_threads()
     rates = gemm_rates(comm, dtype)
@@ -244,7 +238,7 @@ def run_bench(args, comm, say):
     r = dict(world_size=comm.size, threads_per_rank=threads, cores=len(mpi.available_cores()),
              ranks_sharing_cores=comm.ranks_sharing_cores, mpi=comm.library,
              layers=widths, weights=weights, batch_size=args.batch_size, dtype=dtype.name,
-             warmup=args.warmup, steps=args.steps, overlap=args.overlap,
+             warmup=args.warmup, steps=args.steps,
              comm_dtype=args.comm_dtype, deterministic=args.deterministic,
              grains=args.grains if args.deterministic else None,
              samples_per_second=samples_per_second,
@@ -290,7 +284,7 @@ def report(r):
         f"network {'-'.join(map(str, r['layers']))} relu {r['dtype']}, {r['weights']:,} "
         f"weights; global batch {r['batch_size']} (per rank {'-'.join(map(str, per_rank))}); "
         f"{r['warmup']} warm-up + {r['steps']} timed steps; gradients summed "
-        + ("in buckets during backpropagation" if r["overlap"] else "after backpropagation")
+        "after backpropagation"
         + ("" if r["comm_dtype"] == "float32" else f", sent as {r['comm_dtype']}")
         + (f", exactly in {r['grains']} grains (deterministic)" if r["deterministic"] else ""),
         f"samples/s        {r['samples_per_second']:,.0f}",
@@ -366,9 +360,6 @@ PARSER.add_argument("--warmup", type=count, default=5, metavar="K",
                     help="untimed steps first (default 5)")
 PARSER.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                     help="parameter and data type (default float32)")
-PARSER.add_argument("--overlap", action="store_true",
-                    help="sum gradients in buckets while backpropagation runs (comm.overlap) "
-                         "instead of in one Allreduce after it")
 PARSER.add_argument("--comm-dtype", choices=["float32", "float16", "bfloat16"],
                     default="float32", help="send the gradient sum in 16 bits, as "
                     "train.comm_dtype does (default float32)")
@@ -391,9 +382,9 @@ def main(argv=None):
         args = PARSER.parse_args(argv)
         if args.compare_torch and importlib.util.find_spec("torch") is None:
             raise UserError(NO_TORCH)
-        if args.deterministic and (args.overlap or args.comm_dtype != "float32"):
-            raise UserError("--deterministic sums the gradient exactly after backpropagation, "
-                            "in float32: it excludes --overlap and --comm-dtype")
+        if args.deterministic and args.comm_dtype != "float32":
+            raise UserError("--deterministic sums the gradient exactly, in float32: it "
+                            "excludes --comm-dtype")
         if args.deterministic and args.grains > min(args.batch_size, config.MAX_GRAINS):
             raise UserError(f"--grains must be at most --batch-size ({args.batch_size}) and "
                             f"{config.MAX_GRAINS}, got {args.grains}")

@@ -1,7 +1,11 @@
-"""The one exception type for problems the user can fix: bad config, bad data, bad files,
-bad command lines."""
+"""The one exception type for problems the user can fix (bad config, bad data, bad files,
+bad command lines), the command-line parser that raises it, and the exit codes."""
 
 import argparse
+
+EXIT_BAD_INPUT = 2   # a UserError: reported once, nothing written
+EXIT_DIVERGED = 3    # training stopped: a non-finite loss, or replicas that differ
+EXIT_HUNG = 4        # the watchdog ended the job: no step finished in run.watchdog_seconds
 
 
 class UserError(Exception):

@@ -15,78 +15,14 @@ they are exact at any world size.
 import argparse
 import json
 
-import numpy as np
-
 from dpbp.errors import ArgumentParser, UserError
-from dpbp.nn.losses import cross_entropy, mse
-from dpbp.nn.model import MLP
 from dpbp.parallel import comm as mpi
-from dpbp.parallel.sharding import blocks
-from dpbp.parallel.threads import blas_threads, blockwise, limit_blas_threads
-from dpbp.service import checkpoint, config
-from dpbp.service import data as datasets
-from dpbp.train import EVAL_BLOCK, evaluate, fingerprint
+from dpbp.parallel.evaluation import MAX_MATRIX_CLASSES, class_counts, evaluate
+from dpbp.parallel.threads import limit_blas_threads
+from dpbp.service import config
+from dpbp.service.restore import load_checkpoint, restore_model
+from dpbp.service.startup import LOSSES, check_same_inputs, load_data
 
-MAX_MATRIX_CLASSES = 1000   # beyond this, a confusion matrix is too large to be of use
-
-
-# ----------------------------------------------------------------------------- counting
-
-def class_counts(model, x, y, num_classes, comm, block=EVAL_BLOCK):
-    """Collective. (confusion, per_class): confusion[i, j] = validation samples of class i
-    predicted as j (None beyond MAX_MATRIX_CLASSES classes), per_class = [samples of class
-    i, of them correct] as an int64 array (2, C). Rows are sharded like `evaluate`'s."""
-    C = num_classes
-    with_matrix = C <= MAX_MATRIX_CLASSES
-
-    def counted(rows):   # on several threads at once: nothing shared is written
-        predicted, truth = model.infer(x[rows]).argmax(axis=1), y[rows]
-        counts = np.zeros(C * C + 2 * C if with_matrix else 2 * C, dtype=np.int64)
-        counts[:C] = np.bincount(truth, minlength=C)
-        counts[C:2 * C] = np.bincount(truth[predicted == truth], minlength=C)
-        if with_matrix:
-            counts[2 * C:] = np.bincount(truth * C + predicted, minlength=C * C)
-        return counts
-
-    mine = blocks(len(x), block, comm.rank, comm.size)
-    counts = sum(blockwise(counted, mine, blas_threads()),
-                 np.zeros(C * C + 2 * C if with_matrix else 2 * C, dtype=np.int64))
-    comm.allreduce_(counts)                 # DP: exact sums of every rank's counts
-    confusion = counts[2 * C:].reshape(C, C) if with_matrix else None
-    return confusion, counts[:2 * C].reshape(2, C)
-
-
-# ----------------------------------------------------------------------------- loading
-
-def load_checkpoint(comm, path):
-    """Collective. Rank 0 reads the checkpoint at `path`; returns (state, saved_toml):
-    the state dict on rank 0 (None elsewhere) and its config as TOML text on every rank.
-    A missing or malformed checkpoint stops every rank with one line."""
-    state = None
-    with mpi.agreement(comm):
-        if comm.rank == 0:
-            state = checkpoint.load(path)
-    return state, comm.bcast_obj(None if state is None else state["config"])
-
-
-def restore_model(comm, state, path, widths, cfg):
-    """Collective. The network `widths` of `cfg`, holding the checkpoint's weights (read on
-    rank 0, broadcast to all). Weights that do not fit stop every rank with one line."""
-    with mpi.agreement(comm):
-        try:
-            model = MLP(widths, cfg.model.activation, cfg.model.dtype)
-        except MemoryError:
-            raise UserError(f"the network {'-'.join(map(str, widths))} does not fit in "
-                            "memory; check model.hidden") from None
-        if comm.rank == 0:
-            problem = model.load_state_dict(state, f"checkpoint {path}")
-            if problem:
-                raise UserError(f"{problem}; the checkpoint does not fit this config and data")
-    comm.bcast_(model.params)            # DP: every rank evaluates rank 0's weights
-    return model
-
-
-# ----------------------------------------------------------------------------- the command
 
 def main(argv=None):
     comm = mpi.init()
@@ -104,24 +40,17 @@ def main(argv=None):
         cfg = config.load(args.config, args.set, base=saved)
     limit_blas_threads(comm.ranks_sharing_cores, cfg.train.deterministic)   # as the run
     with mpi.agreement(comm):
-        try:
-            data = datasets.load(cfg.data, cfg.train.loss, cfg.model.dtype, cfg.run.seed)
-        except MemoryError:
-            raise UserError(f"the {cfg.data.source} data does not fit in memory") from None
+        data = load_data(cfg)
         if data.x_val is None:
             raise UserError(f"the {cfg.data.source} data of this config has no validation "
                             "set (data.val_fraction = 0 and no x_val); nothing to evaluate on")
-    same_inputs = comm.replicas_identical(fingerprint(cfg, data))
-    with mpi.agreement(comm):
-        if not same_inputs:
-            raise UserError("the ranks loaded different configs or data; check that every "
-                            "node sees the same files")
+    check_same_inputs(comm, cfg, data)
     widths = [data.num_inputs, *cfg.model.hidden, data.num_outputs]
     model = restore_model(comm, state, args.checkpoint, widths, cfg)
     epoch = comm.bcast_obj(None if state is None else state["epoch"])
 
-    loss_fn = {"cross_entropy": cross_entropy, "mse": mse}[cfg.train.loss]
-    loss, accuracy = evaluate(model, loss_fn, data.x_val, data.y_val, data.num_classes, comm)
+    loss, accuracy = evaluate(model, LOSSES[cfg.train.loss], data.x_val, data.y_val,
+                              data.num_classes, comm)
     confusion, per_class = None, None
     if data.num_classes:
         confusion, per_class = class_counts(model, data.x_val, data.y_val, data.num_classes,

@@ -18,22 +18,12 @@ import os
 import numpy as np
 
 from dpbp.errors import ArgumentParser, UserError
-from dpbp.evaluate import load_checkpoint, restore_model
 from dpbp.parallel import comm as mpi
-from dpbp.parallel.sharding import block_sizes, blocks
-from dpbp.parallel.threads import blas_threads, blockwise, limit_blas_threads
+from dpbp.parallel.evaluation import outputs
+from dpbp.parallel.threads import limit_blas_threads
 from dpbp.service import config
 from dpbp.service.files import write_atomic
-from dpbp.train import EVAL_BLOCK
-
-
-def softmax(z):
-    # z (B, C) -> probabilities (B, C) float64, each row summing to 1
-    z = z.astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)        # no overflow in exp
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z
+from dpbp.service.restore import load_checkpoint, restore_model, widths_of
 
 
 def open_input(path, num_inputs):
@@ -74,43 +64,6 @@ def check_output(path, input_path):
         raise UserError(f"--output {path}: {folder} is not a writable folder")
 
 
-def widths_of(state, path, hidden):
-    """[D_in, *hidden, D_out] of the network whose weights `state` holds."""
-    first, last = "model.0.weight", f"model.{2 * len(hidden)}.weight"
-    for key in (first, last):
-        if key not in state or state[key].ndim != 2:
-            raise UserError(f"checkpoint {path} has no 2-D {key}, which its config "
-                            f"(model.hidden = {list(hidden)}) needs: it is damaged")
-    return [state[first].shape[1], *hidden, state[last].shape[0]]
-
-
-def predict(model, x, dtype, probabilities, comm, where="--input", block=EVAL_BLOCK):
-    """Collective. The outputs (float64, (n, C)) for every row of x, computed in blocks at
-    fixed offsets shared among the ranks (as evaluation does, so each row's output is the
-    same at any world size) and gathered. Rows that are not finite in `dtype` stop every
-    rank with one line naming the first (and `where`)."""
-    n, C = len(x), model.widths[-1]
-    mine = blocks(n, block, comm.rank, comm.size)
-    counts = block_sizes(n, block, comm.size)
-
-    def outputs_of(rows):   # on several threads at once: nothing shared is written
-        with np.errstate(over="ignore"):   # overflow is reported just below
-            xb = np.ascontiguousarray(x[rows], dtype=dtype)
-        bad = np.flatnonzero(~np.isfinite(xb).all(axis=1))
-        if len(bad):
-            raise UserError(f"{where}: row {rows.start + bad[0]} holds NaN or Inf (or "
-                            f"values beyond {np.dtype(dtype).name})")
-        z = model.infer(xb)
-        return softmax(z) if probabilities else z.astype(np.float64)
-
-    with mpi.agreement(comm):
-        done = blockwise(outputs_of, mine, blas_threads())
-    outputs = np.concatenate([np.empty((0, C))] + done)
-    every = np.empty((n, C))
-    comm.allgatherv_(outputs.reshape(-1), every.reshape(-1), [c * C for c in counts])   # DP
-    return every
-
-
 def main(argv=None):
     comm = mpi.init()
     with mpi.agreement(comm):
@@ -135,7 +88,7 @@ def main(argv=None):
     with mpi.agreement(comm):
         x = open_input(args.input, widths[0])
     probabilities = cfg.train.loss == "cross_entropy"
-    out = predict(model, x, cfg.model.dtype, probabilities, comm, f"--input {args.input}")
+    out = outputs(model, x, cfg.model.dtype, probabilities, comm, f"--input {args.input}")
     with mpi.agreement(comm):
         if comm.rank == 0:
             try:

@@ -1,10 +1,10 @@
-"""The README's performance tables: python -m dpbp.bench at 1, 2 and 4 ranks, repeated.
+"""The performance tables of docs/performance.md and docs/reproducibility.md: python -m dpbp.bench at 1, 2 and 4 ranks, repeated.
 
     python launch/bench_table.py [--repeats 5] [--deterministic] [bench options, e.g. --steps 60]
 
 Runs, in turn and REPEATS times over (so that a busy moment hits every row alike):
 1 rank with 1 BLAS thread, 1 rank with all cores, 2 ranks with --compare-torch (where
-PyTorch is installed), 2 ranks with --overlap, and 4 ranks; then prints a Markdown table
+PyTorch is installed), and 4 ranks; then prints a Markdown table
 of the medians. With --deterministic instead: at 1 (one thread), 2 and 4 ranks, plain
 training next to train.deterministic with one grain per rank and with 4 grains (the
 default), and the cost of each as the median ratio to the plain run of its repeat. Uses
@@ -36,7 +36,6 @@ def rows(has_torch):
             ("`mpirun -n 1`", 1, [], {}),
             ("`mpirun -n 2" + (" --compare-torch`" if has_torch else "`"), 2,
              ["--compare-torch"] if has_torch else [], {}),
-            ("`mpirun -n 2 --overlap`", 2, ["--overlap"], {}),
             ("`mpirun -n 4` (4 ranks on the cores)", 4, [], {})]
 
 
@@ -138,10 +137,9 @@ def table(results, repeats, loads):
     ratio = lambda a, b: statistics.median(x["samples_per_second"] / y["samples_per_second"]
                                            for x, y in zip(a, b))
     labels = list(results)
-    one, two, four = results[labels[0]], results[labels[2]], results[labels[4]]
+    one, two, four = results[labels[0]], results[labels[2]], results[labels[3]]
     lines += ["", f"Strong scaling, 2 ranks / 1 rank (1 thread each): {ratio(two, one):.2f} x; "
-              f"4 ranks / 2 ranks: {ratio(four, two):.2f} x; "
-              f"overlap / no overlap at 2 ranks: {ratio(results[labels[3]], two):.2f} x"]
+              f"4 ranks / 2 ranks: {ratio(four, two):.2f} x"]
     lines.append(f"import dpbp.train: {med(sum(results.values(), []), 'import_seconds'):.2f} s "
                  "(median over runs of the slowest rank)")
     return "\n".join(lines)

@@ -46,13 +46,17 @@ def mpi_env(extra=None):
 def run_module(module, args, ranks=None, timeout=120, env=None, cwd=None,
                thread_sensitive=False):
     """Run `python -m MODULE ARGS`, under `mpirun -n ranks` unless ranks is None; with
+    DPBP_FAULT in `env`, through tests/faults.py (the fault it plans); with
     thread_sensitive, through tests/thread_sensitive.py (a matrix product whose bits
     depend on the BLAS thread count, on any CPU).
 
     A hung job is killed at `timeout` and fails the test rather than the suite."""
     cmd = [sys.executable, "-m", module, *args]
+    if env and "DPBP_FAULT" in env:
+        cmd[2:2] = ["tests.faults"]
     if thread_sensitive:
         cmd[2:2] = ["tests.thread_sensitive"]
+    if thread_sensitive or (env and "DPBP_FAULT" in env):
         env = dict(env or {}, PYTHONPATH=str(ROOT))
     if ranks is not None:
         cmd = mpirun(ranks) + cmd

@@ -27,6 +27,7 @@ import pytest
 from dpbp.nn.model import MLP
 from dpbp.nn.optim import SGD
 from dpbp.service import checkpoint, config
+from dpbp.service.checkpoint import Position
 from tests.conftest import fake_mnist, run_train, write_idx
 
 ONE, TWO, BOTH = (None,), (2,), (None, 2)   # ranks to launch with; None: no mpirun
@@ -177,7 +178,7 @@ def resume_from(damage, widths=(5, 4, 3)):
         model.init_(np.random.default_rng(0))
         path = checkpoint.path_for(cfg.run.dir, 1)
         os.makedirs(os.path.dirname(path))
-        checkpoint.save(path, model, SGD(model.params, model.grads, 0.1, 0.9), (1, 0, 2, 0, 0),
+        checkpoint.save(path, model, SGD(model.params, model.grads, 0.1, 0.9), Position(1, 0, 2, 0, 0),
                         world_size=1, config_toml=config.to_toml(cfg))
         with open(path, "rb") as f:
             raw = f.read()

@@ -61,12 +61,6 @@ def test_threads_chosen_by_the_user_are_kept():
     assert f["threads_per_rank"] == 1
 
 
-def test_overlap_option_under_mpirun():
-    f = figures(bench(TINY + ["--json", "--overlap", "--dtype", "float64"], ranks=2))
-    check_sane(f, 2)
-    assert f["overlap"] is True and f["dtype"] == "float64"
-
-
 def test_deterministic_option_under_mpirun():
     r = bench(TINY + ["--json", "--deterministic", "--grains", "3"], ranks=2)
     f = figures(r)
@@ -76,8 +70,7 @@ def test_deterministic_option_under_mpirun():
 
 
 @pytest.mark.parametrize("args,words", [
-    (["--deterministic", "--overlap"], "excludes --overlap and --comm-dtype"),
-    (["--deterministic", "--comm-dtype", "bfloat16"], "excludes --overlap and --comm-dtype"),
+    (["--deterministic", "--comm-dtype", "bfloat16"], "excludes --comm-dtype"),
     (["--deterministic", "--batch-size", "8", "--grains", "9"],
      "--grains must be at most --batch-size (8)"),
     (["--layers", "784"], "--layers takes at least two positive widths"),
@@ -95,7 +88,7 @@ def test_bad_options_one_line(args, words):
 
 def test_help():
     r = bench(["--help"])
-    assert r.returncode == 0 and "--compare-torch" in r.stdout and "--overlap" in r.stdout
+    assert r.returncode == 0 and "--compare-torch" in r.stdout and "--deterministic" in r.stdout
 
 
 @pytest.mark.skipif(HAS_TORCH, reason="PyTorch is installed here")
@@ -126,11 +119,12 @@ def test_importing_the_bench_module_starts_nothing():
 
 
 def test_the_readme_table_script():
-    """launch/bench_table.py, which makes the README's performance table, runs every row."""
+    """launch/bench_table.py, which makes the performance table of docs/performance.md, runs
+    every row."""
     r = run_with_timeout([sys.executable, "launch/bench_table.py", "--repeats", "1", *TINY], 600)
     assert r.returncode == 0, r.stdout + r.stderr
     table = r.stdout
-    for row in ("`OMP_NUM_THREADS=1 mpirun -n 1`", "`mpirun -n 2", "--overlap", "`mpirun -n 4`"):
+    for row in ("`OMP_NUM_THREADS=1 mpirun -n 1`", "`mpirun -n 2", "`mpirun -n 4`"):
         assert row in table
-    assert table.count("\n| `") == 5 and "Strong scaling" in table
+    assert table.count("\n| `") == 4 and "Strong scaling" in table
     assert ("--compare-torch" in table) == HAS_TORCH   # the DDP columns, where PyTorch is

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from dpbp.parallel.comm import from_bfloat16, to_bfloat16
+from dpbp.parallel.half import from_bfloat16, to_bfloat16
 
 
 def reference(x):

@@ -9,6 +9,7 @@ from dpbp.errors import UserError
 from dpbp.nn.model import MLP
 from dpbp.nn.optim import SGD
 from dpbp.service import checkpoint, config, files
+from dpbp.service.checkpoint import Position
 
 
 def make(widths=(4, 6, 3), momentum=0.9):
@@ -32,7 +33,7 @@ def test_round_trip(tmp_path):
     model, opt = make()
     path = checkpoint.path_for(tmp_path, 3)
     os.makedirs(os.path.dirname(path))
-    checkpoint.save(path, model, opt, (3, 0, 42, 0, 0), world_size=4,
+    checkpoint.save(path, model, opt, Position(3, 0, 42, 0, 0), world_size=4,
                     config_toml=config.to_toml(config.Config()))
     assert os.path.basename(path) == "epoch-0003.npz"
     assert os.listdir(os.path.dirname(path)) == ["epoch-0003.npz"]   # no temporary left
@@ -45,7 +46,7 @@ def test_round_trip(tmp_path):
     assert other.load_state_dict(state, "ckpt") is None
     np.testing.assert_array_equal(other.params, model.params)
     mid = checkpoint.path_for(tmp_path, 3, 17)
-    checkpoint.save(mid, model, opt, (3, 17, 59, 1, 2176), 2, config.to_toml(config.Config()),
+    checkpoint.save(mid, model, opt, Position(3, 17, 59, 1, 2176), 2, config.to_toml(config.Config()),
                     loss_sums=[1.5, 2.5])
     assert os.path.basename(mid) == "epoch-0003-batch-000017.npz"
     state = checkpoint.load(mid)
@@ -65,7 +66,7 @@ def rewrite(path, **change):
 def test_digest_catches_any_change_of_content(tmp_path):
     model, opt = make()
     path = str(tmp_path / "epoch-0001.npz")
-    checkpoint.save(path, model, opt, (1, 0, 1, 0, 0), 1, config.to_toml(config.Config()))
+    checkpoint.save(path, model, opt, Position(1, 0, 1, 0, 0), 1, config.to_toml(config.Config()))
     weight = np.load(path)["model.0.weight"].copy()
     weight[0, 0] = np.nextafter(weight[0, 0], 1)   # one bit of one weight
     rewrite(path, **{"model.0.weight": weight})
@@ -80,7 +81,7 @@ def test_damaged_bytes_never_load(tmp_path, damage):
     metadata that does not touch the content, such as a file time) the very same state."""
     model, opt = make((20, 30, 5))
     path = str(tmp_path / "epoch-0001.npz")
-    checkpoint.save(path, model, opt, (1, 0, 1, 0, 0), 1, config.to_toml(config.Config()))
+    checkpoint.save(path, model, opt, Position(1, 0, 1, 0, 0), 1, config.to_toml(config.Config()))
     raw, intact = open(path, "rb").read(), checkpoint.load(path)
     refused = 0
     for at in np.linspace(0, len(raw) - 1, 60).astype(int):
@@ -137,7 +138,7 @@ def test_state_that_does_not_fit_is_described():
 def test_unreadable_checkpoint(tmp_path):
     model, opt = make()
     path = str(tmp_path / "epoch-0001.npz")
-    checkpoint.save(path, model, opt, (1, 0, 1, 0, 0), 1, config.to_toml(config.Config()))
+    checkpoint.save(path, model, opt, Position(1, 0, 1, 0, 0), 1, config.to_toml(config.Config()))
     raw = open(path, "rb").read()
     open(path, "wb").write(raw[: len(raw) // 2])
     with pytest.raises(UserError, match="is not a readable .npz file"):
@@ -161,7 +162,7 @@ def test_malformed_checkpoint_fields(tmp_path, change, message):
     """Fields that are wrong although the digest matches them (as a buggy writer makes)."""
     model, opt = make()
     path = str(tmp_path / "epoch-0001.npz")
-    checkpoint.save(path, model, opt, (1, 0, 1, 0, 0), 1, config.to_toml(config.Config()))
+    checkpoint.save(path, model, opt, Position(1, 0, 1, 0, 0), 1, config.to_toml(config.Config()))
     with np.load(path) as f:
         arrays = dict({k: f[k] for k in f.files if k != "digest"}, **change)
     np.savez(path, **arrays, digest=np.str_(checkpoint.digest(arrays)))
@@ -173,7 +174,7 @@ def test_reads_checkpoints_of_format_1(tmp_path):
     """dpbp 0.1 wrote no digest and no mid-epoch position; such files still resume."""
     model, opt = make()
     path = str(tmp_path / "epoch-0002.npz")
-    checkpoint.save(path, model, opt, (2, 0, 8, 0, 0), 1, config.to_toml(config.Config()))
+    checkpoint.save(path, model, opt, Position(2, 0, 8, 0, 0), 1, config.to_toml(config.Config()))
     with np.load(path) as f:
         arrays = {k: f[k] for k in f.files
                   if k not in ("digest", "batch", "skipped", "counted", "loss_sums")}
@@ -186,7 +187,7 @@ def test_never_writes_non_finite_weights(tmp_path):
     model, opt = make()
     model.params[3] = np.inf
     with pytest.raises(UserError, match="the weights are not finite"):
-        checkpoint.save(str(tmp_path / "x.npz"), model, opt, (1, 0, 1, 0, 0), 1, "")
+        checkpoint.save(str(tmp_path / "x.npz"), model, opt, Position(1, 0, 1, 0, 0), 1, "")
     assert os.listdir(tmp_path) == []
 
 

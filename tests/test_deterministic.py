@@ -23,8 +23,9 @@ from dpbp.nn.model import MLP
 from dpbp.nn.optim import SGD
 from dpbp.parallel import exact
 from dpbp.parallel.comm import Comm
+from dpbp.parallel.step import train_step
 from dpbp.service.config import TrainConfig
-from dpbp.train import scratch_for, train_step
+from dpbp.service.startup import gradient_sum
 from tests.conftest import mpirun, run_train, run_with_timeout
 
 # ----------------------------------------------------------------------------- arithmetic
@@ -159,9 +160,9 @@ def test_deterministic_steps_follow_the_plain_gradient(dtype, tol):
         model = MLP([7, 16, 4], "tanh", dtype)
         model.init_(np.random.default_rng(6))
         opt = SGD(model.params, model.grads, lr=0.1, momentum=0.9)
-        scratch = scratch_for(tc, model.grads, Comm(None))
+        summed = gradient_sum(tc, Comm(None), model)
         for _ in range(10):
-            assert train_step(model, opt, cross_entropy, x, y, 64, Comm(None), tc, scratch)[1]
+            assert train_step(model, opt, cross_entropy, x, y, 64, summed)[1]
         return model.params
 
     plain = run(TrainConfig())
@@ -179,8 +180,7 @@ def test_grain_losses_whose_sum_overflows_make_a_non_finite_step():
     opt = SGD(model.params, model.grads, lr=0.1)
     x, targets = np.zeros((2, 2)), np.full((2, 1), 1.3e154)   # each row's loss ~ 1.7e308
     tc = TrainConfig(deterministic=True, grains=2, loss="mse")
-    loss, ok = train_step(model, opt, mse, x, targets, 2, Comm(None), tc,
-                          scratch_for(tc, model.grads, Comm(None)))
+    loss, ok = train_step(model, opt, mse, x, targets, 2, gradient_sum(tc, Comm(None), model))
     assert not ok and loss == math.inf
     assert model.params.tobytes() == before.tobytes()
 

@@ -18,8 +18,7 @@ from dpbp.nn.losses import cross_entropy
 from dpbp.nn.model import MLP
 from dpbp.parallel import threads
 from dpbp.parallel.comm import Comm
-from dpbp.predict import predict
-from dpbp.train import evaluate
+from dpbp.parallel.evaluation import evaluate, outputs
 from tests import thread_sensitive
 from tests.conftest import run_module, run_train
 from tests.test_cli import tiny_run
@@ -96,8 +95,8 @@ def test_evaluate_and_predict_do_not_depend_on_the_thread_count(sensitive, blas)
         want = [model.forward(x[i:i + 256]).copy() for i in range(0, 600, 256)]
     with threadpool_limits(blas, user_api="blas"):
         loss, accuracy = evaluate(model, cross_entropy, x, y, 3, Comm(None))
-        outputs = predict(model, x, np.float32, False, Comm(None))
-    assert outputs.tobytes() == np.concatenate(want).astype(np.float64).tobytes()
+        out = outputs(model, x, np.float32, False, Comm(None))
+    assert out.tobytes() == np.concatenate(want).astype(np.float64).tobytes()
     losses = np.concatenate([cross_entropy(o, y[i * 256:(i + 1) * 256], 1, False)[0]
                              for i, o in enumerate(want)])
     assert loss == pytest.approx(losses.mean(), rel=1e-15)

@@ -45,6 +45,15 @@ def mse(outputs, targets, N, need_grad=True):
     return losses, diff
 
 
+def softmax(z):
+    # z (B, C) -> probabilities (B, C) float64, each row summing to 1
+    z = z.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)        # no overflow in exp
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
 def correct(outputs, labels):
     """How many rows' argmax equals the label: (B, C), (B,) -> int."""
     return int(np.count_nonzero(outputs.argmax(axis=1) == labels)) if len(labels) else 0

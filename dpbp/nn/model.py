@@ -72,25 +72,13 @@ class MLP:
     def backward(self, dout, grads=None):
         # dout (B, D_out) -> nothing; overwrites every gradient in `grads`, a flat buffer
         # laid out like params (default: self.grads)
-        for _ in self.backward_steps(dout, grads):
-            pass
-
-    def backward_steps(self, dout, grads=None):
-        """backward(dout, grads), one layer at a time: after each layer, yields `ready`,
-        the offset in `grads` from which on every gradient is final (grads[ready:]).
-        Layers run from the last to the first, so `ready` only decreases, to 0."""
-        views = None if grads is None else self.split(grads)
-        ready = self.grads.size
-        for i in range(len(self.layers) - 1, -1, -1):
+        views = self.split(self.grads if grads is None else grads)
+        for i in range(len(self.layers) - 1, -1, -1):   # from the last layer to the first
             layer = self.layers[i]
-            if isinstance(layer, Linear):
-                # layer i is Linear i // 2, whose W and b are views[i] and views[i + 1]
-                into = None if views is None else views[i:i + 2]
-                dout = layer.backward(dout, need_dx=i > 0, into=into)   # i = 0: no dx needed
-                ready -= layer.dW.size + layer.db.size
+            if isinstance(layer, Linear):   # Linear i // 2, whose W and b are views[i], views[i + 1]
+                dout = layer.backward(dout, need_dx=i > 0, into=views[i:i + 2])   # i = 0: no dx
             else:
                 dout = layer.backward(dout)
-            yield ready
 
     def state_dict(self):
         """{'model.0.weight': view, ...}: the torch.nn.Sequential state-dict layout."""

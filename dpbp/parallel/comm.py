@@ -1,15 +1,13 @@
 """All communication between ranks. The only module in dpbp that imports mpi4py.
 
 A `Comm` knows its `rank`, `size` and `ranks_sharing_cores`, and has a few verbs:
-in-place `allreduce_` on a flat array (and `allreduce_16_`, which sends it in 16 bits),
-`allgatherv_`, `bcast_`, `bcast_obj`, `allreduce_min`/`allreduce_max`, the non-blocking
-`start_allreduce_max_`, `barrier` and `replicas_identical`; `allreduce_ready_` and
-`allreduce_wait` sum a buffer in buckets while backpropagation still fills it. The
-seconds spent in the gradient sums add up in `wait_seconds`, which the benchmark reads
-as the communication share of a step. `agreement(comm)` is the collective check that
-turns bad input seen on some ranks into one message and a clean stop on all of them.
-The hot path uses mpi4py's buffer API (no pickling), and every verb costs nothing at
-world size 1.
+in-place `allreduce_` on a flat array, `allreduce_max_`, `allreduce_min`/`allreduce_max`
+of an integer, the non-blocking `start_allreduce_max_`, `allgatherv_`, `alltoallv_`,
+`allgatherv_in_place_`, `bcast_`, `bcast_obj`, `barrier` and `replicas_identical`. The
+seconds spent in the gradient sums add up in `wait_seconds`, which the benchmark reads as
+the communication share of a step. `agreement(comm)` is the collective check that turns
+bad input seen on some ranks into one message and a clean stop on all of them. The hot
+path uses mpi4py's buffer API (no pickling), and every verb costs nothing at world size 1.
 
 `init()` returns a world of one when there is no launcher, no mpi4py or no MPI library,
 so `python -m dpbp.train` runs the same code as `mpirun -n 4 python -m dpbp.train`.
@@ -17,7 +15,6 @@ so `python -m dpbp.train` runs the same code as `mpirun -n 4 python -m dpbp.trai
 """
 
 import contextlib
-import math
 import os
 import sys
 import time
@@ -27,16 +24,10 @@ import zlib
 import numpy as np
 
 from dpbp.errors import UserError
-from dpbp.parallel.sharding import shard_sizes
 from dpbp.parallel.threads import available_cores
 
 # Environment variables through which launchers announce the world size before MPI_Init.
 _LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS")
-FLOAT16_MAX = 65504.0   # the largest finite float16
-
-# allreduce_ready_ sends gradients in buckets of at least this size.
-BUCKET_BYTES = 1 << 20
-
 # How long a rank waiting for a collective sleeps between progress checks when ranks
 # outnumber cores (see Comm.oversubscribed), for sums of at least YIELD_MIN_BYTES: the
 # wait for a smaller one is too short to give away (measured: sleeping made the default
@@ -67,10 +58,7 @@ class Comm:
     def __init__(self, mpi_comm=None, library="no MPI"):
         self._comm = mpi_comm
         self.library = library
-        self._scratch16 = {}   # allreduce_16_'s 16-bit buffers
         self.wait_seconds = 0.0
-        self.overlap = False   # train_step: overlap the gradient sum with backpropagation
-        self._buckets, self._unsent = [], None   # allreduce_ready_'s requests in flight
         # ranks_sharing_cores: ranks on this node that may run on the same cores as this one
         if mpi_comm is None:
             self.rank, self.size, self.ranks_sharing_cores = 0, 1, 1
@@ -104,39 +92,6 @@ class Comm:
             self._wait_yielding(self._comm.Iallreduce(self._MPI.IN_PLACE, buf, op=op))
         else:
             self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=op)
-        self.wait_seconds += time.perf_counter() - t0
-
-    def allreduce_ready_(self, buf, ready):
-        """Collective, non-blocking: sum buf[ready:] in place across ranks, in buckets.
-
-        For overlapping the sum with backpropagation: call it whenever more of `buf`
-        is final, `ready` decreasing to 0, then `allreduce_wait()`. Values since the
-        last bucket are sent as one bucket once they reach BUCKET_BYTES, and when
-        `ready` is 0; every call also drives the progress of the buckets in flight.
-        Every rank must make the same calls. The sums are those of `allreduce_`.
-        """
-        if self.size == 1:
-            return
-        if self._unsent is None:
-            self._unsent = buf.size          # buf[:_unsent] is not yet in a bucket
-        if (self._unsent - ready) * buf.itemsize >= BUCKET_BYTES or (ready == 0 < self._unsent):
-            self._buckets.append(self._comm.Iallreduce(
-                self._MPI.IN_PLACE, buf[ready:self._unsent], op=self._MPI.SUM))
-            self._unsent = ready
-        if self._buckets:
-            self._MPI.Request.Testall(self._buckets)
-
-    def allreduce_wait(self):
-        """Complete the buckets that allreduce_ready_ started."""
-        if self.size == 1:
-            return
-        t0 = time.perf_counter()
-        if self.oversubscribed:
-            for request in self._buckets:
-                self._wait_yielding(request)
-        else:
-            self._MPI.Request.Waitall(self._buckets)
-        self._buckets, self._unsent = [], None
         self.wait_seconds += time.perf_counter() - t0
 
     @staticmethod
@@ -202,75 +157,21 @@ class Comm:
 
     def replicas_identical(self, array):
         """Collective. True when `array` holds the same bytes on every rank."""
+        if self.size == 1:
+            return True
         crc = zlib.crc32(np.ascontiguousarray(array).view(np.uint8))
         return self.allreduce_min(crc) == -self.allreduce_min(-crc)
 
-    def allreduce_16_(self, buf, kind):
-        """Collective. Like allreduce_ on a float32 `buf`, but sending 16-bit values: half
-        the bytes, with the rounding of `kind`, "float16" or "bfloat16".
+    def alltoallv_(self, send, send_counts, send_starts, recv, recv_counts, recv_starts):
+        """Collective. Send send[send_starts[q]:][:send_counts[q]] to rank q, and receive
+        from rank r recv_counts[r] values into recv at recv_starts[r]."""
+        self._comm.Alltoallv([send, (list(send_counts), list(send_starts))],
+                             [recv, (list(recv_counts), list(recv_starts))])
 
-        A reduce-scatter then an allgather, both of 16-bit values: each rank receives its
-        part of every rank's buffer (Alltoallv), adds the parts up in float32 in rank
-        order, rounds the sum to 16 bits and sends it to all (Allgatherv); so every rank
-        ends with the same bits. float16 reaches only 65504: every rank first multiplies
-        its values by one power of two that all agree on (from the largest magnitude on
-        any rank, with a factor 2 to spare), so that the sum cannot overflow while small
-        values keep as many bits
-        as the range allows; the sum is divided by it again. bfloat16 has float32's range
-        and needs no scaling. Non-finite values stay non-finite.
-        """
-        if self.size == 1:
-            return buf
-        t0 = time.perf_counter()
-        MPI, n, size = self._MPI, buf.size, self.size
-        counts = np.array(shard_sizes(n, size))   # this rank sums part `rank` of all
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        mine = slice(starts[self.rank], starts[self.rank] + counts[self.rank])
-        packed, parts = self._scratch(n, counts[self.rank])
-        scale = 1.0
-        if kind == "float16":
-            peak = float(np.max(np.abs(buf))) if n else 0.0
-            peak = self._allreduce_float(peak, MPI.MAX)
-            if 0 < peak < math.inf:   # a factor 2 to spare for rounding up to float16
-                scale = min(2.0 ** math.floor(math.log2(FLOAT16_MAX / (2 * peak * size))),
-                            2.0 ** 126)   # and it and its inverse are float32 numbers
-            np.multiply(buf, scale, out=buf)
-            packed.view(np.float16)[...] = buf
-        else:
-            to_bfloat16(buf, packed)
-        c = int(counts[self.rank])
-        self._comm.Alltoallv([packed, (counts, starts), MPI.UINT16_T],
-                             [parts, ([c] * size, [c * r for r in range(size)]), MPI.UINT16_T])
-        total = buf[mine]   # this rank's part of the sum, accumulated in float32
-        parts = parts.reshape(size, c)
-        total[...] = 0
-        for r in range(size):   # in rank order, the same on every rank
-            total += (parts[r].view(np.float16) if kind == "float16"
-                      else from_bfloat16(parts[r], np.empty(c, np.float32)))
-        if kind == "float16":
-            packed[mine].view(np.float16)[...] = total
-        else:
-            to_bfloat16(total, packed[mine])
-        self._comm.Allgatherv(MPI.IN_PLACE, [packed, (counts, starts), MPI.UINT16_T])
-        if kind == "float16":
-            buf[...] = packed.view(np.float16)
-            buf *= 1 / scale
-        else:
-            from_bfloat16(packed, buf)
-        self.wait_seconds += time.perf_counter() - t0   # conversions included
-        return buf
-
-    def _scratch(self, n, c):
-        """allreduce_16_'s buffers: n 16-bit values, and `size` parts of c values."""
-        if (n, c) not in self._scratch16:
-            self._scratch16 = {(n, c): (np.empty(n, np.uint16),
-                                        np.empty(c * self.size, np.uint16))}
-        return self._scratch16[n, c]
-
-    def _allreduce_float(self, value, op):
-        out = np.array([value], dtype=np.float64)
-        self._comm.Allreduce(self._MPI.IN_PLACE, out, op=op)
-        return float(out[0])
+    def allgatherv_in_place_(self, buf, counts, starts):
+        """Collective. `buf` holds this rank's counts[rank] values at starts[rank]; fill in
+        every other rank's at theirs."""
+        self._comm.Allgatherv(self._MPI.IN_PLACE, [buf, (list(counts), list(starts))])
 
 
 @contextlib.contextmanager
@@ -387,20 +288,3 @@ def run(main):
               flush=True)
         abort(code)
     sys.exit(code or 0)
-
-
-# ----------------------------------------------------------------------------- 16-bit sums
-
-def to_bfloat16(x, out):
-    """float32 array x -> bfloat16 bit patterns in uint16 `out`, rounded to nearest even."""
-    bits = x.view(np.uint32)
-    rounded = bits + (0x7FFF + ((bits >> 16) & 1))      # carries into the exponent on overflow
-    out[...] = rounded >> 16
-    out[np.isnan(x)] = 0x7FC0                           # a NaN stays a NaN
-    return out
-
-
-def from_bfloat16(packed, out):
-    """bfloat16 bit patterns (uint16) -> float32 `out` (exact)."""
-    out.view(np.uint32)[...] = packed.astype(np.uint32) << 16
-    return out

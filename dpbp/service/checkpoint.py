@@ -19,17 +19,34 @@ Written by rank 0 alone, atomically and durably (files.write_atomic), so a crash
 leaves a half-written checkpoint under a checkpoint's name.
 """
 
+import dataclasses
 import hashlib
 import os
 import re
 
 import numpy as np
 
-from dpbp import faults
 from dpbp.errors import UserError
 from dpbp.service.files import read_npz, write_atomic
 
 FORMAT_VERSION = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Position:
+    """Where a run is: with the seed in the config, the whole data-order state."""
+    epoch: int = 0       # epochs completed
+    batch: int = 0       # batches done in the next epoch
+    step: int = 0        # optimizer steps taken (skipped steps included)
+    skipped: int = 0     # steps of the unfinished epoch dropped as non-finite
+    counted: int = 0     # samples of the unfinished epoch in the loss sums
+
+    @classmethod
+    def of(cls, state):
+        """The position a loaded checkpoint holds."""
+        return cls(*(state[f.name] for f in dataclasses.fields(cls)))
+
+
 COUNTERS = ("epoch", "batch", "step", "skipped", "counted", "world_size", "format_version")
 _NAME = re.compile(r"^epoch-(\d{4,})(?:-batch-(\d{6,}))?\.npz$")
 
@@ -50,27 +67,20 @@ def digest(arrays):
 
 
 def save(path, model, optimizer, position, world_size, config_toml, loss_sums=None):
-    """Write the checkpoint atomically (rank 0 only). `position` = (epoch, batch, step,
-    skipped, counted); `loss_sums` = every rank's partial training-loss sum of the epoch
-    (zeros by default, as at an epoch's end)."""
+    """Write the checkpoint at `position` (a Position) atomically (rank 0 only);
+    `loss_sums` = every rank's partial training-loss sum of the epoch (zeros by default,
+    as at an epoch's end)."""
     if not np.isfinite(model.params).all():   # never write NaN or Inf weights
         raise UserError(f"refusing to write {path}: the weights are not finite")
-    epoch, batch, step, skipped, counted = position
     arrays = dict(model.state_dict())
     if optimizer.momentum_buffer is not None:
         arrays["optimizer.momentum_buffer"] = optimizer.momentum_buffer
     sums = np.zeros(world_size) if loss_sums is None else np.asarray(loss_sums, np.float64)
-    arrays.update(epoch=np.int64(epoch), batch=np.int64(batch), step=np.int64(step),
-                  skipped=np.int64(skipped), counted=np.int64(counted), loss_sums=sums,
-                  world_size=np.int64(world_size), config=np.str_(config_toml),
+    arrays.update({k: np.int64(v) for k, v in dataclasses.asdict(position).items()})
+    arrays.update(loss_sums=sums, world_size=np.int64(world_size), config=np.str_(config_toml),
                   format_version=np.int64(FORMAT_VERSION))
     arrays["digest"] = np.str_(digest(arrays))
-
-    def write(f):
-        np.savez(f, **arrays)
-        faults.during_save(step, f)   # test hook: a kill or a full disk mid-write
-
-    write_atomic(path, write)
+    write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def position_of(path):

@@ -23,7 +23,8 @@ from dpbp.service.files import remove_stale_temporaries, write_atomic
 # Keys a resumed run may not change: they define the network or the global batch.
 FIXED_ON_RESUME = ("model.hidden", "model.activation", "train.loss", "train.batch_size")
 # Keys whose change on resume changes which samples train and which validate.
-SPLIT_KEYS = ("run.seed", "data.source", "data.path", "data.val_fraction", "data.samples")
+SPLIT_KEYS = ("run.seed", "data.source", "data.path", "data.val_fraction", "data.samples",
+              "data.shuffle")
 CONFIG_HEADER = "# dpbp: the resolved config of this run\n"
 
 
@@ -228,13 +229,12 @@ def _lock(run_dir):
 
 
 def save(cfg, model, optimizer, position, world_size, loss_sums=None, record=None):
-    """Checkpoint at `position` = (epoch, batch, step, skipped, counted); at the end of an epoch
-    (batch 0) first append its line of metrics, `record`. (In this order, a crash between
+    """Checkpoint at `position` (a checkpoint.Position); at the end of an epoch (batch 0)
+    first append its line of metrics, `record`. (In this order, a crash between
     the two leaves a metrics line that `prepare` drops on resume, never a missing one.)
     Then delete checkpoints beyond the newest run.keep_checkpoints, this one being
     durable by now. Returns the checkpoint's path."""
-    epoch, batch = position[:2]
-    path = checkpoint.path_for(cfg.run.dir, epoch, batch)
+    path = checkpoint.path_for(cfg.run.dir, position.epoch, position.batch)
     try:
         if record is not None:
             with open(metrics_path(cfg.run.dir), "a", encoding="utf-8") as f:

@@ -13,8 +13,9 @@ from dpbp.nn.losses import cross_entropy
 from dpbp.nn.model import MLP
 from dpbp.nn.optim import SGD
 from dpbp.parallel import comm as mpi
-from dpbp.parallel import sharding
-from dpbp.train import evaluate, train_step
+from dpbp.parallel import half, sharding
+from dpbp.parallel.evaluation import evaluate
+from dpbp.parallel.step import PlainSum, train_step
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -94,7 +95,8 @@ def test_train_step_matches_one_process_and_replicas_stay_identical(comm):
                   weight_decay=0.01)
         for batch in batches:
             rows = batch[sharding.shard(len(batch), c.rank, c.size)]
-            train_step(model, opt, cross_entropy, x[rows], y[rows], len(batch), c)
+            train_step(model, opt, cross_entropy, x[rows], y[rows], len(batch),
+                       PlainSum(c, model.grads))
         return model.params
 
     one, many = run(serial), run(world)
@@ -126,6 +128,11 @@ def test_evaluate_gives_the_same_numbers_at_any_world_size(comm, rows):
     assert many == one
 
 
+def sum16(x, kind):
+    comm = mpi.init()   # the world of the module's fixture
+    return half.allreduce_16_(comm, x, kind, half.Buffers(x.size, comm.rank, comm.size))
+
+
 @pytest.mark.parametrize("kind,rtol", [("float16", 2e-3), ("bfloat16", 2e-2)])
 def test_16_bit_allreduce(comm, kind, rtol):
     """Half the bytes, the same sum to the format's rounding, bitwise the same on every
@@ -136,7 +143,7 @@ def test_16_bit_allreduce(comm, kind, rtol):
         every = np.empty(comm.size * x.size, np.float32)
         comm._comm.Allgather(x, every)
         exact = every.reshape(comm.size, -1).astype(np.float64).sum(axis=0)
-        out = comm.allreduce_16_(x.copy(), kind)
+        out = sum16(x.copy(), kind)
         assert np.isfinite(out).all()
         scale = np.abs(every).max() * comm.size
         np.testing.assert_allclose(out, exact, rtol=0, atol=rtol * scale)
@@ -144,7 +151,7 @@ def test_16_bit_allreduce(comm, kind, rtol):
     poisoned = np.ones(10, np.float32)
     if comm.rank == 1:
         poisoned[3] = np.nan
-    out = comm.allreduce_16_(poisoned, kind)
+    out = sum16(poisoned, kind)
     assert np.isnan(out[3]) and np.isfinite(np.delete(out, 3)).all()
 
 
@@ -153,10 +160,10 @@ def test_float16_sum_at_the_edge_of_its_range(comm):
     rounding each part up to float16 must not push the sum past 65504; tiny values must
     not be scaled past float32's range."""
     edge = np.full(4, 65504.0 / comm.size * 0.9999, np.float32)
-    out = comm.allreduce_16_(edge.copy(), "float16")
+    out = sum16(edge.copy(), "float16")
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, edge * comm.size, rtol=2e-3)
     tiny = np.array([1e-36, 0.0, 5e-37], np.float32)
-    out = comm.allreduce_16_(tiny.copy(), "float16")
+    out = sum16(tiny.copy(), "float16")
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, tiny * comm.size, rtol=2e-3)

@@ -12,9 +12,9 @@ from dpbp.nn.model import MLP
 from dpbp.nn.optim import SGD
 from dpbp.parallel import comm as mpi
 from dpbp.parallel import sharding
+from dpbp.parallel.deterministic import GrainSum
+from dpbp.parallel.step import train_step
 from dpbp.parallel.threads import limit_blas_threads
-from dpbp.service.config import TrainConfig
-from dpbp.train import scratch_for, train_step
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -29,16 +29,15 @@ def comm():
 def run(comm, dtype, loss_fn, grains, batches, x, y):
     """Steps over `batches` (arrays of row indices) under train.deterministic; returns the
     parameters and every step's loss sum."""
-    tc = TrainConfig(deterministic=True, grains=grains, clip_grad_norm=5.0)
     model = MLP([x.shape[1], 12, 8, 5], "tanh", dtype)
     model.init_(np.random.default_rng(1))
     opt = SGD(model.params, model.grads, lr=0.2, momentum=0.9, weight_decay=0.01)
-    scratch = scratch_for(tc, model.grads, comm)
+    summed = GrainSum(comm, model, grains)
     losses = []
     for batch in batches:
         rows = batch[sharding.batch_shard(len(batch), comm.rank, comm.size, grains)]
-        loss, ok = train_step(model, opt, loss_fn, x[rows], y[rows], len(batch), comm, tc,
-                              scratch)
+        loss, ok = train_step(model, opt, loss_fn, x[rows], y[rows], len(batch), summed,
+                              clip_norm=5.0)
         assert ok
         losses.append(loss)
     return model.params, losses
@@ -60,7 +59,6 @@ def test_every_step_has_the_bits_of_one_process(comm, dtype, grains, loss_fn):
 
 
 def test_a_nan_in_one_grain_stops_the_step_on_every_rank(comm):
-    tc = TrainConfig(deterministic=True, grains=4)
     model = MLP([3, 4, 2], "relu", np.float32)
     model.init_(np.random.default_rng(2))
     before = model.params.copy()
@@ -69,7 +67,7 @@ def test_a_nan_in_one_grain_stops_the_step_on_every_rank(comm):
     x[7, 0] = np.nan                                   # grain 3: the last rank's
     rows = sharding.batch_shard(8, comm.rank, comm.size, 4)
     with np.errstate(invalid="ignore", over="ignore"):
-        loss, ok = train_step(model, opt, cross_entropy, x[rows], y[rows], 8, comm, tc,
-                              scratch_for(tc, model.grads, comm))
+        loss, ok = train_step(model, opt, cross_entropy, x[rows], y[rows], 8,
+                              GrainSum(comm, model, 4))
     assert not ok and math.isinf(loss)
     assert model.params.tobytes() == before.tobytes()   # no rank updated

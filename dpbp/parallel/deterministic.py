@@ -1,0 +1,96 @@
+"""train.deterministic: the gradient sum whose bits are the same at every world size.
+
+`GrainSum` has the interface of step.PlainSum, so train_step does not know which one it
+runs. Each global batch of N rows is cut into `grains` parts whose rows never depend on
+the world size (sharding.grain_rows), and each rank takes whole grains. Each grain's
+gradient is computed on its own, with single-threaded BLAS (set at start-up), so it has
+the same bits whichever rank computes it: into a scratch buffer per grain, the last
+into model.grads. Then, both collective, every rank calling them every step:
+- Allreduce(MAX) of a few floats: per parameter array, the largest |gradient| of any
+  grain, and every grain's loss sum (-inf from the ranks that do not have it). Each
+  grain's gradient is rounded to the grid exact.grid picks from those maxima and added
+  up on this rank, which is exact (parallel/exact.py).
+- Allreduce(SUM) of model.grads, exact too, so any order gives the same bits.
+The loss is math.fsum of the grains' losses: exact, in grain order, the whole batch's on
+every rank. A non-finite loss or gradient in any grain makes the agreed maxima
+non-finite, and so does a gradient too large for any grid (beyond about 1e34 in
+float32) or losses whose sum overflows: then ok = False on every rank.
+"""
+
+import math
+
+import numpy as np
+
+from dpbp.parallel import exact, sharding
+from dpbp.parallel.step import joined
+
+
+class GrainSum:
+    def __init__(self, comm, model, grains):
+        self.comm, self.model, self.grains = comm, model, grains
+        self.mine = range(grains)[sharding.shard(grains, comm.rank, comm.size)]
+        scratch = max(len(self.mine) - 1, 0)   # one buffer per grain of this rank but the last
+        self.scratch = np.empty((scratch, model.grads.size), model.grads.dtype)
+        self.buffers = list(self.scratch) + [model.grads]   # model.grads alone: no grain
+        A = len(model.shapes)
+        self.agreed = np.empty(A + grains)     # max |gradient| per array, then grain losses
+
+    def rows(self, N):
+        return sharding.batch_shard(N, self.comm.rank, self.comm.size, self.grains)
+
+    def parts(self, N):
+        """This rank's grains of a global batch of N rows, as rows of its shard, each
+        with a buffer of its own."""
+        grain_rows, offset = sharding.grain_rows(N, self.grains), self.rows(N).start
+        A = len(self.model.shapes)
+        self.agreed[:A], self.agreed[A:] = 0.0, -np.inf
+        self._next = iter(self.mine)
+        return [(slice(grain_rows[j].start - offset, grain_rows[j].stop - offset), grads)
+                for j, grads in zip(self.mine, self.buffers)]
+
+    def add_loss(self, losses, doutputs):
+        j = next(self._next)
+        loss = losses.sum()
+        if not math.isfinite(loss):   # every rank will see an infinite maximum
+            loss = math.inf
+            doutputs[...] = np.nan
+        self.agreed[len(self.model.shapes) + j] = loss
+
+    def sum_(self):
+        A, grads = len(self.model.shapes), self.model.grads
+        if not self.mine:
+            grads.fill(0)                       # a rank with no grain adds nothing
+        for buffer in self.buffers:
+            for i, g in enumerate(self.model.split(buffer)):
+                self.agreed[i] = max(self.agreed[i], exact.abs_max(g))
+        self.comm.allreduce_max_(self.agreed, like=grads)   # DP: the grids, every grain's loss
+        grids = [exact.grid(largest, self.grains, grads.dtype) for largest in self.agreed[:A]]
+        if None in grids or not np.isfinite(self.agreed[A:]).all():
+            return math.inf, False
+        try:
+            loss = math.fsum(self.agreed[A:])
+        except OverflowError:                   # finite grain losses beyond the float range
+            return math.inf, False
+        exact.add_rounded_([self.model.split(b) for b in self.buffers], grids)   # into grads
+        self.comm.allreduce_(grads)             # DP: exact, the same bits in any order
+        return loss, True
+
+    def epoch_loss(self, loss_sum):
+        return loss_sum                         # every rank holds the whole batch's sums
+
+    def saved_loss(self, loss_sum):
+        return loss_sum if self.comm.rank == 0 else 0.0   # rank 0 saves the whole sum
+
+    def resumed_loss(self, sums, world_size):
+        return math.fsum(sums)                  # the whole sum, at any world size
+
+    def scratch_bytes(self):
+        return self.scratch.nbytes
+
+    def describe(self, batch_size):
+        per_rank = sharding.shard_sizes(self.grains, self.comm.size)
+        grains = f"{self.grains} grain{'s' * (self.grains != 1)}"
+        return (f"batch: global {batch_size} in {grains} of "
+                f"{joined(sharding.shard_sizes(batch_size, self.grains))} rows, "
+                f"{joined(per_rank)} grain{'s' * (per_rank != [1] * self.comm.size)} per "
+                "rank (deterministic)")

@@ -1,0 +1,97 @@
+"""Validation and predictions, sharded over the ranks in fixed blocks.
+
+The rows go through the network in blocks of BLOCK rows at fixed offsets (0, BLOCK,
+2 BLOCK, ...), the blocks shared among the ranks (sharding.blocks): every row counts once
+and is computed in the same block at every world size, and each block with one BLAS
+thread (threads.blockwise), so its bits depend neither on the world size nor on the
+rank's thread count nor on how the CPU's BLAS kernels split work between threads.
+"""
+
+import math
+
+import numpy as np
+
+from dpbp.errors import UserError
+from dpbp.nn.losses import correct, softmax
+from dpbp.parallel import comm as mpi
+from dpbp.parallel import sharding
+from dpbp.parallel.threads import blas_threads, blockwise
+
+BLOCK = 256                 # rows per forward pass, on fixed offsets
+MAX_MATRIX_CLASSES = 1000   # beyond this, a confusion matrix is too large to be of use
+
+
+def evaluate(model, loss_fn, x, y, num_classes, comm, block=BLOCK):
+    """Collective. (mean loss, accuracy or None) over (x, y), rows sharded across ranks.
+
+    The rows go through the network in blocks of `block` at fixed offsets, the blocks
+    sharded over the ranks (sharding.blocks), so every sample counts exactly once and is
+    computed in the same block at every world size; each block with single-threaded BLAS
+    (threads.blockwise), so its bits do not depend on the threads either. The per-sample
+    losses are gathered and summed with math.fsum, which is exact, and the hits are
+    counted in integers: the results do not depend on how the rows were split.
+    """
+    def losses_and_hits(rows):
+        outputs = model.infer(x[rows])
+        hits = correct(outputs, y[rows]) if num_classes else 0
+        return loss_fn(outputs, y[rows], 1, need_grad=False)[0], hits
+
+    mine = sharding.blocks(len(x), block, comm.rank, comm.size)
+    counts = sharding.block_sizes(len(x), block, comm.size)
+    done = blockwise(losses_and_hits, mine, blas_threads())
+    losses = np.concatenate([np.empty(0)] + [losses for losses, _ in done])
+    hits = sum(h for _, h in done)
+    every_loss = comm.allgatherv_(losses, np.empty(len(x)), counts)   # DP: all samples
+    total_hits = comm.allreduce_(np.array([hits], dtype=np.int64))[0]   # DP: exact count
+    return math.fsum(every_loss) / len(x), (total_hits / len(x) if num_classes else None)
+
+
+def class_counts(model, x, y, num_classes, comm, block=BLOCK):
+    """Collective. (confusion, per_class): confusion[i, j] = validation samples of class i
+    predicted as j (None beyond MAX_MATRIX_CLASSES classes), per_class = [samples of class
+    i, of them correct] as an int64 array (2, C). Rows are sharded like `evaluate`'s."""
+    C = num_classes
+    with_matrix = C <= MAX_MATRIX_CLASSES
+
+    def counted(rows):   # on several threads at once: nothing shared is written
+        predicted, truth = model.infer(x[rows]).argmax(axis=1), y[rows]
+        counts = np.zeros(C * C + 2 * C if with_matrix else 2 * C, dtype=np.int64)
+        counts[:C] = np.bincount(truth, minlength=C)
+        counts[C:2 * C] = np.bincount(truth[predicted == truth], minlength=C)
+        if with_matrix:
+            counts[2 * C:] = np.bincount(truth * C + predicted, minlength=C * C)
+        return counts
+
+    mine = sharding.blocks(len(x), block, comm.rank, comm.size)
+    counts = sum(blockwise(counted, mine, blas_threads()),
+                 np.zeros(C * C + 2 * C if with_matrix else 2 * C, dtype=np.int64))
+    comm.allreduce_(counts)                 # DP: exact sums of every rank's counts
+    confusion = counts[2 * C:].reshape(C, C) if with_matrix else None
+    return confusion, counts[:2 * C].reshape(2, C)
+
+
+def outputs(model, x, dtype, probabilities, comm, where="--input", block=BLOCK):
+    """Collective. The outputs (float64, (n, C)) for every row of x, computed in blocks at
+    fixed offsets shared among the ranks (as evaluation does, so each row's output is the
+    same at any world size) and gathered. Rows that are not finite in `dtype` stop every
+    rank with one line naming the first (and `where`)."""
+    n, C = len(x), model.widths[-1]
+    mine = sharding.blocks(n, block, comm.rank, comm.size)
+    counts = sharding.block_sizes(n, block, comm.size)
+
+    def outputs_of(rows):   # on several threads at once: nothing shared is written
+        with np.errstate(over="ignore"):   # overflow is reported just below
+            xb = np.ascontiguousarray(x[rows], dtype=dtype)
+        bad = np.flatnonzero(~np.isfinite(xb).all(axis=1))
+        if len(bad):
+            raise UserError(f"{where}: row {rows.start + bad[0]} holds NaN or Inf (or "
+                            f"values beyond {np.dtype(dtype).name})")
+        z = model.infer(xb)
+        return softmax(z) if probabilities else z.astype(np.float64)
+
+    with mpi.agreement(comm):
+        done = blockwise(outputs_of, mine, blas_threads())
+    outputs = np.concatenate([np.empty((0, C))] + done)
+    every = np.empty((n, C))
+    comm.allgatherv_(outputs.reshape(-1), every.reshape(-1), [c * C for c in counts])   # DP
+    return every

@@ -1,0 +1,135 @@
+"""What the training loop calls after a step and after an epoch: the run's reliability.
+
+    with Guard(comm, cfg, model, optimizer, summed, say) as guard:
+        ... each step:  code = guard.after_step(ok, position, loss_sum)
+        ... each epoch: code = guard.after_epoch(record, position, loss_total, line)
+        a code that is not None is the run's exit code: stop there.
+
+Behind these two calls: the watchdog (fed by both), stop requests from signals and the
+ranks' vote on them, the policy for non-finite steps, the periodic check that replicas
+are still identical, mid-epoch checkpoints, and the epoch's checkpoint with its line of
+metrics. Every check is agreed by all ranks, so all of them stop together.
+"""
+
+import math
+import time
+
+import numpy as np
+
+from dpbp.errors import EXIT_DIVERGED, EXIT_HUNG, UserError
+from dpbp.parallel import comm as mpi
+from dpbp.service import checkpoint, run_dir
+from dpbp.service.supervise import StopSignals, StopVote, Watchdog, signal_name
+
+
+class Guard:
+    def __init__(self, comm, cfg, model, optimizer, summed, say):
+        self.comm, self.cfg, self.model, self.optimizer = comm, cfg, model, optimizer
+        self.summed, self.say = summed, say
+        self.stop = 0   # a signal the ranks agreed to stop for, at the last step
+
+    def __enter__(self):
+        self.watchdog = Watchdog(self.cfg.run.watchdog_seconds, self.comm.rank, end_hung_job)
+        self.signals = StopSignals().__enter__()
+        self.vote = StopVote(self.comm, self.signals).__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.vote.__exit__(*exc)
+        self.signals.__exit__(*exc)
+        self.watchdog.stop()
+
+    def after_step(self, ok, position, loss_sum, epoch_done):
+        """Collective, after every step. `position` is where the run now is, `loss_sum`
+        this rank's partial loss sum of the epoch; `epoch_done` when the step ended it."""
+        self.watchdog.feed()
+        comm, cfg, step = self.comm, self.cfg, position.step
+        if not ok:
+            stop_on_nonfinite(comm, cfg.train.on_nonfinite, position)
+        if cfg.run.sync_check_steps and step % cfg.run.sync_check_steps == 0:
+            check_replicas(comm, self.model, f"by step {step}")
+        self.stop = self.vote.poll()   # DP: the ranks agree to stop, one step behind
+        every = cfg.train.checkpoint_every_steps
+        if not epoch_done and (self.stop or (every and step % every == 0)):
+            path = self.save(position, loss_sum)
+            if self.stop:
+                return stopped_by(self.stop, path, position, self.say)
+        return None
+
+    def after_epoch(self, record, position, loss_total, line):
+        """Collective, after an epoch's validation: check, save the checkpoint with the
+        epoch's `record` of metrics, print its `line`."""
+        self.watchdog.feed()
+        stop_unless_finite(self.comm, position.epoch, loss_total, record["val_loss"])
+        check_replicas(self.comm, self.model, f"in epoch {position.epoch}")
+        path = self.save(position, 0.0, record)
+        self.say(line)
+        self.watchdog.feed()
+        if self.stop and position.epoch < self.cfg.train.epochs:   # agreed in its last step
+            return stopped_by(self.stop, path, position, self.say)
+        return None
+
+    def save(self, position, loss_sum, record=None):
+        """Collective. Rank 0 writes the checkpoint at `position` with every rank's
+        partial loss sum (so that a resumed epoch adds up its loss exactly as an
+        uninterrupted one), and `record`'s metrics at an epoch's end. A failure to write
+        (a full disk) stops every rank. Returns the path."""
+        comm = self.comm
+        mine = np.array([self.summed.saved_loss(loss_sum)])
+        sums = comm.allgatherv_(mine, np.empty(comm.size), [1] * comm.size)
+        with mpi.agreement(comm):
+            if comm.rank == 0:
+                run_dir.save(self.cfg, self.model, self.optimizer, position, comm.size, sums,
+                             record)
+        return checkpoint.path_for(self.cfg.run.dir, position.epoch, position.batch)
+
+
+def end_hung_job():
+    """The watchdog's last act, on the first rank whose watchdog fires."""
+    time.sleep(2)   # the other ranks' watchdogs fire too: let them print their stacks
+    mpi.abort(EXIT_HUNG)
+
+
+def stopped_by(signum, path, position, say):
+    say(f"dpbp: stopped by {signal_name(signum)} after {plural(position.epoch, 'epoch')} "
+        f"and {plural(position.batch, 'batch', 'batches')}; saved {path}; continue with "
+        "--resume")
+    return 128 + signum
+
+
+def stop_on_nonfinite(comm, policy, position):
+    """Collective. After a step whose loss or summed gradient was not finite (the same
+    step on every rank): stop every rank under "stop"; under "skip" the step was dropped."""
+    with mpi.agreement(comm, code=EXIT_DIVERGED):
+        if policy == "stop":
+            raise UserError(f"non-finite loss or gradient in epoch {position.epoch + 1}, "
+                            f"batch {position.batch} (step {position.step}); nothing after "
+                            "the last checkpoint was saved. Lower train.lr, set "
+                            'train.clip_grad_norm, or skip such steps with '
+                            'train.on_nonfinite = "skip"')
+
+
+def check_replicas(comm, model, when):
+    """Collective. Stop every rank, before anything more is saved, if the ranks'
+    parameters differ; `when` says where in the run (for the message)."""
+    identical = comm.replicas_identical(model.params)
+    with mpi.agreement(comm, code=EXIT_DIVERGED):
+        if not identical:
+            raise UserError(f"replicas diverged {when}: the ranks' parameters differ (a "
+                            "fault in a node or in MPI); nothing more was saved")
+
+
+def stop_unless_finite(comm, epoch, loss_total, val_loss):
+    """Collective. Stop every rank, before anything more is saved, if the epoch's losses
+    are not finite."""
+    with mpi.agreement(comm, code=EXIT_DIVERGED):
+        if not math.isfinite(loss_total) or (val_loss is not None
+                                             and not math.isfinite(val_loss)):
+            raise UserError(f"training diverged in epoch {epoch}: train loss sum "
+                            f"{loss_total}, val loss {val_loss}; nothing after the last "
+                            "checkpoint was saved. Lower train.lr, or start from an earlier "
+                            "checkpoint")
+
+
+def plural(n, noun, nouns=None):
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"

@@ -140,7 +140,7 @@ def table(results, repeats, loads):
     one, two, four = results[labels[0]], results[labels[2]], results[labels[3]]
     lines += ["", f"Strong scaling, 2 ranks / 1 rank (1 thread each): {ratio(two, one):.2f} x; "
               f"4 ranks / 2 ranks: {ratio(four, two):.2f} x"]
-    lines.append(f"import dpbp.train: {med(sum(results.values(), []), 'import_seconds'):.2f} s "
+    lines.append(f"import of the training modules: {med(sum(results.values(), []), 'import_seconds'):.2f} s "
                  "(median over runs of the slowest rank)")
     return "\n".join(lines)
 

@@ -46,7 +46,7 @@ def test_one_process():
     check_sane(f, 1)
     assert f["comm_fraction"] == 0   # nothing to wait for
     for label in ("samples/s", "communication wait", "GEMM peak", "MFU", "peak memory",
-                  "budget", "import dpbp.train"):
+                  "budget", "the training modules (slowest rank)"):
         assert label in r.stdout
 
 
@@ -62,10 +62,12 @@ def test_threads_chosen_by_the_user_are_kept():
 
 
 def test_deterministic_option_under_mpirun():
-    r = bench(TINY + ["--json", "--deterministic", "--grains", "3"], ranks=2)
+    r = bench(TINY + ["--json", "--deterministic", "--grains", "3", "--dtype", "float64"],
+              ranks=2)
     f = figures(r)
     check_sane(f, 2)
     assert f["deterministic"] is True and f["grains"] == 3 and f["threads_per_rank"] == 1
+    assert f["dtype"] == "float64"
     assert "(per rank 8-16)" in r.stdout and "exactly in 3 grains" in r.stdout
 
 

@@ -1,10 +1,42 @@
-"""Architecture rules that keep the code easy to see: checked, not just written down."""
+"""Architecture rules that keep the code easy to see: checked, not just written down.
+
+The package has floors, and imports only go down (or stay on the same floor):
+
+    commands   train, evaluate, predict, plot, bench   (never import one another)
+    service    dpbp/service/    config, data, files, checkpoints, run directory, guard, start-up
+    parallel   dpbp/parallel/   MPI verbs, sharding, threads, exact sums, the step, evaluation
+    nn         dpbp/nn/         the learning math: numpy only, no MPI, files or config
+    base       dpbp/errors.py, dpbp/__init__.py
+"""
 
 import ast
 import subprocess
 import sys
 
 from tests.conftest import ROOT
+
+PACKAGE = ROOT / "dpbp"
+FLOORS = {"base": 0, "nn": 1, "parallel": 2, "service": 3, "commands": 4}
+MAX_FUNCTION_LINES = 60
+
+
+def floor_of(module):
+    """The floor of a dpbp module given by its dotted name."""
+    parts = module.split(".")
+    if len(parts) > 1 and parts[1] in ("nn", "parallel", "service"):
+        return parts[1]
+    if parts[1:] in ([], ["errors"]):
+        return "base"
+    return "commands"
+
+
+def modules():
+    """{dotted name: path} of every module of the package."""
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
 
 
 def imported_modules(path):
@@ -14,12 +46,64 @@ def imported_modules(path):
             yield from (alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             yield node.module
+            for alias in node.names:   # from dpbp.service import checkpoint: a module too
+                yield f"{node.module}.{alias.name}"
+
+
+def dpbp_imports(path):
+    known = modules()
+    return {m for m in imported_modules(path) if m in known and m != "dpbp"}
 
 
 def test_only_comm_imports_mpi4py():
-    importers = sorted(str(p.relative_to(ROOT / "dpbp")) for p in (ROOT / "dpbp").rglob("*.py")
+    importers = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
                        if any(m.split(".")[0] == "mpi4py" for m in imported_modules(p)))
     assert importers == ["parallel/comm.py"]
+
+
+def test_imports_only_go_down():
+    upward = []
+    for name, path in modules().items():
+        for target in dpbp_imports(path):
+            if FLOORS[floor_of(target)] > FLOORS[floor_of(name)]:
+                upward.append(f"{name} imports {target}")
+    assert upward == []
+
+
+def test_no_command_imports_another():
+    commands = [name for name in modules() if floor_of(name) == "commands"]
+    assert sorted(commands) == ["dpbp.bench", "dpbp.evaluate", "dpbp.plot", "dpbp.predict",
+                                "dpbp.train"]
+    crossing = [f"{name} imports {target}" for name in commands
+                for target in dpbp_imports(modules()[name]) if target in commands]
+    assert crossing == []
+
+
+def test_the_learning_math_knows_nothing_of_mpi_files_or_config():
+    allowed = {"math", "numpy"}
+    for name, path in modules().items():
+        if floor_of(name) == "nn":
+            outside = {m for m in imported_modules(path) if not m.startswith("dpbp.nn")
+                       and m.split(".")[0] not in allowed and m != "dpbp"}
+            assert outside == set(), f"{name} imports {sorted(outside)}"
+
+
+def test_the_product_holds_no_test_machinery():
+    """Faults come from tests/faults.py, which wraps dpbp from outside."""
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        assert "DPBP_FAULT" not in text and "faults" not in set(imported_modules(path)), path
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} {lines}")
+    assert long == []
 
 
 def test_importing_the_trainer_starts_no_mpi_and_no_torch():

@@ -38,7 +38,7 @@ from datetime import timedelta  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from dpbp.errors import ArgumentParser, UserError  # noqa: E402
+from dpbp.errors import ArgumentParser, UserError, plural  # noqa: E402
 from dpbp.nn.losses import cross_entropy  # noqa: E402
 from dpbp.nn.model import MLP  # noqa: E402
 from dpbp.nn.optim import SGD  # noqa: E402
@@ -315,10 +315,6 @@ def report_torch(r):
         f"{r['torch_samples_per_second']:,.0f} samples/s, MFU {r['torch_mfu']:.3f}, CPU time "
         f"{1e6 * r['torch_cpu_seconds_per_sample']:,.1f} us per sample",
         f"dpbp / PyTorch   {r['speedup_vs_torch']:.2f} x samples/s"])
-
-
-def plural(n, noun):
-    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 # ----------------------------------------------------------------------------- command line

@@ -8,6 +8,11 @@ EXIT_DIVERGED = 3    # training stopped: a non-finite loss, or replicas that dif
 EXIT_HUNG = 4        # the watchdog ended the job: no step finished in run.watchdog_seconds
 
 
+def plural(n, noun, nouns=None):
+    """'1 epoch', '2 epochs'; `nouns` where adding an s is wrong ('2 batches')."""
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"
+
+
 class UserError(Exception):
     """A problem with the user's input, reported as one line and exit code 2, no traceback."""
 

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from dpbp.errors import EXIT_DIVERGED, EXIT_HUNG, ArgumentParser
+from dpbp.errors import EXIT_DIVERGED, EXIT_HUNG, ArgumentParser, plural
 from dpbp.nn import schedule
 from dpbp.parallel import comm as mpi
 from dpbp.parallel import sharding
@@ -26,7 +26,7 @@ from dpbp.parallel.evaluation import evaluate
 from dpbp.parallel.step import train_step
 from dpbp.service import checkpoint, config, run_dir
 from dpbp.service.checkpoint import Position
-from dpbp.service.guard import Guard, plural
+from dpbp.service.guard import Guard
 from dpbp.service.startup import set_up
 
 

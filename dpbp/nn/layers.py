@@ -6,9 +6,10 @@ Shapes use one vocabulary throughout dpbp:
 Backward reuses what forward cached, and writes weight gradients in place into views of
 the model's flat gradient buffer (`dW`, `db`), never rebinding them.
 
-No step allocates: each layer writes its output (and its input gradient) into a buffer
-of its own, made on the first call and again only when a call brings more rows, so the
-array a layer returns is overwritten by the layer's next call.
+The layers allocate nothing after their first call: each writes its output (and its
+input gradient) into a buffer of its own, made on the first call and again only when a
+call brings more rows, so the array a layer returns is overwritten by its next call.
+(`infer`, for evaluation, allocates instead, so that several threads may run it.)
 """
 
 import numpy as np

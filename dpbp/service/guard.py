@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from dpbp.errors import EXIT_DIVERGED, EXIT_HUNG, UserError
+from dpbp.errors import EXIT_DIVERGED, EXIT_HUNG, UserError, plural
 from dpbp.parallel import comm as mpi
 from dpbp.service import checkpoint, run_dir
 from dpbp.service.supervise import StopSignals, StopVote, Watchdog, signal_name
@@ -129,7 +129,3 @@ def stop_unless_finite(comm, epoch, loss_total, val_loss):
                             f"{loss_total}, val loss {val_loss}; nothing after the last "
                             "checkpoint was saved. Lower train.lr, or start from an earlier "
                             "checkpoint")
-
-
-def plural(n, noun, nouns=None):
-    return f"{n} {noun if n == 1 else nouns or noun + 's'}"

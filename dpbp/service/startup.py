@@ -14,7 +14,7 @@ import zlib
 import numpy as np
 
 from dpbp import __version__
-from dpbp.errors import UserError
+from dpbp.errors import UserError, plural
 from dpbp.nn.losses import cross_entropy, mse
 from dpbp.nn.model import MLP
 from dpbp.nn.optim import SGD
@@ -218,7 +218,3 @@ def describe_run(comm, threads, why, cfg, data, model, summed, arith):
                      f"{plural(comm.size, 'rank')}; train.grains = a multiple of {comm.size} "
                      "balances the work (and gives other bits)")
     return "\n".join(lines)
-
-
-def plural(n, noun, nouns=None):
-    return f"{n} {noun if n == 1 else nouns or noun + 's'}"

@@ -17,6 +17,15 @@ class UserError(Exception):
     """A problem with the user's input, reported as one line and exit code 2, no traceback."""
 
 
+class Stopped(BaseException):
+    """A stop signal (SIGTERM, SIGINT, SIGHUP) that came before training began: the command
+    ends with 128 + its number, nothing trained and nothing half-written."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are UserErrors (so ranks agree and report them once), with a
     pointer to --help."""

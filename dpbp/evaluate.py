@@ -14,12 +14,14 @@ they are exact at any world size.
 
 import argparse
 import json
+import sys
 
 from dpbp.errors import ArgumentParser, UserError
 from dpbp.parallel import comm as mpi
 from dpbp.parallel.evaluation import MAX_MATRIX_CLASSES, class_counts, evaluate
 from dpbp.parallel.threads import limit_blas_threads
-from dpbp.service import config
+from dpbp.service import config, run_dir
+from dpbp.service import data as datasets
 from dpbp.service.restore import load_checkpoint, restore_model
 from dpbp.service.startup import LOSSES, check_same_inputs, load_data
 
@@ -44,7 +46,11 @@ def main(argv=None):
         if data.x_val is None:
             raise UserError(f"the {cfg.data.source} data of this config has no validation "
                             "set (data.val_fraction = 0 and no x_val); nothing to evaluate on")
-    check_same_inputs(comm, cfg, data)
+        data_id, notes = datasets.identity(data), []
+        if comm.rank == 0:   # the checkpoint's own data, unless the command line names others
+            notes = run_dir.check_data(state["data"], data_id,
+                                       config.named_keys(args.config, args.set), args.checkpoint)
+    check_same_inputs(comm, cfg, data_id)
     widths = [data.num_inputs, *cfg.model.hidden, data.num_outputs]
     model = restore_model(comm, state, args.checkpoint, widths, cfg)
     epoch = comm.bcast_obj(None if state is None else state["epoch"])
@@ -56,6 +62,8 @@ def main(argv=None):
         confusion, per_class = class_counts(model, data.x_val, data.y_val, data.num_classes,
                                             comm)
     if comm.rank == 0:
+        for note in notes:
+            print(f"dpbp: note: {note}", file=sys.stderr)
         result = summary(args.checkpoint, epoch, cfg, len(data.x_val), loss, accuracy,
                          per_class, confusion)
         print(json.dumps(result) if args.json else report(result))

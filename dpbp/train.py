@@ -26,12 +26,21 @@ from dpbp.parallel.evaluation import evaluate
 from dpbp.parallel.step import train_step
 from dpbp.service import checkpoint, config, run_dir
 from dpbp.service.checkpoint import Position
-from dpbp.service.guard import Guard
+from dpbp.service.config import RunConfig
+from dpbp.service.guard import Guard, end_hung_job
 from dpbp.service.startup import set_up
+from dpbp.service.supervise import StopSignals, Watchdog
 
 
 def main(argv=None):
     comm = mpi.init()
+    watchdog = Watchdog(RunConfig.watchdog_seconds, comm.rank, end_hung_job)   # set-up too
+    with StopSignals(launched=mpi.launched()) as signals:
+        return command(argv, comm, signals, watchdog)
+
+
+def command(argv, comm, signals, watchdog):
+    """The command, once signals and the watchdog watch over it."""
     with mpi.agreement(comm):
         args = PARSER.parse_args(argv)
     speaks = comm.rank == 0 and not args.quiet   # rank 0 speaks for all
@@ -41,10 +50,10 @@ def main(argv=None):
         return 0
     if speaks and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)   # each epoch's line as it ends, in pipes too
-    run = set_up(args, comm, say)
+    run = set_up(args, comm, say, watchdog)
     if run is None:   # --print-config, or a resumed run that is already complete
         return 0
-    code = train(run, comm, say, speaks)
+    code = train(run, comm, say, speaks, signals, watchdog)
     if code is None:
         weights = hashlib.sha256(run.model.params.tobytes()).hexdigest()[:16]   # to compare runs
         say(f"done: {plural(run.cfg.train.epochs, 'epoch')}; weights sha256 {weights}; "
@@ -53,13 +62,13 @@ def main(argv=None):
     return code or 0
 
 
-def train(run, comm, say, speaks):
+def train(run, comm, say, speaks, signals, watchdog):
     """Collective. The epochs from run.start to the last; None when done, else the exit
     code of a stop (a signal, after a checkpoint)."""
     cfg, tc, data, model, optimizer = run.cfg, run.cfg.train, run.data, run.model, run.optimizer
     steps_per_epoch = sharding.num_batches(len(data.x), tc.batch_size)
     at = run.start
-    with Guard(comm, cfg, model, optimizer, run.summed, say) as guard:
+    with Guard(comm, run, say, signals, watchdog) as guard:
         for epoch in range(at.epoch, tc.epochs):
             t0 = time.perf_counter()
             order = sharding.epoch_order(len(data.x), cfg.run.seed, epoch, cfg.data.shuffle)

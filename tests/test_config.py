@@ -1,6 +1,7 @@
 """Config: defaults, TOML files, --set overrides, and a clear error for every bad input."""
 
 import dataclasses
+import os
 
 import pytest
 
@@ -78,7 +79,12 @@ def test_config_is_frozen():
     (["model.hidden=[64, 0]"], "model.hidden must be a list of widths >= 1"),
     (["train.lr"], "expected section.key=VALUE"),
     (["lr=0.1"], "expected section.key=VALUE"),
-    (["data.source=npz"], "is not a TOML value (strings need quotes"),
+    (["train.epochs=ten"], 'train.epochs must be an integer, got "ten"'),
+    (["model.hidden=[8, 8"], 'model.hidden must be a list of integers, got "[8, 8"'),
+    (["train.learning_rate=0.1"], "unknown key train.learning_rate (did you mean train.lr?)"),
+    (["model.layers=[8]"], "unknown key model.layers (did you mean model.hidden?)"),
+    (["train.seed=1"], "unknown key train.seed (did you mean run.seed?)"),
+    (["train.batchsize=8"], "unknown key train.batchsize (did you mean train.batch_size?)"),
 ])
 def test_bad_overrides_name_the_key(overrides, message):
     with pytest.raises(UserError, match=".*" + __import__("re").escape(message)):
@@ -149,3 +155,26 @@ def test_config_file_that_is_not_text(tmp_path):
     path.write_bytes(b"\xff\xfe\x00[train]")
     with pytest.raises(UserError, match="binary.toml: not UTF-8 text"):
         config.load(path)
+
+
+def test_a_string_key_takes_a_bare_word_and_paths_expand_the_home_folder():
+    cfg = config.load(None, ["data.source=npz", "data.path=~/d.npz", "model.init=w.npz"])
+    assert cfg.data.source == "npz" and cfg.data.path == os.path.expanduser("~/d.npz")
+    assert cfg.model.init == os.path.abspath("w.npz")   # relative paths: from here
+    assert config.load(None, ['data.source="npz"', 'data.path="~/d.npz"']) == \
+        config.load(None, ["data.source=npz", "data.path=~/d.npz"])
+
+
+def test_an_unknown_key_far_from_every_key_lists_the_known_ones():
+    with pytest.raises(UserError, match=r"unknown key train.zzz \(known: train.loss, "):
+        config.load(None, ["train.zzz=1"])
+
+
+def test_a_huge_value_is_shown_once_and_shortened():
+    """A 10 MB value in an error names its start and length, not the value (twice)."""
+    value = "9" * 10_000_000
+    with pytest.raises(UserError) as refused:
+        config.load(None, [f'train.epochs="{value}"'])
+    message = str(refused.value)
+    assert len(message) < 400 and "10,000,002 characters" in message
+    assert "train.epochs must be an integer" in message

@@ -11,7 +11,9 @@ from dpbp.service import run_dir
 
 def test_lock_names_its_holder_and_refuses_a_second_taker(tmp_path):
     lock, notes = run_dir._lock(str(tmp_path))
-    assert notes == [] and (tmp_path / ".lock").read_text().startswith("host ")
+    assert notes == [] and (tmp_path / ".lock").read_text() == ""   # signed once it starts
+    run_dir.sign(lock)
+    assert (tmp_path / ".lock").read_text().startswith("host ")
     with open(tmp_path / ".lock", "a+") as other:   # another process's open file
         with pytest.raises(BlockingIOError):
             fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)

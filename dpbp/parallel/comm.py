@@ -16,6 +16,7 @@ so `python -m dpbp.train` runs the same code as `mpirun -n 4 python -m dpbp.trai
 
 import contextlib
 import os
+import signal
 import sys
 import time
 import traceback
@@ -23,11 +24,12 @@ import zlib
 
 import numpy as np
 
-from dpbp.errors import UserError
+from dpbp.errors import Stopped, UserError
 from dpbp.parallel.threads import available_cores
 
 # Environment variables through which launchers announce the world size before MPI_Init.
 _LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS")
+_LAUNCHER_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 # How long a rank waiting for a collective sleeps between progress checks when ranks
 # outnumber cores (see Comm.oversubscribed), for sums of at least YIELD_MIN_BYTES: the
 # wait for a smaller one is too short to give away (measured: sleeping made the default
@@ -197,6 +199,11 @@ def agreement(comm, code=2):
     raise AgreedExit(code)
 
 
+def launched():
+    """True when an MPI launcher (mpirun, mpiexec, srun) started this process."""
+    return any(var in os.environ for var in _LAUNCHER_RANK_VARS)
+
+
 def _launcher_world_size():
     """World size announced by a launcher (mpirun, mpiexec, srun), or 1 without one."""
     for var in _LAUNCHER_SIZE_VARS:
@@ -246,7 +253,7 @@ def _rank():
     MPI = _running_mpi()
     if MPI is not None:
         return MPI.COMM_WORLD.Get_rank()
-    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+    for var in (*_LAUNCHER_RANK_VARS, "SLURM_PROCID"):
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
     return 0
@@ -264,6 +271,11 @@ def run(main):
         code = main()
     except AgreedExit as e:
         sys.exit(e.code)
+    except Stopped as e:   # a signal during set-up: every rank that got it ends the job
+        if _rank() == 0:
+            print(f"dpbp: stopped by {signal.Signals(e.signum).name} during set-up; nothing "
+                  "was trained", file=sys.stderr, flush=True)
+        abort(128 + e.signum)
     except BaseException as e:  # noqa: BLE001 -- everything must end the whole job
         if isinstance(e, SystemExit):
             code = e.code if isinstance(e.code, int) and e.code != 0 else 1

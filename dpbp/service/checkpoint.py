@@ -11,6 +11,7 @@ Entries (all plain arrays, readable with numpy.load(path, allow_pickle=False)):
     counted                            mid-epoch: samples of this epoch in loss_sums
     world_size                         ranks that wrote it (resume works at any size)
     config                             the resolved config as TOML text
+    data                               what the run trained on: data.identity's text
     format_version
     digest                             SHA-256 of all the above, checked on every load
 The position (epoch, batch) and the seed in the config fix the data order from there on:
@@ -27,6 +28,7 @@ import re
 import numpy as np
 
 from dpbp.errors import UserError
+from dpbp.service import config
 from dpbp.service.files import read_npz, write_atomic
 
 FORMAT_VERSION = 2
@@ -66,10 +68,11 @@ def digest(arrays):
     return h.hexdigest()
 
 
-def save(path, model, optimizer, position, world_size, config_toml, loss_sums=None):
+def save(path, model, optimizer, position, world_size, config_toml, loss_sums=None,
+         data_id=""):
     """Write the checkpoint at `position` (a Position) atomically (rank 0 only);
     `loss_sums` = every rank's partial training-loss sum of the epoch (zeros by default,
-    as at an epoch's end)."""
+    as at an epoch's end); `data_id` = what the run trains on (data.identity)."""
     if not np.isfinite(model.params).all():   # never write NaN or Inf weights
         raise UserError(f"refusing to write {path}: the weights are not finite")
     arrays = dict(model.state_dict())
@@ -78,7 +81,7 @@ def save(path, model, optimizer, position, world_size, config_toml, loss_sums=No
     sums = np.zeros(world_size) if loss_sums is None else np.asarray(loss_sums, np.float64)
     arrays.update({k: np.int64(v) for k, v in dataclasses.asdict(position).items()})
     arrays.update(loss_sums=sums, world_size=np.int64(world_size), config=np.str_(config_toml),
-                  format_version=np.int64(FORMAT_VERSION))
+                  data=np.str_(data_id), format_version=np.int64(FORMAT_VERSION))
     arrays["digest"] = np.str_(digest(arrays))
     write_atomic(path, lambda f: np.savez(f, **arrays))
 
@@ -122,6 +125,10 @@ def load(path):
     if state["config"].shape != () or state["config"].dtype.kind != "U":
         raise UserError(f"checkpoint {path}: config must be TOML text")
     state["config"] = str(state["config"])
+    data = state.get("data")   # absent from checkpoints written before dpbp recorded it
+    if data is not None and (data.shape != () or data.dtype.kind != "U"):
+        raise UserError(f"checkpoint {path}: data must be text")
+    state["data"] = None if data is None else str(data)
     if state["format_version"] > FORMAT_VERSION:
         raise UserError(f"checkpoint {path} has format {state['format_version']}; this dpbp "
                         f"reads up to {FORMAT_VERSION}: upgrade dpbp")
@@ -139,12 +146,21 @@ def restore(state, path, model, optimizer):
     if problem:
         raise UserError(problem + "; it does not fit the configured network")
     buf = state.get("optimizer.momentum_buffer")
+    if optimizer.momentum_buffer is not None and buf is None and saved_momentum(state):
+        raise UserError(f"checkpoint {path} has no optimizer.momentum_buffer, though it was "
+                        f"written with train.momentum = {saved_momentum(state):g}: it was "
+                        "altered; resume from another checkpoint")
     if optimizer.momentum_buffer is not None and buf is not None:
         if buf.shape != optimizer.momentum_buffer.shape or not np.isfinite(buf).all():
             raise UserError(f"checkpoint {path}: optimizer.momentum_buffer has shape "
                             f"{buf.shape} or non-finite values; the network needs finite "
                             f"{optimizer.momentum_buffer.shape}")
         optimizer.momentum_buffer[...] = buf
+
+
+def saved_momentum(state):
+    """train.momentum of the run that wrote a loaded checkpoint."""
+    return config.from_toml(state["config"], "checkpoint").train.momentum
 
 
 def load_weights(model, path):

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import typing
 from dataclasses import dataclass
 
@@ -122,7 +123,8 @@ def _convert(key, value, t, where):
     else:
         raise TypeError(f"config field {key} has a type the loader does not know: {t}")
     if not ok:
-        raise UserError(f"{where}: {key} must be {_type_name(t)}, got {toml_value(value)}")
+        raise UserError(f"{where}: {key} must be {_type_name(t)}, got "
+                        f"{shown(toml_value(value))}")
     if t is str and not _utf8(value):
         raise UserError(f"{where}: {key} must be UTF-8 text, got {ascii(value)} (a path "
                         "with bytes that are not UTF-8 cannot be saved in config.toml)")
@@ -137,10 +139,44 @@ def _utf8(text):
         return False
 
 
-def _unknown(what, name, known, where):
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(known)})"
-    return UserError(f"{where}: unknown {what} {name}{hint}")
+# What other trainers call some of dpbp's keys, for "did you mean".
+SYNONYMS = {
+    "learning_rate": "train.lr", "lr_rate": "train.lr", "layers": "model.hidden",
+    "hidden_sizes": "model.hidden", "hidden_layers": "model.hidden", "hidden_dims": "model.hidden",
+    "num_epochs": "train.epochs", "n_epochs": "train.epochs", "max_epochs": "train.epochs",
+    "batch": "train.batch_size", "global_batch_size": "train.batch_size",
+    "scheduler": "train.schedule", "lr_scheduler": "train.schedule",
+    "lr_schedule": "train.schedule", "warmup": "train.warmup_epochs",
+    "grad_clip": "train.clip_grad_norm", "max_grad_norm": "train.clip_grad_norm",
+    "gradient_clip_val": "train.clip_grad_norm", "output_dir": "run.dir", "out_dir": "run.dir",
+    "save_dir": "run.dir", "checkpoint_dir": "run.dir", "gradient_accumulation_steps":
+    "train.accumulation_steps", "precision": "model.dtype",
+}
+
+
+def _suggestion(section, key):
+    """The key meant by an unknown section.key: a synonym, the same name in another
+    section, or a close spelling; None when nothing is close."""
+    known = [f"{s}.{k}" for s, cls in _sections().items() for k in _keys(cls)]
+    if key in SYNONYMS:
+        return SYNONYMS[key]
+    elsewhere = [k for k in known if k.split(".")[1] == key]
+    close = elsewhere or difflib.get_close_matches(f"{section}.{key}", known, n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
+def _unknown(what, name, known, where, suggestion=None):
+    if suggestion is None:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        suggestion = close[0] if close else None
+    hint = f" (did you mean {suggestion}?)" if suggestion else f" (known: {', '.join(known)})"
+    return UserError(f"{where}: unknown {what} {shown(name)}{hint}")
+
+
+def shown(text, limit=60):
+    """`text` for a message: as it is when short, else its start and its length."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def from_dict(tree, base=None, check=True, where="config"):
@@ -153,18 +189,19 @@ def from_dict(tree, base=None, check=True, where="config"):
         if section not in sections and not isinstance(values, dict):
             owners = [f"[{s}]" for s in sections if section in _keys(sections[s])]
             hint = f"; it belongs under {owners[0]}" if owners else ""
-            raise UserError(f"{where}: {section} = {toml_value(values)} is outside any "
-                            f"[section]{hint}")
+            raise UserError(f"{where}: {shown(section)} = {shown(toml_value(values))} is "
+                            f"outside any [section]{hint}")
         if section not in sections:
             raise _unknown("section", f"[{section}]", [f"[{s}]" for s in sections], where)
         if not isinstance(values, dict):
-            raise UserError(f"{where}: [{section}] must be a table of keys, got {values!r}")
+            raise UserError(f"{where}: [{section}] must be a table of keys, got "
+                            f"{shown(repr(values))}")
         hints = _keys(sections[section])
         changes = {}
         for key, value in values.items():
             if key not in hints:
                 raise _unknown("key", f"{section}.{key}", [f"{section}.{k}" for k in hints],
-                               where)
+                               where, _suggestion(section, key))
             changes[key] = _convert(f"{section}.{key}", value, hints[key], where)
         base = dataclasses.replace(
             base, **{section: dataclasses.replace(getattr(base, section), **changes)})
@@ -175,7 +212,7 @@ def from_dict(tree, base=None, check=True, where="config"):
 
 def _check(ok, key, want, value):
     if not ok:
-        raise UserError(f"config: {key} must be {want}, got {toml_value(value)}")
+        raise UserError(f"config: {key} must be {want}, got {shown(toml_value(value))}")
 
 
 def validate(cfg):
@@ -245,39 +282,60 @@ def _parse_toml(text, where):
 
 
 def parse_override(text):
-    """'section.key=VALUE' (VALUE in TOML syntax) as {section: {key: value}}."""
+    """'section.key=VALUE' as {section: {key: value}}. VALUE is TOML (0.05, true,
+    [256, 128], "npz"); what is not TOML is taken as a bare string (npz, ~/data/x.npz),
+    which the key's type then accepts or refuses."""
     name, sep, value = text.partition("=")
     parts = name.strip().split(".")
     if not sep or len(parts) != 2 or not all(parts):
-        raise UserError(f"--set {text}: expected section.key=VALUE, e.g. --set train.lr=0.05")
+        raise UserError(f"--set {shown(text)}: expected section.key=VALUE, e.g. --set "
+                        "train.lr=0.05")
     try:
         parsed = tomllib.loads(f"v = {value.strip()}")["v"]
     except (tomllib.TOMLDecodeError, RecursionError):
-        raise UserError(f"--set {text}: {value.strip()!r} is not a TOML value "
-                        f"(strings need quotes: --set '{name.strip()}=\"{value.strip()}\"')"
-                        ) from None
+        parsed = value.strip()
     return {parts[0]: {parts[1]: parsed}}
 
 
 def load(path=None, overrides=(), base=None):
     """The resolved Config: `base` (the defaults unless given), then the TOML file at
-    `path`, then each override."""
+    `path`, then each override; its file paths made absolute (resolved_paths)."""
     cfg = base or Config()
     if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as e:
-            raise UserError(f"config file {path}: {e.strerror}") from None
-        except UnicodeDecodeError:
-            raise UserError(f"config file {path}: not UTF-8 text (TOML files are UTF-8)"
-                            ) from None
-        cfg = from_dict(_parse_toml(text, f"config file {path}"), cfg, check=False,
-                        where=f"config file {path}")
+        cfg = from_dict(_read_file(path), cfg, check=False, where=f"config file {path}")
     for text in overrides:
-        cfg = from_dict(parse_override(text), cfg, check=False, where=f"--set {text}")
+        cfg = from_dict(parse_override(text), cfg, check=False, where=f"--set {shown(text)}")
     validate(cfg)
-    return cfg
+    return resolved_paths(cfg)
+
+
+def _read_file(path):
+    """The TOML file at `path` as nested dicts."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise UserError(f"config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path}: not UTF-8 text (TOML files are UTF-8)") from None
+    return _parse_toml(text, f"config file {path}")
+
+
+def named_keys(path=None, overrides=()):
+    """The dotted keys that a config file and --set overrides name (load checked them)."""
+    trees = ([_read_file(path)] if path else []) + [parse_override(t) for t in overrides]
+    return {f"{section}.{key}" for tree in trees for section, values in tree.items()
+            if isinstance(values, dict) for key in values}
+
+
+def resolved_paths(cfg):
+    """cfg with data.path and model.init absolute (~ expanded), so that the run
+    remembers what it read wherever it is resumed or evaluated from. run.dir stays as
+    given: it names the run in messages."""
+    absolute = lambda p: os.path.abspath(os.path.expanduser(p)) if p else p   # noqa: E731
+    return dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, path=absolute(cfg.data.path)),
+        model=dataclasses.replace(cfg.model, init=absolute(cfg.model.init)))
 
 
 def from_toml(text, where="config"):

@@ -90,6 +90,14 @@ def crc32(a):
     return crc
 
 
+def identity(data):
+    """What the data are, cheap to compare: every array's name, shape, dtype and CRC-32,
+    e.g. "x (1800, 256) float32 crc 5d0f2a1c; y (1800,) int64 crc 0b7e..." ."""
+    arrays = {"x": data.x, "y": data.y, "x_val": data.x_val, "y_val": data.y_val}
+    return "; ".join(f"{name} {tuple(a.shape)} {a.dtype} crc {crc32(a):08x}"
+                     for name, a in arrays.items() if a is not None)
+
+
 @dataclass(frozen=True)
 class Dataset:
     x: np.ndarray | Rows       # (n, D_in) in the model's dtype (Rows: read from disk)
@@ -151,14 +159,19 @@ def load(data_cfg, loss, dtype, seed):
         if not all_finite(out):
             raise UserError(f"{where}: values too large for {np.dtype(dtype).name} (beyond "
                             f"{np.finfo(dtype).max:.3g}); scale the data or use float64")
+        largest = max((float(np.abs(b).max()) for b in row_chunks(out) if b.size), default=0)
+        if largest > math.sqrt(np.finfo(dtype).max):   # their products would overflow
+            raise UserError(f"{where}: values up to {largest:.3g} in magnitude: a network's "
+                            f"products of them overflow {np.dtype(dtype).name} (beyond "
+                            f"{np.finfo(dtype).max:.3g}); scale the data, e.g. standardise "
+                            "the features")
         return out
 
     return Dataset(cast(x), cast(y), cast(x_val), cast(y_val), num_classes, num_outputs)
 
 
 def _read_npz(path):
-    arrays = read_npz(path, "data.path")
-    return {k: v for k, v in arrays.items() if k in ("x", "y", "x_val", "y_val")}
+    return read_npz(path, "data.path", names=("x", "y", "x_val", "y_val"))
 
 
 NPY_FILES = ("x", "y", "x_val", "y_val")

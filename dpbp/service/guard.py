@@ -1,6 +1,6 @@
 """What the training loop calls after a step and after an epoch: the run's reliability.
 
-    with Guard(comm, cfg, model, optimizer, summed, say) as guard:
+    with Guard(comm, run, say, signals, watchdog) as guard:   # run: a startup.Run
         ... each step:  code = guard.after_step(ok, position, loss_sum)
         ... each epoch: code = guard.after_epoch(record, position, loss_total, line)
         a code that is not None is the run's exit code: stop there.
@@ -19,24 +19,27 @@ import numpy as np
 from dpbp.errors import EXIT_DIVERGED, EXIT_HUNG, UserError, plural
 from dpbp.parallel import comm as mpi
 from dpbp.service import checkpoint, run_dir
-from dpbp.service.supervise import StopSignals, StopVote, Watchdog, signal_name
+from dpbp.service.supervise import StopVote, signal_name
 
 
 class Guard:
-    def __init__(self, comm, cfg, model, optimizer, summed, say):
-        self.comm, self.cfg, self.model, self.optimizer = comm, cfg, model, optimizer
-        self.summed, self.say = summed, say
+    """`signals` and `watchdog` come from the command's start (watching set-up too);
+    from here on a signal is a request that the loop answers with a checkpoint."""
+
+    def __init__(self, comm, run, say, signals, watchdog):
+        self.comm, self.cfg, self.model, self.optimizer = comm, run.cfg, run.model, run.optimizer
+        self.summed, self.data_id, self.say = run.summed, run.data_id, say
+        self.signals, self.watchdog = signals, watchdog
         self.stop = 0   # a signal the ranks agreed to stop for, at the last step
 
     def __enter__(self):
-        self.watchdog = Watchdog(self.cfg.run.watchdog_seconds, self.comm.rank, end_hung_job)
-        self.signals = StopSignals().__enter__()
+        self.signals.defer()
+        self.watchdog.training()
         self.vote = StopVote(self.comm, self.signals).__enter__()
         return self
 
     def __exit__(self, *exc):
         self.vote.__exit__(*exc)
-        self.signals.__exit__(*exc)
         self.watchdog.stop()
 
     def after_step(self, ok, position, loss_sum, epoch_done):
@@ -80,7 +83,7 @@ class Guard:
         with mpi.agreement(comm):
             if comm.rank == 0:
                 run_dir.save(self.cfg, self.model, self.optimizer, position, comm.size, sums,
-                             record)
+                             record, self.data_id)
         return checkpoint.path_for(self.cfg.run.dir, position.epoch, position.batch)
 
 

@@ -10,6 +10,7 @@ Nothing is written until every check has passed, and a new run never overwrites 
 earlier run's files.
 """
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -151,6 +152,24 @@ def resumed_config(saved_toml, path, config_file, overrides, run_dir=None):
     return cfg, notes
 
 
+def check_data(saved_id, data_id, named, path):
+    """A resumed or evaluated checkpoint meets its own data, unless the command line asks
+    for other data: `named` = the keys its --config and --set name. Returns notes; a
+    UserError where the data differ and the command line did not ask for that."""
+    if saved_id is None or saved_id == data_id:   # None: a checkpoint from before dpbp 0.1.1
+        return []
+    theirs, ours = saved_id.split("; "), data_id.split("; ")
+    first = next((f"{a} now, {b} then" for a, b in zip(ours, theirs) if a != b),
+                 f"{len(ours)} arrays now, {len(theirs)} then")
+    if named & set(SPLIT_KEYS):
+        return [f"the data differ from what {path} was trained on ({first}), as the "
+                "command line asks"]
+    raise UserError(f"the data differ from what {path} was trained on ({first}): the "
+                    "files at data.path were changed or replaced. To go on with these data, "
+                    "name them on the command line (--set 'data.path=\"...\"'); the data "
+                    "order and validation split change with them")
+
+
 def home_of(path):
     """The run directory holding checkpoint `path` (RUN_DIR/checkpoints/NAME), or None."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -163,14 +182,14 @@ def prepare(cfg, start, resumed_from=None, damaged=()):
     and drop metrics of epochs after the starting one (they will be trained again).
     `start` = (epoch, batch) of the checkpoint `resumed_from`, (0, 0) for a new run. A
     run resumed from another directory's checkpoint (a branch) must start in a new one.
-    Returns (lock, notes): the lock is held while the run lives, so a second run started
-    into the same directory is refused instead of writing over it."""
+    Returns (locks, notes): the locks are held while the run lives, so a second run
+    started into the same directory, or into the same checkpoints folder through a
+    link, is refused instead of writing over it."""
     run_dir = cfg.run.dir
-    folder = os.path.join(run_dir, "checkpoints")
     home = home_of(resumed_from) if resumed_from else None
     new = home is None or os.path.realpath(home) != os.path.realpath(run_dir)
 
-    def check():   # before anything is written, and again under the lock
+    def check():
         if new:
             return check_new(cfg)
         newer = [p for pos, p in checkpoint.list_all(run_dir)
@@ -182,14 +201,13 @@ def prepare(cfg, start, resumed_from=None, damaged=()):
                 f"a new run directory with --resume {resumed_from} --set 'run.dir=\"...\"'")
         return []
 
-    notes = check()
-    try:
-        os.makedirs(folder, exist_ok=True)
-        lock, more_notes = _lock(run_dir)
-    except OSError as e:
-        raise UserError(f"run.dir {run_dir}: cannot write ({e.strerror}: {e.filename})"
-                        ) from None
-    check()   # nobody started or advanced a run here meanwhile
+    if new:
+        check()   # before anything is written
+    check_own_folder(run_dir)
+    locks, lock_notes = claim(run_dir)
+    notes = check() + lock_notes   # under the locks: nobody started or advanced a run here
+    for lock in locks:
+        sign(lock)
     # the metrics of the epochs resumed from: a branch takes them from the run it leaves
     source = (None if resumed_from is None else home if new else run_dir)
     earlier = read_metrics(source) if source else []
@@ -197,38 +215,103 @@ def prepare(cfg, start, resumed_from=None, damaged=()):
     try:
         for path in damaged:
             os.replace(path, path + ".damaged")
-        remove_stale_temporaries(folder)
+        remove_stale_temporaries(os.path.join(run_dir, "checkpoints"))
         write_atomic(config_path(run_dir),
                      lambda f: f.write((CONFIG_HEADER + config.to_toml(cfg)).encode()))
         write_atomic(metrics_path(run_dir), lambda f: f.write("".join(kept).encode()))
     except OSError as e:
-        raise UserError(f"run.dir {run_dir}: cannot write ({e.strerror}: {e.filename})"
-                        ) from None
-    return lock, notes + more_notes
+        raise UserError(f"run.dir {run_dir}: cannot write ({os_error(e)})") from None
+    return locks, notes
 
 
-def _lock(run_dir):
-    """Take RUN_DIR/.lock for the life of this process and write who holds it in it.
+def os_error(e):
+    """'No space left on device', with the file where the OS names one."""
+    return e.strerror + (f": {e.filename}" if e.filename else "")
+
+
+def is_run_dir(folder):
+    """Whether `folder` holds (or held) a dpbp run."""
+    return any(os.path.exists(os.path.join(folder, name))
+               for name in ("config.toml", "metrics.jsonl", ".lock"))
+
+
+def check_own_folder(run_dir):
+    """The checkpoints folder of run_dir may be a link (to a larger disk, say), but not
+    into another run's directory: two runs would mix their checkpoints, and one's
+    pruning would delete the other's."""
+    folder = os.path.join(run_dir, "checkpoints")
+    real = os.path.realpath(folder)
+    if os.path.exists(folder) and real != os.path.join(os.path.realpath(run_dir), "checkpoints"):
+        owner = os.path.dirname(real)
+        if is_run_dir(owner):
+            raise UserError(f"run.dir {run_dir}: its checkpoints folder links to {real}, "
+                            f"the run in {owner}; one run per checkpoint folder: remove the "
+                            "link, or choose another run.dir")
+
+
+def claim(run_dir):
+    """Create run_dir and its checkpoints folder where missing, and lock RUN_DIR/.lock
+    and, where the checkpoints folder is a link elsewhere, that folder's .lock too.
+    Returns (locks, notes). A failure (a full disk) removes what it created."""
+    folder = os.path.join(run_dir, "checkpoints")
+    created = [p for p in (run_dir, folder) if not os.path.isdir(p)]
+    real = os.path.realpath(folder)
+    places = [run_dir] + ([real] if real != os.path.join(os.path.realpath(run_dir),
+                                                          "checkpoints") else [])
+    locks, notes = [], []
+    try:
+        os.makedirs(folder, exist_ok=True)
+        for place in places:
+            lock, more = _lock(place, run_dir)
+            locks.append(lock)
+            notes += more
+    except OSError as e:
+        for lock in locks:
+            lock.close()
+        for place in places if created else []:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(place, ".lock"))
+        for path in reversed(created):
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+        raise UserError(f"run.dir {run_dir}: cannot create it ({os_error(e)})") from None
+    return locks, notes
+
+
+def _lock(place, run_dir=None):
+    """Take PLACE/.lock (the run directory's, or its checkpoints folder's where that is
+    a link elsewhere) for the life of this process and write who holds it in it.
     Returns (the open lock file, notes)."""
-    path = os.path.join(run_dir, ".lock")
+    run_dir = run_dir or place
+    path = os.path.join(place, ".lock")
     lock = open(path, "a+")
+    what = f"run.dir {run_dir}" if place == run_dir else f"the checkpoints folder {place}"
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:   # held by a live process
         lock.seek(0)
         holder = lock.read().strip() or "a process that did not say who it is"
-        raise UserError(f"run.dir {run_dir} is in use by another dpbp run ({holder}); wait "
-                        f"for it, or if that process is gone, remove {path}") from None
+        lock.close()
+        raise UserError(f"{what} is in use by another dpbp run ({holder}); wait for it, or "
+                        f"if that process is gone, remove {path}") from None
     except OSError as e:      # a filesystem without locks: run, but say what is missing
-        return lock, [f"run.dir {run_dir}: cannot lock it ({e.strerror}); a second run "
-                      "started into it at the same time would not be stopped"]
-    lock.truncate(0)
-    lock.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
-    lock.flush()
+        return lock, [f"{what}: cannot lock it ({e.strerror}); a second run started into "
+                      "it at the same time would not be stopped"]
     return lock, []
 
 
-def save(cfg, model, optimizer, position, world_size, loss_sums=None, record=None):
+def sign(lock):
+    """Write who holds a lock in it, once the run is sure to start."""
+    try:
+        lock.truncate(0)
+        lock.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
+        lock.flush()
+    except OSError:   # a full disk: the lock holds all the same; only the name is missing
+        pass
+
+
+def save(cfg, model, optimizer, position, world_size, loss_sums=None, record=None,
+         data_id=""):
     """Checkpoint at `position` (a checkpoint.Position); at the end of an epoch (batch 0)
     first append its line of metrics, `record`. (In this order, a crash between
     the two leaves a metrics line that `prepare` drops on resume, never a missing one.)
@@ -239,8 +322,10 @@ def save(cfg, model, optimizer, position, world_size, loss_sums=None, record=Non
         if record is not None:
             with open(metrics_path(cfg.run.dir), "a", encoding="utf-8") as f:
                 f.write(json.dumps(record, allow_nan=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())   # durable before the checkpoint that follows it
         checkpoint.save(path, model, optimizer, position, world_size, config.to_toml(cfg),
-                        loss_sums)
+                        loss_sums, data_id)
         keep = cfg.run.keep_checkpoints
         if keep:
             for _, old in checkpoint.list_all(cfg.run.dir)[:-keep]:

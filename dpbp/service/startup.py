@@ -36,13 +36,14 @@ class Run:
     """Everything the training loop needs, the same on every rank but `loss_sum`."""
     cfg: config.Config
     data: datasets.Dataset
+    data_id: str                    # what the data are (datasets.identity), kept in checkpoints
     model: MLP
     optimizer: SGD
     summed: PlainSum | GrainSum     # the gradient sum over ranks, chosen from the config
     loss_fn: object                 # nn.losses.cross_entropy or mse
     start: Position                 # where the run starts (a checkpoint's position)
     loss_sum: float                 # this rank's partial loss sum of the starting epoch
-    lock: object                    # the run directory's lock, held by rank 0 (else None)
+    locks: list                     # the run directory's locks, held by rank 0 (else [])
 
 
 def gradient_sum(tc, comm, model):
@@ -52,21 +53,26 @@ def gradient_sum(tc, comm, model):
     return PlainSum(comm, model.grads, tc.accumulation_steps, tc.comm_dtype)
 
 
-def set_up(args, comm, say):
+def set_up(args, comm, say, watchdog):
     """Collective. The Run that `args` (train's parsed command line) asks for: on
     --resume, the checkpoint's config with the command line's changes on top. None for a
-    resumed run that is already complete, or after --print-config."""
+    resumed run that is already complete, or after --print-config. The `watchdog` takes
+    the config's run.watchdog_seconds as soon as it is known."""
     cfg, resumed, notes = resolve_config(args, comm)
+    watchdog.set_seconds(cfg.run.watchdog_seconds)
     if args.print_config:
         say(run_dir.CONFIG_HEADER + config.to_toml(cfg), end="")
         return None
     with mpi.agreement(comm):
         data = load_data(cfg)
+        data_id = datasets.identity(data)
         model, optimizer = build(cfg, data, fresh=resumed is None)
         if comm.rank == 0 and resumed is not None:
+            notes += run_dir.check_data(resumed.state["data"], data_id,
+                                        config.named_keys(args.config, args.set), resumed.path)
             checkpoint.restore(resumed.state, resumed.path, model, optimizer)
     threads, why = limit_blas_threads(comm.ranks_sharing_cores, cfg.train.deterministic)
-    check_same_inputs(comm, cfg, data)
+    check_same_inputs(comm, cfg, data_id)
     arith = check_arithmetic(comm) if cfg.train.deterministic else None
     comm.bcast_(model.params)                   # DP: the replicas start identical
     if optimizer.momentum_buffer is not None:
@@ -77,10 +83,10 @@ def set_up(args, comm, say):
         say(f"nothing to do: the run in {cfg.run.dir} already completed "
             f"{plural(start.epoch, 'epoch')} of {cfg.train.epochs}")
         return None
-    lock = None
+    locks = []
     with mpi.agreement(comm):
         if comm.rank == 0:
-            lock, more = run_dir.prepare(cfg, (start.epoch, start.batch),
+            locks, more = run_dir.prepare(cfg, (start.epoch, start.batch),
                                          *((resumed.path, resumed.damaged) if resumed else ()))
             notes = notes + more
     say(describe_run(comm, threads, why, cfg, data, model, summed, arith))
@@ -93,8 +99,8 @@ def set_up(args, comm, say):
     for note in notes:
         say(note)
     loss_sum = summed.resumed_loss(*saved_sums)
-    return Run(cfg, data, model, optimizer, summed, LOSSES[cfg.train.loss], start, loss_sum,
-               lock)
+    return Run(cfg, data, data_id, model, optimizer, summed, LOSSES[cfg.train.loss], start,
+               loss_sum, locks)
 
 
 @dataclasses.dataclass
@@ -157,21 +163,15 @@ def new_model(widths, cfg):
                         "memory; check model.hidden and the number of classes") from None
 
 
-def check_same_inputs(comm, cfg, data):
-    """Collective. Stop every rank unless all read the same config and data."""
-    same = comm.replicas_identical(fingerprint(cfg, data))
+def check_same_inputs(comm, cfg, data_id):
+    """Collective. Stop every rank unless all read the same config and data (`data_id`,
+    datasets.identity: every array's shape, dtype and CRC)."""
+    crcs = [zlib.crc32(config.to_toml(cfg).encode()), zlib.crc32(data_id.encode())]
+    same = comm.replicas_identical(np.array(crcs, dtype=np.int64))
     with mpi.agreement(comm):
         if not same:
             raise UserError("the ranks loaded different configs or data; check that every "
                             "node sees the same files")
-
-
-def fingerprint(cfg, data):
-    """CRCs of the resolved config and of every data array, to compare across ranks."""
-    arrays = [data.x, data.y] + ([data.x_val, data.y_val] if data.x_val is not None else [])
-    crcs = [zlib.crc32(config.to_toml(cfg).encode())]
-    crcs += [datasets.crc32(a) for a in arrays]   # block by block: data may stay on disk
-    return np.array(crcs, dtype=np.int64)
 
 
 def check_arithmetic(comm):

@@ -1,7 +1,8 @@
 """Watching over a run: stop requests from signals, and a watchdog for ranks that hang.
 
-`StopSignals` turns SIGTERM (Slurm preemption, `kill`) and SIGINT (Ctrl-C) into a request
-that the training loop sees within a step or two: `StopVote` lets the ranks agree on it
+`StopSignals` turns SIGTERM (Slurm preemption, `kill`), SIGINT (Ctrl-C) and SIGHUP (a
+closed terminal or ssh session, or a launcher that is gone) into a request that the
+training loop sees within a step or two: `StopVote` lets the ranks agree on it
 collectively (so all stop after the same step), then they save a checkpoint and exit
 128 + the signal's number, and `--resume` continues exactly. A second signal of the same
 kind is not caught: it ends the process at once.
@@ -12,6 +13,7 @@ Every rank has one, so every stuck rank prints its stack before the job ends.
 """
 
 import faulthandler
+import os
 import signal
 import sys
 import threading
@@ -19,30 +21,64 @@ import time
 
 import numpy as np
 
+from dpbp.errors import Stopped
+
 
 class StopSignals:
-    """While installed (a context manager), SIGTERM and SIGINT set `received` instead of
-    ending the process."""
+    """SIGTERM, SIGINT and SIGHUP as stop requests, from a command's start (a context
+    manager, installed in the main thread).
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    Before `defer()`, in set-up, a signal raises errors.Stopped at once: nothing is
+    trained yet, and the command ends with 128 + its number. After it, a signal only sets
+    `received`, which the training loop sees within a step or two (StopVote) and answers
+    with a checkpoint. A second signal of the same kind acts at once (the handler it
+    replaced: SIGINT's KeyboardInterrupt, SIGTERM's and SIGHUP's end of the process).
 
-    def __init__(self):
+    Under an MPI launcher (`launched`), a thread also watches this rank's parent, the
+    launcher's process on this node: when it is gone (killed, or its node agent lost),
+    the rank stops as on SIGHUP instead of training on as an orphan.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self, launched=False, poll_seconds=0.5):
         self.received = 0        # the number of the first signal, 0 while none came
+        self.deferred = False
         self._previous = {}
+        self._launched, self._poll = launched, poll_seconds
+        self._done = threading.Event()
+
+    def defer(self):
+        """From now on a signal is a request that the training loop answers."""
+        self.deferred = True
 
     def _handler(self, signum, frame):
         self.received = self.received or signum
         signal.signal(signum, self._previous[signum])   # a second one acts at once
+        if not self.deferred:
+            raise Stopped(signum)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
                 self._previous[s] = signal.signal(s, self._handler)
+            if self._launched:
+                threading.Thread(target=self._watch_launcher, args=(os.getppid(),),
+                                 name="dpbp-launcher-watch", daemon=True).start()
         return self
 
     def __exit__(self, *exc):
+        self._done.set()
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+    def _watch_launcher(self, parent):
+        while not self._done.wait(self._poll):
+            if os.getppid() != parent:   # reparented: the launcher's process is gone
+                print(f"dpbp: rank process {os.getpid()}: its launcher (process {parent}) "
+                      "is gone; stopping as on SIGHUP", file=sys.stderr, flush=True)
+                os.kill(os.getpid(), signal.SIGHUP)
+                return
 
 
 class StopVote:
@@ -77,14 +113,31 @@ def signal_name(signum):
 
 class Watchdog:
     """A daemon thread that calls `on_timeout()` (expected to end the job) after printing
-    this rank's stacks, once `seconds` pass without `feed()`. seconds = 0: off."""
+    this rank's stacks, once `seconds` pass without `feed()`. seconds = 0: off.
+
+    A command starts it before its first collective, with the default seconds until the
+    config gives its own (`set_seconds`), so that set-up (reading the config and the data,
+    the ranks' agreements) is watched as training is; `training()` says that steps began,
+    for the message."""
 
     def __init__(self, seconds, rank, on_timeout):
-        self.seconds, self.rank, self._on_timeout = seconds, rank, on_timeout
-        self._deadline = time.monotonic() + seconds
+        self.rank, self._on_timeout = rank, on_timeout
+        self.doing = "set-up did not finish"
         self._stopped = threading.Event()
-        if seconds > 0:
-            threading.Thread(target=self._watch, name="dpbp-watchdog", daemon=True).start()
+        self._thread = None
+        self.set_seconds(seconds)
+
+    def set_seconds(self, seconds):
+        self.seconds = seconds
+        self.feed()
+        if seconds > 0 and self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="dpbp-watchdog",
+                                            daemon=True)
+            self._thread.start()
+
+    def training(self):
+        self.doing = "no training step finished"
+        self.feed()
 
     def feed(self):
         self._deadline = time.monotonic() + self.seconds
@@ -93,11 +146,11 @@ class Watchdog:
         self._stopped.set()
 
     def _watch(self):
-        while not self._stopped.wait(min(1.0, self.seconds / 4)):
-            if time.monotonic() > self._deadline:
-                print(f"dpbp: rank {self.rank}: no training step finished in "
-                      f"{self.seconds:g} s (run.watchdog_seconds); its stack follows; "
-                      "ending the job", file=sys.stderr, flush=True)
+        while not self._stopped.wait(min(1.0, self.seconds / 4 or 1.0)):
+            if self.seconds > 0 and time.monotonic() > self._deadline:
+                print(f"dpbp: rank {self.rank}: {self.doing} in {self.seconds:g} s "
+                      "(run.watchdog_seconds); its stack follows; ending the job",
+                      file=sys.stderr, flush=True)
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 self._on_timeout()
                 return

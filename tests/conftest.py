@@ -1,6 +1,11 @@
-"""Shared helpers: launching dpbp under mpirun in a subprocess, always with a timeout."""
+"""Shared helpers and fixtures: dpbp in a subprocess (always with a timeout), small runs.
+
+Launching dpbp under mpirun; the tiny datasets and the runs made of them; the checks
+that several test files make.
+"""
 
 import gzip
+import json
 import os
 import shutil
 import signal
@@ -11,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dpbp.nn.model import MLP
 from dpbp.service.data import MNIST_FILES
+from tests import thread_sensitive
 
 ROOT = Path(__file__).resolve().parent.parent
 MNIST = Path(os.environ.get("DPBP_TEST_MNIST", ROOT.parent / "shared" / "data" / "mnist"))
@@ -127,6 +134,115 @@ def fake_mnist(folder, gz):
         arr = rng.integers(0, 256, size=(n, 4, 4)) if key.startswith("x") else np.arange(n) % 10
         write_idx(folder / (name + (".gz" if gz else "")), arr, gz)
     return folder
+
+
+# ----------------------------------------------------------------------------- runs
+
+def tiny_run(npz, run_dir, *extra):
+    """Arguments for a sub-second run on the tiny dataset (tiny_npz): 17 training
+    samples at batch_size 4 make five steps per epoch (the last with one sample), so
+    steps 0-4 are epoch 1, 5-9 epoch 2 and 10-14 epoch 3."""
+    return ["--set", 'data.source="npz"', "--set", f'data.path="{npz}"',
+            "--set", "model.hidden=[8]", "--set", "train.batch_size=4",
+            "--set", "train.epochs=3", "--set", f'run.dir="{run_dir}"', *extra]
+
+
+def snapshot(folder):
+    """{relative path: bytes} of every file under folder."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, folder)] = open(path, "rb").read()
+    return out
+
+
+def assert_refused(r, message, code=2):
+    """Stopped with `code` and exactly one dpbp line, naming the problem; no traceback."""
+    lines = [line for line in r.stderr.splitlines() if line.startswith("dpbp")]
+    assert r.returncode == code and len(lines) == 1 and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+FULL = "epoch-0003.npz"
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+
+
+def assert_same_run(a, b):
+    """Bitwise the same final weights and momentum, and the same losses and accuracies."""
+    with np.load(a / "checkpoints" / FULL) as f, np.load(b / "checkpoints" / FULL) as g:
+        for name in f.files:
+            if name.startswith(("model.", "optimizer.")):
+                assert f[name].tobytes() == g[name].tobytes(), name
+    keys = ("epoch", "train_loss", "val_loss", "val_accuracy", "lr", "skipped_steps")
+    assert [[m[k] for k in keys] for m in metrics(a)] == [[m[k] for k in keys] for m in metrics(b)]
+
+
+@pytest.fixture
+def uninterrupted(tmp_path, tiny_npz):
+    run_dir = tmp_path / "full"
+    r = run_train(tiny_run(tiny_npz, run_dir), ranks=2)
+    assert r.returncode == 0, r.stderr
+    return run_dir
+
+
+# ----------------------------------------------------------------------------- evaluate and predict
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory):
+    """A 2-epoch run under mpirun -n 2 on 600 synthetic digits (60 validate): accuracies
+    far from 0 and 1 that change from epoch to epoch."""
+    run_dir = tmp_path_factory.mktemp("evaluate") / "run"
+    r = run_train(["--set", "data.samples=600", "--set", "train.epochs=2",
+                   "--set", "model.hidden=[16]", "--set", "train.batch_size=32",
+                   "--set", "train.lr=0.02", "--set", f'run.dir="{run_dir}"'], ranks=2)
+    assert r.returncode == 0, r.stderr
+    metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert len({m["val_accuracy"] for m in metrics}) == 2
+    assert all(0.05 < m["val_accuracy"] < 0.95 for m in metrics)
+    return run_dir, metrics
+
+
+def ckpt(run_dir, epoch):
+    return str(run_dir / "checkpoints" / f"epoch-{epoch:04d}.npz")
+
+
+# ----------------------------------------------------------------------------- threads
+
+@pytest.fixture
+def sensitive():
+    thread_sensitive.install()
+    yield
+    thread_sensitive.uninstall()
+
+
+def small_model(widths=(12, 16, 8, 3), dtype=np.float32):
+    model = MLP(list(widths), "relu", dtype)
+    model.init_(np.random.default_rng(5))
+    return model
+
+
+# ----------------------------------------------------------------------------- gradients
+
+def numeric_grad(f, x, eps=1e-6):
+    """Central differences of the scalar f() with respect to array x, changed in place."""
+    g = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        old = x[i]
+        x[i] = old + eps
+        up = f()
+        x[i] = old - eps
+        down = f()
+        x[i] = old
+        g[i] = (up - down) / (2 * eps)
+    return g
+
+
+def assert_close(analytic, numeric):
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-8)
 
 
 def pytest_ignore_collect(collection_path, config):

@@ -1,5 +1,8 @@
-"""Data sources and sharding: what loads, and how. (What is refused, and with which message:
-test_bad_input.py; what random damage does: test_properties.py.)"""
+"""Data sources: what loads, and how.
+
+What is refused, and with which message: test_bad_input.py; what random damage does:
+test_properties.py; which rows each rank takes: test_sharding.py.
+"""
 
 import re
 import zlib
@@ -8,7 +11,6 @@ import numpy as np
 import pytest
 
 from dpbp.errors import UserError
-from dpbp.parallel import sharding
 from dpbp.service import config, data, synthetic
 from tests.conftest import MNIST, fake_mnist, model_arrays, run_train
 
@@ -93,30 +95,6 @@ def test_synthetic_is_a_pure_function_of_the_seed():
 def test_synthetic_source_split():
     d = load("synthetic", samples=200, val_fraction=0.1, dtype="float32")
     assert (len(d.x), len(d.x_val), d.num_inputs, d.num_classes) == (180, 20, 256, 10)
-
-
-# ----------------------------------------------------------------------------- sharding
-
-@pytest.mark.parametrize("n", [0, 1, 2, 7, 8, 33])
-@pytest.mark.parametrize("size", [1, 2, 3, 4, 16])
-def test_shards_cover_each_batch_exactly_once(n, size):
-    parts = [range(n)[sharding.shard(n, r, size)] for r in range(size)]
-    assert [i for p in parts for i in p] == list(range(n))
-    assert max(map(len, parts)) - min(map(len, parts)) <= 1
-    assert sharding.shard_sizes(n, size) == [len(p) for p in parts]
-
-
-def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
-    order = sharding.epoch_order(17, seed=1, epoch=2, shuffle=True)
-    assert np.array_equal(order, sharding.epoch_order(17, seed=1, epoch=2, shuffle=True))
-    assert not np.array_equal(order, sharding.epoch_order(17, seed=1, epoch=3, shuffle=True))
-    assert sorted(order) == list(range(17))
-    assert [len(b) for b in sharding.global_batches(order, 8)] == [8, 8, 1]
-
-
-def test_no_shuffle_is_file_order():
-    batches = sharding.global_batches(sharding.epoch_order(10, 0, 5, shuffle=False), 4)
-    assert [b.tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
 # ----------------------------------------------------------------------------- csv

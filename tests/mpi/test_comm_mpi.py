@@ -72,7 +72,7 @@ def test_agreement_stops_every_rank_together(comm, capsys):
 
 def test_agreement_passes_other_errors_through(comm):
     # A bug is not bad input: it skips the agreement and reaches run(), which aborts the
-    # whole job (tests/test_cli.py checks that). Raised on every rank here, so that no
+    # whole job (tests/test_failures.py checks that). Raised on every rank here, so that no
     # rank is left waiting in the agreement's collective.
     with pytest.raises(ZeroDivisionError):
         with mpi.agreement(comm):

@@ -1,0 +1,125 @@
+"""dpbp/parallel/step.py in one process: train_step, accumulation, clipping, bad losses.
+
+train_step against an SGD step written by hand, accumulation against one pass,
+clip_grad_norm_, and non-finite losses that leave the parameters unchanged.
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+from dpbp.nn.losses import cross_entropy, mse
+from dpbp.nn.model import MLP
+from dpbp.nn.optim import SGD
+from dpbp.parallel.comm import Comm
+from dpbp.parallel.step import PlainSum, clip_grad_norm_, train_step
+
+
+def make(widths=(5, 7, 3), activation="tanh", dtype=np.float64, momentum=0.9):
+    model = MLP(list(widths), activation, dtype)
+    model.init_(np.random.default_rng(1))
+    return model, SGD(model.params, model.grads, lr=0.1, momentum=momentum)
+
+
+def test_one_step_is_sgd_written_by_hand():
+    """A Linear-only network, cross-entropy, lr 0.1, no momentum: W -= lr dW, b -= lr db,
+    with dW and db of the batch's mean loss computed here with numpy."""
+    rng = np.random.default_rng(2)
+    model, opt = make((4, 3), momentum=0.0)
+    W, b = model.linears[0].W.copy(), model.linears[0].b.copy()
+    x, y = rng.normal(size=(6, 4)), np.array([0, 2, 1, 1, 0, 2])
+    loss, ok = train_step(model, opt, cross_entropy, x, y, 6, PlainSum(Comm(None), model.grads))
+    z = x @ W.T + b
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    dz = (p - np.eye(3)[y]) / 6
+    assert ok
+    assert loss == pytest.approx(-np.log(p[np.arange(6), y]).sum(), rel=1e-12)
+    np.testing.assert_allclose(model.linears[0].W, W - 0.1 * dz.T @ x, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(model.linears[0].b, b - 0.1 * dz.sum(axis=0), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("loss_fn", [cross_entropy, mse])
+def test_accumulation_equals_one_pass(k, loss_fn):
+    """k micro-batches of a shard of 11 rows (which k does not divide): the same steps
+    as the whole shard at once, to rounding in float64."""
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(44, 5)), rng.integers(0, 3, size=44)
+
+    def run(steps):
+        model, opt = make()
+        summed = PlainSum(Comm(None), model.grads, accumulation_steps=steps)
+        losses = []
+        for start in range(0, 44, 11):
+            loss, ok = train_step(model, opt, loss_fn, x[start:start + 11],
+                                  y[start:start + 11], 11, summed)
+            assert ok
+            losses.append(loss)
+        return model.params, opt.momentum_buffer, losses
+
+    params, momentum, losses = run(1)
+    params_k, momentum_k, losses_k = run(k)
+    assert params_k.tobytes() != make()[0].params.tobytes()   # it trained
+    np.testing.assert_allclose(params_k, params, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(momentum_k, momentum, rtol=0, atol=1e-12)
+    assert losses_k == pytest.approx(losses, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_clip_grad_norm_scales_a_gradient_above_the_limit(dtype):
+    g = np.array([3.0, -4.0, 0.0, 12.0], dtype)   # norm 13
+    norm = clip_grad_norm_(g, 1.0)
+    assert norm == pytest.approx(13.0, rel=1e-7)
+    want = np.array([3.0, -4.0, 0.0, 12.0]) * (1.0 / (13.0 + 1e-6))
+    np.testing.assert_allclose(g, want.astype(dtype), rtol=1e-6)
+    assert math.sqrt(float(np.dot(g.astype(np.float64), g.astype(np.float64)))) < 1.0
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 13.5, 100.0])
+def test_clip_grad_norm_leaves_a_gradient_below_the_limit(max_norm):
+    g = np.array([3.0, -4.0, 0.0, 12.0])
+    before = g.copy()
+    assert clip_grad_norm_(g, max_norm) == pytest.approx(13.0, rel=1e-15)
+    assert g.tobytes() == before.tobytes()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_clip_grad_norm_of_a_non_finite_gradient_scales_nothing(bad):
+    g = np.array([3.0, bad, 4.0])
+    before = g.copy()
+    assert not math.isfinite(clip_grad_norm_(g, 1.0))
+    assert g.tobytes() == before.tobytes()
+
+
+def test_clip_grad_norm_of_float32_squares_that_overflow_stays_finite():
+    g = np.full(4, 1e20, np.float32)   # each square beyond float32's largest
+    with np.errstate(over="ignore"):
+        norm = clip_grad_norm_(g, 1.0)
+    assert norm == pytest.approx(2e20, rel=1e-6)
+    np.testing.assert_allclose(g, 0.5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("part", [0, 1])
+@pytest.mark.parametrize("cause", ["nan input", "loss overflows"])
+def test_a_non_finite_loss_in_one_part_leaves_the_parameters(part, cause):
+    """A NaN row, or a loss that overflows to Inf while its gradient stays finite, in one
+    of two micro-batches: ok is False and neither the parameters nor the momentum move."""
+    rng = np.random.default_rng(4)
+    model, opt = make((5, 2), momentum=0.9)
+    N = 8
+    x, y = rng.normal(size=(N, 5)) * 1e-3, rng.normal(size=(N, 2))
+    row = 1 if part == 0 else 6   # micro-batches: rows 0-3 and 4-7
+    if cause == "nan input":
+        x[row, 2] = np.nan
+    else:   # a loss of 9e308 (Inf) in that row; gradients of 4e153 at most, finite
+        y[row] = 3e154
+    summed = PlainSum(Comm(None), model.grads, accumulation_steps=2)
+    train_step(model, opt, mse, x[:N], np.zeros_like(y), N, summed)   # a momentum to keep
+    params, momentum = model.params.copy(), opt.momentum_buffer.copy()
+    with np.errstate(over="ignore"):
+        loss, ok = train_step(model, opt, mse, x, y, N, summed)
+    assert not ok and not math.isfinite(loss)
+    assert model.params.tobytes() == params.tobytes()
+    assert opt.momentum_buffer.tobytes() == momentum.tobytes()

@@ -1,0 +1,254 @@
+"""`python -m dpbp.train` as users run it: one process, under mpirun, without MPI.
+
+Also the run directory (never clobbered), the printed config, quiet mode and the
+progress bar.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from tests.conftest import (
+    ROOT,
+    assert_refused,
+    model_arrays,
+    run_train,
+    run_with_timeout,
+    snapshot,
+    tiny_run,
+)
+
+METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_accuracy", "lr", "seconds",
+               "samples_per_second", "world_size"}
+
+
+def test_help():
+    r = run_train(["--help"])
+    assert r.returncode == 0 and r.stderr == ""
+    for option in ("--config", "--set", "--resume", "batch_size = 128", "exit codes"):
+        assert option in r.stdout
+
+
+def test_single_process_run_writes_checkpoints_and_metrics(tmp_path, tiny_npz):
+    run_dir = tmp_path / "run"
+    r = run_train(tiny_run(tiny_npz, run_dir))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    assert "dpbp 0.1.0: 1 rank" in r.stdout and "batch: global 4, per rank 4" in r.stdout
+    assert sorted(os.listdir(run_dir / "checkpoints")) == [
+        "epoch-0001.npz", "epoch-0002.npz", "epoch-0003.npz"]
+    lines = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert [m["epoch"] for m in lines] == [1, 2, 3]
+    assert all(METRIC_KEYS <= m.keys() and m["world_size"] == 1 for m in lines)
+    assert [line for line in r.stdout.splitlines() if line.startswith("epoch ")][-1].startswith(
+        "epoch 3/3  train_loss ")
+    with np.load(run_dir / "checkpoints" / "epoch-0003.npz", allow_pickle=False) as f:
+        assert int(f["epoch"]) == 3 and int(f["step"]) == 15   # 5 global batches per epoch
+        assert "[train]" in str(f["config"])
+        assert not [k for k in f.files if k.startswith("model.") and
+                    k not in ("model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias")]
+    saved = (run_dir / "config.toml").read_text()
+    assert saved.startswith("# dpbp: the resolved config of this run\n[run]\n")
+
+
+def test_mpi_run_prints_once_and_reports_per_rank_batch(tmp_path, tiny_npz):
+    r = run_train(tiny_run(tiny_npz, tmp_path / "run", "--set", "train.batch_size=8"), ranks=3)
+    assert r.returncode == 0 and r.stderr == "", r.stderr   # other ranks print nothing
+    assert r.stdout.count("dpbp 0.1.0: 3 ranks") == 1
+    assert "batch: global 8, per rank 2-3" in r.stdout
+    assert len([line for line in r.stdout.splitlines() if line.startswith("epoch ")]) == 3
+
+
+def test_default_run_under_mpirun_4(tmp_path):
+    """The README's command: default config, synthetic data, 4 ranks on this machine."""
+    r = run_train([], ranks=4, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    metrics = [json.loads(line) for line in open(tmp_path / "runs/default/metrics.jsonl")]
+    assert len(metrics) == 10 and metrics[-1]["world_size"] == 4
+    assert metrics[-1]["val_accuracy"] >= 0.97
+    assert "4 ranks" in r.stdout and "global 128, per rank 32" in r.stdout
+
+
+def test_console_script_entry_point():
+    exe = os.path.join(os.path.dirname(sys.executable), "dpbp-train")
+    if not os.path.exists(exe):
+        pytest.skip("dpbp-train not installed beside this Python")
+    r = run_with_timeout([exe, "--help"], timeout=60)
+    assert r.returncode == 0 and "usage: python -m dpbp.train" in r.stdout
+
+
+def test_synthetic_data_defeats_a_linear_model(tmp_path):
+    """The default data is image-like: a linear model (no hidden layer) stays far below the
+    >= 97 % that the default MLP reaches (test_default_run_under_mpirun_4)."""
+    r = run_train(["--set", "model.hidden=[]", "--set", "train.epochs=15",
+                   "--set", f'run.dir="{tmp_path / "run"}"'])
+    assert r.returncode == 0, r.stderr
+    final = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")][-1]
+    assert final["val_accuracy"] < 0.9
+
+
+@pytest.mark.parametrize("loss,y", [("cross_entropy", np.array([0, 1, 2, 1, 0, 2])),
+                                    ("mse", np.linspace(0, 1, 12).reshape(6, 2))])
+def test_metrics_are_null_where_they_do_not_apply(tmp_path, loss, y):
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.arange(12.0).reshape(6, 2) / 12, y=y)
+    run_dir = tmp_path / "run"
+    r = run_train(["--set", 'data.source="npz"', "--set", f'data.path="{data}"',
+                   "--set", f'train.loss="{loss}"', "--set", "data.val_fraction=0.5" if
+                   loss == "mse" else "data.val_fraction=0", "--set", "train.epochs=1",
+                   "--set", f'run.dir="{run_dir}"'])
+    assert r.returncode == 0, r.stderr
+    m = json.loads(open(run_dir / "metrics.jsonl").read())
+    if loss == "cross_entropy":   # no validation set at all
+        assert m["val_loss"] is None and m["val_accuracy"] is None
+        assert "val_loss -  val_acc -" in r.stdout
+    else:                         # regression: a validation loss, but no accuracy
+        assert m["val_loss"] > 0 and m["val_accuracy"] is None
+        assert "val_acc -" in r.stdout
+
+
+def test_init_from_npz(tmp_path, tiny_npz):
+    rng = np.random.default_rng(0)
+    weights = {"model.0.weight": rng.normal(size=(8, 5)), "model.0.bias": np.zeros(8),
+               "model.2.weight": rng.normal(size=(3, 8)), "model.2.bias": np.zeros(3)}
+    good = tmp_path / "good.npz"
+    np.savez(good, **weights)
+    args = tiny_run(tiny_npz, tmp_path / "a", "--set", f'model.init="{good}"',
+                    "--set", "train.epochs=1", "--set", "train.lr=1e-9")
+    assert run_train(args).returncode == 0
+    after = model_arrays(tmp_path / "a" / "checkpoints" / "epoch-0001.npz")
+    np.testing.assert_allclose(after["model.0.weight"], weights["model.0.weight"], atol=1e-6)
+
+
+def test_print_config_round_trip(tmp_path, tiny_npz):
+    """--print-config prints the resolved config; passed back with --config it gives the
+    very same run."""
+    args = tiny_run(tiny_npz, tmp_path / "a", "--set", "train.lr=0.2",
+                    "--set", 'train.schedule="cosine"', "--set", "train.warmup_epochs=1")
+    r = run_train(args + ["--print-config"])
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert not (tmp_path / "a").exists()
+    saved = tmp_path / "printed.toml"
+    saved.write_text(r.stdout.replace(str(tmp_path / "a"), str(tmp_path / "b")))
+    assert run_train(args).returncode == 0
+    assert run_train(["--config", str(saved)]).returncode == 0
+    a = model_arrays(tmp_path / "a" / "checkpoints" / "epoch-0003.npz")
+    b = model_arrays(tmp_path / "b" / "checkpoints" / "epoch-0003.npz")
+    assert all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def test_quiet_prints_nothing_and_a_terminal_gets_a_progress_bar(tmp_path, tiny_npz):
+    r = run_train(tiny_run(tiny_npz, tmp_path / "q", "--quiet"))
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))   # 100 columns
+    proc = subprocess.Popen([sys.executable, "-m", "dpbp.train",
+                             *tiny_run(tiny_npz, tmp_path / "tty")], stdout=follower,
+                            stderr=subprocess.PIPE, cwd=ROOT)
+    os.close(follower)
+    guard = threading.Timer(120, proc.kill)   # a hung run ends the reads below
+    guard.start()
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:   # the terminal closed
+            break
+        if not chunk:
+            break
+        out += chunk
+    guard.cancel()
+    assert proc.wait(timeout=60) == 0
+    assert b"epoch 1/3:" in out and b"step/s" in out   # tqdm's bar, cleared after each epoch
+    assert b"epoch 3/3  train_loss" in out
+
+
+@pytest.mark.parametrize("failure", ["ImportError('No module named mpi4py')",
+                                     "RuntimeError('cannot load MPI library')"])
+def test_without_mpi_trains_as_one_process(tmp_path, tiny_npz, failure):
+    fake = tmp_path / "fake" / "mpi4py"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "MPI.py").write_text(f"raise {failure}\n")
+    env = {"PYTHONPATH": f"{fake.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    r = run_train(tiny_run(tiny_npz, tmp_path / "run"), env=env)
+    assert r.returncode == 0, r.stderr
+    assert "1 rank (no MPI)" in r.stdout
+    assert (tmp_path / "run" / "checkpoints" / "epoch-0003.npz").exists()
+    # ...but a launcher that promised 4 ranks gets a clear refusal, not 4 duplicate runs
+    r = run_train(tiny_run(tiny_npz, tmp_path / "run2"), env=dict(env, PMI_SIZE="4"))
+    assert_refused(r, "launched as one of 4 ranks, but MPI could not be loaded")
+
+
+def test_missing_mpi_under_a_launcher_is_reported_once(tmp_path, tiny_npz):
+    fake = tmp_path / "fake" / "mpi4py"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "MPI.py").write_text("raise ImportError('libmpi.so: cannot open shared object')\n")
+    env = {"PYTHONPATH": str(fake.parent)}
+    r = run_train(tiny_run(tiny_npz, tmp_path / "run"), ranks=3, env=env)
+    assert_refused(r, "launched as one of 3 ranks")
+    assert not (tmp_path / "run").exists()
+
+
+def test_second_run_never_clobbers_the_first(tmp_path, tiny_npz):
+    run_dir = tmp_path / "run"
+    assert run_train(tiny_run(tiny_npz, run_dir)).returncode == 0
+    before = snapshot(run_dir)
+    r = run_train(tiny_run(tiny_npz, run_dir))
+    assert_refused(r, "already holds a run")
+    assert "--resume" in r.stderr
+    assert snapshot(run_dir) == before
+
+
+def test_a_foreign_config_toml_is_not_clobbered(tmp_path, tiny_npz):
+    run_dir = tmp_path / "proj"
+    run_dir.mkdir()
+    (run_dir / "config.toml").write_text("# my own notes\n")
+    r = run_train(tiny_run(tiny_npz, run_dir))
+    assert_refused(r, "has a config.toml that dpbp did not write")
+    assert (run_dir / "config.toml").read_text() == "# my own notes\n"
+
+
+def test_two_runs_into_one_directory_at_once(tmp_path, tiny_npz):
+    """The second of two simultaneous runs is refused; it does not write over the first."""
+    import fcntl
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with open(run_dir / ".lock", "a") as held:   # as a running job holds it
+        held.write("host elsewhere, pid 42\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = run_train(tiny_run(tiny_npz, run_dir), ranks=2)
+    assert_refused(r, "is in use by another dpbp run (host elsewhere, pid 42); wait for it, "
+                      "or if that process is gone, remove")
+    assert sorted(os.listdir(run_dir)) == [".lock", "checkpoints"]
+
+
+def test_run_dir_entries_that_are_folders(tmp_path, tiny_npz):
+    run_dir = tmp_path / "run"
+    (run_dir / "config.toml").mkdir(parents=True)
+    assert_refused(run_train(tiny_run(tiny_npz, run_dir), ranks=2), "config.toml: cannot read")
+    (run_dir / "config.toml").rmdir()
+    (run_dir / "metrics.jsonl").mkdir()
+    assert_refused(run_train(tiny_run(tiny_npz, run_dir), ranks=2), "metrics.jsonl: cannot read")
+
+
+def test_a_finished_run_without_checkpoints_keeps_its_metrics(tmp_path, tiny_npz):
+    run_dir = tmp_path / "run"
+    assert run_train(tiny_run(tiny_npz, run_dir)).returncode == 0
+    for path in (run_dir / "checkpoints").iterdir():   # e.g. deleted to save space
+        path.unlink()
+    before = snapshot(run_dir)
+    r = run_train(tiny_run(tiny_npz, run_dir, "--set", "train.lr=0.2"))
+    assert_refused(r, "holds metrics of 3 epochs but no checkpoint")
+    assert snapshot(run_dir) == before

@@ -118,6 +118,27 @@ def uneven_npz(tmp_path):
     return path
 
 
+def relative_run(run_dir, *extra):
+    """A tiny run on data/d.npz, a path relative to the working directory."""
+    return ["--set", 'data.source="npz"', "--set", 'data.path="data/d.npz"',
+            "--set", "model.hidden=[8]", "--set", "train.batch_size=4",
+            "--set", f'run.dir="{run_dir}"', *extra]
+
+
+def two_folders(tmp_path):
+    """Folders a and b, each with its own data/d.npz: the same shapes, other values."""
+    folders = []
+    for name, seed in (("a", 7), ("b", 8)):
+        folder = tmp_path / name
+        (folder / "data").mkdir(parents=True)
+        rng = np.random.default_rng(seed)
+        np.savez(folder / "data" / "d.npz", x=rng.normal(size=(17, 5)),
+                 y=rng.integers(0, 3, size=17), x_val=rng.normal(size=(7, 5)),
+                 y_val=rng.integers(0, 3, size=7))
+        folders.append(folder)
+    return folders
+
+
 def write_idx(path, array, gz=False):
     """An IDX file of unsigned bytes (MNIST's format), raw or gzip."""
     header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, ">u4").tobytes()

@@ -12,11 +12,15 @@ runs `python -m MODULE ARGS` with one planned fault. Just before optimizer step 
     perturb    adds 1e-3 to its parameters (replicas that no longer agree)
     sigterm    sends itself SIGTERM (as Slurm does before preempting a job)
     sigint     sends itself SIGINT (as Ctrl-C does)
+    sighup     sends itself SIGHUP (as a closed terminal or ssh session does)
 and, while rank 0 writes the checkpoint taken when STEP steps are done (RANK must be 0),
     killsave   kills itself with SIGKILL half-way through the file
     nospace    fails as a full disk does (OSError ENOSPC)
-and at start-up (STEP 0) under train.deterministic, rank RANK
-    othercpu   reports other numpy code paths and BLAS kernels (a node of another CPU type)
+and at start-up (STEP 0), rank RANK
+    othercpu   reports other numpy code paths and BLAS kernels (a node of another CPU type;
+               train.deterministic compares them)
+    hangload   freezes while it loads the data (sleeps for an hour)
+    termload   receives SIGTERM while it loads the data
 
 dpbp itself knows nothing of this: the faults wrap its functions from outside, the
 training step (dpbp.train.train_step), the schedule that the loop asks for every step's
@@ -32,8 +36,9 @@ import signal
 import sys
 import time
 
-KINDS = ("raise", "exit", "kill", "hang", "nan", "perturb", "sigterm", "sigint", "killsave",
-         "nospace", "othercpu")
+KINDS = ("raise", "exit", "kill", "hang", "nan", "perturb", "sigterm", "sigint", "sighup",
+         "killsave", "nospace", "othercpu", "hangload", "termload")
+SIGNALS = {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT, "sighup": signal.SIGHUP}
 
 
 def parse(text):
@@ -58,8 +63,8 @@ def inject(kind, step, x, params):
         x[:1] = float("nan")
     if kind == "perturb":
         params += 1e-3
-    if kind in ("sigterm", "sigint"):
-        os.kill(os.getpid(), signal.SIGTERM if kind == "sigterm" else signal.SIGINT)
+    if kind in SIGNALS:
+        os.kill(os.getpid(), SIGNALS[kind])
     while kind == "hang":
         time.sleep(3600)
 
@@ -83,6 +88,7 @@ def install(kind, rank, step):
     real_lr_at, real_step = schedule.lr_at, dpbp.train.train_step
     real_save, real_write, real_arithmetic = (checkpoint.save, checkpoint.write_atomic,
                                               startup.arithmetic)
+    real_load_data = startup.load_data
 
     def lr_at(tc, s, steps_per_epoch):
         now["step"] = s
@@ -109,7 +115,14 @@ def install(kind, rank, step):
         mine = real_arithmetic()
         return mine + " (othercpu)" if kind == "othercpu" and rank_now() == rank else mine
 
-    schedule.lr_at, dpbp.train.train_step = lr_at, train_step
+    def load_data(*args, **kwargs):
+        if kind == "termload" and rank_now() == rank:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if kind == "hangload" and rank_now() == rank:
+            inject("hang", 0, None, None)
+        return real_load_data(*args, **kwargs)
+
+    schedule.lr_at, dpbp.train.train_step, startup.load_data = lr_at, train_step, load_data
     checkpoint.save, checkpoint.write_atomic, startup.arithmetic = save, write_atomic, arithmetic
 
 

@@ -196,3 +196,21 @@ def test_restore_checks_the_momentum_buffer(tmp_path):
     state = dict(model.state_dict(), **{"optimizer.momentum_buffer": np.zeros(3)})
     with pytest.raises(UserError, match="momentum_buffer has shape"):
         checkpoint.restore(state, "ckpt", model, opt)
+
+
+def test_a_checkpoint_without_its_momentum_buffer_is_refused(tmp_path):
+    """Altered by hand (the buffer removed, the digest recomputed): resuming it would go
+    on with zero momentum, silently; it is refused. A run without momentum has none."""
+    model, opt = make()
+    path = tmp_path / "c.npz"
+    checkpoint.save(path, model, opt, Position(1, 0, 1, 0, 0), 1, config.to_toml(config.Config()))
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files if k not in ("optimizer.momentum_buffer", "digest")}
+    arrays["digest"] = np.str_(checkpoint.digest(arrays))
+    np.savez(path, **arrays)
+    state = checkpoint.load(path)   # its digest holds
+    with pytest.raises(UserError, match="has no optimizer.momentum_buffer, though it was "
+                                        "written with train.momentum = 0.9"):
+        checkpoint.restore(state, str(path), model, opt)
+    plain = config.to_toml(config.load(None, ["train.momentum=0"]))
+    checkpoint.restore(dict(state, config=plain), str(path), model, opt)   # nothing missing

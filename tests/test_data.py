@@ -4,7 +4,9 @@ What is refused, and with which message: test_bad_input.py; what random damage d
 test_properties.py; which rows each rank takes: test_sharding.py.
 """
 
+import io
 import re
+import zipfile
 import zlib
 
 import numpy as np
@@ -246,3 +248,56 @@ def test_npy_and_csv_train_to_the_npz_weights_under_mpirun(tmp_path):
         weights[source] = model_arrays(run_dir / "checkpoints" / "epoch-0002.npz")
     for source in ("npy", "csv"):
         assert all(np.array_equal(weights[source][k], weights["npz"][k]) for k in weights["npz"])
+
+
+# ----------------------------------------------------------------------------- memory bombs
+
+def npy_header(shape, descr="<f8"):
+    """The bytes of a .npy file's header that declares `shape`, with no data after it."""
+    f = io.BytesIO()
+    np.lib.format.write_array_header_1_0(f, {"descr": descr, "fortran_order": False,
+                                             "shape": shape})
+    return f.getvalue()
+
+
+def npz_with(path, members):
+    """An .npz of {name: bytes of a .npy}, deflated as numpy.savez_compressed writes it."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, content in members.items():
+            z.writestr(name + ".npy", content)
+
+
+def npy_bytes(a):
+    f = io.BytesIO()
+    np.save(f, a)
+    return f.getvalue()
+
+
+def test_members_dpbp_does_not_read_are_never_inflated(tmp_path):
+    """An unused member that declares 8 TB is not touched: the data load as if it were
+    not there."""
+    x, y = np.ones((6, 3)), np.arange(6) % 2
+    npz_with(tmp_path / "d.npz", {"x": npy_bytes(x), "y": npy_bytes(y),
+                                  "junk": npy_header((10 ** 12,))})
+    d = data.load(config.DataConfig(source="npz", path=str(tmp_path / "d.npz")),
+                  "cross_entropy", "float64", 0)
+    assert len(d.x) + len(d.x_val) == 6
+
+
+def test_a_member_larger_than_memory_is_refused_before_it_is_inflated(tmp_path):
+    npz_with(tmp_path / "d.npz", {"x": npy_header((10 ** 12,)), "y": npy_bytes(np.arange(6))})
+    with pytest.raises(UserError, match=r"its member 'x' needs 8,000,000,000,000 bytes, more "
+                                        "than the .* bytes of memory available"):
+        data.load(config.DataConfig(source="npz", path=str(tmp_path / "d.npz")),
+                  "cross_entropy", "float64", 0)
+
+
+def test_values_too_large_to_train_on_are_named(tmp_path):
+    """float64 values whose products overflow: the data are refused with a line that says
+    so, instead of training until a non-finite loss advises a lower learning rate."""
+    path = tmp_path / "huge.csv"
+    path.write_text("0,1e300,2.0\n1,3.0,4.0\n0,5.0,6.0\n1,7.0,8.0\n")   # label first
+    with pytest.raises(UserError, match=r"values up to 1e\+300 in magnitude: a network's "
+                                        "products of them overflow float64"):
+        data.load(config.DataConfig(source="csv", path=str(path)), "cross_entropy",
+                  "float64", 0)

@@ -1,12 +1,20 @@
 """`python -m dpbp.evaluate` end to end, on a real tiny run, in one process and under mpirun."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 from dpbp.service import data as datasets
-from tests.conftest import assert_refused, ckpt, run_module, run_train
+from tests.conftest import (
+    assert_refused,
+    ckpt,
+    relative_run,
+    run_module,
+    run_train,
+    two_folders,
+)
 
 
 @pytest.mark.parametrize("ranks", [None, 2, 3])
@@ -100,3 +108,22 @@ def test_evaluate_refuses_bad_input(run, tmp_path):
 def test_evaluate_help():
     r = run_module("dpbp.evaluate", ["--help"])
     assert r.returncode == 0 and "--checkpoint" in r.stdout and "--json" in r.stdout
+
+
+def test_evaluate_from_another_folder_uses_the_runs_own_data(tmp_path):
+    """The checkpoint names its data by absolute path and identity: evaluated from a
+    folder whose data/d.npz differs, it still gives the run's logged metrics; once the
+    run's file is replaced, evaluation stops unless the command line names the data."""
+    a, b = two_folders(tmp_path)
+    run_dir = tmp_path / "run"
+    assert run_train(relative_run(run_dir, "--set", "train.epochs=1"), cwd=a).returncode == 0
+    logged = json.loads((run_dir / "metrics.jsonl").read_text())
+    args = ["--checkpoint", ckpt(run_dir, 1), "--json"]
+    out = json.loads(run_module("dpbp.evaluate", args, cwd=b).stdout)
+    assert (out["loss"], out["accuracy"]) == (logged["val_loss"], logged["val_accuracy"])
+    shutil.copy(b / "data" / "d.npz", a / "data" / "d.npz")
+    assert_refused(run_module("dpbp.evaluate", args, cwd=b, ranks=2),
+                   f"the data differ from what {ckpt(run_dir, 1)} was trained on")
+    r = run_module("dpbp.evaluate", args + ["--set", 'data.path="data/d.npz"'], cwd=b)
+    assert r.returncode == 0 and "as the command line asks" in r.stderr, r.stderr
+    assert json.loads(r.stdout)["samples"] == 7

@@ -2,7 +2,8 @@
 
 A failing rank ends the job, divergence, ranks that loaded different data, Ctrl-C to the
 whole job, non-finite steps, replicas that drift, a hung rank, a save killed half-way,
-a full disk, old checkpoints pruned.
+a full disk, old checkpoints pruned; a rank frozen in set-up, SIGTERM in set-up, SIGHUP,
+a launcher that is gone.
 
 The tiny dataset has 17 training samples: at batch_size 4, five steps per epoch (the
 last with one sample), so steps 0-4 are epoch 1, 5-9 epoch 2 and 10-14 epoch 3.
@@ -178,3 +179,93 @@ def test_old_checkpoints_are_pruned_after_a_newer_one_is_safe(tmp_path, tiny_npz
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["epoch-0002-batch-000004.npz",
                                                            "epoch-0003.npz"]
+
+
+# ----------------------------------------------------------------------------- hardening
+
+def test_a_rank_frozen_while_loading_the_data_is_ended_by_the_watchdog(tmp_path, tiny_npz):
+    """The watchdog watches set-up too: a rank that freezes while it loads the data (it
+    sleeps for an hour) leaves the others waiting in the next agreement, until the
+    watchdog ends the job with its usual message."""
+    run_dir = tmp_path / "run"
+    r = run_train(tiny_run(tiny_npz, run_dir, "--set", "run.watchdog_seconds=2"), ranks=2,
+                  env={"DPBP_FAULT": "hangload:1:0"}, timeout=60)
+    assert r.returncode != 0
+    assert "dpbp: rank 0: set-up did not finish in 2 s (run.watchdog_seconds)" in r.stderr
+    assert not (run_dir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("ranks", [None, 2])
+def test_sigterm_during_set_up_exits_143_and_writes_nothing(tmp_path, tiny_npz, ranks):
+    run_dir = tmp_path / "run"
+    r = run_train(tiny_run(tiny_npz, run_dir), ranks=ranks, env={"DPBP_FAULT": "termload:0:0"})
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr
+    assert "dpbp: stopped by SIGTERM during set-up; nothing was trained" in r.stderr
+    assert "Traceback" not in r.stderr and not run_dir.exists()
+
+
+def test_sighup_checkpoints_and_resume_is_bitwise(tmp_path, tiny_npz, uninterrupted):
+    """SIGHUP (a closed terminal or ssh session) is a stop request like SIGTERM."""
+    run_dir = tmp_path / "run"
+    r = run_train(tiny_run(tiny_npz, run_dir), ranks=2, env={"DPBP_FAULT": "sighup:1:6"})
+    assert r.returncode == 128 + signal.SIGHUP, r.stderr
+    assert "stopped by SIGHUP" in r.stdout
+    r = run_train(tiny_run(tiny_npz, run_dir, "--resume"), ranks=2)
+    assert r.returncode == 0, r.stderr
+    assert_same_run(uninterrupted, run_dir)
+
+
+def children(pid):
+    """The pids whose parent is `pid`."""
+    out = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.isdigit() and int(fields[1]) == pid:
+            out.append(int(entry))
+    return out
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_ranks_whose_launcher_is_killed_stop_instead_of_training_on(tmp_path):
+    """MPICH's hydra_pmi_proxy, the launcher's process on a node, is SIGKILLed: its ranks
+    notice that their parent is gone and stop (as on SIGHUP) within seconds, instead of
+    training on as orphans for hours."""
+    run_dir = tmp_path / "run"
+    cmd = mpirun(2) + [sys.executable, "-m", "dpbp.train", "--set", f'run.dir="{run_dir}"',
+                       "--set", "data.samples=2000", "--set", "train.epochs=100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=mpi_env(), start_new_session=True)
+    ranks = []
+    try:
+        for line in proc.stdout:   # wait until training is under way
+            if line.startswith("epoch"):
+                break
+        proxies = children(proc.pid)
+        ranks = [r for p in proxies for r in children(p)]
+        if not ranks:
+            pytest.skip("this launcher starts its ranks without a proxy process")
+        for p in proxies:
+            os.kill(p, signal.SIGKILL)
+        deadline = threading.Event()
+        for _ in range(300):   # at most 30 s; an orphan would train for hours
+            if not any(alive(r) for r in ranks):
+                break
+            deadline.wait(0.1)
+        assert not any(alive(r) for r in ranks), "ranks outlived their launcher"
+    finally:
+        for r in ranks:
+            if alive(r):
+                os.kill(r, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()

@@ -8,8 +8,10 @@ The tiny dataset has 17 training samples: at batch_size 4, five steps per epoch 
 last with one sample), so steps 0-4 are epoch 1, 5-9 epoch 2 and 10-14 epoch 3.
 """
 
+import fcntl
 import json
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -23,9 +25,11 @@ from tests.conftest import (
     assert_same_run,
     metrics,
     model_arrays,
+    relative_run,
     run_train,
     snapshot,
     tiny_run,
+    two_folders,
 )
 
 
@@ -262,3 +266,44 @@ def test_a_torn_metrics_line_is_dropped(tmp_path, tiny_npz):
     r = run_train(tiny_run(tiny_npz, run_dir, "--resume"), ranks=2)
     assert r.returncode == 0, r.stderr
     assert [m["epoch"] for m in metrics(run_dir)] == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- the run's data
+
+def test_a_resume_from_another_folder_trains_on_the_runs_own_data(tmp_path):
+    """The run records its data by absolute path and identity: resumed from a folder
+    whose data/d.npz differs, it goes on with its own data, bitwise as if never stopped."""
+    a, b = two_folders(tmp_path)
+    full, run_dir = tmp_path / "full", tmp_path / "run"
+    assert run_train(relative_run(full, "--set", "train.epochs=3"), cwd=a).returncode == 0
+    assert run_train(relative_run(run_dir, "--set", "train.epochs=1"), cwd=a).returncode == 0
+    r = run_train(["--set", f'run.dir="{run_dir}"', "--resume", "--set", "train.epochs=3"],
+                  cwd=b)
+    assert r.returncode == 0, r.stderr
+    assert_same_run(full, run_dir)
+
+
+def test_a_resume_whose_data_changed_stops_unless_asked_for(tmp_path):
+    a, b = two_folders(tmp_path)
+    run_dir = tmp_path / "run"
+    assert run_train(relative_run(run_dir, "--set", "train.epochs=1"), cwd=a).returncode == 0
+    shutil.copy(b / "data" / "d.npz", a / "data" / "d.npz")   # replaced, the same shapes
+    before = snapshot(run_dir)
+    resume = ["--set", f'run.dir="{run_dir}"', "--resume", "--set", "train.epochs=2"]
+    r = run_train(resume, cwd=b, ranks=2)
+    assert_refused(r, f"the data differ from what {run_dir / 'checkpoints' / 'epoch-0001.npz'}"
+                      " was trained on (x (17, 5) float32 crc ")
+    assert "name them on the command line" in r.stderr
+    assert snapshot(run_dir) == before
+    r = run_train(resume + ["--set", 'data.path="data/d.npz"'], cwd=b)   # asked for
+    assert r.returncode == 0, r.stderr
+    assert "as the command line asks" in r.stdout
+
+
+def test_a_resume_refused_because_another_run_holds_the_folder_says_so(tmp_path, tiny_npz):
+    run_dir = tmp_path / "run"
+    assert run_train(tiny_run(tiny_npz, run_dir)).returncode == 0
+    with open(run_dir / ".lock", "a+") as held:   # as a live run holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = run_train(["--resume", str(run_dir / "checkpoints" / "epoch-0001.npz")])
+    assert_refused(r, f"run.dir {run_dir} is in use by another dpbp run")

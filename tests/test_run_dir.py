@@ -1,12 +1,14 @@
-"""The run directory's lock, directly: who holds it, and filesystems without locks."""
+"""The run directory directly: its lock (who holds it, filesystems without locks), one
+run per checkpoint folder, a full disk, durable metrics."""
 
 import errno
 import fcntl
+import os
 
 import pytest
 
 from dpbp.errors import UserError
-from dpbp.service import run_dir
+from dpbp.service import config, run_dir
 
 
 def test_lock_names_its_holder_and_refuses_a_second_taker(tmp_path):
@@ -39,3 +41,74 @@ def test_a_held_lock_is_refused_with_its_holder(tmp_path, monkeypatch):
     monkeypatch.setattr(run_dir.fcntl, "flock", held)
     with pytest.raises(UserError, match=r"in use by another dpbp run \(host h1, pid 7\)"):
         run_dir._lock(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- prepare
+
+def new_cfg(run_dir):
+    return config.load(None, [f'run.dir="{run_dir}"'])
+
+
+def test_a_full_disk_while_creating_the_run_directory_leaves_nothing(tmp_path, monkeypatch):
+    real_open = open
+
+    def no_space(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_space)
+    with pytest.raises(UserError) as refused:
+        run_dir.prepare(new_cfg(tmp_path / "run"), (0, 0))
+    assert str(refused.value) == (f"run.dir {tmp_path / 'run'}: cannot create it (No space "
+                                  "left on device)")
+    assert list(tmp_path.iterdir()) == []   # neither the run directory nor its checkpoints
+
+
+def test_metrics_lines_are_durable_before_their_checkpoint(tmp_path, monkeypatch):
+    from dpbp.nn.model import MLP
+    from dpbp.nn.optim import SGD
+    from dpbp.service.checkpoint import Position
+    cfg = new_cfg(tmp_path / "run")
+    locks, _ = run_dir.prepare(cfg, (0, 0))
+    model = MLP([2, 2], "relu", "float32")
+    synced = []
+    real_fsync = run_dir.os.fsync
+    monkeypatch.setattr(run_dir.os, "fsync", lambda fd: synced.append(
+        os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    run_dir.save(cfg, model, SGD(model.params, model.grads, 0.1), Position(1, 0, 3), 1,
+                 record={"epoch": 1})
+    assert synced[0] == str(tmp_path / "run" / "metrics.jsonl")   # before the checkpoint's
+    for lock in locks:
+        lock.close()
+
+
+def test_a_checkpoints_folder_linked_into_another_run_is_refused(tmp_path):
+    other = tmp_path / "other"
+    locks, _ = run_dir.prepare(new_cfg(other), (0, 0))
+    for lock in locks:
+        lock.close()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "checkpoints").symlink_to(other / "checkpoints")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(UserError, match=f"its checkpoints folder links to {other}/checkpoints, "
+                                        f"the run in {other}; one run per checkpoint folder"):
+        run_dir.prepare(new_cfg(mine), (0, 0))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_a_checkpoints_folder_linked_elsewhere_is_locked_too(tmp_path):
+    """A link to another disk is fine, but two runs linked to one folder are refused."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "checkpoints").symlink_to(disk)
+    locks, _ = run_dir.prepare(new_cfg(tmp_path / "a"), (0, 0))
+    assert (disk / ".lock").read_text().startswith("host ")
+    with pytest.raises(UserError, match=f"the checkpoints folder {disk} is in use by another "
+                                        r"dpbp run \(host "):
+        run_dir.prepare(new_cfg(tmp_path / "b"), (0, 0))
+    for lock in locks:
+        lock.close()

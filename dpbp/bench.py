@@ -388,8 +388,7 @@ def main(argv=None):
         if args.deterministic and args.grains > min(args.batch_size, config.MAX_GRAINS):
             raise UserError(f"--grains must be at most --batch-size ({args.batch_size}) and "
                             f"{config.MAX_GRAINS}, got {args.grains}")
-    if args.help:
-        say(PARSER.format_help(), end="")
+    if PARSER.answered(args, say):
         return 0
     return run_bench(args, comm, say)
 

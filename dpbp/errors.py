@@ -3,6 +3,8 @@ bad command lines), the command-line parser that raises it, and the exit codes."
 
 import argparse
 
+from dpbp import __version__
+
 EXIT_BAD_INPUT = 2   # a UserError: reported once, nothing written
 EXIT_DIVERGED = 3    # training stopped: a non-finite loss, or replicas that differ
 EXIT_HUNG = 4        # the watchdog ended the job: no step finished in run.watchdog_seconds
@@ -30,5 +32,15 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are UserErrors (so ranks agree and report them once), with a
     pointer to --help."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--version", action="store_true", help="print dpbp's version and exit")
+
     def error(self, message):
         raise UserError(f"{message} (see {self.prog} --help)")
+
+    def answered(self, args, say=print):
+        """Whether `args` asked for --help or --version, printed with `say` (rank 0's)."""
+        if args.version or args.help:
+            say(f"dpbp {__version__}" if args.version else self.format_help().rstrip())
+        return args.version or args.help

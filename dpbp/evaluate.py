@@ -30,19 +30,17 @@ def main(argv=None):
     comm = mpi.init()
     with mpi.agreement(comm):
         args = PARSER.parse_args(argv)
-        if not args.help and not args.checkpoint:
+        if not (args.help or args.version) and not args.checkpoint:
             raise UserError("--checkpoint PATH is required (see python -m dpbp.evaluate --help)")
-    if args.help:
-        if comm.rank == 0:
-            print(PARSER.format_help(), end="")
+    if PARSER.answered(args, print if comm.rank == 0 else lambda *a: None):
         return 0
-    state, saved_toml = load_checkpoint(comm, args.checkpoint)
+    state, saved_toml, classes, args.checkpoint = load_checkpoint(comm, args.checkpoint)
     with mpi.agreement(comm):
         saved = config.from_toml(saved_toml, f"checkpoint {args.checkpoint}")
         cfg = config.load(args.config, args.set, base=saved)
     limit_blas_threads(comm.ranks_sharing_cores, cfg.train.deterministic)   # as the run
     with mpi.agreement(comm):
-        data = load_data(cfg)
+        data = load_data(cfg, classes)   # labels: the network's classes
         if data.x_val is None:
             raise UserError(f"the {cfg.data.source} data of this config has no validation "
                             "set (data.val_fraction = 0 and no x_val); nothing to evaluate on")
@@ -129,7 +127,8 @@ PARSER = ArgumentParser(
     epilog="exit codes: 0 done; 2 bad input (checkpoint, config, data), reported once.")
 PARSER.add_argument("-h", "--help", action="store_true", help="show this help and exit")
 PARSER.add_argument("--checkpoint", metavar="PATH",
-                    help="a checkpoint, e.g. runs/default/checkpoints/epoch-0010.npz")
+                    help="a checkpoint, e.g. runs/default/checkpoints/epoch-0010.npz, or a "
+                         "run directory (runs/default): its newest valid checkpoint")
 PARSER.add_argument("--config", metavar="PATH",
                     help="TOML file applied over the checkpoint's own config (e.g. other data)")
 PARSER.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[],

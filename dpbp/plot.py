@@ -3,8 +3,9 @@
     python -m dpbp.plot runs/default                 # writes runs/default/curves.png
     python -m dpbp.plot runs/default -o curves.png
 
-Three panels against epoch: training and validation loss, validation accuracy, learning
-rate. Needs matplotlib (`pip install 'dpbp[plot]'`); it draws with the Agg backend, so no
+Panels against epoch: training and validation loss (and the loss of single steps where
+run.log_every_steps logged them), validation accuracy, and the learning rate at every
+step, from the run's config, where it is not constant. Needs matplotlib (`pip install 'dpbp[plot]'`); it draws with the Agg backend, so no
 display is needed. One process: under mpirun every rank would draw the same picture.
 """
 
@@ -12,16 +13,21 @@ import argparse
 import json
 import os
 
-from dpbp.errors import ArgumentParser, UserError
+from dpbp.errors import ArgumentParser, UserError, plural
+from dpbp.nn.schedule import lr_at
 from dpbp.parallel import comm as mpi
+from dpbp.service import config
 from dpbp.service.files import write_atomic
-from dpbp.service.run_dir import metrics_path, read_metrics
+from dpbp.service.run_dir import config_path, metrics_path, read_metrics, read_steps
 
 SIZE_INCHES, DPI = (13.0, 4.0), 100   # 1300 x 400 pixels
 
 
 def load_curves(run_dir):
-    """{name: [values by epoch]} from RUN_DIR/metrics.jsonl, with "epoch" first."""
+    """{name: [values by epoch]} from RUN_DIR/metrics.jsonl, with "epoch" first; also
+    "steps", the records of RUN_DIR/steps.jsonl (run.log_every_steps), and "schedule",
+    the learning rate at every step as (epochs, lr), or None where the run's records do
+    not say how many steps an epoch has."""
     if not os.path.isdir(run_dir):
         raise UserError(f"{run_dir}: no such run directory")
     lines = read_metrics(run_dir)
@@ -30,62 +36,96 @@ def load_curves(run_dir):
                         "finished an epoch)")
     records = sorted((json.loads(line) for _, line in lines), key=lambda r: r["epoch"])
     keys = ("epoch", "train_loss", "val_loss", "val_accuracy", "lr")
-    return {k: [r.get(k) for r in records] for k in keys}
+    curves = {k: [r.get(k) for r in records] for k in keys}
+    curves["steps"] = [r for r in read_steps(run_dir) if r.get("loss") is not None]
+    curves["schedule"] = schedule_of(run_dir, records[-1])
+    return curves
 
 
-def draw(curves, title):
-    """The figure: losses (on a log axis where they span a factor of 10), validation
-    accuracy (%), learning rate."""
+def schedule_of(run_dir, last):
+    """(epochs, lr) at the end of every step of the run so far, from its config: the
+    metrics hold only each epoch's last lr, which would draw a warmup or a cosine as
+    straight lines."""
+    if not last.get("step") or not os.path.exists(config_path(run_dir)):
+        return None   # written before dpbp recorded steps
+    tc = config.load(config_path(run_dir)).train
+    per_epoch = last["step"] // last["epoch"]   # every epoch has as many steps
+    steps = range(last["step"])
+    return ([(s + 1) / per_epoch for s in steps], [lr_at(tc, s, per_epoch) for s in steps])
+
+
+def draw(curves, name):
+    """The figure of run `name`: losses (on a log axis where they span a factor of 10),
+    validation accuracy (%), and the learning rate where it changes (a constant one is
+    in the title)."""
     try:
         from matplotlib.figure import Figure  # no pyplot: no global state, no display
     except ImportError:
         raise UserError("plotting needs matplotlib: pip install 'dpbp[plot]' "
                         "(or pip install matplotlib)") from None
-    epochs = curves["epoch"]
-    marker = "o" if len(epochs) <= 30 else None   # single epochs stay visible
+    schedule = curves["schedule"] or (curves["epoch"], curves["lr"])
+    constant = len(set(schedule[1])) == 1
     fig = Figure(figsize=SIZE_INCHES, dpi=DPI, layout="constrained")
-    ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)
-    fig.suptitle(title)
-    for ax in (ax_loss, ax_acc, ax_lr):
+    axes = fig.subplots(1, 2 if constant else 3)
+    fig.suptitle(f"{name}: {plural(len(curves['epoch']), 'epoch')}"
+                 + (f"; lr {schedule[1][0]:g} (constant)" if constant else ""))
+    for ax in axes:
         ax.grid(True, alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)   # epochs are whole
-
-    def line(ax, values, label, **style):   # epochs without a value are left out
-        points = [(e, v) for e, v in zip(epochs, values) if v is not None]
-        if points:
-            ax.plot(*zip(*points), marker=marker, markersize=3, label=label, **style)
-        return points
-
-    line(ax_loss, curves["train_loss"], "training")
-    line(ax_loss, curves["val_loss"], "validation")
-    losses = [v for v in curves["train_loss"] + curves["val_loss"] if v is not None]
-    log = min(losses) > 0 and max(losses) > 10 * min(losses)   # a range worth a log axis
-    if log:
-        ax_loss.set_yscale("log")
-    ax_loss.set(title="loss", xlabel="epoch",
-                ylabel="mean loss per sample" + (" (log scale)" if log else ""))
-    ax_loss.legend()
-
-    percent = [None if a is None else 100 * a for a in curves["val_accuracy"]]
-    points = line(ax_acc, percent, "validation", color="tab:green")
-    if points:
-        ax_acc.set_title(f"validation accuracy (last {points[-1][1]:.2f} %)")
-    else:
-        ax_acc.set_title("validation accuracy")
-        ax_acc.text(0.5, 0.5, "none recorded\n(regression, or no validation set)",
-                    ha="center", va="center", transform=ax_acc.transAxes)
-        ax_acc.set(xticks=[], yticks=[])
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)")
-
-    line(ax_lr, curves["lr"], "learning rate", color="tab:purple")
-    ax_lr.set(title="learning rate", xlabel="epoch", ylabel="lr")
+        ax.set_xlabel("epoch")
+        if len(curves["epoch"]) == 1:   # one epoch: one tick, not 0.96 .. 1.04
+            ax.set_xticks(curves["epoch"])
+        else:
+            ax.xaxis.get_major_locator().set_params(integer=True)   # epochs are whole
+    draw_losses(axes[0], curves)
+    draw_accuracy(axes[1], curves)
+    if not constant:
+        axes[2].plot(*schedule, color="tab:purple")
+        axes[2].set(title="learning rate" + (" at every step" if curves["schedule"] else ""),
+                    ylabel="lr")
     return fig
+
+
+def line(ax, epochs, values, label, **style):
+    """values by epoch, those without a value left out; markers while they are few."""
+    points = [(e, v) for e, v in zip(epochs, values) if v is not None]
+    if points:
+        ax.plot(*zip(*points), marker="o" if len(epochs) <= 30 else None, markersize=3,
+                label=label, **style)
+    return points
+
+
+def draw_losses(ax, curves):
+    steps = curves["steps"]
+    if steps:   # run.log_every_steps: the loss of single steps, faint behind the epochs'
+        ax.plot([r["epoch"] for r in steps], [r["loss"] for r in steps], color="tab:blue",
+                alpha=0.3, linewidth=0.8, label="training, single steps")
+    line(ax, curves["epoch"], curves["train_loss"], "training", color="tab:blue")
+    line(ax, curves["epoch"], curves["val_loss"], "validation", color="tab:orange")
+    losses = [v for v in curves["train_loss"] + curves["val_loss"] if v is not None]
+    losses += [r["loss"] for r in steps]
+    log = bool(losses) and min(losses) > 0 and max(losses) > 10 * min(losses)
+    if log:
+        ax.set_yscale("log")
+    ax.set(title="loss", ylabel="mean loss per sample" + (" (log scale)" if log else ""))
+    ax.legend()
+
+
+def draw_accuracy(ax, curves):
+    percent = [None if a is None else 100 * a for a in curves["val_accuracy"]]
+    points = line(ax, curves["epoch"], percent, "validation", color="tab:green")
+    if points:
+        ax.set_title(f"validation accuracy (last {points[-1][1]:.2f} %)")
+    else:
+        ax.set_title("validation accuracy")
+        ax.text(0.5, 0.5, "none recorded\n(regression, or no validation set)",
+                ha="center", va="center", transform=ax.transAxes)
+        ax.set(xticks=[], yticks=[])
+    ax.set(ylabel="accuracy (%)")
 
 
 def main(argv=None):
     args = PARSER.parse_args(argv)
-    if args.help:
-        print(PARSER.format_help(), end="")
+    if PARSER.answered(args):
         return 0
     if not args.run_dir:
         raise UserError("RUN_DIR is required (see python -m dpbp.plot --help)")
@@ -93,8 +133,7 @@ def main(argv=None):
     if not out.lower().endswith(".png"):
         raise UserError(f"-o {out}: must name a .png file")
     curves = load_curves(args.run_dir)
-    fig = draw(curves, f"{os.path.basename(os.path.normpath(args.run_dir))}: "
-                       f"{len(curves['epoch'])} epochs")
+    fig = draw(curves, os.path.basename(os.path.normpath(args.run_dir)))
     try:
         write_atomic(out, lambda f: fig.savefig(f, format="png"))
     except OSError as e:
@@ -105,6 +144,7 @@ def main(argv=None):
 
 PARSER = ArgumentParser(
     prog="python -m dpbp.plot", add_help=False,
+    usage="python -m dpbp.plot RUN_DIR [-o PNG] [-h] [--version]",
     description="Plot training and validation loss, validation accuracy and learning "
                 "rate against epoch,\nfrom RUN_DIR/metrics.jsonl, into a PNG. Needs "
                 "matplotlib: pip install 'dpbp[plot]'.",

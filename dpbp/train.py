@@ -13,7 +13,6 @@ replica checks, checkpoints) is service/guard.py, called after every step and ep
 
 import argparse
 import hashlib
-import sys
 import time
 
 import numpy as np
@@ -27,42 +26,44 @@ from dpbp.parallel.step import train_step
 from dpbp.service import checkpoint, config, run_dir
 from dpbp.service.checkpoint import Position
 from dpbp.service.config import RunConfig
+from dpbp.service.console import Console, Progress
 from dpbp.service.guard import Guard, end_hung_job
 from dpbp.service.startup import set_up
 from dpbp.service.supervise import StopSignals, Watchdog
 
 
 def main(argv=None):
+    started = time.perf_counter()
     comm = mpi.init()
     watchdog = Watchdog(RunConfig.watchdog_seconds, comm.rank, end_hung_job)   # set-up too
     with StopSignals(launched=mpi.launched()) as signals:
-        return command(argv, comm, signals, watchdog)
+        return command(argv, comm, signals, watchdog, started)
 
 
-def command(argv, comm, signals, watchdog):
+def command(argv, comm, signals, watchdog, started):
     """The command, once signals and the watchdog watch over it."""
     with mpi.agreement(comm):
         args = PARSER.parse_args(argv)
-    speaks = comm.rank == 0 and not args.quiet   # rank 0 speaks for all
-    say = print if speaks else (lambda *a, **k: None)
-    if args.help:
-        say(PARSER.format_help(), end="")
+    say = Console(comm.rank == 0 and not args.quiet)   # rank 0 speaks for all
+    if PARSER.answered(args, say):
         return 0
-    if speaks and hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(line_buffering=True)   # each epoch's line as it ends, in pipes too
     run = set_up(args, comm, say, watchdog)
     if run is None:   # --print-config, or a resumed run that is already complete
         return 0
-    code = train(run, comm, say, speaks, signals, watchdog)
+    progress = Progress(say, args.progress, mpi.launched())
+    code = train(run, comm, say, progress, signals, watchdog)
     if code is None:
         weights = hashlib.sha256(run.model.params.tobytes()).hexdigest()[:16]   # to compare runs
-        say(f"done: {plural(run.cfg.train.epochs, 'epoch')}; weights sha256 {weights}; "
-            f"checkpoint {checkpoint.path_for(run.cfg.run.dir, run.cfg.train.epochs)}, "
-            f"metrics {run_dir.metrics_path(run.cfg.run.dir)}")
+        steps = sharding.num_batches(len(run.data.x), run.cfg.train.batch_size)
+        say(f"done: {plural(run.cfg.train.epochs, 'epoch')}, "
+            f"{plural(run.cfg.train.epochs * steps, 'step')} in "
+            f"{time.perf_counter() - started:.1f} s; weights sha256 {weights}; checkpoint "
+            f"{checkpoint.path_for(run.cfg.run.dir, run.cfg.train.epochs)}, metrics "
+            f"{run_dir.metrics_path(run.cfg.run.dir)}")
     return code or 0
 
 
-def train(run, comm, say, speaks, signals, watchdog):
+def train(run, comm, say, progress, signals, watchdog):
     """Collective. The epochs from run.start to the last; None when done, else the exit
     code of a stop (a signal, after a checkpoint)."""
     cfg, tc, data, model, optimizer = run.cfg, run.cfg.train, run.data, run.model, run.optimizer
@@ -75,7 +76,7 @@ def train(run, comm, say, speaks, signals, watchdog):
             batches = sharding.global_batches(order, tc.batch_size)
             first = at.batch                                 # > 0 on a mid-epoch resume
             loss_sum = run.loss_sum if first else 0.0      # this rank's, so far
-            bar = progress_bar(speaks, len(batches), first, f"epoch {epoch + 1}/{tc.epochs}")
+            bar = progress.bar(len(batches), first, f"epoch {epoch + 1}/{tc.epochs}")
             for b in range(first, len(batches)):
                 # every rank: train on its shard of global batch b
                 N = len(batches[b])
@@ -89,7 +90,7 @@ def train(run, comm, say, speaks, signals, watchdog):
                 at = Position(epoch, b + 1, at.step + 1, at.skipped + (0 if ok else 1),
                               at.counted + (N if ok else 0))
                 bar.update()
-                code = guard.after_step(ok, at, loss_sum, epoch_done=b + 1 == len(batches))
+                code = guard.after_step(ok, at, loss_sum, b + 1 == len(batches), loss, N)
                 if code is not None:
                     return code
             bar.close()
@@ -116,29 +117,12 @@ def epoch_record(run, comm, at, loss_sum, trained_batches, t0):
     record = dict(epoch=at.epoch + 1, train_loss=total / at.counted if at.counted else None,
                   val_loss=val_loss, val_accuracy=val_accuracy, lr=run.optimizer.lr,
                   seconds=time.perf_counter() - t0, samples_per_second=trained / train_seconds,
-                  world_size=comm.size, skipped_steps=at.skipped)
+                  world_size=comm.size, skipped_steps=at.skipped, step=at.step,
+                  time=round(time.time(), 3))
     return record, total
 
 
 # ----------------------------------------------------------------------------- output
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-
-def progress_bar(speaks, total, done, description):
-    """A progress bar of the epoch's steps on rank 0 when stdout is a terminal (not in logs
-    or CI), and under --quiet never."""
-    if not (speaks and sys.stdout.isatty()):
-        return _NoBar()
-    from tqdm import tqdm
-    return tqdm(total=total, initial=done, desc=description, unit="step", leave=False,
-                file=sys.stdout, dynamic_ncols=True)
-
 
 def format_epoch(r, epochs):
     val = "val_loss -  val_acc -" if r["val_loss"] is None else (
@@ -188,6 +172,11 @@ PARSER.add_argument("--print-config", action="store_true",
                          "saved and passed back with --config, it gives the same run")
 PARSER.add_argument("--quiet", action="store_true",
                     help="print nothing but errors (no start-up lines, epochs or progress bar)")
+PARSER.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                    help="a progress bar of each epoch's steps: auto (the default) draws it "
+                         "where a person sees it, on a terminal (under mpirun, the job's "
+                         "terminal) and never in logs; on draws it on stderr in logs too; "
+                         "off never")
 
 
 

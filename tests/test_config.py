@@ -85,6 +85,8 @@ def test_config_is_frozen():
     (["model.layers=[8]"], "unknown key model.layers (did you mean model.hidden?)"),
     (["train.seed=1"], "unknown key train.seed (did you mean run.seed?)"),
     (["train.batchsize=8"], "unknown key train.batchsize (did you mean train.batch_size?)"),
+    (["model.classes=1"], "model.classes must be 0 (from the labels) or in [2, 65536], got 1"),
+    (["run.log_every_steps=-1"], "run.log_every_steps must be >= 0 (0 = off), got -1"),
 ])
 def test_bad_overrides_name_the_key(overrides, message):
     with pytest.raises(UserError, match=".*" + __import__("re").escape(message)):

@@ -142,7 +142,7 @@ def test_csv_blank_lines_crlf_and_regression_targets(tmp_path):
     ("label,a\n0,1\n1,nan\n", "line 3: NaN or Inf"),
     ("0,1\n1,1e999\n", "line 2: NaN or Inf"),
     ("0,1\n1.5,2\n", "line 2: label 1.5 is not an integer class label"),
-    ("0,1\n-1,2\n", "negative class label -1"),
+    ("0,1\n-1,2\n", "line 2: negative class label -1"),
     ("0,1\n70000,2\n", "line 2: class label 70000; labels must be 0 .. C-1"),
 ])
 def test_bad_csv_names_the_line(tmp_path, text, message):
@@ -301,3 +301,42 @@ def test_values_too_large_to_train_on_are_named(tmp_path):
                                         "products of them overflow float64"):
         data.load(config.DataConfig(source="csv", path=str(path)), "cross_entropy",
                   "float64", 0)
+
+
+
+# ----------------------------------------------------------------------------- classes
+
+def labelled(tmp_path, y, y_val=None):
+    arrays = {"x": np.zeros((len(y), 2)), "y": np.array(y)}
+    if y_val is not None:
+        arrays.update(x_val=np.zeros((len(y_val), 2)), y_val=np.array(y_val))
+    np.savez(tmp_path / "d.npz", **arrays)
+    return config.DataConfig(source="npz", path=str(tmp_path / "d.npz"))
+
+
+def test_the_classes_come_from_the_training_labels_or_the_network(tmp_path):
+    d = data.load(labelled(tmp_path, [0, 1, 2, 1]), "cross_entropy", "float64", 0)
+    assert d.num_classes == d.num_outputs == 3
+    d = data.load(labelled(tmp_path, [0, 1, 1, 0]), "cross_entropy", "float64", 0, classes=5)
+    assert d.num_classes == 5   # a 5-class network, data with 2 of them
+
+
+def test_validation_labels_beyond_the_training_classes_are_named(tmp_path):
+    """Training labels 0..2, validation labels 5: a 6-class network that never sees
+    classes 3..5 in training would report 0 % without a word; it is refused instead."""
+    cfg = labelled(tmp_path, [0, 1, 2, 1], y_val=[5, 5])
+    with pytest.raises(UserError, match=r"y_val holds label 5, outside the 3 classes of the "
+                                        r"training labels \(0 .. 2\); set model.classes = 6"):
+        data.load(cfg, "cross_entropy", "float64", 0)
+    assert data.load(cfg, "cross_entropy", "float64", 0, classes=6).num_classes == 6
+    with pytest.raises(UserError, match="y holds label 2, outside the network's 2 classes"):
+        data.load(labelled(tmp_path, [0, 1, 2]), "cross_entropy", "float64", 0, classes=2)
+
+
+def test_an_npy_source_given_a_file_says_so(tmp_path):
+    np.savez(tmp_path / "good.npz", x=np.zeros((2, 2)), y=np.arange(2))
+    with pytest.raises(UserError, match=r"good.npz is a file; data.source = \"npy\" reads a "
+                                        r"folder of x.npy and y.npy \(for an .npz file: "
+                                        r"data.source = \"npz\"\)"):
+        data.load(config.DataConfig(source="npy", path=str(tmp_path / "good.npz")),
+                  "cross_entropy", "float64", 0)

@@ -127,3 +127,34 @@ def test_evaluate_from_another_folder_uses_the_runs_own_data(tmp_path):
     r = run_module("dpbp.evaluate", args + ["--set", 'data.path="data/d.npz"'], cwd=b)
     assert r.returncode == 0 and "as the command line asks" in r.stderr, r.stderr
     assert json.loads(r.stdout)["samples"] == 7
+
+
+def test_a_run_directory_stands_for_its_newest_valid_checkpoint(run, tmp_path):
+    run_dir, metrics = run
+    r = run_module("dpbp.evaluate", ["--checkpoint", str(run_dir), "--json"], ranks=2)
+    out = json.loads(r.stdout)
+    assert r.returncode == 0 and out["checkpoint"] == ckpt(run_dir, 2) and out["epoch"] == 2
+    assert out["loss"] == metrics[1]["val_loss"]
+    (tmp_path / "empty").mkdir()
+    assert_refused(run_module("dpbp.evaluate", ["--checkpoint", str(tmp_path / "empty")]),
+                   f"--checkpoint: no checkpoint in {tmp_path / 'empty' / 'checkpoints'}")
+
+
+def test_the_classes_are_the_networks_not_the_datas(tmp_path):
+    """A 5-class network evaluated on data holding labels 0 and 1 only; labels beyond its
+    classes are named as such, not as a shape that does not fit."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "five.npz", x=rng.normal(size=(60, 4)), y=np.arange(60) % 5)
+    np.savez(tmp_path / "two.npz", x=rng.normal(size=(30, 4)), y=np.arange(30) % 2)
+    np.savez(tmp_path / "eight.npz", x=rng.normal(size=(30, 4)), y=np.arange(30) % 8)
+    r = run_train(["--set", "data.source=npz", "--set", f'data.path="{tmp_path / "five.npz"}"',
+                   "--set", "model.hidden=[8]", "--set", "train.epochs=1",
+                   "--set", f'run.dir="{tmp_path / "run"}"'])
+    assert r.returncode == 0, r.stderr
+    args = ["--checkpoint", str(tmp_path / "run"), "--json", "--set"]
+    r = run_module("dpbp.evaluate", args + [f'data.path="{tmp_path / "two.npz"}"'])
+    out = json.loads(r.stdout)
+    assert r.returncode == 0 and len(out["per_class_accuracy"]) == 5, r.stderr
+    assert out["class_samples"][2:] == [0, 0, 0]
+    assert_refused(run_module("dpbp.evaluate", args + [f'data.path="{tmp_path / "eight.npz"}"'],
+                              ranks=2), "y holds label 7, outside the network's 5 classes")

@@ -78,3 +78,53 @@ def test_plot_without_matplotlib_says_how_to_get_it(run_dir, tmp_path):
              env={"PYTHONPATH": str(tmp_path / "block")})
     assert r.returncode == 2 and "pip install 'dpbp[plot]'" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "c.png").exists()
+
+
+# ----------------------------------------------------------------------------- the panels
+
+def figure_of(tmp_path, name, *sets):
+    """The figure dpbp.plot draws for a fresh tiny run with `sets`."""
+    pytest.importorskip("matplotlib")
+    from dpbp import plot as plotting
+    run_dir = tmp_path / name
+    args = ["--set", "data.samples=200", "--set", "model.hidden=[4]",
+            "--set", f'run.dir="{run_dir}"']
+    for pair in sets:
+        args += ["--set", pair]
+    r = run_train(args)
+    assert r.returncode == 0, r.stderr
+    curves = plotting.load_curves(str(run_dir))
+    return plotting.draw(curves, name), curves
+
+
+def test_a_schedule_is_drawn_step_by_step(tmp_path):
+    """A warmup and a cosine: the lr at every step, from the run's config, not straight
+    lines between each epoch's last lr."""
+    from dpbp.nn.schedule import lr_at
+    from dpbp.service import config
+    fig, curves = figure_of(tmp_path, "cos", "train.epochs=3", "train.schedule=cosine",
+                            "train.warmup_epochs=1", "train.batch_size=30")
+    assert len(fig.axes) == 3
+    xs, lrs = fig.axes[2].get_lines()[0].get_data()
+    tc = config.load(str(tmp_path / "cos" / "config.toml")).train
+    assert len(lrs) == 18 and list(lrs) == [lr_at(tc, s, 6) for s in range(18)]   # 6 per epoch
+    assert xs[0] == pytest.approx(1 / 6) and xs[-1] == 3
+
+
+def test_a_constant_lr_takes_no_panel_and_one_epoch_one_tick(tmp_path):
+    fig, _ = figure_of(tmp_path, "one", "train.epochs=1")
+    assert len(fig.axes) == 2 and "lr 0.05 (constant)" in fig._suptitle.get_text()
+    assert "one: 1 epoch" in fig._suptitle.get_text()
+    assert [list(ax.get_xticks()) for ax in fig.axes] == [[1], [1]]
+
+
+def test_logged_steps_are_drawn_behind_the_epochs(tmp_path):
+    fig, curves = figure_of(tmp_path, "steps", "train.epochs=2", "run.log_every_steps=1")
+    assert len(curves["steps"]) == 4   # 180 samples at 128: 2 steps per epoch
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert labels == ["training, single steps", "training", "validation"]
+
+
+def test_the_usage_names_run_dir_as_required():
+    r = plot(["--help"])
+    assert r.returncode == 0 and r.stdout.startswith("usage: python -m dpbp.plot RUN_DIR ")

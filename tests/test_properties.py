@@ -76,6 +76,7 @@ VALID = {
     "model.activation": choice("model.activation"),
     "model.dtype": choice("model.dtype"),
     "model.init": TEXT,
+    "model.classes": st.just(0) | st.integers(2, config.MAX_CLASSES),
     "train.loss": choice("train.loss"),
     "train.epochs": st.integers(1, INT64),
     "train.batch_size": st.integers(1, INT64),
@@ -86,6 +87,7 @@ VALID = {
     "run.keep_checkpoints": st.integers(0, INT64),
     "run.sync_check_steps": st.integers(0, INT64),
     "run.watchdog_seconds": st.floats(0, allow_infinity=False),
+    "run.log_every_steps": st.integers(0, INT64),
     "train.schedule": choice("train.schedule"),
     "train.milestones": st.lists(st.integers(1, INT64), unique=True, max_size=4).map(sorted),
     "train.gamma": st.floats(0, exclude_min=True, allow_infinity=False),
@@ -124,6 +126,8 @@ OUT_OF_RANGE = {
     "run.keep_checkpoints": st.integers(max_value=-1),
     "run.sync_check_steps": st.integers(max_value=-1),
     "run.watchdog_seconds": NEGATIVE | st.just(math.inf) | NAN,
+    "run.log_every_steps": st.integers(max_value=-1),
+    "model.classes": st.integers(max_value=-1) | st.just(1) | st.integers(config.MAX_CLASSES + 1),
     "train.schedule": TEXT.filter(lambda v: v not in config.CHOICES["train.schedule"]),
     "train.milestones": st.lists(st.integers(1, 99), min_size=1, max_size=3).map(
         lambda m: m + [m[-1]]) | st.lists(st.integers(max_value=0), min_size=1, max_size=2),
@@ -177,6 +181,8 @@ def valid_settings(draw):
         flat["train.accumulation_steps"] = min(
             flat["train.accumulation_steps"],
             flat.get("train.batch_size", config.TrainConfig.batch_size))
+    if flat.get("model.dtype") == "float64":           # 16-bit sums are of float32 gradients
+        flat["train.comm_dtype"] = "float32"
     if flat.get("train.deterministic"):                # exact float32 sums, grain by grain
         flat["train.accumulation_steps"] = 1
         flat["train.comm_dtype"] = "float32"
@@ -383,6 +389,8 @@ def npz_contents(draw):
                                   elements=st.floats(-1e4, 1e4, width=32)))
     if labels and out["y"].max() == 0:
         out["y"][0] = 1   # at least two classes
+    if labels and "y_val" in out and out["y_val"].max() > out["y"].max():
+        out["y"][0] = out["y_val"].max()   # the classes are the training labels'
     return out, loss
 
 
@@ -398,9 +406,8 @@ def test_valid_npz_loads_as_given(contents, dtype, val_fraction):
     labels = np.issubdtype(y.dtype, np.integer)
     y_dtype = np.int64 if labels else dtype   # labels are int64, targets the model's dtype
     assert d.x.dtype == dtype and d.y.dtype == y_dtype
-    if labels:
-        every = np.concatenate([y, saved.get("y_val", y[:0])])
-        assert d.num_classes == d.num_outputs == int(every.max()) + 1
+    if labels:   # the classes are the training labels' (validation labels lie within)
+        assert d.num_classes == d.num_outputs == int(y.max()) + 1
     else:
         assert d.num_classes is None and d.num_outputs == y.shape[1]
     if "x_val" in saved or val_fraction == 0:   # the arrays as given, in their order

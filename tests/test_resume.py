@@ -197,6 +197,8 @@ def test_resume_at_another_world_size_matches_to_rounding(tmp_path, tiny_npz):
     assert r.returncode == 128 + signal.SIGTERM, r.stderr
     r = run_train(tiny_run(tiny_npz, run_dir, *f64, "--resume"), ranks=3)
     assert r.returncode == 0, r.stderr
+    assert ("resume: written by 2 ranks, continued by 3: the same global batches in the same "
+            "order; the sums round differently, so the weights agree to rounding") in r.stdout
     a, b = model_arrays(full / "checkpoints" / FULL), model_arrays(run_dir / "checkpoints" / FULL)
     for name in a:
         np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-12)
@@ -307,3 +309,16 @@ def test_a_resume_refused_because_another_run_holds_the_folder_says_so(tmp_path,
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         r = run_train(["--resume", str(run_dir / "checkpoints" / "epoch-0001.npz")])
     assert_refused(r, f"run.dir {run_dir} is in use by another dpbp run")
+
+
+def test_the_step_log_resumes_where_the_run_resumes(tmp_path, tiny_npz, uninterrupted):
+    """Steps logged after the checkpoint a run resumes from are dropped (they are trained
+    again): the resumed run's steps.jsonl has each step once."""
+    run_dir = tmp_path / "run"
+    log = ("--set", "run.log_every_steps=1", "--set", "train.checkpoint_every_steps=3")
+    r = run_train(tiny_run(tiny_npz, run_dir, *log), ranks=2, env={"DPBP_FAULT": "kill:1:8"})
+    assert r.returncode != 0
+    r = run_train(tiny_run(tiny_npz, run_dir, *log, "--resume"), ranks=2)
+    assert r.returncode == 0, r.stderr
+    steps = [json.loads(line)["step"] for line in open(run_dir / "steps.jsonl")]
+    assert steps == list(range(1, 16))

@@ -1,7 +1,7 @@
 """`python -m dpbp.train` as users run it: one process, under mpirun, without MPI.
 
-Also the run directory (never clobbered), the printed config, quiet mode and the
-progress bar.
+Also the run directory (never clobbered), the printed config, quiet mode, the progress
+bar (under mpirun too), a closed output, --version, the start-up notes, per-step logs.
 """
 
 import json
@@ -17,6 +17,8 @@ from tests.conftest import (
     ROOT,
     assert_refused,
     model_arrays,
+    mpi_env,
+    mpirun,
     run_train,
     run_with_timeout,
     snapshot,
@@ -252,3 +254,125 @@ def test_a_finished_run_without_checkpoints_keeps_its_metrics(tmp_path, tiny_npz
     r = run_train(tiny_run(tiny_npz, run_dir, "--set", "train.lr=0.2"))
     assert_refused(r, "holds metrics of 3 epochs but no checkpoint")
     assert snapshot(run_dir) == before
+
+
+# ----------------------------------------------------------------------------- what a newcomer meets
+
+def read_terminal(leader, proc, seconds=120):
+    """All that a pseudo-terminal shows until the program ends (killed at `seconds`)."""
+    guard = threading.Timer(seconds, proc.kill)   # a hung run ends the reads below
+    guard.start()
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:   # the terminal closed
+            break
+        if not chunk:
+            break
+        out += chunk
+    guard.cancel()
+    return out
+
+
+@pytest.mark.parametrize("progress,bar", [("auto", True), ("off", False)])
+def test_under_mpirun_in_a_terminal_the_progress_bar_shows(tmp_path, tiny_npz, progress, bar):
+    """mpirun pipes rank 0's output to itself, but writes to the terminal: the bar goes to
+    the job's terminal, unless --progress off."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+
+    def own_terminal():   # the pseudo-terminal becomes the job's controlling terminal
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    cmd = mpirun(2) + [sys.executable, "-m", "dpbp.train", *tiny_run(tiny_npz, tmp_path / "r"),
+                       "--progress", progress]
+    proc = subprocess.Popen(cmd, stdin=follower, stdout=follower, stderr=follower, cwd=ROOT,
+                            env=mpi_env(), preexec_fn=own_terminal)
+    os.close(follower)
+    out = read_terminal(leader, proc)
+    assert proc.wait(timeout=60) == 0, out
+    assert b"epoch 3/3  train_loss" in out
+    assert (b"epoch 1/3:" in out and b"step/s" in out) == bar, out
+
+
+def test_progress_on_draws_in_logs_too(tmp_path, tiny_npz):
+    r = run_train(tiny_run(tiny_npz, tmp_path / "r", "--progress", "on"))
+    assert r.returncode == 0 and "epoch 1/3:" in r.stderr and "step/s" in r.stderr
+    r = run_train(tiny_run(tiny_npz, tmp_path / "r2"))   # auto: never in logs
+    assert r.returncode == 0 and r.stderr == ""
+
+
+def test_a_closed_output_does_not_stop_training(tmp_path, tiny_npz):
+    """`python -m dpbp.train | head -1`: the lines stop, training goes on to the end."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "dpbp.train", *tiny_run(tiny_npz, run_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                            env=mpi_env())
+    assert proc.stdout.readline().startswith(b"dpbp ")
+    proc.stdout.close()   # as head does after its line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, err
+    assert b"Traceback" not in err and b"broken pipe" not in err
+    assert sorted(os.listdir(run_dir / "checkpoints"))[-1] == "epoch-0003.npz"
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("module", ["train", "evaluate", "predict", "plot", "bench"])
+def test_every_command_tells_its_version(module):
+    from dpbp import __version__
+    r = run_with_timeout([sys.executable, "-m", f"dpbp.{module}", "--version"], 60)
+    assert r.returncode == 0 and r.stdout == f"dpbp {__version__}\n" and r.stderr == ""
+
+
+def test_the_start_up_names_the_optimizer_and_the_end_the_steps_and_time(tmp_path, tiny_npz):
+    r = run_train(tiny_run(tiny_npz, tmp_path / "r", "--set", "train.schedule=cosine",
+                           "--set", "train.warmup_epochs=1", "--set", "train.nesterov=true",
+                           "--set", "train.weight_decay=5e-4"))
+    assert r.returncode == 0, r.stderr
+    assert ("optimizer: SGD, lr 0.05 (cosine to 0, after a 1-epoch warmup), momentum 0.9 "
+            "(Nesterov), weight decay 0.0005") in r.stdout
+    done = r.stdout.strip().splitlines()[-1]
+    assert done.startswith("done: 3 epochs, 15 steps in ") and " s; weights sha256 " in done
+
+
+def test_notes_on_idle_ranks_and_too_many_threads(tmp_path, tiny_npz):
+    """A global batch smaller than the world leaves ranks idle; OMP_NUM_THREADS times the
+    ranks beyond the cores makes them take turns: both are said at start-up."""
+    cores = len(os.sched_getaffinity(0))
+    r = run_train(tiny_run(tiny_npz, tmp_path / "r", "--set", "train.batch_size=2"), ranks=3,
+                  env={"OMP_NUM_THREADS": str(cores)})
+    assert r.returncode == 0, r.stderr
+    assert ("note: 1 of the 3 ranks gets no rows in any step (2 rows per global batch); "
+            "they still take part in every sum") in r.stdout
+    assert f"note: {cores} BLAS thread" in r.stdout and "x 3 ranks on this node's" in r.stdout
+
+
+def test_a_torchrun_style_launch_without_mpi_is_refused(tmp_path, tiny_npz):
+    for rank in ("0", "1"):
+        r = run_train(tiny_run(tiny_npz, tmp_path / "r"), env={"WORLD_SIZE": "2", "RANK": rank})
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        said = r.stderr.strip().splitlines()
+        assert said == ([] if rank == "1" else [
+            "dpbp: error: WORLD_SIZE=2 is set, as torchrun sets it, but dpbp's ranks are "
+            "started by an MPI launcher: mpirun -n 2 python -m dpbp.train (these processes "
+            "would each train alone)"])
+    assert not (tmp_path / "r").exists()
+
+
+def test_steps_are_logged_when_asked_and_every_record_has_a_time(tmp_path, tiny_npz):
+    run_dir = tmp_path / "r"
+    r = run_train(tiny_run(tiny_npz, run_dir, "--set", "run.log_every_steps=2"), ranks=2)
+    assert r.returncode == 0, r.stderr
+    steps = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [2, 4, 6, 8, 10, 12, 14]   # 5 steps per epoch
+    assert steps[0]["epoch"] == pytest.approx(0.4) and steps[-1]["lr"] == 0.05
+    assert all(np.isfinite(s["loss"]) and s["time"] > 1.7e9 for s in steps)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in records] == [5, 10, 15] and all(m["time"] > 1.7e9 for m in records)
+    assert not (tmp_path / "plain" / "steps.jsonl").exists()

@@ -213,14 +213,21 @@ def _launcher_world_size():
 
 
 def init():
-    """Start MPI if it is there and return the world's Comm; a world of one otherwise."""
+    """Start MPI if it is there and return the world's Comm; a world of one otherwise.
+    Processes started by a launcher of another kind (torchrun sets WORLD_SIZE and RANK,
+    not MPI's variables) are refused: each would train alone."""
+    others = os.environ.get("WORLD_SIZE", "")
+    if others.isdigit() and int(others) > 1 and not launched():
+        raise UserError(f"WORLD_SIZE={others} is set, as torchrun sets it, but dpbp's ranks "
+                        f"are started by an MPI launcher: mpirun -n {others} python -m "
+                        "dpbp.train (these processes would each train alone)")
     try:
         from mpi4py import MPI
     except (ImportError, RuntimeError, OSError) as e:
-        launched = _launcher_world_size()
-        if launched > 1:
+        size = _launcher_world_size()
+        if size > 1:
             raise UserError(
-                f"launched as one of {launched} ranks, but MPI could not be loaded ({e}); "
+                f"launched as one of {size} ranks, but MPI could not be loaded ({e}); "
                 "install it with `pip install 'dpbp[mpich]'`, or build mpi4py against your "
                 "cluster's MPI: `pip install --no-binary=mpi4py mpi4py`") from None
         return Comm(None)
@@ -253,7 +260,7 @@ def _rank():
     MPI = _running_mpi()
     if MPI is not None:
         return MPI.COMM_WORLD.Get_rank()
-    for var in (*_LAUNCHER_RANK_VARS, "SLURM_PROCID"):
+    for var in (*_LAUNCHER_RANK_VARS, "SLURM_PROCID", "RANK"):
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
     return 0
@@ -271,6 +278,9 @@ def run(main):
         code = main()
     except AgreedExit as e:
         sys.exit(e.code)
+    except BrokenPipeError:   # e.g. `python -m dpbp.evaluate ... | head`: the reader has
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # all it wanted
+        abort(141)   # 128 + SIGPIPE, as a shell reports a pipeline cut short; nothing to say
     except Stopped as e:   # a signal during set-up: every rank that got it ends the job
         if _rank() == 0:
             print(f"dpbp: stopped by {signal.Signals(e.signum).name} during set-up; nothing "
@@ -282,9 +292,6 @@ def run(main):
             what = f"exited with sys.exit({e.code!r})"
         elif isinstance(e, KeyboardInterrupt):
             code, what = 130, "interrupted"
-        elif isinstance(e, BrokenPipeError):   # e.g. `... | head`: stop quietly
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            code, what = 141, "its output was closed (broken pipe)"
         elif isinstance(e, UserError):   # bad input seen outside an agreement
             if _running_mpi() is None:
                 # no MPI to agree through (it failed to load): every rank fails alike,

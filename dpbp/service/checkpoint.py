@@ -158,6 +158,16 @@ def restore(state, path, model, optimizer):
         optimizer.momentum_buffer[...] = buf
 
 
+def output_width(state):
+    """The output width of the network whose weights a loaded checkpoint holds: the rows
+    of its last Linear's weight (its classes, for a classifier); None without weights."""
+    weights = [k for k in state if k.startswith("model.") and k.endswith(".weight")]
+    if not weights:
+        return None
+    last = max(weights, key=lambda k: int(k.split(".")[1]) if k.split(".")[1].isdigit() else -1)
+    return int(state[last].shape[0]) if state[last].ndim == 2 else None
+
+
 def saved_momentum(state):
     """train.momentum of the run that wrote a loaded checkpoint."""
     return config.from_toml(state["config"], "checkpoint").train.momentum

@@ -29,6 +29,7 @@ class RunConfig:
     keep_checkpoints: int = 3      # newest checkpoints kept; older ones deleted (0 = keep all)
     sync_check_steps: int = 100    # compare a checksum of every rank's parameters (0 = off)
     watchdog_seconds: float = 600.0  # no step ends for this long: dump stacks, end (0 = off)
+    log_every_steps: int = 0       # also log every this many steps to steps.jsonl (0 = off)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class ModelConfig:
     activation: str = "relu"               # "relu" | "tanh" | "sigmoid"
     dtype: str = "float32"                 # "float32" | "float64"
     init: str = ""                         # .npz of model.* weights to start from
+    classes: int = 0                       # classes of a classifier; 0 = the training
+                                           # labels' largest + 1 (set it when they lack some)
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class Config:
     train: TrainConfig = TrainConfig()
 
 
+MAX_CLASSES = 1 << 16   # a larger label is a mistake, not a network to build
 MAX_GRAINS = 1024   # train.grains: a grain's float32 gradient keeps 21 - ceil(log2 grains) bits
 
 CHOICES = {
@@ -230,6 +234,8 @@ def validate(cfg):
     _check(d.samples >= 2, "data.samples", ">= 2", d.samples)
     _check(all(w >= 1 for w in m.hidden), "model.hidden",
            "a list of widths >= 1", list(m.hidden))
+    _check(m.classes == 0 or 2 <= m.classes <= MAX_CLASSES, "model.classes",
+           f"0 (from the labels) or in [2, {MAX_CLASSES}]", m.classes)
     _check(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
     _check(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
     _check(math.isfinite(t.lr) and t.lr > 0, "train.lr", "a number > 0", t.lr)
@@ -245,6 +251,7 @@ def validate(cfg):
            r.sync_check_steps)
     _check(math.isfinite(r.watchdog_seconds) and r.watchdog_seconds >= 0,
            "run.watchdog_seconds", ">= 0 (0 = off)", r.watchdog_seconds)
+    _check(r.log_every_steps >= 0, "run.log_every_steps", ">= 0 (0 = off)", r.log_every_steps)
     _check(all(m >= 1 for m in t.milestones) and list(t.milestones) == sorted(set(t.milestones)),
            "train.milestones", "increasing epochs >= 1", list(t.milestones))
     _check(math.isfinite(t.gamma) and t.gamma > 0, "train.gamma", "a number > 0", t.gamma)

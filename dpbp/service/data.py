@@ -31,9 +31,8 @@ import numpy as np
 
 from dpbp.errors import UserError
 from dpbp.service import synthetic
+from dpbp.service.config import MAX_CLASSES
 from dpbp.service.files import read_npz
-
-MAX_CLASSES = 1 << 16   # a larger label is a mistake, not a network to build
 
 MNIST_FILES = {
     "x": "train-images-idx3-ubyte", "y": "train-labels-idx1-ubyte",
@@ -118,8 +117,12 @@ class Dataset:
         return f"{len(self.x)} train / {val}, {self.num_inputs} features, {kind}"
 
 
-def load(data_cfg, loss, dtype, seed):
-    """The Dataset that `data_cfg` names, validated for `loss`, inputs cast to `dtype`."""
+def load(data_cfg, loss, dtype, seed, classes=0):
+    """The Dataset that `data_cfg` names, validated for `loss`, inputs cast to `dtype`.
+
+    Integer labels name classes 0 .. C-1, and C belongs to the network: `classes` (from
+    model.classes, or a checkpoint's output width), else the training labels' largest
+    plus one. Every label, training and validation, must lie below C."""
     if data_cfg.source == "synthetic":
         x, y = synthetic.make_digits(data_cfg.samples, seed)
         arrays, where = {"x": x, "y": y}, "synthetic data"
@@ -132,19 +135,17 @@ def load(data_cfg, loss, dtype, seed):
     else:
         arrays, where = _read_mnist(data_cfg.path), data_cfg.path
     arrays = _check(arrays, where, loss)
+    num_classes = None
+    if arrays["y"].ndim == 1:   # before a split: the training file's labels
+        num_classes = _classes(arrays, classes, where)
     if "x_val" not in arrays and data_cfg.val_fraction > 0:
         arrays = _split(arrays, data_cfg.val_fraction, seed, where)
     x, y = arrays["x"], arrays["y"]
     x_val, y_val = arrays.get("x_val"), arrays.get("y_val")
-    if y.ndim == 1:
-        labels = y if y_val is None else np.concatenate([y, y_val])
-        num_classes = int(labels.max()) + 1
-        num_outputs = num_classes
-        if num_classes < 2:
-            raise UserError(f"{where}: y holds a single class ({num_classes - 1}); "
-                            "classification needs at least two")
-    else:
-        num_classes, num_outputs = None, y.shape[1]
+    if num_classes == 1:
+        raise UserError(f"{where}: y holds a single class (0); classification needs at "
+                        "least two (or model.classes >= 2)")
+    num_outputs = num_classes if num_classes else y.shape[1]
 
     def cast(a):   # inputs and float targets take the model's dtype; labels stay int64
         if a is None or a.ndim == 1:
@@ -170,6 +171,21 @@ def load(data_cfg, loss, dtype, seed):
     return Dataset(cast(x), cast(y), cast(x_val), cast(y_val), num_classes, num_outputs)
 
 
+def _classes(arrays, classes, where):
+    """The number of classes C, checked against every label (see load)."""
+    C = classes or int(arrays["y"].max()) + 1
+    for name in ("y", "y_val"):
+        if name in arrays and len(arrays[name]) and arrays[name].max() >= C:
+            bad = int(arrays[name].max())
+            if classes:
+                raise UserError(f"{where}: {name} holds label {bad}, outside the network's "
+                                f"{C} classes")
+            raise UserError(f"{where}: {name} holds label {bad}, outside the {C} classes of "
+                            f"the training labels (0 .. {C - 1}); set model.classes = "
+                            f"{bad + 1} if the training data lack the highest classes")
+    return C
+
+
 def _read_npz(path):
     return read_npz(path, "data.path", names=("x", "y", "x_val", "y_val"))
 
@@ -181,6 +197,9 @@ def _open_npy(folder):
     """x.npy, y.npy (and x_val.npy, y_val.npy if present) from `folder`, memory-mapped:
     nothing is read here beyond the headers. The x arrays stay on disk as Rows; the
     targets, small next to them, are read into memory."""
+    if os.path.isfile(folder):
+        raise UserError(f"data.path: {folder} is a file; data.source = \"npy\" reads a "
+                        "folder of x.npy and y.npy (for an .npz file: data.source = \"npz\")")
     if not os.path.isdir(folder):
         raise UserError(f"data.path: no such folder {folder} (expected x.npy and y.npy)")
     arrays = {}
@@ -243,6 +262,10 @@ def _read_csv(path, loss):
             raise UserError(f"{path}: line {_line_of_row(path, skip, fractional[0])}: label "
                             f"{labels[fractional[0]]:g} is not an integer class label (for "
                             "train.loss = \"cross_entropy\" the first column holds 0 .. C-1)")
+        if labels.min() < 0:
+            row = int(np.argmin(labels))
+            raise UserError(f"{path}: line {_line_of_row(path, skip, row)}: negative class "
+                            f"label {labels[row]:g} (labels are 0 .. C-1)")
         if np.abs(labels).max() >= MAX_CLASSES:   # before the cast, which could wrap
             row = int(np.argmax(np.abs(labels)))
             raise UserError(f"{path}: line {_line_of_row(path, skip, row)}: class label "
@@ -316,6 +339,9 @@ def _read_idx(path):
 
 def _read_mnist(folder):
     if not os.path.isdir(folder):
+        if os.path.isfile(folder):
+            raise UserError(f"data.path: {folder} is a file; data.source = \"mnist\" reads "
+                            "a folder of the four MNIST IDX files")
         raise UserError(f"data.path: no such folder {folder} (expected the four MNIST IDX files)")
     arrays = {}
     for key, name in MNIST_FILES.items():

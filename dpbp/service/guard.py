@@ -18,6 +18,7 @@ import numpy as np
 
 from dpbp.errors import EXIT_DIVERGED, EXIT_HUNG, UserError, plural
 from dpbp.parallel import comm as mpi
+from dpbp.parallel import sharding
 from dpbp.service import checkpoint, run_dir
 from dpbp.service.supervise import StopVote, signal_name
 
@@ -30,6 +31,7 @@ class Guard:
         self.comm, self.cfg, self.model, self.optimizer = comm, run.cfg, run.model, run.optimizer
         self.summed, self.data_id, self.say = run.summed, run.data_id, say
         self.signals, self.watchdog = signals, watchdog
+        self.batches = sharding.num_batches(len(run.data.x), run.cfg.train.batch_size)
         self.stop = 0   # a signal the ranks agreed to stop for, at the last step
 
     def __enter__(self):
@@ -42,11 +44,14 @@ class Guard:
         self.vote.__exit__(*exc)
         self.watchdog.stop()
 
-    def after_step(self, ok, position, loss_sum, epoch_done):
+    def after_step(self, ok, position, loss_sum, epoch_done, step_loss, N):
         """Collective, after every step. `position` is where the run now is, `loss_sum`
-        this rank's partial loss sum of the epoch; `epoch_done` when the step ended it."""
+        this rank's partial loss sum of the epoch; `epoch_done` when the step ended it;
+        `step_loss` this rank's loss sum of the step's global batch of N rows."""
         self.watchdog.feed()
         comm, cfg, step = self.comm, self.cfg, position.step
+        if cfg.run.log_every_steps and step % cfg.run.log_every_steps == 0:
+            self.log_step(ok, position, step_loss, N)
         if not ok:
             stop_on_nonfinite(comm, cfg.train.on_nonfinite, position)
         if cfg.run.sync_check_steps and step % cfg.run.sync_check_steps == 0:
@@ -71,6 +76,15 @@ class Guard:
         if self.stop and position.epoch < self.cfg.train.epochs:   # agreed in its last step
             return stopped_by(self.stop, path, position, self.say)
         return None
+
+    def log_step(self, ok, position, step_loss, N):
+        """Collective. One line of RUN_DIR/steps.jsonl: the step's mean loss over its
+        global batch (None for a skipped step), its lr and the time."""
+        total = self.summed.epoch_loss(step_loss if ok else 0.0)   # DP: over ranks
+        if self.comm.rank == 0:
+            run_dir.log_step(self.cfg, dict(
+                step=position.step, epoch=position.epoch + position.batch / self.batches,
+                loss=total / N if ok else None, lr=self.optimizer.lr, time=round(time.time(), 3)))
 
     def save(self, position, loss_sum, record=None):
         """Collective. Rank 0 writes the checkpoint at `position` with every rank's

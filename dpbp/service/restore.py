@@ -4,21 +4,32 @@ Rank 0 reads the checkpoint; its config reaches every rank, and its weights are
 broadcast, so every rank holds the same network.
 """
 
+import os
+import sys
+
 from dpbp.errors import UserError
 from dpbp.parallel import comm as mpi
-from dpbp.service import checkpoint
+from dpbp.service import checkpoint, run_dir
 from dpbp.service.startup import new_model
 
 
 def load_checkpoint(comm, path):
-    """Collective. Rank 0 reads the checkpoint at `path`; returns (state, saved_toml):
-    the state dict on rank 0 (None elsewhere) and its config as TOML text on every rank.
-    A missing or malformed checkpoint stops every rank with one line."""
+    """Collective. Rank 0 reads the checkpoint at `path`, or a run directory's newest
+    valid one; returns (state, saved_toml, width, path): the state dict on rank 0 (None
+    elsewhere), and on every rank its config as TOML text, its network's output width (a
+    classifier's classes) and its path. A missing or malformed checkpoint stops every
+    rank with one line."""
     state = None
     with mpi.agreement(comm):
-        if comm.rank == 0:
+        if comm.rank == 0 and os.path.isdir(path):   # a run directory: its newest
+            path, state, damaged = run_dir.newest_checkpoint(path, "--checkpoint")
+            for damaged_path, why in damaged:
+                print(f"dpbp: note: passed over {damaged_path}: {why}", file=sys.stderr)
+        elif comm.rank == 0:
             state = checkpoint.load(path)
-    return state, comm.bcast_obj(None if state is None else state["config"])
+    saved = comm.bcast_obj(None if state is None else (state["config"],
+                                                       checkpoint.output_width(state), path))
+    return (state, *saved)
 
 
 def restore_model(comm, state, path, widths, cfg):

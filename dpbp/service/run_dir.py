@@ -16,13 +16,15 @@ import fcntl
 import json
 import os
 import socket
+import sys
 
 from dpbp.errors import UserError
 from dpbp.service import checkpoint, config
 from dpbp.service.files import remove_stale_temporaries, write_atomic
 
 # Keys a resumed run may not change: they define the network or the global batch.
-FIXED_ON_RESUME = ("model.hidden", "model.activation", "train.loss", "train.batch_size")
+FIXED_ON_RESUME = ("model.hidden", "model.activation", "model.classes", "train.loss",
+                   "train.batch_size")
 # Keys whose change on resume changes which samples train and which validate.
 SPLIT_KEYS = ("run.seed", "data.source", "data.path", "data.val_fraction", "data.samples",
               "data.shuffle")
@@ -31,6 +33,36 @@ CONFIG_HEADER = "# dpbp: the resolved config of this run\n"
 
 def metrics_path(run_dir):
     return os.path.join(run_dir, "metrics.jsonl")
+
+
+def steps_path(run_dir):
+    return os.path.join(run_dir, "steps.jsonl")
+
+
+def log_step(cfg, record):
+    """Append one step's record to RUN_DIR/steps.jsonl (run.log_every_steps)."""
+    try:
+        with open(steps_path(cfg.run.dir), "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+    except (OSError, ValueError) as e:   # a full disk, a loss beyond JSON: the run goes on
+        print(f"dpbp: note: {steps_path(cfg.run.dir)}: a step was not logged ({e})",
+              file=sys.stderr, flush=True)
+
+
+def read_steps(run_dir):
+    """The records of RUN_DIR/steps.jsonl, a torn last line left out; [] without it."""
+    try:
+        with open(steps_path(run_dir), encoding="utf-8") as f:
+            lines = f.readlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:   # torn by a crash while appending
+            break
+    return out
 
 
 def config_path(run_dir):
@@ -92,24 +124,26 @@ def check_new(cfg):
     return notes
 
 
-def newest_checkpoint(run_dir):
-    """(path, state, damaged) for --resume: the newest checkpoint in run_dir that loads and
-    verifies, and the paths of newer ones that do not (named in `notes` by the caller).
-    The run's metrics are checked too, before anything is written."""
+def newest_checkpoint(run_dir, what="--resume"):
+    """(path, state, damaged) for --resume (or `what` asked for a run directory): the
+    newest checkpoint in run_dir that loads and verifies, and [(path, why)] of newer ones
+    that do not (named in notes by the caller). The run's metrics are checked too,
+    before anything is written."""
     read_metrics(run_dir)
     found = checkpoint.list_all(run_dir)
     if not found:
-        raise UserError(f"--resume: no checkpoint in {os.path.join(run_dir, 'checkpoints')}; "
-                        "start the run without --resume")
+        hint = "; start the run without --resume" if what == "--resume" else ""
+        raise UserError(f"{what}: no checkpoint in {os.path.join(run_dir, 'checkpoints')}"
+                        + hint)
     damaged = []
     for position, path in reversed(found):
         try:
             return path, checked(path, position), damaged
         except UserError as e:
             damaged.append((path, str(e)))
-    raise UserError(f"--resume: none of the {len(found)} checkpoints in "
-                    f"{os.path.join(run_dir, 'checkpoints')} is valid ({damaged[0][1]}); "
-                    "start the run afresh in another run.dir")
+    raise UserError(f"{what}: none of the {len(found)} checkpoints in "
+                    f"{os.path.join(run_dir, 'checkpoints')} is valid ({damaged[0][1]})"
+                    + ("; start the run afresh in another run.dir" if what == "--resume" else ""))
 
 
 def checked(path, position=None):
@@ -176,7 +210,7 @@ def home_of(path):
     return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else None
 
 
-def prepare(cfg, start, resumed_from=None, damaged=()):
+def prepare(cfg, start, resumed_from=None, damaged=(), start_step=0):
     """Create and lock the run directory, save the resolved config, set aside `damaged`
     checkpoints (renamed to NAME.damaged), remove temporary files a killed writer left,
     and drop metrics of epochs after the starting one (they will be trained again).
@@ -212,6 +246,8 @@ def prepare(cfg, start, resumed_from=None, damaged=()):
     source = (None if resumed_from is None else home if new else run_dir)
     earlier = read_metrics(source) if source else []
     kept = [line for epoch, line in earlier if epoch <= start[0]]
+    steps = [json.dumps(r) + "\n" for r in (read_steps(source) if source else [])
+             if isinstance(r, dict) and r.get("step", 0) <= start_step]
     try:
         for path in damaged:
             os.replace(path, path + ".damaged")
@@ -219,6 +255,8 @@ def prepare(cfg, start, resumed_from=None, damaged=()):
         write_atomic(config_path(run_dir),
                      lambda f: f.write((CONFIG_HEADER + config.to_toml(cfg)).encode()))
         write_atomic(metrics_path(run_dir), lambda f: f.write("".join(kept).encode()))
+        if steps or os.path.exists(steps_path(run_dir)):
+            write_atomic(steps_path(run_dir), lambda f: f.write("".join(steps).encode()))
     except OSError as e:
         raise UserError(f"run.dir {run_dir}: cannot write ({os_error(e)})") from None
     return locks, notes

@@ -23,7 +23,7 @@ from dpbp.parallel import comm as mpi
 from dpbp.parallel import sharding
 from dpbp.parallel.deterministic import GrainSum
 from dpbp.parallel.step import PlainSum
-from dpbp.parallel.threads import arithmetic, limit_blas_threads
+from dpbp.parallel.threads import arithmetic, available_cores, limit_blas_threads
 from dpbp.service import checkpoint, config, run_dir
 from dpbp.service import data as datasets
 from dpbp.service.checkpoint import Position
@@ -64,7 +64,7 @@ def set_up(args, comm, say, watchdog):
         say(run_dir.CONFIG_HEADER + config.to_toml(cfg), end="")
         return None
     with mpi.agreement(comm):
-        data = load_data(cfg)
+        data = load_data(cfg, resumed.classes if resumed else 0)
         data_id = datasets.identity(data)
         model, optimizer = build(cfg, data, fresh=resumed is None)
         if comm.rank == 0 and resumed is not None:
@@ -87,12 +87,18 @@ def set_up(args, comm, say, watchdog):
     with mpi.agreement(comm):
         if comm.rank == 0:
             locks, more = run_dir.prepare(cfg, (start.epoch, start.batch),
-                                         *((resumed.path, resumed.damaged) if resumed else ()))
+                                         *((resumed.path, resumed.damaged) if resumed else ()),
+                                         start_step=start.step)
             notes = notes + more
     say(describe_run(comm, threads, why, cfg, data, model, summed, arith))
     if resumed is not None:
         say(f"resume: from {resumed.path} (epoch {start.epoch}, batch {start.batch}, "
             f"step {start.step})")
+        if saved_sums[1] != comm.size:
+            say(f"resume: written by {plural(saved_sums[1], 'rank')}, continued by "
+                f"{comm.size}: the same global batches in the same order; "
+                + ("bit for bit (train.deterministic)" if cfg.train.deterministic else
+                   "the sums round differently, so the weights agree to rounding"))
     if cfg.train.lr_scaling == "linear":
         say(f"lr: {cfg.train.lr:g} x {cfg.train.batch_size} / {cfg.train.base_batch_size} = "
             f"{base_lr(cfg.train):g} (linear scaling)")
@@ -109,6 +115,7 @@ class Resumed:
     path: str
     state: dict
     damaged: list   # paths of newer checkpoints that did not verify (set aside)
+    classes: int    # the output width of its network: its classes, for a classifier
 
 
 def resolve_config(args, comm):
@@ -121,22 +128,25 @@ def resolve_config(args, comm):
             path, state, damaged = run_dir.newest_checkpoint(cfg.run.dir)
         elif args.resume and comm.rank == 0:
             path, state = args.resume, run_dir.checked(args.resume)
-    saved = comm.bcast_obj(None if state is None else (path, state["config"]))
+    saved = comm.bcast_obj(None if state is None else (path, state["config"],
+                                                       checkpoint.output_width(state)))
     if saved is None:
         return cfg, None, []
     notes = [f"resume: {p} is damaged ({why}); set aside as {os.path.basename(p)}.damaged"
              for p, why in damaged]
-    path, saved_toml = saved
+    path, saved_toml, classes = saved
     with mpi.agreement(comm):
         cfg, more = run_dir.resumed_config(saved_toml, path, args.config, args.set,
                                            cfg.run.dir if args.resume is True else None)
-    return cfg, Resumed(path, state, [p for p, _ in damaged]), notes + more
+    return cfg, Resumed(path, state, [p for p, _ in damaged], classes), notes + more
 
 
-def load_data(cfg):
-    """The config's data (UserError if it cannot be read or does not fit in memory)."""
+def load_data(cfg, classes=0):
+    """The config's data (UserError if it cannot be read or does not fit in memory), its
+    labels checked against model.classes, or else `classes` (a checkpoint's network's)."""
     try:
-        return datasets.load(cfg.data, cfg.train.loss, cfg.model.dtype, cfg.run.seed)
+        return datasets.load(cfg.data, cfg.train.loss, cfg.model.dtype, cfg.run.seed,
+                             cfg.model.classes or classes)
     except MemoryError:
         raise UserError(f"the {cfg.data.source} data does not fit in memory") from None
 
@@ -213,8 +223,38 @@ def describe_run(comm, threads, why, cfg, data, model, summed, arith):
         f"{cfg.run.dir}"]
     if arith is not None:
         lines.append(f"arithmetic: {arith}, the same on every rank")
+    lines.insert(4, f"optimizer: {describe_optimizer(tc)}")
     if tc.deterministic and tc.grains % comm.size:
         lines.append(f"note: {plural(tc.grains, 'grain')} do not split evenly over "
                      f"{plural(comm.size, 'rank')}; train.grains = a multiple of {comm.size} "
                      "balances the work (and gives other bits)")
+    parts = tc.grains if tc.deterministic else tc.batch_size   # what the ranks share
+    if parts < comm.size:
+        idle = comm.size - parts
+        lines.append(f"note: {idle} of the {comm.size} ranks {'gets' if idle == 1 else 'get'} "
+                     f"no rows in any step ({plural(parts, 'grain' if tc.deterministic else 'row')}"
+                     " per global batch); they still take part in every sum")
+    cores = len(available_cores())
+    if threads * comm.ranks_sharing_cores > cores:
+        lines.append(f"note: {plural(threads, 'BLAS thread')} x {comm.ranks_sharing_cores} "
+                     f"ranks on this node's {plural(cores, 'core')}: they will take turns and "
+                     "run slower; unset OMP_NUM_THREADS and dpbp gives each rank its share")
     return "\n".join(lines)
+
+
+def describe_optimizer(tc):
+    """The optimizer's settings in a few words, e.g. 'SGD, lr 0.1 (cosine after a 1-epoch
+    warmup), momentum 0.9 (Nesterov), weight decay 0.0005'."""
+    schedule = {"constant": "constant", "cosine": "cosine to 0",
+                "step": f"x {tc.gamma:g} after epochs {list(tc.milestones)}"}[tc.schedule]
+    if tc.warmup_epochs:
+        schedule += f", after a {tc.warmup_epochs:g}-epoch warmup"
+    words = [f"SGD, lr {base_lr(tc):g} ({schedule})",
+             f"momentum {tc.momentum:g}" + (" (Nesterov)" if tc.nesterov else "")
+             if tc.momentum else "no momentum",
+             f"weight decay {tc.weight_decay:g}" if tc.weight_decay else "no weight decay"]
+    if tc.clip_grad_norm:
+        words.append(f"gradient norm clipped at {tc.clip_grad_norm:g}")
+    if tc.accumulation_steps > 1:
+        words.append(f"{tc.accumulation_steps} micro-batches per step")
+    return ", ".join(words)

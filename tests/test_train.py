@@ -157,18 +157,7 @@ def test_quiet_prints_nothing_and_a_terminal_gets_a_progress_bar(tmp_path, tiny_
                              *tiny_run(tiny_npz, tmp_path / "tty")], stdout=follower,
                             stderr=subprocess.PIPE, cwd=ROOT)
     os.close(follower)
-    guard = threading.Timer(120, proc.kill)   # a hung run ends the reads below
-    guard.start()
-    out = b""
-    while True:
-        try:
-            chunk = os.read(leader, 4096)
-        except OSError:   # the terminal closed
-            break
-        if not chunk:
-            break
-        out += chunk
-    guard.cancel()
+    out = read_terminal(leader, proc)
     assert proc.wait(timeout=60) == 0
     assert b"epoch 1/3:" in out and b"step/s" in out   # tqdm's bar, cleared after each epoch
     assert b"epoch 3/3  train_loss" in out

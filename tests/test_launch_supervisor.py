@@ -331,6 +331,25 @@ def test_a_stop_signal_to_the_supervisor_checkpoints_and_does_not_restart(tmp_pa
     assert "dpbp.launch: restart" not in out and restarts(run) == []
 
 
+def test_a_second_ctrl_c_ends_the_job_at_once_and_never_exits_0(tmp_path):
+    """mpirun itself may exit 0 after two quick Ctrl-Cs; the supervisor ends the job at
+    the second and exits 130."""
+    run = tmp_path / "run"
+    proc = start(["-n", "2"], [*TINY, "--set", "train.epochs=100000", "--set",
+                               f'run.dir="{run}"'])
+    try:
+        wait_for(lambda: checkpoint.list_all(run), proc, "first epoch")
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out + err
+    assert "dpbp.launch: restart" not in out and restarts(run) == []
+
+
 def test_a_killed_supervisor_takes_the_job_down(tmp_path):
     run = tmp_path / "run"
     proc = start(["-n", "2"], [*TINY, "--set", "train.epochs=100000", "--set",

@@ -123,7 +123,7 @@ class Attempt:
         self.proc = processes.start(cmd, launcher.death_signal, launcher.env)
         self.ranks = {}                 # pid -> rank, of the ranks seen running
         self.rank = self.signum = None  # the failing rank and its signal, when known
-        self.lost = None                # a rank whose launcher-side parent died
+        self.lost = False               # ranks whose launcher-side parent died
         # the launchers report a failed rank on stdout (MPICH) or stderr: both are read
         self.relays = [processes.relay(self.proc.stdout, sys.stdout.buffer, self.read),
                        processes.relay(self.proc.stderr, sys.stderr.buffer, self.read)]
@@ -154,7 +154,7 @@ class Attempt:
                 tick += 1
                 if tick % 5 == 1:
                     self.look()
-                    if self.lost is not None:
+                    if self.lost:
                         break
                 time.sleep(POLL)
         finally:
@@ -171,19 +171,20 @@ class Attempt:
                 if rank is not None:
                     self.ranks[pid] = rank
         for pid in processes.orphans(self.proc.pid):
-            self.lost = self.ranks.get(pid, processes.rank_of(pid))
-            self.rank = self.lost if self.rank is None else self.rank
+            self.lost = True
+            if self.rank is None:
+                self.rank = self.ranks.get(pid, processes.rank_of(pid))
 
     def cause(self, code):
         signum = self.signum
-        if signum is None and self.lost is None and 128 < code < 128 + signal.NSIG:
+        if signum is None and not self.lost and 128 < code < 128 + signal.NSIG:
             signum = code - 128   # the launcher's code for a rank ended by a signal
         try:
             name = signal.Signals(signum).name if signum else None
         except ValueError:
             name = None
         why = {"exit_code": code, "signal": name, "rank": self.rank}
-        if self.lost is not None:
+        if self.lost:
             why["lost_launcher"] = True
         return why
 
@@ -277,7 +278,8 @@ def record(cfg, attempt, cause, world, path, step):
     os.makedirs(cfg.run.dir, exist_ok=True)   # a job may fail before it made the folder
     with open(os.path.join(cfg.run.dir, "restarts.jsonl"), "a", encoding="utf-8") as f:
         f.write(json.dumps(entry) + "\n")
-    where = f"from step {step} ({path})" if path else "afresh (no checkpoint yet)"
+    where = (f"from step {step} ({path})" if path else "afresh (no checkpoint yet)"
+             if step == 0 else "with --resume, though no checkpoint verifies")
     say(f"restart {attempt}: the job ended with {describe(cause)}; resuming {where} on "
         f"{plural(world, 'rank')}")
 
@@ -316,7 +318,8 @@ def verdict(code, cfg, stops):
 
 
 def supervise(args, cfg, launcher, stops):
-    """Collective over attempts: start, watch, decide, restart. Returns the exit code."""
+    """Start the job, watch it, decide, restart it, until it is done or given up.
+    Returns the exit code."""
     started = time.time()
     world, hosts = world_size(args)
     train_args = list(args.train_args)
@@ -348,8 +351,9 @@ def supervise(args, cfg, launcher, stops):
         for path in processes.remove_stale_segments(started):
             note(f"removed {path}, left by a rank killed before MPI_Finalize")
         path, step = resume_point(cfg)
-        if checkpoint.list_all(cfg.run.dir):   # the newest valid one (the job says if none)
-            train_args = [*args.train_args, "--resume"]
+        if checkpoint.list_all(cfg.run.dir):   # from the newest valid one, in this run dir
+            train_args = [*args.train_args, "--set", f"run.dir={config.toml_value(cfg.run.dir)}",
+                          "--resume"]
         restarts += 1
         record(cfg, restarts, cause, world, path, step)
 
@@ -406,15 +410,18 @@ PARSER = ArgumentParser(
           "[arguments of dpbp.train]",
     description="Run dpbp.train under an MPI launcher and restart it from its newest "
                 "checkpoint when it\nfails, on the ranks that are left (docs/recovery.md).",
-    epilog=f"""what is retried: any failure but the two below (a rank that crashed or was killed, a
-  lost node, the watchdog's exit 4, the launcher's own errors), with --resume once a
-  checkpoint exists, after {FIRST_BACKOFF:g} s, then twice as long each time (at most {MAX_BACKOFF:g} s).
-  Each restart: a line on stdout and a JSON record in RUN_DIR/restarts.jsonl.
-exit codes: 0 trained to the end; 2 bad input, 3 diverged (never retried);
-  128+N stopped by signal N (SIGTERM, SIGINT, SIGHUP: passed on to the job as a stop
-  request, which saves a checkpoint; no restart); {EXIT_RESTARTS_EXHAUSTED} gave up: --max-restarts used up,
-  or fewer slots than --min-ranks; any other code: the job's own, when it ended so
-  while stopping.""")
+    epilog="\n".join([
+        "restarts: after any failure but bad input and divergence (a rank that crashed or",
+        "  was killed, a lost node, the watchdog's exit 4, the launcher's own errors), with",
+        f"  --resume once a checkpoint exists, after {FIRST_BACKOFF:g} s, then twice as long "
+        f"each time (at most {MAX_BACKOFF:g} s);",
+        "  each is a line on stdout and a JSON record in RUN_DIR/restarts.jsonl.",
+        "exit codes: 0 trained to the end; 2 bad input and 3 diverged, never retried;",
+        "  128+N stopped by signal N (SIGTERM, SIGINT or SIGHUP, passed on to the job as a",
+        "  stop request: it saves a checkpoint, and nothing restarts);",
+        f"  {EXIT_RESTARTS_EXHAUSTED} gave up: --max-restarts used up, or fewer slots than "
+        "--min-ranks;",
+        "  any other code: the job's own, when it ended so while stopping."]))
 PARSER.add_argument("-h", "--help", action="store_true", help="show this help and exit")
 PARSER.add_argument("-n", type=int, metavar="N",
                     help="ranks, when no hostfile gives them (default: the allocation's "

@@ -33,6 +33,7 @@ from dpbp.errors import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_RESTARTS_EXHAUSTED,
 from dpbp.service import checkpoint, config, hostfile, processes, run_dir
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOPPED = {128 + s for s in STOP_SIGNALS}   # the ranks' codes for a stop after a checkpoint
 FIRST_BACKOFF, MAX_BACKOFF = 1.0, 30.0   # seconds before a restart: doubling, capped
 POLL = 0.1                               # seconds between looks at the running job
 
@@ -89,13 +90,29 @@ class Launcher:
 
     def request_stop(self, proc, signum):
         """Pass a stop request on: SIGINT stays SIGINT, SIGTERM and SIGHUP become SIGTERM
-        (mpirun ends the ranks on SIGHUP without a checkpoint)."""
+        (mpirun ends the ranks on SIGHUP without a checkpoint). mpirun passes SIGTERM and
+        SIGINT on to every rank. srun answers its own SIGTERM by killing the tasks, so
+        under srun the ranks are asked with scancel, and only while the job runs: when
+        Slurm ends a job (scontrol requeue, a preemption) it signals the ranks itself, and
+        a second SIGTERM would end them at once, without a checkpoint."""
         sig = signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM
-        if self.flavour == "srun":   # srun's own SIGTERM kills the tasks; scancel asks them
-            subprocess.run(["scancel", f"--signal={sig.name[3:]}",
-                            os.environ["SLURM_JOB_ID"]], timeout=60, check=False)
-        elif proc.poll() is None:
-            os.kill(proc.pid, sig)   # mpirun passes SIGTERM and SIGINT on to every rank
+        if self.flavour != "srun":
+            if proc.poll() is None:
+                os.kill(proc.pid, sig)
+        elif slurm_job_state(os.environ["SLURM_JOB_ID"]) == "RUNNING":
+            subprocess.run(["scancel", f"--signal={sig.name[3:]}", os.environ["SLURM_JOB_ID"]],
+                           timeout=60, check=False)
+
+
+def slurm_job_state(job):
+    """The job's JobState (RUNNING, COMPLETING, ...), or "" where scontrol cannot tell."""
+    try:
+        out = subprocess.run(["scontrol", "show", "job", job], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    m = re.search(r"JobState=(\w+)", out)
+    return m.group(1) if m else ""
 
 
 def mpi_flavour(exe):
@@ -307,10 +324,16 @@ def verdict(code, cfg, stops):
     if stops.received:   # we asked the job to stop: 0 only if it did finish
         if code == 0 and done(cfg):
             return 0
-        asked = (0, 128 + signal.SIGTERM, 128 + signal.SIGINT)
-        return stops.code() if code in asked or len(stops.received) > 1 else code
+        asked = code == 0 or code in STOPPED or len(stops.received) > 1
+        note(f"stopped by {signal.Signals(stops.received[0]).name}: the job ended with "
+             f"{code}; not restarting")
+        return stops.code() if asked else code
     if code == 0 and done(cfg):
         return 0
+    if code in STOPPED:   # e.g. scancel --signal=TERM to the steps, or a kill to the ranks
+        note(f"the job stopped on {signal.Signals(code - 128).name} from outside this "
+             "supervisor (its ranks saved a checkpoint); not restarting")
+        return code
     if code in (EXIT_BAD_INPUT, EXIT_DIVERGED):
         note(f"the job ended with {code}, which a restart cannot heal; not restarting")
         return code

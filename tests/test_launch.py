@@ -52,8 +52,8 @@ def test_local_sh_rejects_a_bad_rank_count():
 
 
 # ----------------------------------------------------------------------------- Slurm
-# slurm.sbatch runs here with stand-ins for srun (the command as one process, no MPI;
-# it notes its pid), scancel (records its arguments and sends the signal to that process)
+# slurm.sbatch (and the supervisor it runs) here with stand-ins for srun (the command as
+# one process, no MPI; it notes its pid), scancel (records its arguments and sends the signal to that process)
 # and scontrol (a running job; records the other commands), in a job whose id is 4242.
 # tests/test_slurm.py runs it under a real Slurm.
 
@@ -62,7 +62,7 @@ def fake_slurm(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text('#!/usr/bin/env bash\n'
-                                  'while [[ $1 == --* ]]; do shift; done\n'
+                                  'while [[ $1 == -* ]]; do [[ $1 == -n ]] && shift; shift; done\n'
                                   f'echo $$ > {tmp_path}/step.pid\nexec "$@"\n')
     (bin_dir / "scancel").write_text(
         f'#!/usr/bin/env bash\necho "$@" >> {tmp_path}/scancel\n'

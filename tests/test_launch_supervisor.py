@@ -194,16 +194,20 @@ def test_a_killed_rank_is_restarted_and_the_run_ends_as_if_nothing_happened(tmp_
     assert all(np.array_equal(ours[k], theirs[k]) for k in theirs)   # same world size: bitwise
 
 
-@pytest.mark.parametrize("fault, code", [("nan:0:4", 3), ("exit:1:4", None)])
-def test_what_a_retry_cannot_heal_is_not_retried(tmp_path, fault, code):
-    """Divergence (3) ends the supervisor at once; an unknown failure (a rank's
-    sys.exit(5)) is retried."""
+@pytest.mark.parametrize("fault, code, why", [
+    ("nan:0:4", 3, "which a restart cannot heal"),
+    ("sigterm:1:4", 143, "the job stopped on SIGTERM from outside this supervisor"),
+    ("exit:1:4", None, None)])
+def test_what_a_retry_cannot_heal_is_not_retried(tmp_path, fault, code, why):
+    """Divergence (3) ends the supervisor at once, and so does a stop that someone asked
+    of the ranks themselves (a SIGTERM to a rank: Slurm, scancel, kill); an unknown failure
+    (a rank's sys.exit(5)) is retried."""
     run = tmp_path / "run"
     env = fault_env(tmp_path, fault)
     r = launch(["-n", "2", "--module", "tests.faults"],
                [*TINY, "--set", "train.epochs=3", "--set", f'run.dir="{run}"'], env=env)
     if code is not None:
-        assert r.returncode == code and "which a restart cannot heal" in r.stderr, r.stderr
+        assert r.returncode == code and why in r.stderr, r.stderr
         assert restarts(run) == [] and "dpbp.launch: restart" not in r.stdout
     else:
         assert r.returncode == 0, r.stderr

@@ -30,6 +30,7 @@ import time
 
 from dpbp.errors import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_RESTARTS_EXHAUSTED,
                          ArgumentParser, UserError, plural)
+from dpbp.parallel.threads import available_cores
 from dpbp.service import checkpoint, config, hostfile, processes, run_dir
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -76,7 +77,7 @@ class Launcher:
             return [self.exe, f"--mpi={plugin}", "--kill-on-bad-exit=1", "-n", str(n),
                     *rank_cmd]
         cmd = [self.exe, "-n", str(n)]
-        oversubscribed = hosts_path is None and n > len(os.sched_getaffinity(0))
+        oversubscribed = hosts_path is None and n > len(available_cores())
         if self.flavour == "openmpi":
             cmd += ["--hostfile", hosts_path] if hosts_path else (
                 ["--oversubscribe"] if oversubscribed else [])
@@ -257,16 +258,16 @@ def resolve(args):
 
 
 def world_size(args):
-    """(ranks, hosts or None): the hostfile's slots, read now; else -n; else the
-    allocation's tasks under srun; else this machine's cores."""
+    """(ranks, hosts or None): the hostfile's slots, read now; else -n; else the tasks
+    of the Slurm allocation we are in; else this machine's cores."""
     if args.hostfile:
         hosts = hostfile.read(args.hostfile)
         return hostfile.total(hosts), hosts
     if args.n:
         return args.n, None
-    if args.launcher == "srun" and os.environ.get("SLURM_NTASKS", "").isdigit():
+    if os.environ.get("SLURM_NTASKS", "").isdigit():
         return int(os.environ["SLURM_NTASKS"]), None
-    return len(os.sched_getaffinity(0)), None
+    return len(available_cores()), None
 
 
 def done(cfg):
@@ -447,8 +448,8 @@ PARSER = ArgumentParser(
         "  any other code: the job's own, when it ended so while stopping."]))
 PARSER.add_argument("-h", "--help", action="store_true", help="show this help and exit")
 PARSER.add_argument("-n", type=int, metavar="N",
-                    help="ranks, when no hostfile gives them (default: the allocation's "
-                         "tasks under srun, else this machine's cores)")
+                    help="ranks, when no hostfile gives them (default: the tasks of the "
+                         "Slurm allocation, else this machine's cores)")
 PARSER.add_argument("--hostfile", metavar="FILE",
                     help="hosts and their slots (host:slots or host slots=N lines), read "
                          "again before every restart; the ranks are its total slots")

@@ -21,6 +21,9 @@ from dpbp.service import checkpoint, hostfile, processes
 from tests.conftest import ROOT, model_arrays, mpi_env, run_train, run_with_timeout
 
 TINY = ["--set", "data.samples=300", "--set", "model.hidden=[8]"]   # 3 steps an epoch
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="the supervisor's hold on its processes is Linux's "
+                                       "(/proc, prctl)")
 
 
 def job_processes(tag):

@@ -43,9 +43,10 @@ def become_subreaper():
 
 
 def start(cmd, death_signal, env=None):
-    """Popen `cmd` in a new session, stdout and stderr piped, with `death_signal` sent to it when
-    this process dies (set in the child before exec; if this process already died in
-    between, the child ends itself at once)."""
+    """Popen `cmd` in a new session, stdout and stderr piped, with `death_signal` sent to
+    it when the thread that calls this dies (the main thread: call it from there), that
+    is, when this process dies. Set in the child before exec; if this process died
+    before that, the child ends itself at once."""
     parent = os.getpid()
 
     def in_child():

@@ -136,8 +136,8 @@ SIGNAL_LINE = re.compile(rb"(?:\(signal|on signal) (\d+)")
 class Attempt:
     """One run of the launcher, watched to its end; `cause()` says how it ended."""
 
-    def __init__(self, launcher, cmd):
-        self.launcher = launcher
+    def __init__(self, launcher, cmd, world):
+        self.launcher, self.world = launcher, world
         self.proc = processes.start(cmd, launcher.death_signal, launcher.env)
         self.ranks = {}                 # pid -> rank, of the ranks seen running
         self.rank = self.signum = None  # the failing rank and its signal, when known
@@ -160,7 +160,9 @@ class Attempt:
 
     def watch(self, stops):
         """Until the launcher ends (or ranks lose it): pass stop requests on, learn which
-        pid is which rank. Returns the exit code (128 + N for a launcher ended by N)."""
+        pid is which rank (looking at every poll until each rank was seen, for at most
+        30 s, then every half second, for ranks that lost their launcher). Returns the exit code (128 + N
+        for a launcher ended by signal N)."""
         forwarded, tick = False, 0
         try:
             while self.proc.poll() is None:
@@ -170,7 +172,8 @@ class Attempt:
                     self.launcher.request_stop(self.proc, stops.received[0])
                     forwarded = True
                 tick += 1
-                if tick % 5 == 1:
+                starting = len(self.ranks) < self.world and tick < 300   # (not ours under srun)
+                if starting or tick % 5 == 0:
                     self.look()
                     if self.lost:
                         break
@@ -311,7 +314,7 @@ def run_attempt(launcher, args, hosts, world, train_args, stops):
             with os.fdopen(fd, "w") as f:
                 f.write(hostfile.render(hosts, launcher.flavour))
         try:
-            attempt = Attempt(launcher, launcher.command(world, hosts_path, train_args))
+            attempt = Attempt(launcher, launcher.command(world, hosts_path, train_args), world)
         except OSError as e:
             raise UserError(f"cannot start {launcher.exe}: {e.strerror}") from None
         return attempt, attempt.watch(stops)
@@ -344,7 +347,6 @@ def verdict(code, cfg, stops):
 def supervise(args, cfg, launcher, stops):
     """Start the job, watch it, decide, restart it, until it is done or given up.
     Returns the exit code."""
-    started = time.time()
     world, hosts = world_size(args)
     train_args = list(args.train_args)
     say(f"run dir {cfg.run.dir}; {plural(world, 'rank')} via {launcher.kind}; up to "
@@ -372,8 +374,10 @@ def supervise(args, cfg, launcher, stops):
                  f"fewer than --min-ranks {args.min_ranks}: giving up (exit "
                  f"{EXIT_RESTARTS_EXHAUSTED})")
             return EXIT_RESTARTS_EXHAUSTED
-        for path in processes.remove_stale_segments(started):
-            note(f"removed {path}, left by a rank killed before MPI_Finalize")
+        removed = processes.remove_stale_segments()
+        if removed:
+            note(f"removed {plural(len(removed), 'stale MPI shared-memory segment')} "
+                 f"that ranks killed before MPI_Finalize left: {' '.join(removed)}")
         path, step = resume_point(cfg)
         if checkpoint.list_all(cfg.run.dir):   # from the newest valid one, in this run dir
             train_args = [*args.train_args, "--set", f"run.dir={config.toml_value(cfg.run.dir)}",

@@ -118,21 +118,26 @@ def test_hostfiles_of_both_mpis(tmp_path):
 
 
 def test_stale_segments_are_removed_only_when_nobody_holds_them(tmp_path):
-    since = time.time()
-    stale, held, old = (f"/dev/shm/mpich_shm_dpbp_test_{os.getpid()}_{n}" for n in range(3))
-    for path in (stale, held, old):
+    stale, opened, mapped = (f"/dev/shm/mpich_shm_dpbp_test_{os.getpid()}_{n}"
+                             for n in range(3))
+    for path in (stale, opened, mapped):
         with open(path, "wb") as f:
-            f.write(b"x")
-    os.utime(old, (since - 3600, since - 3600))   # not from this supervisor's time
-    holder = subprocess.Popen(["sleep", "60"], stdin=open(held))
+            f.write(b"x" * 4096)
+    holders = [subprocess.Popen(["sleep", "60"], stdin=open(opened)),
+               subprocess.Popen([sys.executable, "-c", "import mmap, sys, time; "
+                                 f"f = open({mapped!r}, 'r+b'); m = mmap.mmap(f.fileno(), 0); "
+                                 "f.close(); print('mapped', flush=True); time.sleep(60)"],
+                                stdout=subprocess.PIPE, text=True)]
     try:
-        removed = processes.remove_stale_segments(since)
-        assert stale in removed and held not in removed and old not in removed
-        assert not os.path.exists(stale) and os.path.exists(held) and os.path.exists(old)
+        assert holders[1].stdout.readline() == "mapped\n"   # held by its mapping alone
+        removed = processes.remove_stale_segments(settle=0.1)
+        assert stale in removed and opened not in removed and mapped not in removed
+        assert not os.path.exists(stale) and os.path.exists(opened) and os.path.exists(mapped)
     finally:
-        holder.kill()
-        holder.wait()
-        for path in (stale, held, old):
+        for holder in holders:
+            holder.kill()
+            holder.wait()
+        for path in (stale, opened, mapped):
             if os.path.exists(path):
                 os.unlink(path)
 

@@ -10,8 +10,9 @@ rank in a session of its own, and a proxy that dies leaves its ranks to init. So
     a supervisor killed with SIGKILL takes the launcher, and with it its ranks, down;
   * `end_all` kills the launcher's process group and every descendant of the supervisor.
 
-Ranks killed before MPI_Finalize leave MPICH's shared-memory segments in /dev/shm;
-`remove_stale_segments` removes those that no live process holds.
+Ranks killed before MPI_Finalize leave MPICH's shared-memory segments in /dev/shm, and
+a later job whose segment gets the same name (a requeued Slurm job keeps its id) fails
+in MPI_Init; `remove_stale_segments` removes those that no live process holds.
 """
 
 import ctypes
@@ -176,32 +177,38 @@ def _held():
     return held
 
 
-def remove_stale_segments(since):
-    """Remove MPI shared-memory segments in /dev/shm owned by this user, last changed at
-    or after `since` (a time.time()), that no live process holds open or mapped: left by
-    ranks killed before MPI_Finalize. Returns the paths removed."""
+def _unheld_segments():
+    """MPI shared-memory segments in /dev/shm owned by this user that no live process
+    holds open or mapped."""
     try:
         names = [n for n in os.listdir(SHM) if n.startswith(SEGMENT_PREFIXES)]
     except OSError:
-        return []
-    candidates = []
+        return set()
+    ours = set()
     for name in names:
         path = os.path.join(SHM, name)
         try:
-            st = os.stat(path)
+            if os.stat(path).st_uid == os.getuid():
+                ours.add(path)
         except OSError:
-            continue
-        if st.st_uid == os.getuid() and st.st_mtime >= since - 1:
-            candidates.append(path)
-    if not candidates:
-        return []
-    held = _held()
+            continue   # removed meanwhile
+    return ours - _held() if ours else set()
+
+
+def remove_stale_segments(settle=0.5):
+    """Remove the MPI shared-memory segments of this user that no live process holds
+    open or mapped, now and again `settle` seconds later (a job that is just creating
+    one holds it open; one that is just finishing removes its own): left by ranks
+    killed before MPI_Finalize. Returns the paths removed."""
+    stale = _unheld_segments()
+    if stale and settle:
+        time.sleep(settle)
+        stale &= _unheld_segments()
     removed = []
-    for path in candidates:
-        if path not in held:
-            try:
-                os.unlink(path)
-                removed.append(path)
-            except OSError:
-                pass
+    for path in sorted(stale):
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except OSError:
+            pass
     return removed

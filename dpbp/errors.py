@@ -8,6 +8,7 @@ from dpbp import __version__
 EXIT_BAD_INPUT = 2   # a UserError: reported once, nothing written
 EXIT_DIVERGED = 3    # training stopped: a non-finite loss, or replicas that differ
 EXIT_HUNG = 4        # the watchdog ended the job: no step finished in run.watchdog_seconds
+EXIT_RESTARTS_EXHAUSTED = 75   # dpbp.launch gave up: restarts used up, or too few slots left
 
 
 def plural(n, noun, nouns=None):

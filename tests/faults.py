@@ -1,8 +1,11 @@
 """Fault injection, from the test side: failures that dpbp must handle and never hang on.
 
     DPBP_FAULT=KIND:RANK:STEP python -m tests.faults MODULE [ARGS...]   # e.g. dpbp.train
+    DPBP_FAULT=KIND:RANK:STEP python -m tests.faults [ARGS...]          # dpbp.train
 
-runs `python -m MODULE ARGS` with one planned fault. Just before optimizer step STEP
+runs `python -m MODULE ARGS` (dpbp.train when the first argument is an option, as when
+the supervisor runs `python -m dpbp.launch --module tests.faults -- ARGS`) with one
+planned fault, or several separated by commas. Just before optimizer step STEP
 (counted from 0 over the whole run), rank RANK
     raise      raises an exception
     exit       calls sys.exit(5)
@@ -22,6 +25,11 @@ and at start-up (STEP 0), rank RANK
     hangload   freezes while it loads the data (sleeps for an hour)
     termload   receives SIGTERM while it loads the data
 
+With DPBP_FAULT_ONCE=DIR, each planned fault happens at most once over all the runs that
+share DIR (the restarts of a supervised job): the rank about to carry it out first
+creates DIR/KIND-RANK-STEP, holding its pid, and where that file exists already it
+passes over the fault.
+
 dpbp itself knows nothing of this: the faults wrap its functions from outside, the
 training step (dpbp.train.train_step), the schedule that the loop asks for every step's
 learning rate just before the step (which tells the step's number), the checkpoint
@@ -36,18 +44,36 @@ import signal
 import sys
 import time
 
-KINDS = ("raise", "exit", "kill", "hang", "nan", "perturb", "sigterm", "sigint", "sighup",
-         "killsave", "nospace", "othercpu", "hangload", "termload")
+STEP_KINDS = ("raise", "exit", "kill", "hang", "nan", "perturb", "sigterm", "sigint", "sighup")
+KINDS = STEP_KINDS + ("killsave", "nospace", "othercpu", "hangload", "termload")
 SIGNALS = {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT, "sighup": signal.SIGHUP}
 
 
 def parse(text):
-    """(kind, rank, step) from the variable's text."""
-    parts = text.split(":")
-    if len(parts) != 3 or parts[0] not in KINDS or not all(p.isdigit() for p in parts[1:]):
-        raise ValueError(f"DPBP_FAULT={text!r}: expected KIND:RANK:STEP with KIND one of "
-                         f"{', '.join(KINDS)}")
-    return parts[0], int(parts[1]), int(parts[2])
+    """[(kind, rank, step), ...] from the variable's text."""
+    plans = []
+    for plan in text.split(","):
+        parts = plan.split(":")
+        if len(parts) != 3 or parts[0] not in KINDS or not all(p.isdigit() for p in parts[1:]):
+            raise ValueError(f"DPBP_FAULT={text!r}: expected KIND:RANK:STEP (comma-separated) "
+                             f"with KIND one of {', '.join(KINDS)}")
+        plans.append((parts[0], int(parts[1]), int(parts[2])))
+    return plans
+
+
+def first_time(plan, once):
+    """Whether to carry out `plan` now: always without DPBP_FAULT_ONCE, else only if no
+    run sharing the folder `once` did (this one claims it, writing its pid)."""
+    if not once:
+        return True
+    try:
+        fd = os.open(os.path.join(once, "-".join(map(str, plan))),
+                     os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
 
 
 def inject(kind, step, x, params):
@@ -79,8 +105,9 @@ def during_save(kind, f):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def install(kind, rank, step):
-    """Wrap dpbp's functions so that the fault happens where and when it is planned."""
+def install(plans, once=None):
+    """Wrap dpbp's functions so that each fault of `plans` happens where and when it is
+    planned (once only, with `once`, a folder: see DPBP_FAULT_ONCE)."""
     import dpbp.train
     from dpbp.nn import schedule
     from dpbp.service import checkpoint, startup
@@ -94,9 +121,17 @@ def install(kind, rank, step):
         now["step"] = s
         return real_lr_at(tc, s, steps_per_epoch)
 
+    def planned(kinds, rank, step):
+        """The first fault of `kinds` planned for (rank, step) and not yet carried out."""
+        for plan in plans:
+            if plan[0] in kinds and plan[1:] == (rank, step) and first_time(plan, once):
+                return plan[0]
+        return None
+
     def train_step(model, optimizer, loss_fn, x, y, N, summed, clip_norm=0.0):
-        if (summed.comm.rank, now["step"]) == (rank, step):
-            inject(kind, step, x, model.params)
+        kind = planned(STEP_KINDS, summed.comm.rank, now["step"])
+        if kind:
+            inject(kind, now["step"], x, model.params)
         return real_step(model, optimizer, loss_fn, x, y, N, summed, clip_norm)
 
     def save(path, model, optimizer, position, *args, **kwargs):
@@ -107,18 +142,20 @@ def install(kind, rank, step):
             now["saving"] = None
 
     def write_atomic(path, write):
-        if kind in ("killsave", "nospace") and now["saving"] == step:
+        kind = now["saving"] is not None and planned(("killsave", "nospace"), 0, now["saving"])
+        if kind:
             return real_write(path, lambda f: (write(f), during_save(kind, f)))
         return real_write(path, write)
 
     def arithmetic():
         mine = real_arithmetic()
-        return mine + " (othercpu)" if kind == "othercpu" and rank_now() == rank else mine
+        return mine + " (othercpu)" if planned(("othercpu",), rank_now(), 0) else mine
 
     def load_data(*args, **kwargs):
-        if kind == "termload" and rank_now() == rank:
+        kind = planned(("hangload", "termload"), rank_now(), 0)
+        if kind == "termload":
             os.kill(os.getpid(), signal.SIGTERM)
-        if kind == "hangload" and rank_now() == rank:
+        if kind == "hangload":
             inject("hang", 0, None, None)
         return real_load_data(*args, **kwargs)
 
@@ -133,6 +170,9 @@ def rank_now():
 
 
 if __name__ == "__main__":
-    install(*parse(os.environ["DPBP_FAULT"]))
-    module, sys.argv = sys.argv[1], sys.argv[1:]
+    install(parse(os.environ["DPBP_FAULT"]), os.environ.get("DPBP_FAULT_ONCE"))
+    if len(sys.argv) > 1 and not sys.argv[1].startswith("-"):
+        module, sys.argv = sys.argv[1], sys.argv[1:]
+    else:   # python -m tests.faults [ARGS]: the trainer
+        module, sys.argv = "dpbp.train", ["dpbp.train", *sys.argv[1:]]
     importlib.import_module(module).cli()

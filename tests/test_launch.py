@@ -52,17 +52,25 @@ def test_local_sh_rejects_a_bad_rank_count():
 
 
 # ----------------------------------------------------------------------------- Slurm
-# slurm.sbatch runs here with stand-ins for srun (the command as one process, no MPI)
-# and scontrol (records its arguments), in a job whose id is 4242.
+# slurm.sbatch (and the supervisor it runs) here with stand-ins for srun (the command as
+# one process, no MPI; it notes its pid), scancel (records its arguments and sends the signal to that process)
+# and scontrol (a running job; records the other commands), in a job whose id is 4242.
+# tests/test_slurm.py runs it under a real Slurm.
 
 @pytest.fixture
 def fake_slurm(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text('#!/usr/bin/env bash\n'
-                                  'while [[ $1 == --* ]]; do shift; done\nexec "$@"\n')
-    (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\necho "$@" >> {tmp_path}/scontrol\n')
-    for name in ("srun", "scontrol"):
+                                  'while [[ $1 == -* ]]; do [[ $1 == -n ]] && shift; shift; done\n'
+                                  f'echo $$ > {tmp_path}/step.pid\nexec "$@"\n')
+    (bin_dir / "scancel").write_text(
+        f'#!/usr/bin/env bash\necho "$@" >> {tmp_path}/scancel\n'
+        f'[[ $1 == --signal=TERM ]] && kill -TERM "$(cat {tmp_path}/step.pid)"\n')
+    (bin_dir / "scontrol").write_text(
+        '#!/usr/bin/env bash\nif [[ $1 == show ]]; then echo "   JobState=RUNNING Reason=None"; '
+        f'else echo "$@" >> {tmp_path}/scontrol; fi\n')
+    for name in ("srun", "scancel", "scontrol"):
         (bin_dir / name).chmod(0o755)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable,
            "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "dpbp", "SLURM_CPUS_PER_TASK": "1",
@@ -90,8 +98,9 @@ def test_slurm_sbatch_trains_then_resumes(fake_slurm, tmp_path):
 
 
 def test_slurm_sbatch_requeues_on_sigterm(fake_slurm, tmp_path):
-    """SIGTERM to the batch script (Slurm's --signal=B:TERM@...) reaches the run, which
-    stops; the script requeues the job, and the next start resumes from a checkpoint."""
+    """SIGTERM to the batch script (Slurm's --signal=B:TERM@...) reaches the ranks through
+    scancel, they checkpoint and stop; the script requeues the job, and the next start
+    resumes from that checkpoint."""
     proc = subprocess.Popen(
         ["bash", str(ROOT / "launch" / "slurm.sbatch"), *TINY, "--set", "train.epochs=100000"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_env(fake_slurm),
@@ -107,7 +116,9 @@ def test_slurm_sbatch_requeues_on_sigterm(fake_slurm, tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode != 0 and "SIGTERM (time limit near)" in err, err
+    assert proc.returncode == 143 and "SIGTERM (time limit near)" in err, err
+    assert (tmp_path / "scancel").read_text() == "--signal=TERM 4242\n"   # not to srun
+    assert "dpbp: stopped by SIGTERM" in out
     assert (tmp_path / "scontrol").read_text() == "requeue 4242\n"
     r = sbatch([*TINY, "--set", "train.epochs=1"], fake_slurm)   # the requeued job
     assert r.returncode == 0 and "resuming" in r.stderr, r.stderr

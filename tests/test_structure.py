@@ -2,8 +2,9 @@
 
 The package has floors, and imports only go down (or stay on the same floor):
 
-    commands   train, evaluate, predict, plot, bench   (never import one another)
-    service    dpbp/service/    config, data, files, checkpoints, run directory, guard, start-up
+    commands   train, evaluate, predict, plot, bench, launch   (never import one another)
+    service    dpbp/service/    config, data, files, checkpoints, run directory, guard, start-up,
+                                hostfiles, processes
     parallel   dpbp/parallel/   MPI verbs, sharding, threads, exact sums, the step, evaluation
     nn         dpbp/nn/         the learning math: numpy only, no MPI, files or config
     base       dpbp/errors.py, dpbp/__init__.py
@@ -72,8 +73,8 @@ def test_imports_only_go_down():
 
 def test_no_command_imports_another():
     commands = [name for name in modules() if floor_of(name) == "commands"]
-    assert sorted(commands) == ["dpbp.bench", "dpbp.evaluate", "dpbp.plot", "dpbp.predict",
-                                "dpbp.train"]
+    assert sorted(commands) == ["dpbp.bench", "dpbp.evaluate", "dpbp.launch", "dpbp.plot",
+                                "dpbp.predict", "dpbp.train"]
     crossing = [f"{name} imports {target}" for name in commands
                 for target in dpbp_imports(modules()[name]) if target in commands]
     assert crossing == []

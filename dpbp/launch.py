@@ -1,0 +1,488 @@
+"""Unattended training: run dpbp.train under an MPI launcher, and when the job fails,
+restart it from its newest checkpoint, on the ranks that are left.
+
+    python -m dpbp.launch -n 4 -- --config my.toml
+    python -m dpbp.launch --hostfile hosts --max-restarts 5 --min-ranks 8 -- --config my.toml
+    python -m dpbp.launch --launcher srun -- --config my.toml          # inside sbatch/salloc
+
+A failed job (a rank that crashed or was killed, a lost node, the watchdog ending a hang)
+is started again with --resume after a short backoff, up to --max-restarts times. What a
+retry cannot heal ends it at once: bad input (exit 2) and divergence (exit 3). Before
+each start the hostfile is read again, so a host whose line was removed is left out; the
+job continues on the slots left (down to --min-ranks) with the same global batches, and
+under train.deterministic with the same bits. Each restart is one line on stdout and one
+JSON record in RUN_DIR/restarts.jsonl. SIGTERM, SIGINT and SIGHUP stop the job with a
+checkpoint and no restart. No rank outlives the supervisor (dpbp/service/processes.py).
+See docs/recovery.md.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from dpbp.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_DIVERGED,
+    EXIT_RESTARTS_EXHAUSTED,
+    ArgumentParser,
+    UserError,
+    plural,
+)
+from dpbp.parallel.threads import available_cores
+from dpbp.service import checkpoint, config, hostfile, processes, run_dir
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOPPED = {128 + s for s in STOP_SIGNALS}   # the ranks' codes for a stop after a checkpoint
+FIRST_BACKOFF, MAX_BACKOFF = 1.0, 30.0   # seconds before a restart: doubling, capped
+POLL = 0.1                               # seconds between looks at the running job
+
+
+def say(text):
+    print(f"dpbp.launch: {text}", flush=True)
+
+
+def note(text):
+    print(f"dpbp.launch: {text}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- the job
+
+class Launcher:
+    """How to start N ranks of `python -m MODULE ARGS`, and how to ask them to stop."""
+
+    def __init__(self, kind, module):
+        self.kind, self.module = kind, module
+        self.env = dict(os.environ)
+        if kind == "srun":
+            self.exe, self.flavour = shutil.which("srun"), "srun"
+            if not os.environ.get("SLURM_JOB_ID"):
+                raise UserError("--launcher srun runs inside a Slurm allocation (sbatch or "
+                                "salloc): SLURM_JOB_ID is not set")
+        else:
+            beside = os.path.join(os.path.dirname(sys.executable), "mpirun")
+            self.exe = beside if os.access(beside, os.X_OK) else shutil.which("mpirun")
+            self.flavour = self.exe and mpi_flavour(self.exe)
+        if not self.exe:
+            raise UserError(f"no {kind} found" + ("; pip install 'dpbp[mpich]' brings an "
+                                                   "mpirun" if kind == "mpirun" else ""))
+        # srun answers SIGTERM by ending its tasks; mpirun's proxies end theirs when it dies
+        self.death_signal = signal.SIGTERM if kind == "srun" else signal.SIGKILL
+
+    def command(self, n, hosts_path, train_args):
+        rank_cmd = [sys.executable, "-m", self.module, *train_args]
+        if self.flavour == "srun":
+            plugin = os.environ.get("DPBP_SRUN_MPI", "pmi2")
+            return [self.exe, f"--mpi={plugin}", "--kill-on-bad-exit=1", "-n", str(n),
+                    *rank_cmd]
+        cmd = [self.exe, "-n", str(n)]
+        oversubscribed = hosts_path is None and n > len(available_cores())
+        if self.flavour == "openmpi":
+            cmd += ["--hostfile", hosts_path] if hosts_path else (
+                ["--oversubscribe"] if oversubscribed else [])
+            if os.geteuid() == 0:
+                self.env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+        else:
+            cmd += ["-f", hosts_path] if hosts_path else []
+            if oversubscribed:   # waiting ranks yield their core rather than busy-poll it
+                self.env.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")
+        return cmd + rank_cmd
+
+    def request_stop(self, proc, signum):
+        """Pass a stop request on: SIGINT stays SIGINT, SIGTERM and SIGHUP become SIGTERM
+        (mpirun ends the ranks on SIGHUP without a checkpoint). mpirun passes SIGTERM and
+        SIGINT on to every rank. srun answers its own SIGTERM by killing the tasks, so
+        under srun the ranks are asked with scancel, and only while the job runs: when
+        Slurm ends a job (scontrol requeue, a preemption) it signals the ranks itself, and
+        a second SIGTERM would end them at once, without a checkpoint."""
+        sig = signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM
+        if self.flavour != "srun":
+            if proc.poll() is None:
+                os.kill(proc.pid, sig)
+        elif slurm_job_state(os.environ["SLURM_JOB_ID"]) == "RUNNING":
+            subprocess.run(["scancel", f"--signal={sig.name[3:]}", os.environ["SLURM_JOB_ID"]],
+                           timeout=60, check=False)
+
+
+def slurm_job_state(job):
+    """The job's JobState (RUNNING, COMPLETING, ...), or "" where scontrol cannot tell."""
+    try:
+        out = subprocess.run(["scontrol", "show", "job", job], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    m = re.search(r"JobState=(\w+)", out)
+    return m.group(1) if m else ""
+
+
+def mpi_flavour(exe):
+    try:
+        version = subprocess.run([exe, "--version"], capture_output=True, text=True,
+                                 timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "mpich"
+    return "openmpi" if "Open MPI" in version or "OpenRTE" in version else "mpich"
+
+
+# What launchers and ranks print about a failure: the rank, or a pid to map to one.
+RANK_LINES = (re.compile(rb"dpbp: rank (\d+)(?: failed|: no training step finished)"),
+              re.compile(rb"process rank (\d+) with PID"),            # Open MPI
+              re.compile(rb"srun: error: \S+: tasks? (\d+)"))          # Slurm
+PID_LINE = re.compile(rb"^=+\s+PID (\d+) RUNNING AT")                  # MPICH (Hydra)
+SIGNAL_LINE = re.compile(rb"(?:\(signal|on signal) (\d+)")
+
+
+class Attempt:
+    """One run of the launcher, watched to its end; `cause()` says how it ended."""
+
+    def __init__(self, launcher, cmd, world):
+        self.launcher, self.world = launcher, world
+        self.proc = processes.start(cmd, launcher.death_signal, launcher.env)
+        self.ranks = {}                 # pid -> rank, of the ranks seen running
+        self.rank = self.signum = None  # the failing rank and its signal, when known
+        self.lost = False               # ranks whose launcher-side parent died
+        # the launchers report a failed rank on stdout (MPICH) or stderr: both are read
+        self.relays = [processes.relay(self.proc.stdout, sys.stdout.buffer, self.read),
+                       processes.relay(self.proc.stderr, sys.stderr.buffer, self.read)]
+
+    def read(self, line):
+        if self.rank is None:
+            found = [m for m in (p.search(line) for p in RANK_LINES) if m]
+            if found:
+                self.rank = int(found[0].group(1))
+            m = PID_LINE.search(line)
+            if m:
+                self.rank = self.ranks.get(int(m.group(1)))
+        m = SIGNAL_LINE.search(line)
+        if m and self.signum is None:
+            self.signum = int(m.group(1))
+
+    def watch(self, stops):
+        """Until the launcher ends (or ranks lose it): pass stop requests on, learn which
+        pid is which rank (looking at every poll until each rank was seen, for at most
+        30 s, then every half second, for ranks that lost their launcher). Returns the exit code (128 + N
+        for a launcher ended by signal N)."""
+        forwarded, tick = False, 0
+        try:
+            while self.proc.poll() is None:
+                if len(stops.received) > 1:   # a second request: end it now
+                    break
+                if stops.received and not forwarded:
+                    self.launcher.request_stop(self.proc, stops.received[0])
+                    forwarded = True
+                tick += 1
+                starting = len(self.ranks) < self.world and tick < 300   # (not ours under srun)
+                if starting or tick % 5 == 0:
+                    self.look()
+                    if self.lost:
+                        break
+                time.sleep(POLL)
+        finally:
+            processes.end_all(self.proc)   # what is left of it, if anything
+        for relay in self.relays:
+            relay.join(timeout=10)
+        code = self.proc.returncode
+        return 128 - code if code < 0 else code
+
+    def look(self):
+        for pid in processes.descendants(self.proc.pid):
+            if pid not in self.ranks:
+                rank = processes.rank_of(pid)
+                if rank is not None:
+                    self.ranks[pid] = rank
+        for pid in processes.orphans(self.proc.pid):
+            self.lost = True
+            if self.rank is None:
+                self.rank = self.ranks.get(pid, processes.rank_of(pid))
+
+    def cause(self, code):
+        signum = self.signum
+        if signum is None and not self.lost and 128 < code < 128 + signal.NSIG:
+            signum = code - 128   # the launcher's code for a rank ended by a signal
+        try:
+            name = signal.Signals(signum).name if signum else None
+        except ValueError:
+            name = None
+        why = {"exit_code": code, "signal": name, "rank": self.rank}
+        if self.lost:
+            why["lost_launcher"] = True
+        return why
+
+
+def describe(cause):
+    bits = [f"rank {cause['rank']}" if cause["rank"] is not None else "",
+            cause["signal"] or "", "its launcher died" if cause.get("lost_launcher") else ""]
+    bits = ", ".join(b for b in bits if b)
+    return f"exit {cause['exit_code']}" + (f" ({bits})" if bits else "")
+
+
+# ----------------------------------------------------------------------------- signals
+
+class StopRequests:
+    """While installed: SIGTERM, SIGINT and SIGHUP (a closed terminal or ssh session)
+    are requests to stop the job, recorded in `received`, not the end of this process."""
+
+    def __init__(self):
+        self.received = []
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._handler) for s in STOP_SIGNALS}
+        return self
+
+    def _handler(self, signum, frame):
+        self.received.append(signum)
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def sleep(self, seconds):
+        """Sleep, cut short by a stop request."""
+        deadline = time.monotonic() + seconds
+        while not self.received and time.monotonic() < deadline:
+            time.sleep(min(POLL, max(0.0, deadline - time.monotonic())))
+
+    def code(self):
+        return 128 + self.received[0]
+
+
+# ----------------------------------------------------------------------------- the run
+
+def resolve(args):
+    """The job's resolved config, as dpbp.train itself resolves its arguments."""
+    train_args = [a for a in args.train_args if a != "--quiet"]
+    r = subprocess.run([sys.executable, "-m", "dpbp.train", *train_args, "--print-config"],
+                       capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        sys.stderr.write(r.stderr)
+        raise SystemExit(r.returncode)
+    return config.from_toml(r.stdout, "the config printed by dpbp.train --print-config")
+
+
+def world_size(args):
+    """(ranks, hosts or None): the hostfile's slots, read now; else -n; else the tasks
+    of the Slurm allocation we are in; else this machine's cores."""
+    if args.hostfile:
+        hosts = hostfile.read(args.hostfile)
+        return hostfile.total(hosts), hosts
+    if args.n:
+        return args.n, None
+    if os.environ.get("SLURM_NTASKS", "").isdigit():
+        return int(os.environ["SLURM_NTASKS"]), None
+    return len(available_cores()), None
+
+
+def done(cfg):
+    """The run has its final epoch's checkpoint."""
+    found = checkpoint.list_all(cfg.run.dir)
+    return bool(found) and found[-1][0] >= (cfg.train.epochs, 0)
+
+
+def resume_point(cfg):
+    """(path, step) of the checkpoint a restart continues from: the newest valid one in
+    the run directory; (None, 0) where there is none (the job starts afresh)."""
+    if not checkpoint.list_all(cfg.run.dir):
+        return None, 0
+    try:
+        path, state, _ = run_dir.newest_checkpoint(cfg.run.dir)
+    except UserError:
+        return None, None   # none is valid: the resumed job will say so
+    return path, state["step"]
+
+
+def record(cfg, attempt, cause, world, path, step):
+    """One restart: a line on stdout and a JSON record in RUN_DIR/restarts.jsonl."""
+    entry = dict(time=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                 restart=attempt, cause=cause, world_size=world, resume_step=step,
+                 resume_from=path)
+    os.makedirs(cfg.run.dir, exist_ok=True)   # a job may fail before it made the folder
+    with open(os.path.join(cfg.run.dir, "restarts.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+    where = (f"from step {step} ({path})" if path else "afresh (no checkpoint yet)"
+             if step == 0 else "with --resume, though no checkpoint verifies")
+    say(f"restart {attempt}: the job ended with {describe(cause)}; resuming {where} on "
+        f"{plural(world, 'rank')}")
+
+
+def run_attempt(launcher, args, hosts, world, train_args, stops):
+    """Start the job on `world` ranks (with `hosts`, if any), watch it to its end."""
+    hosts_path = None
+    try:
+        if hosts is not None:
+            fd, hosts_path = tempfile.mkstemp(prefix="dpbp-hosts-", text=True)
+            with os.fdopen(fd, "w") as f:
+                f.write(hostfile.render(hosts, launcher.flavour))
+        try:
+            attempt = Attempt(launcher, launcher.command(world, hosts_path, train_args), world)
+        except OSError as e:
+            raise UserError(f"cannot start {launcher.exe}: {e.strerror}") from None
+        return attempt, attempt.watch(stops)
+    finally:
+        if hosts_path:
+            os.unlink(hosts_path)
+
+
+def verdict(code, cfg, stops):
+    """The supervisor's exit code after an attempt ended with `code`, or None to restart."""
+    if stops.received:   # we asked the job to stop: 0 only if it did finish
+        if code == 0 and done(cfg):
+            return 0
+        asked = code == 0 or code in STOPPED or len(stops.received) > 1
+        note(f"stopped by {signal.Signals(stops.received[0]).name}: the job ended with "
+             f"{code}; not restarting")
+        return stops.code() if asked else code
+    if code == 0 and done(cfg):
+        return 0
+    if code in STOPPED:   # e.g. scancel --signal=TERM to the steps, or a kill to the ranks
+        note(f"the job stopped on {signal.Signals(code - 128).name} from outside this "
+             "supervisor (its ranks saved a checkpoint); not restarting")
+        return code
+    if code in (EXIT_BAD_INPUT, EXIT_DIVERGED):
+        note(f"the job ended with {code}, which a restart cannot heal; not restarting")
+        return code
+    return None
+
+
+def supervise(args, cfg, launcher, stops):
+    """Start the job, watch it, decide, restart it, until it is done or given up.
+    Returns the exit code."""
+    world, hosts = world_size(args)
+    train_args = list(args.train_args)
+    say(f"run dir {cfg.run.dir}; {plural(world, 'rank')} via {launcher.kind}; up to "
+        f"{plural(args.max_restarts, 'restart')}")
+    restarts, backoff = 0, FIRST_BACKOFF
+    while True:
+        if stops.received:
+            return stops.code()
+        attempt, code = run_attempt(launcher, args, hosts, world, train_args, stops)
+        decided = verdict(code, cfg, stops)
+        if decided is not None:
+            return decided
+        cause = attempt.cause(code)
+        if restarts >= args.max_restarts:
+            note(f"the job ended with {describe(cause)}, after "
+                 f"{plural(restarts, 'restart')}: giving up (exit {EXIT_RESTARTS_EXHAUSTED})")
+            return EXIT_RESTARTS_EXHAUSTED
+        stops.sleep(backoff)
+        if stops.received:
+            return stops.code()
+        backoff = min(2 * backoff, MAX_BACKOFF)
+        world, hosts = world_size(args)   # an operator may have dropped a host meanwhile
+        if world < args.min_ranks:
+            note(f"the job ended with {describe(cause)}; {plural(world, 'slot')} left, "
+                 f"fewer than --min-ranks {args.min_ranks}: giving up (exit "
+                 f"{EXIT_RESTARTS_EXHAUSTED})")
+            return EXIT_RESTARTS_EXHAUSTED
+        removed = processes.remove_stale_segments()
+        if removed:
+            note(f"removed {plural(len(removed), 'stale MPI shared-memory segment')} "
+                 f"that ranks killed before MPI_Finalize left: {' '.join(removed)}")
+        path, step = resume_point(cfg)
+        if checkpoint.list_all(cfg.run.dir):   # from the newest valid one, in this run dir
+            train_args = [*args.train_args, "--set", f"run.dir={config.toml_value(cfg.run.dir)}",
+                          "--resume"]
+        restarts += 1
+        record(cfg, restarts, cause, world, path, step)
+
+
+def check_slots(world, min_ranks):
+    if world < min_ranks:
+        raise UserError(f"{plural(world, 'slot')}, fewer than --min-ranks {min_ranks}")
+
+
+def main(argv=None):
+    args = parse(sys.argv[1:] if argv is None else argv)
+    if args.help:
+        print(PARSER.format_help(), end="")
+        return 0
+    if {"-h", "--help", "--print-config"} & set(args.train_args):   # nothing to supervise
+        return subprocess.run([sys.executable, "-m", "dpbp.train", *args.train_args]
+                              ).returncode
+    launcher = Launcher(args.launcher, args.module)
+    check_slots(world_size(args)[0], args.min_ranks)
+    processes.become_subreaper()   # ranks that lose their launcher come to us, not init
+    with StopRequests() as stops:
+        cfg = resolve(args)
+        return supervise(args, cfg, launcher, stops)
+
+
+def parse(argv):
+    """The supervisor's options (before `--`) and dpbp.train's arguments (after it)."""
+    if "--" in argv:
+        at = argv.index("--")
+        own, train_args = argv[:at], argv[at + 1:]
+    else:
+        own, train_args = argv, []
+    args = PARSER.parse_args(own)
+    args.train_args = train_args
+    if args.n is not None and args.hostfile:
+        raise UserError("give -n or --hostfile, not both (with a hostfile, its slots are "
+                        "the ranks)")
+    if args.hostfile and args.launcher == "srun":
+        raise UserError("--hostfile is for mpirun; under srun the allocation decides the "
+                        "hosts")
+    for name, low in (("n", 1), ("max_restarts", 0), ("min_ranks", 1)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {value}"
+                            if name != "n" else f"-n must be at least 1, got {value}")
+    return args
+
+
+PARSER = ArgumentParser(
+    prog="python -m dpbp.launch", add_help=False,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    usage="python -m dpbp.launch [-n N | --hostfile FILE] [--max-restarts K] "
+          "[--min-ranks M]\n       [--launcher mpirun|srun] [--module MODULE] -- "
+          "[arguments of dpbp.train]",
+    description="Run dpbp.train under an MPI launcher and restart it from its newest "
+                "checkpoint when it\nfails, on the ranks that are left (docs/recovery.md).",
+    epilog="\n".join([
+        "restarts: after any failure but bad input and divergence (a rank that crashed or",
+        "  was killed, a lost node, the watchdog's exit 4, the launcher's own errors), with",
+        f"  --resume once a checkpoint exists, after {FIRST_BACKOFF:g} s, then twice as long "
+        f"each time (at most {MAX_BACKOFF:g} s);",
+        "  each is a line on stdout and a JSON record in RUN_DIR/restarts.jsonl.",
+        "exit codes: 0 trained to the end; 2 bad input and 3 diverged, never retried;",
+        "  128+N stopped by signal N (SIGTERM, SIGINT or SIGHUP, passed on to the job as a",
+        "  stop request: it saves a checkpoint, and nothing restarts);",
+        f"  {EXIT_RESTARTS_EXHAUSTED} gave up: --max-restarts used up, or fewer slots than "
+        "--min-ranks;",
+        "  any other code: the job's own, when it ended so while stopping."]))
+PARSER.add_argument("-h", "--help", action="store_true", help="show this help and exit")
+PARSER.add_argument("-n", type=int, metavar="N",
+                    help="ranks, when no hostfile gives them (default: the tasks of the "
+                         "Slurm allocation, else this machine's cores)")
+PARSER.add_argument("--hostfile", metavar="FILE",
+                    help="hosts and their slots (host:slots or host slots=N lines), read "
+                         "again before every restart; the ranks are its total slots")
+PARSER.add_argument("--max-restarts", type=int, default=3, metavar="K",
+                    help="restart a failed job at most K times (default 3)")
+PARSER.add_argument("--min-ranks", type=int, default=1, metavar="M",
+                    help="give up when the hostfile has fewer than M slots left (default 1)")
+PARSER.add_argument("--launcher", choices=("mpirun", "srun"), default="mpirun",
+                    help="mpirun (MPICH or Open MPI, default) or srun inside a Slurm "
+                         "allocation (srun --mpi=$DPBP_SRUN_MPI, default pmi2)")
+PARSER.add_argument("--module", default="dpbp.train", metavar="MODULE",
+                    help="the module each rank runs with python -m (default dpbp.train); "
+                         "a wrapper around dpbp.train, such as the tests' fault injection")
+
+
+def cli():
+    try:
+        code = main()
+    except UserError as e:
+        print(f"dpbp: error: {e}", file=sys.stderr, flush=True)
+        code = EXIT_BAD_INPUT
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    cli()

@@ -5,7 +5,7 @@
 
 Every rank holds a full replica of the model, computes gradients on its own shard of
 each global minibatch, the gradients are summed with one Allreduce, and every rank then
-applies the same SGD update, so the replicas stay identical (the step: train_step in
+applies the same update (SGD or AdamW), so the replicas stay identical (the step: train_step in
 dpbp/parallel/step.py). This module is the epoch loop around it; set-up is
 service/startup.py, and the run's reliability (watchdog, stop requests, non-finite steps,
 replica checks, checkpoints) is service/guard.py, called after every step and epoch.
@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from dpbp.errors import EXIT_DIVERGED, EXIT_HUNG, ArgumentParser, plural
-from dpbp.nn import schedule
+from dpbp.nn import noise, schedule
 from dpbp.parallel import comm as mpi
 from dpbp.parallel import sharding
 from dpbp.parallel.evaluation import evaluate
@@ -81,9 +81,11 @@ def train(run, comm, say, speaks, signals, watchdog):
                 N = len(batches[b])
                 rows = batches[b][run.summed.rows(N)]
                 optimizer.lr = schedule.lr_at(tc, at.step, steps_per_epoch)
+                # dropout's masks: a function of (seed, step, each row's sample index)
+                keys = noise.row_keys(cfg.run.seed, at.step, rows) if model.dropout else None
                 with np.errstate(over="ignore", invalid="ignore"):   # non-finite: caught
                     loss, ok = train_step(model, optimizer, run.loss_fn, data.x[rows],
-                                          data.y[rows], N, run.summed, tc.clip_grad_norm)
+                                          data.y[rows], N, run.summed, tc.clip_grad_norm, keys)
                 if ok:
                     loss_sum += loss
                 at = Position(epoch, b + 1, at.step + 1, at.skipped + (0 if ok else 1),

@@ -88,10 +88,10 @@ def install(kind, rank, step):
         now["step"] = s
         return real_lr_at(tc, s, steps_per_epoch)
 
-    def train_step(model, optimizer, loss_fn, x, y, N, summed, clip_norm=0.0):
+    def train_step(model, optimizer, loss_fn, x, y, N, summed, *args):
         if (summed.comm.rank, now["step"]) == (rank, step):
             inject(kind, step, x, model.params)
-        return real_step(model, optimizer, loss_fn, x, y, N, summed, clip_norm)
+        return real_step(model, optimizer, loss_fn, x, y, N, summed, *args)
 
     def save(path, model, optimizer, position, *args, **kwargs):
         now["saving"] = position.step

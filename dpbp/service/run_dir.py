@@ -21,8 +21,10 @@ from dpbp.errors import UserError
 from dpbp.service import checkpoint, config
 from dpbp.service.files import remove_stale_temporaries, write_atomic
 
-# Keys a resumed run may not change: they define the network or the global batch.
-FIXED_ON_RESUME = ("model.hidden", "model.activation", "train.loss", "train.batch_size")
+# Keys a resumed run may not change: they define the network, the global batch or the
+# optimizer (whose state the checkpoint holds).
+FIXED_ON_RESUME = ("model.hidden", "model.activation", "model.dropout", "train.loss",
+                   "train.batch_size", "train.optimizer")
 # Keys whose change on resume changes which samples train and which validate.
 SPLIT_KEYS = ("run.seed", "data.source", "data.path", "data.val_fraction", "data.samples",
               "data.shuffle")
@@ -141,7 +143,8 @@ def resumed_config(saved_toml, path, config_file, overrides, run_dir=None):
         if key in FIXED_ON_RESUME:
             raise UserError(f"--resume: {key} was {config.toml_value(old[key])} in {path}, "
                             f"now {config.toml_value(new[key])}; a resumed run keeps its "
-                            "network and global batch")
+                            "network, global batch and optimizer (start a new run to change "
+                            "it, with model.init for the weights)")
     notes = []
     for k in changed:
         why = {"model.init": " (ignored: the checkpoint has the weights)"}.get(

@@ -17,7 +17,7 @@ from dpbp import __version__
 from dpbp.errors import UserError, plural
 from dpbp.nn.losses import cross_entropy, mse
 from dpbp.nn.model import MLP
-from dpbp.nn.optim import SGD
+from dpbp.nn.optim import SGD, AdamW
 from dpbp.nn.schedule import base_lr
 from dpbp.parallel import comm as mpi
 from dpbp.parallel import sharding
@@ -38,7 +38,7 @@ class Run:
     data: datasets.Dataset
     data_id: str                    # what the data are (datasets.identity), kept in checkpoints
     model: MLP
-    optimizer: SGD
+    optimizer: SGD | AdamW          # as train.optimizer says
     summed: PlainSum | GrainSum     # the gradient sum over ranks, chosen from the config
     loss_fn: object                 # nn.losses.cross_entropy or mse
     start: Position                 # where the run starts (a checkpoint's position)
@@ -75,8 +75,8 @@ def set_up(args, comm, say, watchdog):
     check_same_inputs(comm, cfg, data_id)
     arith = check_arithmetic(comm) if cfg.train.deterministic else None
     comm.bcast_(model.params)                   # DP: the replicas start identical
-    if optimizer.momentum_buffer is not None:
-        comm.bcast_(optimizer.momentum_buffer)
+    for array in optimizer.state().values():    # DP: and so do the optimizers
+        comm.bcast_(array)
     summed = gradient_sum(cfg.train, comm, model)
     start, saved_sums = starting_point(comm, resumed)
     if start.epoch >= cfg.train.epochs:   # before prepare: a finished run is left untouched
@@ -149,15 +149,22 @@ def build(cfg, data, fresh=True):
     model.init_(np.random.default_rng([cfg.run.seed, 0x1417]))
     if cfg.model.init and fresh:
         checkpoint.load_weights(model, cfg.model.init)
-    tc = cfg.train
-    return model, SGD(model.params, model.grads, base_lr(tc), tc.momentum, tc.nesterov,
-                      tc.weight_decay)
+    return model, new_optimizer(cfg.train, model)
+
+
+def new_optimizer(tc, model):
+    """The optimizer that train.optimizer names, on the model's flat buffers."""
+    if tc.optimizer == "adamw":
+        return AdamW(model.params, model.grads, base_lr(tc), tc.betas, tc.eps,
+                     tc.weight_decay, tc.amsgrad)
+    return SGD(model.params, model.grads, base_lr(tc), tc.momentum, tc.nesterov,
+               tc.weight_decay)
 
 
 def new_model(widths, cfg):
     """An MLP of `widths` as the config says, or a UserError where it does not fit in memory."""
     try:
-        return MLP(widths, cfg.model.activation, cfg.model.dtype)
+        return MLP(widths, cfg.model.activation, cfg.model.dtype, cfg.model.dropout)
     except MemoryError:
         raise UserError(f"the network {'-'.join(map(str, widths))} does not fit in "
                         "memory; check model.hidden and the number of classes") from None
@@ -208,7 +215,8 @@ def describe_run(comm, threads, why, cfg, data, model, summed, arith):
         f"{plural(threads, 'BLAS thread')} per rank ({why})",
         f"data: {cfg.data.source}, {data.describe()}",
         f"model: {'-'.join(map(str, model.widths))} {cfg.model.activation} "
-        f"{cfg.model.dtype}, {model.params.size:,} parameters; loss {tc.loss}",
+        f"{cfg.model.dtype}" + (f", dropout {model.dropout:g}" if model.dropout else "")
+        + f", {model.params.size:,} parameters; loss {tc.loss}; optimizer {tc.optimizer}",
         f"{summed.describe(tc.batch_size)}; {plural(steps, 'step')} per epoch; run dir "
         f"{cfg.run.dir}"]
     if arith is not None:

@@ -24,7 +24,7 @@ from dpbp.parallel import comm as mpi
 from dpbp.parallel import sharding
 from dpbp.parallel.evaluation import evaluate
 from dpbp.parallel.step import train_step
-from dpbp.service import checkpoint, config, run_dir
+from dpbp.service import checkpoint, config, history, run_dir
 from dpbp.service.checkpoint import Position
 from dpbp.service.config import RunConfig
 from dpbp.service.guard import Guard, end_hung_job
@@ -53,18 +53,28 @@ def command(argv, comm, signals, watchdog):
     run = set_up(args, comm, say, watchdog)
     if run is None:   # --print-config, or a resumed run that is already complete
         return 0
-    code = train(run, comm, say, speaks, signals, watchdog)
-    if code is None:
-        weights = hashlib.sha256(run.model.params.tobytes()).hexdigest()[:16]   # to compare runs
-        say(f"done: {plural(run.cfg.train.epochs, 'epoch')}; weights sha256 {weights}; "
-            f"checkpoint {checkpoint.path_for(run.cfg.run.dir, run.cfg.train.epochs)}, "
-            f"metrics {run_dir.metrics_path(run.cfg.run.dir)}")
+    code, at = train(run, comm, say, speaks, signals, watchdog)
+    if code in (None, 0):   # done: every epoch, or stopped early
+        say(done_line(run, at.epoch))
     return code or 0
 
 
+def done_line(run, epochs):
+    """The last line of a run that ended well, after `epochs` epochs."""
+    cfg = run.cfg
+    weights = hashlib.sha256(run.model.params.tobytes()).hexdigest()[:16]   # to compare runs
+    early = (f" of {cfg.train.epochs}, stopped early ({history.why_stopped(cfg.train)})"
+             if epochs < cfg.train.epochs else "")
+    best = f", best {checkpoint.best_path(cfg.run.dir)}" if cfg.run.keep_best else ""
+    return (f"done: {plural(epochs, 'epoch')}{early}; weights sha256 {weights}; checkpoint "
+            f"{checkpoint.path_for(cfg.run.dir, epochs)}{best}, metrics "
+            f"{run_dir.metrics_path(cfg.run.dir)}")
+
+
 def train(run, comm, say, speaks, signals, watchdog):
-    """Collective. The epochs from run.start to the last; None when done, else the exit
-    code of a stop (a signal, after a checkpoint)."""
+    """Collective. The epochs from run.start to the last. Returns (code, position): code
+    None when done, 0 when early stopping ended the run, else the exit code of a stop (a
+    signal, after a checkpoint); the position where the run stopped."""
     cfg, tc, data, model, optimizer = run.cfg, run.cfg.train, run.data, run.model, run.optimizer
     steps_per_epoch = sharding.num_batches(len(data.x), tc.batch_size)
     at = run.start
@@ -93,14 +103,14 @@ def train(run, comm, say, speaks, signals, watchdog):
                 bar.update()
                 code = guard.after_step(ok, at, loss_sum, epoch_done=b + 1 == len(batches))
                 if code is not None:
-                    return code
+                    return code, at
             bar.close()
             record, total = epoch_record(run, comm, at, loss_sum, batches[first:], t0)
             at = Position(epoch + 1, 0, at.step)
             code = guard.after_epoch(record, at, total, format_epoch(record, tc.epochs))
             if code is not None:
-                return code
-    return None
+                return code, at
+    return None, at
 
 
 def epoch_record(run, comm, at, loss_sum, trained_batches, t0):

@@ -1,5 +1,6 @@
 """Checkpoints: RUN_DIR/checkpoints/epoch-EEEE.npz at the end of each epoch (EEEE = epochs
-done), and epoch-EEEE-batch-BBBBBB.npz mid-epoch (BBBBBB more batches of the next one done).
+done), and epoch-EEEE-batch-BBBBBB.npz mid-epoch (BBBBBB more batches of the next one done);
+with run.keep_best, best.npz is a copy of the best epoch's.
 
 Entries (all plain arrays, readable with numpy.load(path, allow_pickle=False)):
     model.<i>.weight, model.<i>.bias   the torch.nn.Sequential state-dict layout
@@ -87,6 +88,12 @@ def save(path, model, optimizer, position, world_size, config_toml, loss_sums=No
                   data=np.str_(data_id), format_version=np.int64(FORMAT_VERSION))
     arrays["digest"] = np.str_(digest(arrays))
     write_atomic(path, lambda f: np.savez(f, **arrays))
+
+
+def best_path(run_dir):
+    """run.keep_best: the copy of the best epoch's checkpoint (never an epoch checkpoint:
+    list_all does not list it, keep_checkpoints never prunes it, --resume never takes it)."""
+    return os.path.join(run_dir, "checkpoints", "best.npz")
 
 
 def position_of(path):

@@ -24,7 +24,7 @@ from dpbp.parallel import sharding
 from dpbp.parallel.deterministic import GrainSum
 from dpbp.parallel.step import PlainSum
 from dpbp.parallel.threads import arithmetic, limit_blas_threads
-from dpbp.service import checkpoint, config, run_dir
+from dpbp.service import checkpoint, config, history, run_dir
 from dpbp.service import data as datasets
 from dpbp.service.checkpoint import Position
 
@@ -43,6 +43,7 @@ class Run:
     loss_fn: object                 # nn.losses.cross_entropy or mse
     start: Position                 # where the run starts (a checkpoint's position)
     loss_sum: float                 # this rank's partial loss sum of the starting epoch
+    val_losses: list                # val_loss of every epoch before the start (history.py)
     locks: list                     # the run directory's locks, held by rank 0 (else [])
 
 
@@ -65,6 +66,7 @@ def set_up(args, comm, say, watchdog):
         return None
     with mpi.agreement(comm):
         data = load_data(cfg)
+        check_validation_needed(cfg, data)
         data_id = datasets.identity(data)
         model, optimizer = build(cfg, data, fresh=resumed is None)
         if comm.rank == 0 and resumed is not None:
@@ -78,10 +80,8 @@ def set_up(args, comm, say, watchdog):
     for array in optimizer.state().values():    # DP: and so do the optimizers
         comm.bcast_(array)
     summed = gradient_sum(cfg.train, comm, model)
-    start, saved_sums = starting_point(comm, resumed)
-    if start.epoch >= cfg.train.epochs:   # before prepare: a finished run is left untouched
-        say(f"nothing to do: the run in {cfg.run.dir} already completed "
-            f"{plural(start.epoch, 'epoch')} of {cfg.train.epochs}")
+    start, saved_sums, val_losses = starting_point(comm, resumed)
+    if finished(cfg, start, val_losses, say):   # before prepare: left untouched
         return None
     locks = []
     with mpi.agreement(comm):
@@ -100,7 +100,7 @@ def set_up(args, comm, say, watchdog):
         say(note)
     loss_sum = summed.resumed_loss(*saved_sums)
     return Run(cfg, data, data_id, model, optimizer, summed, LOSSES[cfg.train.loss], start,
-               loss_sum, locks)
+               loss_sum, val_losses, locks)
 
 
 @dataclasses.dataclass
@@ -195,14 +195,48 @@ def check_arithmetic(comm):
 
 
 def starting_point(comm, resumed):
-    """Collective. (Position, (loss sums, world size)): rank 0's checkpoint's, or the start."""
-    state = None if resumed is None else resumed.state
-    saved = comm.bcast_obj(None if state is None else (
-        Position.of(state), [float(s) for s in state["loss_sums"]], state["world_size"]))
+    """Collective. (Position, (loss sums, world size), val losses): rank 0's checkpoint's
+    and its run's history of validation losses (metrics.jsonl), or the start."""
+    saved = None
+    with mpi.agreement(comm):
+        if resumed is not None and comm.rank == 0:
+            state, home = resumed.state, run_dir.home_of(resumed.path)
+            position = Position.of(state)
+            lines = run_dir.read_metrics(home) if home else []
+            saved = (position, [float(s) for s in state["loss_sums"]], state["world_size"],
+                     history.val_losses(lines, position.epoch))
+    saved = comm.bcast_obj(saved)
     if saved is None:
-        return Position(), ([0.0], 1)
-    position, sums, world_size = saved
-    return position, (sums, world_size)
+        return Position(), ([0.0], 1), []
+    position, sums, world_size, val_losses = saved
+    return position, (sums, world_size), val_losses
+
+
+def finished(cfg, start, val_losses, say):
+    """Whether a resumed run has nothing left to do: all its epochs, or it stopped early
+    (and would again, with this config's early stopping). Says so."""
+    tc = cfg.train
+    if start.epoch >= tc.epochs:
+        say(f"nothing to do: the run in {cfg.run.dir} already completed "
+            f"{plural(start.epoch, 'epoch')} of {tc.epochs}")
+        return True
+    if start.batch == 0 and history.stop_early(tc, val_losses):
+        say(f"nothing to do: the run in {cfg.run.dir} stopped early after "
+            f"{plural(start.epoch, 'epoch')} ({history.why_stopped(tc)}); to train on, "
+            "raise train.early_stopping_patience or set it to 0")
+        return True
+    return False
+
+
+def check_validation_needed(cfg, data):
+    """run.keep_best and early stopping go by the validation loss: a UserError without
+    validation data."""
+    for key, on in (("run.keep_best", cfg.run.keep_best),
+                    ("train.early_stopping_patience", cfg.train.early_stopping_patience)):
+        if on and data.x_val is None:
+            raise UserError(f"{key} needs validation data, and the {cfg.data.source} data "
+                            "has none (data.val_fraction = 0 and no x_val); set "
+                            "data.val_fraction > 0, or give x_val and y_val")
 
 
 def describe_run(comm, threads, why, cfg, data, model, summed, arith):

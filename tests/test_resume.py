@@ -325,5 +325,6 @@ def test_resume_respects_the_early_stopping_count(tmp_path, tiny_npz):
     assert [[m.get(k) for k in keys] for m in metrics(full)] == \
         [[m.get(k) for k in keys] for m in metrics(run_dir)]
     for name in (f"epoch-{stopped:04d}.npz", "best.npz"):
-        a, b = model_arrays(full / "checkpoints" / name), model_arrays(run_dir / "checkpoints" / name)
+        a = model_arrays(full / "checkpoints" / name)
+        b = model_arrays(run_dir / "checkpoints" / name)
         assert all(a[k].tobytes() == b[k].tobytes() for k in a), name

@@ -5,10 +5,11 @@
 
 Every rank holds a full replica of the model, computes gradients on its own shard of
 each global minibatch, the gradients are summed with one Allreduce, and every rank then
-applies the same update (SGD or AdamW), so the replicas stay identical (the step: train_step in
-dpbp/parallel/step.py). This module is the epoch loop around it; set-up is
+applies the same update (SGD or AdamW), so the replicas stay identical (the step:
+train_step in dpbp/parallel/step.py). This module is the epoch loop around it; set-up is
 service/startup.py, and the run's reliability (watchdog, stop requests, non-finite steps,
-replica checks, checkpoints) is service/guard.py, called after every step and epoch.
+replica checks, checkpoints, the best checkpoint, early stopping) is service/guard.py,
+called after every step and epoch.
 """
 
 import argparse

@@ -151,6 +151,12 @@ def test_adamw_training_matches_torch(tmp_path, case):
     assert final.keys() == want.keys()
     for name in want:
         np.testing.assert_allclose(final[name], want[name], rtol=0, atol=1e-10, err_msg=name)
+    if p:   # docs/operations.md's recipe: torch.nn.Dropout modules take the same places
+        recipe = torch.nn.Sequential(
+            torch.nn.Linear(5, 6, dtype=torch.float64), torch.nn.ReLU(), torch.nn.Dropout(p),
+            torch.nn.Linear(6, 4, dtype=torch.float64), torch.nn.ReLU(), torch.nn.Dropout(p),
+            torch.nn.Linear(4, 3, dtype=torch.float64))
+        recipe.load_state_dict({k[len("model."):]: torch.from_numpy(v) for k, v in final.items()})
     moments = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
     if tc.amsgrad:
         moments["max_exp_avg_sq"] = "max_exp_avg_sq"

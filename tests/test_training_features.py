@@ -24,11 +24,16 @@ def train(tmp_path, name, npz, ranks, **extra):
     return model_arrays(run_dir / "checkpoints" / "epoch-0004.npz"), metrics, r
 
 
-@pytest.mark.parametrize("ranks", [1, 3])
-def test_accumulation_equals_one_pass_to_rounding(tmp_path, tiny_npz, ranks):
+ADAMW_DROPOUT = dict(train__optimizer='"adamw"', model__dropout=0.3)
+
+
+@pytest.mark.parametrize("ranks,more", [(1, {}), (3, {}), (3, ADAMW_DROPOUT)],
+                         ids=["1", "3", "3-adamw-dropout"])
+def test_accumulation_equals_one_pass_to_rounding(tmp_path, tiny_npz, ranks, more):
     """k micro-batches then one Allreduce: the same update as the whole shard at once
-    (uneven micro-batches, and empty ones on ranks with fewer rows than k)."""
-    f64 = dict(model__dtype='"float64"')
+    (uneven micro-batches, and empty ones on ranks with fewer rows than k), with SGD, and
+    with AdamW and dropout (each micro-batch's rows keep their masks)."""
+    f64 = dict(model__dtype='"float64"', **more)
     one, m1, _ = train(tmp_path, "k1", tiny_npz, ranks, **f64)
     four, m4, _ = train(tmp_path, "k4", tiny_npz, ranks, train__accumulation_steps=4, **f64)
     for name in one:

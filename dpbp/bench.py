@@ -224,8 +224,7 @@ def peak_rss_bytes():
 
 
 def run_bench(args, comm, say):
-    widths = args.layers
-    dtype = np.dtype(args.dtype)
+    widths, dtype = args.layers, np.dtype(args.dtype)
     t0 = time.perf_counter()
     limit_blas_threads(comm.ranks_sharing_cores, args.deterministic)
     threads = blas_threads()

@@ -167,8 +167,9 @@ def _epilog():
     lines = ["config keys and their defaults (configs/default.toml spells them out):"]
     for section, keys in config.defaults_by_section().items():
         lines.append(f"  [{section}]  " + ", ".join(f"{k} = {v}" for k, v in keys.items()))
-    lines += ["", "exit codes: 0 done; 2 bad input (config, data, run directory, checkpoint), "
-              "reported once;", f"  {EXIT_DIVERGED} a non-finite loss or gradient, or "
+    lines += ["", "exit codes: 0 done (also when early stopping ended the run); 2 bad input "
+              "(config, data,", "  run directory, checkpoint), reported once;",
+              f"  {EXIT_DIVERGED} a non-finite loss or gradient, or "
               "replicas that differ: nothing after the last checkpoint saved;",
               f"  {EXIT_HUNG} the watchdog ended the job: no step finished in "
               "run.watchdog_seconds;",

@@ -39,16 +39,16 @@ from datetime import timedelta  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dpbp.errors import ArgumentParser, UserError, plural  # noqa: E402
+from dpbp.nn import noise  # noqa: E402
 from dpbp.nn.losses import cross_entropy  # noqa: E402
 from dpbp.nn.model import MLP  # noqa: E402
-from dpbp.nn.optim import SGD  # noqa: E402
 from dpbp.parallel import comm as mpi  # noqa: E402
 from dpbp.parallel import sharding
 from dpbp.parallel.step import train_step  # noqa: E402
 from dpbp.parallel.threads import blas_threads, limit_blas_threads  # noqa: E402
 from dpbp.service import config
 from dpbp.service.config import TrainConfig  # noqa: E402
-from dpbp.service.startup import gradient_sum  # noqa: E402
+from dpbp.service.startup import gradient_sum, new_optimizer  # noqa: E402
 
 GEMM_N = 1024
 LR, MOMENTUM = 0.01, 0.9
@@ -57,13 +57,13 @@ MEMORY_SLACK = 1.5   # peak RSS may exceed what the run needs by this factor
 
 # ----------------------------------------------------------------------------- dpbp
 
-def bench_dpbp(comm, widths, N, dtype, warmup, steps, tc):
-    """Collective. Per-rank arrays of step and communication-wait seconds of the timed
-    steps, the CPU seconds this rank used in them, and the bytes of the model, optimizer
-    state and activations of this rank."""
-    model = MLP(widths, "relu", dtype)
+def bench_dpbp(comm, widths, N, dtype, warmup, steps, tc, dropout):
+    """Collective. Per-rank arrays of step, communication-wait and optimizer-update
+    seconds of the timed steps, the CPU seconds this rank used in them, and the bytes of
+    the model, optimizer state and activations of this rank."""
+    model = MLP(widths, "relu", dtype, dropout)
     model.init_(np.random.default_rng([0, 0x1417]))
-    optimizer = SGD(model.params, model.grads, LR, MOMENTUM)
+    optimizer = new_optimizer(tc, model)
     summed = gradient_sum(tc, comm, model)
     rows = summed.rows(N)
     B = rows.stop - rows.start
@@ -77,23 +77,32 @@ def bench_dpbp(comm, widths, N, dtype, warmup, steps, tc):
             cpu = time.process_time()
         comm.wait_seconds = 0.0
         t0 = time.perf_counter()
-        train_step(model, optimizer, cross_entropy, x, y, N, summed)
+        keys = noise.row_keys(0, warmup + k, np.arange(rows.start, rows.stop)) \
+            if dropout else None   # as the loop makes them, every step
+        train_step(model, optimizer, cross_entropy, x, y, N, summed, 0.0, keys)
         if k >= 0:
             seconds[k], waits[k] = time.perf_counter() - t0, comm.wait_seconds
     cpu = time.process_time() - cpu
+    updates = np.empty(steps)
+    for k in range(steps):   # the update alone, on the last step's gradient
+        t0 = time.perf_counter()
+        optimizer.step()
+        updates[k] = time.perf_counter() - t0
     state = model.params.nbytes + model.grads.nbytes + summed.scratch_bytes() + optimizer.nbytes()
-    return seconds, waits, cpu, state + activation_bytes(widths, B, dtype)
+    return seconds, waits, updates, cpu, state + activation_bytes(widths, B, dtype, dropout)
 
 
-def activation_bytes(widths, B, dtype):
+def activation_bytes(widths, B, dtype, dropout=0.0):
     """What one step holds per row batch: the input, every layer's output and (but the
-    first) input gradient, the ReLU masks and the loss gradient."""
+    first) input gradient, the ReLU masks and the loss gradient; with dropout, its
+    random bits, scratch space, mask and output."""
     item = np.dtype(dtype).itemsize
     outputs = sum(widths[1:]) * item
     input_grads = sum(widths[1:-1]) * item
     masks = sum(widths[1:-1])
     loss = 3 * widths[-1] * item
-    return B * (widths[0] * item + outputs + input_grads + masks + loss)
+    dropped = sum(widths[1:-1]) * (8 + 8 + 1 + 2 * item) if dropout else 0
+    return B * (widths[0] * item + outputs + input_grads + masks + loss + dropped)
 
 
 def gemm_rates(comm, dtype, windows=3, window_seconds=0.2):
@@ -215,8 +224,7 @@ def peak_rss_bytes():
 
 
 def run_bench(args, comm, say):
-    widths = args.layers
-    dtype = np.dtype(args.dtype)
+    widths, dtype = args.layers, np.dtype(args.dtype)
     t0 = time.perf_counter()
     limit_blas_threads(comm.ranks_sharing_cores, args.deterministic)
     threads = blas_threads()
@@ -224,9 +232,10 @@ def run_bench(args, comm, say):
     base_rss = gather(comm, rss_bytes()).max()   # interpreter, libraries, MPI, BLAS buffers
 
     tc = TrainConfig(batch_size=args.batch_size, comm_dtype=args.comm_dtype,
-                     deterministic=args.deterministic, grains=args.grains)
-    seconds, waits, cpu, need = bench_dpbp(comm, widths, args.batch_size, dtype, args.warmup,
-                                           args.steps, tc)
+                     deterministic=args.deterministic, grains=args.grains,
+                     optimizer=args.optimizer, lr=LR, momentum=MOMENTUM)
+    seconds, waits, updates, cpu, need = bench_dpbp(
+        comm, widths, args.batch_size, dtype, args.warmup, args.steps, tc, args.dropout)
     peak_rss = gather(comm, peak_rss_bytes()).max()
     # The peak: the best window, before or after the steps, of all ranks' rates summed
     # (others' work on a shared machine only ever lowers a window's rate).
@@ -242,9 +251,11 @@ def run_bench(args, comm, say):
     r = dict(world_size=comm.size, threads_per_rank=threads, cores=len(mpi.available_cores()),
              ranks_sharing_cores=comm.ranks_sharing_cores, mpi=comm.library,
              layers=widths, weights=weights, batch_size=args.batch_size, dtype=dtype.name,
-             warmup=args.warmup, steps=args.steps,
-             comm_dtype=args.comm_dtype, deterministic=args.deterministic,
+             warmup=args.warmup, steps=args.steps, comm_dtype=args.comm_dtype,
+             deterministic=args.deterministic,
              grains=args.grains if args.deterministic else None,
+             optimizer=args.optimizer, dropout=args.dropout,
+             update_seconds=float(np.median(gather(comm, updates).max(axis=0))),
              samples_per_second=samples_per_second,
              step_seconds=step, compute_seconds=step * (1 - comm_fraction),
              comm_seconds=step * comm_fraction, comm_fraction=comm_fraction,
@@ -290,10 +301,13 @@ def report(r):
         f"{r['warmup']} warm-up + {r['steps']} timed steps; gradients summed "
         "after backpropagation"
         + ("" if r["comm_dtype"] == "float32" else f", sent as {r['comm_dtype']}")
-        + (f", exactly in {r['grains']} grains (deterministic)" if r["deterministic"] else ""),
+        + (f", exactly in {r['grains']} grains (deterministic)" if r["deterministic"] else "")
+        + f"; optimizer {r['optimizer']}" + (f", dropout {r['dropout']:g}" if r["dropout"] else ""),
         f"samples/s        {r['samples_per_second']:,.0f}",
         f"step (median)    {ms(r['step_seconds'])}: compute {ms(r['compute_seconds'])}, "
         f"communication wait {ms(r['comm_seconds'])} ({100 * r['comm_fraction']:.1f} %)",
+        f"update (median)  {ms(r['update_seconds'])}, the optimizer's step alone "
+        f"({100 * r['update_seconds'] / r['step_seconds']:.1f} % of a step)",
         f"CPU time         {1e6 * r['cpu_seconds_per_sample']:,.1f} us per sample (all ranks "
         "together; waiting ranks that spin count too)",
         f"achieved         {r['flops'] / 1e9:,.1f} GFLOP/s (6 x weights x samples/s)",
@@ -337,6 +351,16 @@ def positive_int(text):
     return int(text)
 
 
+def probability(text):
+    try:
+        p = float(text)
+    except ValueError:
+        p = -1.0
+    if not 0 <= p < 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text!r}")
+    return p
+
+
 def count(text):
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
@@ -368,6 +392,11 @@ PARSER.add_argument("--deterministic", action="store_true",
                          "with one BLAS thread per rank")
 PARSER.add_argument("--grains", type=positive_int, default=TrainConfig.grains, metavar="G",
                     help=f"train.grains under --deterministic (default {TrainConfig.grains})")
+PARSER.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
+                    help="train.optimizer: sgd (momentum 0.9) or adamw (default sgd)")
+PARSER.add_argument("--dropout", type=probability, default=0.0, metavar="P",
+                    help="model.dropout: drop probability after each hidden activation "
+                         "(default 0)")
 PARSER.add_argument("--json", action="store_true",
                     help="also print the figures as one JSON object on the last line")
 PARSER.add_argument("--compare-torch", action="store_true",

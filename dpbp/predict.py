@@ -78,7 +78,7 @@ def main(argv=None):
     with mpi.agreement(comm):
         cfg = config.from_toml(saved_toml, f"checkpoint {args.checkpoint}")
         if comm.rank == 0:
-            widths = widths_of(state, args.checkpoint, cfg.model.hidden)
+            widths = widths_of(state, args.checkpoint, cfg.model)
             check_output(args.output, args.input)
     widths = comm.bcast_obj(widths)
     limit_blas_threads(comm.ranks_sharing_cores, cfg.train.deterministic)   # as the run

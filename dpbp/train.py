@@ -5,10 +5,11 @@
 
 Every rank holds a full replica of the model, computes gradients on its own shard of
 each global minibatch, the gradients are summed with one Allreduce, and every rank then
-applies the same SGD update, so the replicas stay identical (the step: train_step in
-dpbp/parallel/step.py). This module is the epoch loop around it; set-up is
+applies the same update (SGD or AdamW), so the replicas stay identical (the step:
+train_step in dpbp/parallel/step.py). This module is the epoch loop around it; set-up is
 service/startup.py, and the run's reliability (watchdog, stop requests, non-finite steps,
-replica checks, checkpoints) is service/guard.py, called after every step and epoch.
+replica checks, checkpoints, the best checkpoint, early stopping) is service/guard.py,
+called after every step and epoch.
 """
 
 import argparse
@@ -18,12 +19,12 @@ import time
 import numpy as np
 
 from dpbp.errors import EXIT_DIVERGED, EXIT_HUNG, ArgumentParser, plural
-from dpbp.nn import schedule
+from dpbp.nn import noise, schedule
 from dpbp.parallel import comm as mpi
 from dpbp.parallel import sharding
 from dpbp.parallel.evaluation import evaluate
 from dpbp.parallel.step import train_step
-from dpbp.service import checkpoint, config, run_dir
+from dpbp.service import checkpoint, config, history, run_dir
 from dpbp.service.checkpoint import Position
 from dpbp.service.config import RunConfig
 from dpbp.service.console import Console, Progress
@@ -51,21 +52,29 @@ def command(argv, comm, signals, watchdog, started):
     if run is None:   # --print-config, or a resumed run that is already complete
         return 0
     progress = Progress(say, args.progress, mpi.launched())
-    code = train(run, comm, say, progress, signals, watchdog)
-    if code is None:
-        weights = hashlib.sha256(run.model.params.tobytes()).hexdigest()[:16]   # to compare runs
-        steps = sharding.num_batches(len(run.data.x), run.cfg.train.batch_size)
-        say(f"done: {plural(run.cfg.train.epochs, 'epoch')}, "
-            f"{plural(run.cfg.train.epochs * steps, 'step')} in "
-            f"{time.perf_counter() - started:.1f} s; weights sha256 {weights}; checkpoint "
-            f"{checkpoint.path_for(run.cfg.run.dir, run.cfg.train.epochs)}, metrics "
-            f"{run_dir.metrics_path(run.cfg.run.dir)}")
+    code, at = train(run, comm, say, progress, signals, watchdog)
+    if code in (None, 0):   # done: every epoch, or stopped early
+        say(done_line(run, at, time.perf_counter() - started))
     return code or 0
 
 
+def done_line(run, at, seconds):
+    """The last line of a run that ended well at position `at`, after `seconds`."""
+    cfg, epochs = run.cfg, at.epoch
+    weights = hashlib.sha256(run.model.params.tobytes()).hexdigest()[:16]   # to compare runs
+    early = (f" of {cfg.train.epochs}, stopped early ({history.why_stopped(cfg.train)})"
+             if epochs < cfg.train.epochs else "")
+    best = f", best {checkpoint.best_path(cfg.run.dir)}" if cfg.run.keep_best else ""
+    return (f"done: {plural(epochs, 'epoch')}{early}, {plural(at.step, 'step')} in "
+            f"{seconds:.1f} s; weights sha256 {weights}; checkpoint "
+            f"{checkpoint.path_for(cfg.run.dir, epochs)}{best}, metrics "
+            f"{run_dir.metrics_path(cfg.run.dir)}")
+
+
 def train(run, comm, say, progress, signals, watchdog):
-    """Collective. The epochs from run.start to the last; None when done, else the exit
-    code of a stop (a signal, after a checkpoint)."""
+    """Collective. The epochs from run.start to the last. Returns (code, position): code
+    None when done, 0 when early stopping ended the run, else the exit code of a stop (a
+    signal, after a checkpoint); the position where the run stopped."""
     cfg, tc, data, model, optimizer = run.cfg, run.cfg.train, run.data, run.model, run.optimizer
     steps_per_epoch = sharding.num_batches(len(data.x), tc.batch_size)
     at = run.start
@@ -82,9 +91,11 @@ def train(run, comm, say, progress, signals, watchdog):
                 N = len(batches[b])
                 rows = batches[b][run.summed.rows(N)]
                 optimizer.lr = schedule.lr_at(tc, at.step, steps_per_epoch)
+                # dropout's masks: a function of (seed, step, each row's sample index)
+                keys = noise.row_keys(cfg.run.seed, at.step, rows) if model.dropout else None
                 with np.errstate(over="ignore", invalid="ignore"):   # non-finite: caught
                     loss, ok = train_step(model, optimizer, run.loss_fn, data.x[rows],
-                                          data.y[rows], N, run.summed, tc.clip_grad_norm)
+                                          data.y[rows], N, run.summed, tc.clip_grad_norm, keys)
                 if ok:
                     loss_sum += loss
                 at = Position(epoch, b + 1, at.step + 1, at.skipped + (0 if ok else 1),
@@ -92,14 +103,14 @@ def train(run, comm, say, progress, signals, watchdog):
                 bar.update()
                 code = guard.after_step(ok, at, loss_sum, b + 1 == len(batches), loss, N)
                 if code is not None:
-                    return code
+                    return code, at
             bar.close()
             record, total = epoch_record(run, comm, at, loss_sum, batches[first:], t0)
             at = Position(epoch + 1, 0, at.step)
             code = guard.after_epoch(record, at, total, format_epoch(record, tc.epochs))
             if code is not None:
-                return code
-    return None
+                return code, at
+    return None, at
 
 
 def epoch_record(run, comm, at, loss_sum, trained_batches, t0):
@@ -138,8 +149,9 @@ def _epilog():
     lines = ["config keys and their defaults (configs/default.toml spells them out):"]
     for section, keys in config.defaults_by_section().items():
         lines.append(f"  [{section}]  " + ", ".join(f"{k} = {v}" for k, v in keys.items()))
-    lines += ["", "exit codes: 0 done; 2 bad input (config, data, run directory, checkpoint), "
-              "reported once;", f"  {EXIT_DIVERGED} a non-finite loss or gradient, or "
+    lines += ["", "exit codes: 0 done (also when early stopping ended the run); 2 bad input "
+              "(config, data,", "  run directory, checkpoint), reported once;",
+              f"  {EXIT_DIVERGED} a non-finite loss or gradient, or "
               "replicas that differ: nothing after the last checkpoint saved;",
               f"  {EXIT_HUNG} the watchdog ended the job: no step finished in "
               "run.watchdog_seconds;",

@@ -128,11 +128,11 @@ def install(plans, once=None):
                 return plan[0]
         return None
 
-    def train_step(model, optimizer, loss_fn, x, y, N, summed, clip_norm=0.0):
+    def train_step(model, optimizer, loss_fn, x, y, N, summed, *args):
         kind = planned(STEP_KINDS, summed.comm.rank, now["step"])
         if kind:
             inject(kind, now["step"], x, model.params)
-        return real_step(model, optimizer, loss_fn, x, y, N, summed, clip_norm)
+        return real_step(model, optimizer, loss_fn, x, y, N, summed, *args)
 
     def save(path, model, optimizer, position, *args, **kwargs):
         now["saving"] = position.step

@@ -79,6 +79,8 @@ def test_deterministic_option_under_mpirun():
     (["--layers", "784,x,10"], "--layers takes at least two positive widths"),
     (["--batch-size", "0"], "expected a positive integer"),
     (["--dtype", "float16"], "invalid choice"),
+    (["--optimizer", "adam"], "invalid choice"),
+    (["--dropout", "1"], "expected a probability in [0, 1), got '1'"),
     (["--frobnicate"], "unrecognized arguments"),
 ])
 def test_bad_options_one_line(args, words):
@@ -130,3 +132,12 @@ def test_the_readme_table_script():
         assert row in table
     assert table.count("\n| `") == 4 and "Strong scaling" in table
     assert ("--compare-torch" in table) == HAS_TORCH   # the DDP columns, where PyTorch is
+
+
+def test_adamw_and_dropout():
+    r = bench(TINY + ["--json", "--optimizer", "adamw", "--dropout", "0.3"])
+    f = figures(r)
+    check_sane(f, 1)
+    assert f["optimizer"] == "adamw" and f["dropout"] == 0.3
+    assert f["update_seconds"] > 0
+    assert "; optimizer adamw, dropout 0.3" in r.stdout and "update (median)" in r.stdout

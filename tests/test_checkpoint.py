@@ -7,7 +7,7 @@ import pytest
 
 from dpbp.errors import UserError
 from dpbp.nn.model import MLP
-from dpbp.nn.optim import SGD
+from dpbp.nn.optim import SGD, AdamW
 from dpbp.service import checkpoint, config, files
 from dpbp.service.checkpoint import Position
 
@@ -214,3 +214,55 @@ def test_a_checkpoint_without_its_momentum_buffer_is_refused(tmp_path):
         checkpoint.restore(state, str(path), model, opt)
     plain = config.to_toml(config.load(None, ["train.momentum=0"]))
     checkpoint.restore(dict(state, config=plain), str(path), model, opt)   # nothing missing
+def adamw_config(**train):
+    return config.from_dict({"train": dict(optimizer="adamw", **train)})
+
+
+def test_adamw_state_round_trips_and_lost_moments_are_refused(tmp_path):
+    model = MLP([4, 6, 3], "tanh", np.float64)
+    model.init_(np.random.default_rng(0))
+    opt = AdamW(model.params, model.grads, lr=0.1, amsgrad=True)
+    for _ in range(3):
+        model.grads[...] = np.random.default_rng(1).normal(size=model.grads.size)
+        opt.step()
+    path = str(tmp_path / "epoch-0001.npz")
+    checkpoint.save(path, model, opt, Position(1, 0, 3, 0, 0), 1,
+                    config.to_toml(adamw_config(amsgrad=True)))
+    state = checkpoint.load(path)
+    assert {k for k in state if k.startswith("optimizer.")} == {
+        "optimizer.exp_avg", "optimizer.exp_avg_sq", "optimizer.max_exp_avg_sq",
+        "optimizer.step"}
+    other = MLP([4, 6, 3], "tanh", np.float64)
+    fresh = AdamW(other.params, other.grads, lr=0.1, amsgrad=True)
+    checkpoint.restore(state, path, other, fresh)
+    for name, a in opt.state().items():
+        assert fresh.state()[name].tobytes() == a.tobytes(), name
+    assert int(fresh.t) == 3
+    for lost in ("optimizer.exp_avg", "optimizer.step"):
+        altered = {k: v for k, v in state.items() if k != lost}
+        with pytest.raises(UserError, match=f"has no {lost}, though it was written with "
+                                            'train.optimizer = "adamw": it was altered'):
+            checkpoint.restore(altered, path, other, AdamW(other.params, other.grads, lr=0.1))
+
+
+def test_a_checkpoint_without_moments_of_a_run_that_had_none_starts_them_afresh(tmp_path):
+    """amsgrad switched on at a resume: max_exp_avg_sq starts at 0, as torch's does."""
+    model = MLP([4, 6, 3], "tanh", np.float64)
+    opt = AdamW(model.params, model.grads, lr=0.1)
+    model.grads[...] = 1.0
+    opt.step()
+    path = str(tmp_path / "epoch-0001.npz")
+    checkpoint.save(path, model, opt, Position(1, 0, 1, 0, 0), 1, config.to_toml(adamw_config()))
+    amsgrad = AdamW(model.params, model.grads, lr=0.1, amsgrad=True)
+    checkpoint.restore(checkpoint.load(path), path, model, amsgrad)
+    assert int(amsgrad.t) == 1 and not amsgrad.max_exp_avg_sq.any()
+
+
+def test_the_best_checkpoint_is_never_an_epoch_checkpoint(tmp_path):
+    model, opt = make()
+    for where in (checkpoint.path_for(tmp_path, 2), checkpoint.best_path(tmp_path)):
+        os.makedirs(os.path.dirname(where), exist_ok=True)
+        checkpoint.save(where, model, opt, Position(2, 0, 4, 0, 0), 1,
+                        config.to_toml(config.Config()))
+    assert checkpoint.list_all(tmp_path) == [((2, 0), checkpoint.path_for(tmp_path, 2))]
+    assert checkpoint.load(checkpoint.best_path(tmp_path))["epoch"] == 2

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from dpbp.nn.layers import Linear, ReLU, Sigmoid, Tanh
+from dpbp.nn import noise
+from dpbp.nn.layers import Dropout, Linear, ReLU, Sigmoid, Tanh
 from tests.conftest import assert_close, numeric_grad
 
 ACTIVATIONS = {"relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid}
@@ -38,3 +39,52 @@ def test_activation(name, B, D):
     loss = lambda: float((act.forward(x.copy()) * R).sum())   # forward overwrites its input
     act.forward(x.copy())
     assert_close(act.backward(R.copy()), numeric_grad(loss, x))
+
+
+@pytest.mark.parametrize("B,D", [(1, 1), (5, 4), (3, 9), (0, 2)])
+def test_dropout(B, D):
+    """With the mask fixed by the rows' keys, dropout is linear: its gradient is the mask."""
+    rng = np.random.default_rng(2)
+    x, R = rng.normal(size=(B, D)), rng.normal(size=(B, D))
+    keys = noise.row_keys(3, 7, np.arange(10, 10 + B))
+    layer = Dropout(0.4, 2)
+    loss = lambda: float((layer.forward(x.copy(), keys) * R).sum())
+    y = layer.forward(x.copy(), keys).copy()   # the layer overwrites its output buffer
+    assert_close(layer.backward(R.copy()), numeric_grad(loss, x))
+    kept = y != 0   # inverted scaling: kept units are x / (1 - p), exactly as torch scales
+    np.testing.assert_array_equal(y[kept], x[kept] * (1 / (1 - 0.4)))
+    assert Dropout.infer(x) is x
+
+
+def test_dropout_keeps_1_minus_p_and_scales_float32_as_torch():
+    x = np.ones((400, 500), np.float32)
+    keys = noise.row_keys(0, 0, np.arange(400))
+    for p in (0.1, 0.5, 0.9):
+        y = Dropout(p, 2).forward(x.copy(), keys)
+        assert abs((y != 0).mean() - (1 - p)) < 0.005, p
+        assert y.dtype == np.float32 and set(np.unique(y)) == {0, np.float32(1 / (1 - p))}
+
+
+def test_a_rows_mask_depends_on_its_key_alone():
+    """The same row (seed, step, index) gets the same mask wherever it sits in a shard,
+    and any change of seed, step, index or layer gives another."""
+    x = np.ones((6, 64))
+    index = np.array([5, 17, 2, 900, 3, 11])
+    whole = Dropout(0.5, 2).forward(x.copy(), noise.row_keys(1, 4, index))
+    parts = [Dropout(0.5, 2).forward(x[rows].copy(), noise.row_keys(1, 4, index[rows]))
+             for rows in (slice(0, 1), slice(1, 4), slice(4, 6))]
+    assert whole.tobytes() == np.concatenate(parts).tobytes()
+    others = [Dropout(0.5, 2).forward(x.copy(), noise.row_keys(2, 4, index)),
+              Dropout(0.5, 2).forward(x.copy(), noise.row_keys(1, 5, index)),
+              Dropout(0.5, 2).forward(x.copy(), noise.row_keys(1, 4, index + 1)),
+              Dropout(0.5, 5).forward(x.copy(), noise.row_keys(1, 4, index))]
+    for other in others:
+        assert 0.3 < (other != whole).mean() < 0.7   # about half the units differ
+
+
+def test_noise_bits_look_uniform():
+    """Each of the 64 bits is set about half the time, over rows and units."""
+    out = np.empty((300, 200), np.uint64)
+    bits = noise.bits(noise.row_keys(0, 1, np.arange(300)), 2, out, np.empty_like(out))
+    ones = [((bits >> np.uint64(k)) & np.uint64(1)).mean() for k in range(64)]
+    assert all(0.48 < f < 0.52 for f in ones), ones

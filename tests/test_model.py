@@ -88,3 +88,26 @@ def test_infer_equals_forward_bit_for_bit(activation, dtype, B):
     assert got.shape == (B, 3) and got.dtype == dtype
     assert got.tobytes() == want.tobytes()
     assert x.tobytes() == x_before.tobytes()   # neither touches its input
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_whole_model_with_dropout(activation):
+    """With the rows' keys fixed, the masks are too: backward through the flat buffer
+    matches finite differences, and the layers are numbered as torch.nn.Sequential with
+    an nn.Dropout after each activation."""
+    from dpbp.nn import noise
+    rng = np.random.default_rng(6)
+    model = MLP([4, 7, 6, 3], activation, np.float64, dropout=0.3)
+    model.init_(rng)
+    assert model.names == ["model.0.weight", "model.0.bias", "model.3.weight", "model.3.bias",
+                           "model.6.weight", "model.6.bias"]
+    B = 6
+    x, y = rng.normal(size=(B, 4)), rng.integers(0, 3, size=B)
+    keys = noise.row_keys(0, 3, np.arange(B))
+    loss = lambda: cross_entropy(model.forward(x, keys), y, B)[0].sum() / B
+    _, dout = cross_entropy(model.forward(x, keys), y, B)
+    model.backward(dout)
+    assert_close(model.grads, numeric_grad(loss, model.params))
+    plain = MLP(model.widths, activation, np.float64)   # evaluation: no dropout
+    plain.params[...] = model.params
+    assert model.infer(x).tobytes() == plain.infer(x).tobytes()

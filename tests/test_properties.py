@@ -101,6 +101,14 @@ VALID = {
     "train.checkpoint_every_steps": st.integers(0, INT64),
     "train.deterministic": st.booleans(),
     "train.grains": st.integers(1, config.MAX_GRAINS),   # at most train.batch_size: below
+    "run.keep_best": st.booleans(),
+    "model.dropout": st.floats(0, 1, exclude_max=True),
+    "train.optimizer": choice("train.optimizer"),        # the other's keys: valid_settings
+    "train.betas": st.lists(st.floats(0, 1, exclude_max=True), min_size=2, max_size=2),
+    "train.eps": st.floats(0, exclude_min=True, allow_infinity=False),
+    "train.amsgrad": st.booleans(),
+    "train.early_stopping_patience": st.integers(0, INT64),
+    "train.early_stopping_min_delta": st.floats(0, allow_infinity=False),
 }
 
 NAN = st.just(math.nan)
@@ -141,6 +149,15 @@ OUT_OF_RANGE = {
     "train.on_nonfinite": TEXT.filter(lambda v: v not in config.CHOICES["train.on_nonfinite"]),
     "train.checkpoint_every_steps": st.integers(max_value=-1),
     "train.grains": st.integers(max_value=0) | st.integers(config.MAX_GRAINS + 1),
+    "model.dropout": NEGATIVE | st.floats(1) | NAN,
+    "train.optimizer": TEXT.filter(lambda v: v not in config.CHOICES["train.optimizer"]),
+    "train.betas": st.lists(st.floats(0, 0.99), max_size=1) | st.lists(
+        st.floats(0, 0.99), min_size=3, max_size=4) | st.tuples(
+        st.floats(0, 0.99), NEGATIVE | st.floats(1) | NAN).map(list) | st.tuples(
+        NEGATIVE | st.floats(1) | NAN, st.floats(0, 0.99)).map(list),
+    "train.eps": st.floats(max_value=0) | st.just(math.inf) | NAN,
+    "train.early_stopping_patience": st.integers(max_value=-1),
+    "train.early_stopping_min_delta": NEGATIVE | st.just(math.inf) | NAN,
 }
 
 # A value of another type than each type of key takes (an int is a fine float).
@@ -153,6 +170,8 @@ WRONG_TYPE = {
     str: SMALL | st.floats(allow_nan=False) | st.booleans() | st.lists(TEXT, max_size=2),
     tuple[int, ...]: SMALL | TEXT | st.lists(st.floats(allow_nan=False) | TEXT | st.booleans(),
                                              min_size=1, max_size=3),
+    tuple[float, ...]: SMALL | st.floats(allow_nan=False) | TEXT
+    | st.lists(TEXT | st.booleans(), min_size=1, max_size=3),
 }
 
 
@@ -181,6 +200,12 @@ def valid_settings(draw):
         flat["train.accumulation_steps"] = min(
             flat["train.accumulation_steps"],
             flat.get("train.batch_size", config.TrainConfig.batch_size))
+    if flat.get("train.optimizer", "sgd") == "adamw":  # SGD's keys keep their defaults
+        flat.pop("train.momentum", None)
+        flat.pop("train.nesterov", None)
+    else:                                              # and AdamW's under SGD
+        for key in ("train.betas", "train.eps", "train.amsgrad"):
+            flat.pop(key, None)
     if flat.get("model.dtype") == "float64":           # 16-bit sums are of float32 gradients
         flat["train.comm_dtype"] = "float32"
     if flat.get("train.deterministic"):                # exact float32 sums, grain by grain

@@ -105,11 +105,27 @@ def test_npz_with_an_uneven_last_batch_gives_the_same_bits_at_1_to_4_ranks(tmp_p
     assert plain[1][0] != plain[3][0]
 
 
-def test_resume_at_other_world_sizes_stays_bitwise(tmp_path, uneven_npz):
+ADAMW_DROPOUT = ('train.optimizer="adamw"', "train.lr=0.01", "train.weight_decay=0.01",
+                 "model.dropout=0.25")
+
+
+def test_adamw_with_dropout_gives_the_same_bits_at_1_to_4_ranks(tmp_path, uneven_npz):
+    """Dropout's masks follow each sample, whichever rank holds it, and AdamW's update is
+    elementwise: deterministic mode stays bitwise at every world size; plain does not."""
+    args = uneven_args(uneven_npz, *ADAMW_DROPOUT)
+    det = runs(tmp_path, args, "epoch-0003.npz", [1, 2, 3, 4], True)
+    assert len({sha for sha, _ in det.values()}) == 1, det
+    assert all(metrics == det[1][1] for _, metrics in det.values())
+    plain = runs(tmp_path, args, "epoch-0003.npz", [1, 3], False)
+    assert plain[1][0] != plain[3][0]
+
+
+@pytest.mark.parametrize("more", [(), ADAMW_DROPOUT], ids=["sgd", "adamw-dropout"])
+def test_resume_at_other_world_sizes_stays_bitwise(tmp_path, uneven_npz, more):
     """Stopped mid-epoch at 2 ranks (SIGTERM), resumed at 3, stopped again at an epoch's
-    end, resumed at 4: the weights, the momentum and every logged figure are bitwise those
-    of one uninterrupted process."""
-    args = uneven_args(uneven_npz, "train.deterministic=true", "run.keep_checkpoints=0")
+    end, resumed at 4: the weights, the optimizer's state and every logged figure are
+    bitwise those of one uninterrupted process."""
+    args = uneven_args(uneven_npz, "train.deterministic=true", "run.keep_checkpoints=0", *more)
     full, run_dir = tmp_path / "full", tmp_path / "run"
     assert run_train(args + sets(f'run.dir="{full}"'), timeout=120).returncode == 0
     here = args + sets(f'run.dir="{run_dir}"')

@@ -322,3 +322,67 @@ def test_the_step_log_resumes_where_the_run_resumes(tmp_path, tiny_npz, uninterr
     assert r.returncode == 0, r.stderr
     steps = [json.loads(line)["step"] for line in open(run_dir / "steps.jsonl")]
     assert steps == list(range(1, 16))
+ADAMW_DROPOUT = ("--set", 'train.optimizer="adamw"', "--set", "train.lr=0.01",
+                 "--set", "train.amsgrad=true", "--set", "train.weight_decay=0.01",
+                 "--set", "model.dropout=0.25")
+
+
+def test_adamw_and_dropout_resume_bitwise(tmp_path, tiny_npz):
+    """Stopped mid-epoch (SIGTERM) or at an epoch's end (SIGINT) and resumed: the weights,
+    the moments and step count, and every logged figure of the uninterrupted run."""
+    full = tmp_path / "full"
+    assert run_train(tiny_run(tiny_npz, full, *ADAMW_DROPOUT), ranks=2).returncode == 0
+    for fault, saved in (("sigterm:1:6", "epoch-0001-batch-000003.npz"),
+                         ("sigint:0:8", "epoch-0002.npz")):
+        run_dir = tmp_path / fault.replace(":", "-")
+        args = tiny_run(tiny_npz, run_dir, *ADAMW_DROPOUT)
+        r = run_train(args, ranks=2, env={"DPBP_FAULT": fault})
+        assert r.returncode != 0 and saved in r.stdout, r.stderr
+        r = run_train(args + ["--resume"], ranks=2)
+        assert r.returncode == 0, r.stderr
+        assert_same_run(full, run_dir)
+    with np.load(full / "checkpoints" / FULL) as f:
+        assert int(f["optimizer.step"]) == 15 and "optimizer.max_exp_avg_sq" in f.files
+
+
+def test_adamw_and_dropout_resume_at_another_world_size_matches_to_rounding(tmp_path,
+                                                                           tiny_npz):
+    """A row's dropout mask does not depend on which rank holds it, so a run stopped at 2
+    ranks and resumed at 3 continues as the uninterrupted one, to rounding (float64)."""
+    more = ADAMW_DROPOUT + ("--set", 'model.dtype="float64"')
+    full, run_dir = tmp_path / "full", tmp_path / "run"
+    assert run_train(tiny_run(tiny_npz, full, *more), ranks=2).returncode == 0
+    r = run_train(tiny_run(tiny_npz, run_dir, *more), ranks=2, env={"DPBP_FAULT": "sigterm:0:7"})
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr
+    r = run_train(tiny_run(tiny_npz, run_dir, *more, "--resume"), ranks=3)
+    assert r.returncode == 0, r.stderr
+    with np.load(full / "checkpoints" / FULL) as f, np.load(run_dir / "checkpoints" / FULL) as g:
+        for name in f.files:
+            if name.startswith(("model.", "optimizer.")):
+                np.testing.assert_allclose(f[name], g[name], rtol=1e-10, atol=1e-12,
+                                           err_msg=name)
+    for m, n in zip(metrics(full), metrics(run_dir)):
+        assert m["train_loss"] == pytest.approx(n["train_loss"], rel=1e-12)
+
+
+def test_resume_respects_the_early_stopping_count(tmp_path, tiny_npz):
+    """Early stopping counts from the run's history: a run stopped by a signal and resumed
+    stops at the same epoch, with the same metrics and the same best checkpoint."""
+    more = ("--set", "train.epochs=30", "--set", "train.early_stopping_patience=2",
+            "--set", "run.keep_best=true", "--set", "run.keep_checkpoints=1") + ADAMW_DROPOUT
+    full, run_dir = tmp_path / "full", tmp_path / "run"
+    assert run_train(tiny_run(tiny_npz, full, *more), ranks=2).returncode == 0
+    stopped = len(metrics(full))
+    assert 3 <= stopped < 30 and metrics(full)[-1]["stopped"] == "early_stopping"
+    fault = f"sigterm:0:{5 * (stopped - 1) - 3}"   # during the epoch before the last
+    r = run_train(tiny_run(tiny_npz, run_dir, *more), ranks=2, env={"DPBP_FAULT": fault})
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr
+    r = run_train(tiny_run(tiny_npz, run_dir, *more, "--resume"), ranks=2)
+    assert r.returncode == 0 and "stopped early" in r.stdout, r.stderr
+    keys = ("epoch", "train_loss", "val_loss", "val_accuracy", "stopped")
+    assert [[m.get(k) for k in keys] for m in metrics(full)] == \
+        [[m.get(k) for k in keys] for m in metrics(run_dir)]
+    for name in (f"epoch-{stopped:04d}.npz", "best.npz"):
+        a = model_arrays(full / "checkpoints" / name)
+        b = model_arrays(run_dir / "checkpoints" / name)
+        assert all(a[k].tobytes() == b[k].tobytes() for k in a), name

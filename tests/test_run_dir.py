@@ -1,14 +1,19 @@
-"""The run directory directly: its lock (who holds it, filesystems without locks), one
-run per checkpoint folder, a full disk, durable metrics."""
+"""The run directory, directly: its lock (who holds it, filesystems without locks), one
+run per checkpoint folder, a full disk, durable metrics, and the best checkpoint settled
+on resume."""
 
 import errno
 import fcntl
 import os
 
+import numpy as np
 import pytest
 
 from dpbp.errors import UserError
-from dpbp.service import config, run_dir
+from dpbp.nn.model import MLP
+from dpbp.nn.optim import SGD
+from dpbp.service import checkpoint, config, run_dir
+from dpbp.service.checkpoint import Position
 
 
 def test_lock_names_its_holder_and_refuses_a_second_taker(tmp_path):
@@ -66,9 +71,6 @@ def test_a_full_disk_while_creating_the_run_directory_leaves_nothing(tmp_path, m
 
 
 def test_metrics_lines_are_durable_before_their_checkpoint(tmp_path, monkeypatch):
-    from dpbp.nn.model import MLP
-    from dpbp.nn.optim import SGD
-    from dpbp.service.checkpoint import Position
     cfg = new_cfg(tmp_path / "run")
     locks, _ = run_dir.prepare(cfg, (0, 0))
     model = MLP([2, 2], "relu", "float32")
@@ -112,3 +114,45 @@ def test_a_checkpoints_folder_linked_elsewhere_is_locked_too(tmp_path):
         run_dir.prepare(new_cfg(tmp_path / "b"), (0, 0))
     for lock in locks:
         lock.close()
+def saved(run_dir_path, epoch, name=None):
+    """A checkpoint of the end of `epoch` in run_dir_path (as best.npz if name says so)."""
+    model = MLP([3, 2], "relu", np.float32)
+    model.params[...] = epoch   # weights that tell the epochs apart
+    path = checkpoint.best_path(run_dir_path) if name == "best" else \
+        checkpoint.path_for(run_dir_path, epoch)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    checkpoint.save(path, model, SGD(model.params, model.grads, 0.1), Position(epoch, 0, epoch),
+                    1, config.to_toml(config.Config()))
+    return path
+
+
+def best_epoch_on_disk(folder):
+    path = checkpoint.best_path(folder)
+    return checkpoint.load(path)["epoch"] if os.path.exists(path) else None
+
+
+def test_resume_settles_the_best_checkpoint(tmp_path):
+    """--resume with run.keep_best makes best.npz hold the best epoch of the history it
+    continues: a crash between an epoch's checkpoint and its copy as best.npz, a best.npz
+    of an epoch trained again, a branch that starts with its parent's best, and a best
+    epoch whose checkpoint is gone."""
+    here = str(tmp_path / "run")
+    for epoch in (1, 2, 3):
+        saved(here, epoch)
+    saved(here, 1, "best")                    # crashed before copying epoch 3 as the best
+    assert run_dir.settle_best(here, here, [0.5, 0.6, 0.4]) == []
+    assert best_epoch_on_disk(here) == 3
+    assert run_dir.settle_best(here, here, [0.5, 0.6, 0.4]) == []   # already right
+    saved(here, 4, "best")                    # epoch 4 is trained again after resuming at 3
+    run_dir.settle_best(here, here, [0.5, 0.6, 0.7])
+    assert best_epoch_on_disk(here) == 1
+    branch = str(tmp_path / "branch")
+    os.makedirs(os.path.join(branch, "checkpoints"))   # as prepare makes it
+    run_dir.settle_best(branch, here, [0.5, 0.6, 0.7])   # the parent's best.npz
+    assert best_epoch_on_disk(branch) == 1
+    os.unlink(os.path.join(here, "checkpoints", "best.npz"))
+    os.unlink(os.path.join(here, "checkpoints", "epoch-0002.npz"))
+    notes = run_dir.settle_best(here, here, [0.9, 0.6, 0.7])   # pruned, and no best.npz
+    assert len(notes) == 1 and "no checkpoint of epoch 2 (val_loss 0.6" in notes[0]
+    assert best_epoch_on_disk(here) is None
+    assert run_dir.settle_best(here, here, []) == []

@@ -5,6 +5,7 @@ follows torch.nn.CrossEntropyLoss / MSELoss and torch.optim.SGD to float64 round
 import numpy as np
 import pytest
 
+from dpbp.nn import noise
 from tests.conftest import model_arrays, run_train
 
 torch = pytest.importorskip("torch")
@@ -62,3 +63,107 @@ def test_training_matches_torch(tmp_path, ranks, activation, loss):
         np.testing.assert_allclose(final[name], want[name], rtol=0, atol=1e-10, err_msg=name)
     # and back: the checkpoint loads into torch with no conversion
     net.load_state_dict({k[len("model."):]: torch.from_numpy(v) for k, v in final.items()})
+
+
+class MaskDropout(torch.nn.Module):
+    """Dropout with dpbp's masks (a function of seed, step, sample index, layer index and
+    unit), so that both frameworks drop the same units; everything else, the scaling by
+    1 / (1 - p), the place in the network and the gradient, is torch's."""
+
+    def __init__(self, p, index):
+        super().__init__()
+        self.p, self.index, self.keys = p, index, None
+
+    def forward(self, x):
+        out = np.empty(tuple(x.shape), np.uint64)
+        bits = noise.bits(self.keys, self.index, out, np.empty_like(out))
+        kept = torch.from_numpy(bits >= np.uint64(int(self.p * 2.0**64)))
+        return x * kept * (1.0 / (1.0 - self.p))   # as torch.nn.Dropout scales
+
+
+def torch_mlp_with_dropout(widths, p):
+    layers = []
+    for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(torch.nn.Linear(d_in, d_out, dtype=torch.float64))
+        if i < len(widths) - 2:
+            layers += [torch.nn.ReLU(), MaskDropout(p, len(layers) + 1)]
+    return torch.nn.Sequential(*layers)
+
+
+ADAMW_CASES = {   # ranks, and the train keys beyond optimizer = "adamw" and lr
+    "serial-decay": (None, {"train.weight_decay": 0.01}),
+    "2-amsgrad-cosine-warmup": (2, {"train.weight_decay": 0.05, "train.amsgrad": "true",
+                                    "train.betas": "[0.8, 0.99]", "train.eps": 1e-6,
+                                    "train.schedule": '"cosine"', "train.warmup_epochs": 1}),
+    "3-clipped-warmup": (3, {"train.weight_decay": 0.01, "train.clip_grad_norm": 0.3,
+                             "train.warmup_epochs": 1.5}),
+    "3-amsgrad-dropout": (3, {"train.amsgrad": "true", "model.dropout": 0.3}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ADAMW_CASES))
+def test_adamw_training_matches_torch(tmp_path, case):
+    """AdamW for 4 epochs at 1, 2 and 3 ranks (global batches of 8, 8 and 1: uneven shards
+    and ranks without rows), with weight decay, amsgrad, a schedule with warmup, clipping
+    and dropout: the weights and moments of torch.optim.AdamW to 1e-10."""
+    from dpbp.nn import schedule
+    from dpbp.service import config
+
+    ranks, keys = ADAMW_CASES[case]
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(17, 5)), rng.integers(0, 3, size=17)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x, y=y)
+    sets = {"data.source": '"npz"', "data.path": f'"{data}"', "data.val_fraction": 0,
+            "data.shuffle": "false", "model.hidden": "[6, 4]", "model.dtype": '"float64"',
+            "train.epochs": 4, "train.batch_size": 8, "train.optimizer": '"adamw"',
+            "train.lr": 0.01, "run.dir": f'"{tmp_path / "run"}"', **keys}
+    cfg = config.load(None, [f"{k}={v}" for k, v in sets.items()])
+    tc, p = cfg.train, cfg.model.dropout
+
+    torch.manual_seed(0)
+    net = torch_mlp_with_dropout([5, 6, 4, 3], p) if p else torch_mlp([5, 6, 4, 3], "relu")
+    init = tmp_path / "init.npz"
+    np.savez(init, **{f"model.{k}": v.numpy() for k, v in net.state_dict().items()})
+    r = run_train([a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+                  + ["--set", f'model.init="{init}"'], ranks=ranks)
+    assert r.returncode == 0, r.stderr
+
+    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, betas=tc.betas, eps=tc.eps,
+                            weight_decay=tc.weight_decay, amsgrad=tc.amsgrad)
+    criterion, xt, yt = torch.nn.CrossEntropyLoss(), torch.from_numpy(x), torch.from_numpy(y)
+    for step in range(4 * 3):
+        rows = np.arange(17)[(step % 3) * 8:][:8]     # file order, batches of 8, 8 and 1
+        for module in net:
+            if isinstance(module, MaskDropout):
+                module.keys = noise.row_keys(cfg.run.seed, step, rows)
+        for group in opt.param_groups:
+            group["lr"] = schedule.lr_at(tc, step, 3)
+        opt.zero_grad()
+        criterion(net(xt[rows]), yt[rows]).backward()
+        if tc.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), tc.clip_grad_norm)
+        opt.step()
+
+    path = tmp_path / "run" / "checkpoints" / "epoch-0004.npz"
+    final = model_arrays(path)
+    want = {f"model.{k}": v.detach().numpy() for k, v in net.state_dict().items()}
+    assert final.keys() == want.keys()
+    for name in want:
+        np.testing.assert_allclose(final[name], want[name], rtol=0, atol=1e-10, err_msg=name)
+    if p:   # docs/operations.md's recipe: torch.nn.Dropout modules take the same places
+        recipe = torch.nn.Sequential(
+            torch.nn.Linear(5, 6, dtype=torch.float64), torch.nn.ReLU(), torch.nn.Dropout(p),
+            torch.nn.Linear(6, 4, dtype=torch.float64), torch.nn.ReLU(), torch.nn.Dropout(p),
+            torch.nn.Linear(4, 3, dtype=torch.float64))
+        recipe.load_state_dict({k[len("model."):]: torch.from_numpy(v) for k, v in final.items()})
+    moments = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
+    if tc.amsgrad:
+        moments["max_exp_avg_sq"] = "max_exp_avg_sq"
+    with np.load(path) as f:
+        assert int(f["optimizer.step"]) == 12
+        for name, torch_name in moments.items():
+            flat = np.concatenate([opt.state[q][torch_name].numpy().ravel()
+                                   for q in net.parameters()])
+            np.testing.assert_allclose(f[f"optimizer.{name}"], flat, rtol=1e-9, atol=1e-12,
+                                       err_msg=name)

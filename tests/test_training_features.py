@@ -1,11 +1,12 @@
-"""Gradient accumulation, clipping and 16-bit gradient sums, end to end under mpirun."""
+"""Gradient accumulation, clipping, 16-bit gradient sums, early stopping and the best
+checkpoint, end to end under mpirun."""
 
 import json
 
 import numpy as np
 import pytest
 
-from tests.conftest import model_arrays, run_train
+from tests.conftest import model_arrays, run_module, run_train, snapshot
 
 
 def sets(**keys):
@@ -23,11 +24,16 @@ def train(tmp_path, name, npz, ranks, **extra):
     return model_arrays(run_dir / "checkpoints" / "epoch-0004.npz"), metrics, r
 
 
-@pytest.mark.parametrize("ranks", [1, 3])
-def test_accumulation_equals_one_pass_to_rounding(tmp_path, tiny_npz, ranks):
+ADAMW_DROPOUT = dict(train__optimizer='"adamw"', model__dropout=0.3)
+
+
+@pytest.mark.parametrize("ranks,more", [(1, {}), (3, {}), (3, ADAMW_DROPOUT)],
+                         ids=["1", "3", "3-adamw-dropout"])
+def test_accumulation_equals_one_pass_to_rounding(tmp_path, tiny_npz, ranks, more):
     """k micro-batches then one Allreduce: the same update as the whole shard at once
-    (uneven micro-batches, and empty ones on ranks with fewer rows than k)."""
-    f64 = dict(model__dtype='"float64"')
+    (uneven micro-batches, and empty ones on ranks with fewer rows than k), with SGD, and
+    with AdamW and dropout (each micro-batch's rows keep their masks)."""
+    f64 = dict(model__dtype='"float64"', **more)
     one, m1, _ = train(tmp_path, "k1", tiny_npz, ranks, **f64)
     four, m4, _ = train(tmp_path, "k4", tiny_npz, ranks, train__accumulation_steps=4, **f64)
     for name in one:
@@ -77,3 +83,47 @@ def test_logged_lr_is_the_schedule_at_each_epochs_last_step(tmp_path, tiny_npz):
     steps = 3   # 17 samples in batches of 8
     assert [m["lr"] for m in metrics] == [schedule.lr_at(tc, (e + 1) * steps - 1, steps)
                                           for e in range(4)]
+
+
+def early_stopping_run(npz, run_dir, *more):
+    """AdamW with dropout on the tiny dataset, whose labels are random: the validation
+    loss soon stops improving, and patience 3 ends the run long before its 30 epochs."""
+    return sets(data__source='"npz"', data__path=f'"{npz}"', model__hidden="[8]",
+                model__dropout=0.2, train__optimizer='"adamw"', train__lr=0.01,
+                train__batch_size=4, train__epochs=30, train__early_stopping_patience=3,
+                run__keep_best="true", run__keep_checkpoints=1,
+                run__dir=f'"{run_dir}"') + list(more)
+
+
+def test_early_stopping_ends_the_run_and_keeps_the_best_checkpoint(tmp_path, tiny_npz):
+    run_dir = tmp_path / "run"
+    r = run_train(early_stopping_run(tiny_npz, run_dir), ranks=2)
+    assert r.returncode == 0, r.stderr
+    metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    E, losses = len(metrics), [m["val_loss"] for m in metrics]
+    assert 4 <= E < 30 and min(losses[:-3]) <= min(losses[-3:])   # 3 epochs, no better
+    assert [m.get("stopped") for m in metrics] == [None] * (E - 1) + ["early_stopping"]
+    lines = r.stdout.strip().splitlines()
+    assert lines[-2].startswith(f"epoch {E:>2}/30") and lines[-2].endswith(
+        "stopped: no val_loss improvement > 0 in 3 epochs (early stopping)")
+    assert lines[-1].startswith(f"done: {E} epochs of 30, stopped early (no val_loss "
+                                f"improvement > 0 in 3 epochs), {5 * E} steps in ")
+    assert "; weights sha256 " in lines[-1]
+    best = losses.index(min(losses)) + 1   # the earlier of equal ones
+    folder = run_dir / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.npz", f"epoch-{E:04d}.npz"]
+    assert best < E - 2   # so keep_checkpoints = 1 pruned its epoch checkpoint, not best.npz
+    r = run_module("dpbp.evaluate", ["--checkpoint", str(folder / "best.npz"), "--json"])
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["epoch"] == best and out["loss"] == metrics[best - 1]["val_loss"]   # exactly
+    assert out["accuracy"] == metrics[best - 1]["val_accuracy"]
+    np.save(tmp_path / "x.npy", np.ones((3, 5)))
+    r = run_module("dpbp.predict", ["--checkpoint", str(folder / "best.npz"), "--input",
+                                    str(tmp_path / "x.npy"), "--output", str(tmp_path / "p.npy")])
+    assert r.returncode == 0 and np.load(tmp_path / "p.npy").shape == (3, 3), r.stderr
+    before = snapshot(run_dir)   # --resume stops where the run stopped, and touches nothing
+    r = run_train(["--resume", "--set", f'run.dir="{run_dir}"'], ranks=2)
+    assert r.returncode == 0, r.stderr
+    assert f"nothing to do: the run in {run_dir} stopped early after {E} epochs" in r.stdout
+    assert snapshot(run_dir) == before

@@ -14,6 +14,8 @@ call brings more rows, so the array a layer returns is overwritten by its next c
 
 import numpy as np
 
+from dpbp.nn import noise
+
 
 def rows_of(buf, B, D, dtype):
     """A buffer with room for (B, D) of dtype: `buf` itself when it is big enough."""
@@ -128,3 +130,44 @@ class Sigmoid:
         d *= self.y
         return np.multiply(dy, d, out=dy)
 
+
+
+class Dropout:
+    """Inverted dropout, as torch.nn.Dropout in training: each unit is zeroed with
+    probability p and the others are scaled by 1 / (1 - p); `infer` passes x through.
+
+    The mask is not drawn from a generator with a state: unit u of a row is kept when
+    noise.bits of the row's key (noise.row_keys: the run's seed, the optimizer step, the
+    row's index in the training set), this layer's `index` in the network and u is at
+    least p * 2^64. So a row's mask is the same whichever rank holds it and whatever else
+    that rank holds, and a resumed run draws the same masks.
+    """
+
+    def __init__(self, p, index):
+        self.p, self.index = p, index
+        self.threshold = np.uint64(int(p * 2.0**64))   # kept: bits >= threshold, 1 - p of them
+        self.scale = 1.0 / (1.0 - p)
+        self.bits = self.tmp = self.kept = self.mask = self.y = None   # row buffers
+
+    def forward(self, x, keys):
+        # x (B, D), keys (B,) uint64 -> y (B, D) = x * mask, mask in {0, scale}; not in
+        # place: x is the activation's output, which Tanh and Sigmoid keep for backward
+        if keys is None:
+            raise ValueError("Dropout.forward needs each row's key (noise.row_keys)")
+        B, D = x.shape
+        self.bits, self.tmp = (rows_of(a, B, D, np.uint64) for a in (self.bits, self.tmp))
+        self.kept = rows_of(self.kept, B, D, np.bool_)
+        self.mask, self.y = (rows_of(a, B, D, x.dtype) for a in (self.mask, self.y))
+        bits = noise.bits(keys, self.index, self.bits[:B], self.tmp[:B])
+        kept = np.greater_equal(bits, self.threshold, out=self.kept[:B])
+        self.m = np.multiply(kept, x.dtype.type(self.scale), out=self.mask[:B])
+        return np.multiply(x, self.m, out=self.y[:B])
+
+    @staticmethod
+    def infer(x):
+        # x (B, D) -> x: no dropout in evaluation
+        return x
+
+    def backward(self, dy):
+        # dy (B, D) -> dx (B, D), in place: the same mask
+        return np.multiply(dy, self.m, out=dy)

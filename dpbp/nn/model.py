@@ -1,8 +1,9 @@
 """A multilayer perceptron whose parameters live in ONE flat buffer, gradients in another.
 
-Layer i is Linear, activation, ..., Linear, as torch.nn.Sequential would number it, so
-parameter names and shapes are those of its state dict: model.0.weight (D_out, D_in),
-model.0.bias (D_out,), model.2.weight, ... Each Linear holds views into `params` and
+Layer i is Linear, activation, ..., Linear (with dropout: Linear, activation, Dropout,
+..., Linear), as torch.nn.Sequential would number it, so parameter names and shapes
+are those of its state dict: model.0.weight (D_out, D_in), model.0.bias (D_out,),
+model.2.weight (with dropout model.3.weight), ... Each Linear holds views into `params` and
 `grads`; averaging gradients is one Allreduce of `grads`, the optimizer is one vector
 update of `params`, and a checkpoint is those views by name. Update in place only:
 rebinding a parameter array would silently detach it from the flat buffer.
@@ -12,12 +13,18 @@ import math
 
 import numpy as np
 
-from dpbp.nn.layers import Linear, ReLU, Sigmoid, Tanh
+from dpbp.nn.layers import Dropout, Linear, ReLU, Sigmoid, Tanh
+
+
+def sequential_index(i, dropout):
+    """The index of Linear i in the torch.nn.Sequential (0, 2, 4, ...; with dropout 0, 3,
+    6, ...)."""
+    return i * (3 if dropout else 2)
 
 
 class MLP:
-    def __init__(self, widths, activation, dtype):
-        """widths = [D_in, hidden..., D_out]."""
+    def __init__(self, widths, activation, dtype, dropout=0.0):
+        """widths = [D_in, hidden..., D_out]; dropout p after each hidden activation."""
         self.widths = list(widths)
         shapes = []
         for d_in, d_out in zip(widths[:-1], widths[1:]):
@@ -30,11 +37,13 @@ class MLP:
         self.linears = [Linear(p[2 * i], p[2 * i + 1], g[2 * i], g[2 * i + 1])
                         for i in range(len(widths) - 1)]
         Activation = {"relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid}[activation]
-        self.layers = []
+        self.layers, self.dropout = [], dropout
         for i, linear in enumerate(self.linears):
             self.layers.append(linear)
             if i < len(self.linears) - 1:
                 self.layers.append(Activation())
+                if dropout:
+                    self.layers.append(Dropout(dropout, len(self.layers)))
         self.names = []
         for i, layer in enumerate(self.layers):
             if isinstance(layer, Linear):
@@ -56,10 +65,11 @@ class MLP:
             linear.W[...] = rng.uniform(-bound, bound, size=linear.W.shape)
             linear.b[...] = rng.uniform(-bound, bound, size=linear.b.shape)
 
-    def forward(self, x):
-        # x (B, D_in) -> outputs (B, D_out)
+    def forward(self, x, keys=None):
+        # x (B, D_in), keys (B,) -> outputs (B, D_out); keys: each row's key for dropout's
+        # masks (noise.row_keys), needed only with dropout
         for layer in self.layers:
-            x = layer.forward(x)
+            x = layer.forward(x, keys) if isinstance(layer, Dropout) else layer.forward(x)
         return x
 
     def infer(self, x):
@@ -73,10 +83,11 @@ class MLP:
         # dout (B, D_out) -> nothing; overwrites every gradient in `grads`, a flat buffer
         # laid out like params (default: self.grads)
         views = self.split(self.grads if grads is None else grads)
-        for i in range(len(self.layers) - 1, -1, -1):   # from the last layer to the first
-            layer = self.layers[i]
-            if isinstance(layer, Linear):   # Linear i // 2, whose W and b are views[i], views[i + 1]
-                dout = layer.backward(dout, need_dx=i > 0, into=views[i:i + 2])   # i = 0: no dx
+        j = len(self.linears)
+        for layer in reversed(self.layers):   # from the last layer to the first
+            if isinstance(layer, Linear):     # Linear j, whose W and b are views[2j], views[2j + 1]
+                j -= 1
+                dout = layer.backward(dout, need_dx=j > 0, into=views[2 * j:2 * j + 2])
             else:
                 dout = layer.backward(dout)
 
@@ -92,7 +103,9 @@ class MLP:
         for name, view in self.state_dict().items():
             if name not in arrays:
                 return f"{source} has no {name} (expected the weights of " \
-                       f"{'-'.join(map(str, self.widths))} as model.0.weight, model.0.bias, ...)"
+                       f"{'-'.join(map(str, self.widths))} as {', '.join(self.names[:3])}, " \
+                       "..." + (", numbered as in torch.nn.Sequential with an nn.Dropout "
+                                "after each activation)" if self.dropout else ")")
             a = arrays[name]
             if a.shape != view.shape:
                 return f"{source}: {name} has shape {a.shape}, the network needs {view.shape}"

@@ -26,13 +26,16 @@ import numpy as np
 from dpbp.parallel import half, sharding
 
 
-def train_step(model, optimizer, loss_fn, x, y, N, summed, clip_norm=0.0):
-    """One data-parallel SGD step on this rank's shard (x, y) of a global batch of N rows.
+def train_step(model, optimizer, loss_fn, x, y, N, summed, clip_norm=0.0, keys=None):
+    """One data-parallel step on this rank's shard (x, y) of a global batch of N rows;
+    with dropout, `keys` holds each row's key for its masks (nn.noise.row_keys).
 
     The data-parallel contract:
     - Identical on every rank before the call: model.params, the optimizer state, N, and
       the kind of gradient sum `summed` (every rank chose it from the same config).
     - Each rank passes its own rows, summed.rows(N) of the global batch; it may have none.
+      Their dropout keys depend on the rows alone (the sample, the step, the seed), so a
+      row's masks are the same whichever rank holds it.
     - The loss gradient is normalised by the global N, not by B, so the sum over ranks is
       the gradient of the global batch's mean loss: what one process computes on the
       whole batch, up to floating-point rounding (PlainSum) or bit for bit (GrainSum).
@@ -46,7 +49,7 @@ def train_step(model, optimizer, loss_fn, x, y, N, summed, clip_norm=0.0):
     Returns (loss sum, ok): this rank's sum of per-sample losses (GrainSum: the batch's).
     """
     for rows, grads in summed.parts(N):             # the shard, its micro-batches or grains
-        outputs = model.forward(x[rows])                        # forward
+        outputs = model.forward(x[rows], None if keys is None else keys[rows])   # forward
         losses, doutputs = loss_fn(outputs, y[rows], N)         # loss, gradient of the GLOBAL mean
         summed.add_loss(losses, doutputs)
         model.backward(doutputs, grads)                         # backward, into the part's buffer

@@ -1,9 +1,13 @@
 """Checkpoints: RUN_DIR/checkpoints/epoch-EEEE.npz at the end of each epoch (EEEE = epochs
-done), and epoch-EEEE-batch-BBBBBB.npz mid-epoch (BBBBBB more batches of the next one done).
+done), and epoch-EEEE-batch-BBBBBB.npz mid-epoch (BBBBBB more batches of the next one done);
+with run.keep_best, best.npz is a copy of the best epoch's.
 
 Entries (all plain arrays, readable with numpy.load(path, allow_pickle=False)):
     model.<i>.weight, model.<i>.bias   the torch.nn.Sequential state-dict layout
-    optimizer.momentum_buffer          flat, in the layout of the parameter buffer (if any)
+    optimizer.<name>                   the optimizer's state (optimizer.state()): SGD's
+                                       momentum_buffer (if any); AdamW's exp_avg, exp_avg_sq,
+                                       max_exp_avg_sq (amsgrad) flat in the layout of the
+                                       parameter buffer, and step (updates applied)
     epoch, batch                       epochs completed, batches done in the next epoch
     step                               optimizer steps taken (skipped steps included)
     loss_sums                          mid-epoch: each rank's sum of training losses so far
@@ -28,6 +32,7 @@ import re
 import numpy as np
 
 from dpbp.errors import UserError
+from dpbp.nn.optim import SGD, AdamW
 from dpbp.service import config
 from dpbp.service.files import read_npz, write_atomic
 
@@ -76,14 +81,19 @@ def save(path, model, optimizer, position, world_size, config_toml, loss_sums=No
     if not np.isfinite(model.params).all():   # never write NaN or Inf weights
         raise UserError(f"refusing to write {path}: the weights are not finite")
     arrays = dict(model.state_dict())
-    if optimizer.momentum_buffer is not None:
-        arrays["optimizer.momentum_buffer"] = optimizer.momentum_buffer
+    arrays.update({f"optimizer.{name}": a for name, a in optimizer.state().items()})
     sums = np.zeros(world_size) if loss_sums is None else np.asarray(loss_sums, np.float64)
     arrays.update({k: np.int64(v) for k, v in dataclasses.asdict(position).items()})
     arrays.update(loss_sums=sums, world_size=np.int64(world_size), config=np.str_(config_toml),
                   data=np.str_(data_id), format_version=np.int64(FORMAT_VERSION))
     arrays["digest"] = np.str_(digest(arrays))
     write_atomic(path, lambda f: np.savez(f, **arrays))
+
+
+def best_path(run_dir):
+    """run.keep_best: the copy of the best epoch's checkpoint (never an epoch checkpoint:
+    list_all does not list it, keep_checkpoints never prunes it, --resume never takes it)."""
+    return os.path.join(run_dir, "checkpoints", "best.npz")
 
 
 def position_of(path):
@@ -141,21 +151,25 @@ def load(path):
 
 
 def restore(state, path, model, optimizer):
-    """Copy a loaded checkpoint's weights and momentum into model and optimizer."""
+    """Copy a loaded checkpoint's weights and optimizer state into model and optimizer.
+    State the optimizer has and the checkpoint lacks starts afresh, unless the run that
+    wrote the checkpoint had it (then the file was altered: refused)."""
     problem = model.load_state_dict(state, f"checkpoint {path}")
     if problem:
         raise UserError(problem + "; it does not fit the configured network")
-    buf = state.get("optimizer.momentum_buffer")
-    if optimizer.momentum_buffer is not None and buf is None and saved_momentum(state):
-        raise UserError(f"checkpoint {path} has no optimizer.momentum_buffer, though it was "
-                        f"written with train.momentum = {saved_momentum(state):g}: it was "
-                        "altered; resume from another checkpoint")
-    if optimizer.momentum_buffer is not None and buf is not None:
-        if buf.shape != optimizer.momentum_buffer.shape or not np.isfinite(buf).all():
-            raise UserError(f"checkpoint {path}: optimizer.momentum_buffer has shape "
-                            f"{buf.shape} or non-finite values; the network needs finite "
-                            f"{optimizer.momentum_buffer.shape}")
-        optimizer.momentum_buffer[...] = buf
+    names = optimizer.state()
+    found = {name: state[f"optimizer.{name}"] for name in names if f"optimizer.{name}" in state}
+    missing = [name for name in names if name not in found]
+    if missing:
+        had, setting = optimizer_state_names(saved_train_config(state))
+        lost = [name for name in missing if name in had]
+        if lost:
+            raise UserError(f"checkpoint {path} has no optimizer.{lost[0]}, though it was "
+                            f"written with {setting}: it was altered; resume from another "
+                            "checkpoint")
+    problem = optimizer.load_state(found, f"checkpoint {path}")
+    if problem:
+        raise UserError(problem)
 
 
 def output_width(state):
@@ -168,9 +182,17 @@ def output_width(state):
     return int(state[last].shape[0]) if state[last].ndim == 2 else None
 
 
-def saved_momentum(state):
-    """train.momentum of the run that wrote a loaded checkpoint."""
-    return config.from_toml(state["config"], "checkpoint").train.momentum
+def optimizer_state_names(tc):
+    """(names, setting): the optimizer.<name> entries that a run of train config `tc`
+    saves, and the setting that makes it save them (for messages)."""
+    if tc.optimizer == "adamw":
+        return AdamW.state_names(tc.amsgrad), 'train.optimizer = "adamw"'
+    return SGD.state_names(tc.momentum), f"train.momentum = {tc.momentum:g}"
+
+
+def saved_train_config(state):
+    """The train config of the run that wrote a loaded checkpoint."""
+    return config.from_toml(state["config"], "checkpoint").train
 
 
 def load_weights(model, path):

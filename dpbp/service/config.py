@@ -30,6 +30,7 @@ class RunConfig:
     sync_check_steps: int = 100    # compare a checksum of every rank's parameters (0 = off)
     watchdog_seconds: float = 600.0  # no step ends for this long: dump stacks, end (0 = off)
     log_every_steps: int = 0       # also log every this many steps to steps.jsonl (0 = off)
+    keep_best: bool = False        # keep checkpoints/best.npz: the epoch of lowest val_loss
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class ModelConfig:
     init: str = ""                         # .npz of model.* weights to start from
     classes: int = 0                       # classes of a classifier; 0 = the training
                                            # labels' largest + 1 (set it when they lack some)
+    dropout: float = 0.0                   # drop probability after each hidden activation
 
 
 @dataclass(frozen=True)
@@ -56,10 +58,14 @@ class TrainConfig:
     loss: str = "cross_entropy"    # "cross_entropy" | "mse"
     epochs: int = 10
     batch_size: int = 128          # the GLOBAL minibatch, split across ranks
+    optimizer: str = "sgd"         # "sgd" | "adamw" (as torch.optim.SGD, torch.optim.AdamW)
     lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
+    momentum: float = 0.9          # sgd only
+    nesterov: bool = False         # sgd only
+    weight_decay: float = 0.0      # sgd: L2 added to the gradient; adamw: decoupled
+    betas: tuple[float, ...] = (0.9, 0.999)   # adamw only: decay of the moment averages
+    eps: float = 1e-8              # adamw only: added to the root of the second moment
+    amsgrad: bool = False          # adamw only: use the largest second moment so far
     schedule: str = "constant"     # "constant" | "step" | "cosine" (to 0 at the last epoch)
     milestones: tuple[int, ...] = ()   # step schedule: epochs after which lr *= gamma
     gamma: float = 0.1             # step schedule: the factor at each milestone
@@ -73,6 +79,8 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every this many steps (0 = off)
     deterministic: bool = False    # the same bits at every world size (see README)
     grains: int = 4                # deterministic: equal parts of each batch, shared by ranks
+    early_stopping_patience: int = 0   # stop after this many epochs without improvement (0 = off)
+    early_stopping_min_delta: float = 0.0   # an improvement: val_loss below the best by more
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,7 @@ CHOICES = {
     "model.activation": ("relu", "tanh", "sigmoid"),
     "model.dtype": ("float32", "float64"),
     "train.loss": ("cross_entropy", "mse"),
+    "train.optimizer": ("sgd", "adamw"),
     "train.schedule": ("constant", "step", "cosine"),
     "train.lr_scaling": ("none", "linear"),
     "train.comm_dtype": ("float32", "float16", "bfloat16"),
@@ -108,7 +117,7 @@ def _keys(section_cls):
 
 def _type_name(t):
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-            tuple[int, ...]: "a list of integers"}[t]
+            tuple[int, ...]: "a list of integers", tuple[float, ...]: "a list of numbers"}[t]
 
 
 def _convert(key, value, t, where):
@@ -124,6 +133,8 @@ def _convert(key, value, t, where):
         ok = isinstance(value, str)
     elif t == tuple[int, ...]:
         ok = isinstance(value, list) and all(is_int(v) for v in value)
+    elif t == tuple[float, ...]:
+        ok = isinstance(value, list) and all(is_int(v) or isinstance(v, float) for v in value)
     else:
         raise TypeError(f"config field {key} has a type the loader does not know: {t}")
     if not ok:
@@ -132,6 +143,8 @@ def _convert(key, value, t, where):
     if t is str and not _utf8(value):
         raise UserError(f"{where}: {key} must be UTF-8 text, got {ascii(value)} (a path "
                         "with bytes that are not UTF-8 cannot be saved in config.toml)")
+    if t == tuple[float, ...]:
+        return tuple(float(v) for v in value)
     return tuple(value) if t == tuple[int, ...] else t(value)
 
 
@@ -155,6 +168,10 @@ SYNONYMS = {
     "gradient_clip_val": "train.clip_grad_norm", "output_dir": "run.dir", "out_dir": "run.dir",
     "save_dir": "run.dir", "checkpoint_dir": "run.dir", "gradient_accumulation_steps":
     "train.accumulation_steps", "precision": "model.dtype",
+    "optim": "train.optimizer", "opt": "train.optimizer", "epsilon": "train.eps",
+    "adam_epsilon": "train.eps", "patience": "train.early_stopping_patience",
+    "min_delta": "train.early_stopping_min_delta", "dropout_rate": "model.dropout",
+    "drop_rate": "model.dropout", "save_best": "run.keep_best", "save_best_only": "run.keep_best",
 }
 
 
@@ -277,6 +294,28 @@ def validate(cfg):
            "that depends on the world size)", t.comm_dtype)
     _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", ">= 0 (0 = off)",
            t.checkpoint_every_steps)
+    validate_features(cfg)
+
+
+def validate_features(cfg):
+    """Range checks of the optimizer's keys, dropout and early stopping. Keys of the
+    optimizer not chosen must keep their defaults: a value there would be ignored."""
+    t, m, defaults = cfg.train, cfg.model, TrainConfig()
+    _check(math.isfinite(m.dropout) and 0 <= m.dropout < 1, "model.dropout", "in [0, 1)",
+           m.dropout)
+    _check(len(t.betas) == 2 and all(math.isfinite(b) and 0 <= b < 1 for b in t.betas),
+           "train.betas", "two numbers in [0, 1), [beta1, beta2]", list(t.betas))
+    _check(math.isfinite(t.eps) and t.eps > 0, "train.eps", "a number > 0", t.eps)
+    unused = ("momentum", "nesterov") if t.optimizer == "adamw" else ("betas", "eps", "amsgrad")
+    for key in unused:
+        default = getattr(defaults, key)
+        _check(getattr(t, key) == default, f"train.{key}",
+               f'left at its default {toml_value(default)}: it has no effect with '
+               f'train.optimizer = "{t.optimizer}"', getattr(t, key))
+    _check(t.early_stopping_patience >= 0, "train.early_stopping_patience", ">= 0 (0 = off)",
+           t.early_stopping_patience)
+    _check(math.isfinite(t.early_stopping_min_delta) and t.early_stopping_min_delta >= 0,
+           "train.early_stopping_min_delta", ">= 0", t.early_stopping_min_delta)
 
 
 def _parse_toml(text, where):

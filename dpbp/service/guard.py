@@ -3,12 +3,14 @@
     with Guard(comm, run, say, signals, watchdog) as guard:   # run: a startup.Run
         ... each step:  code = guard.after_step(ok, position, loss_sum)
         ... each epoch: code = guard.after_epoch(record, position, loss_total, line)
-        a code that is not None is the run's exit code: stop there.
+        a code that is not None is the run's exit code: stop there (0: early stopping).
 
 Behind these two calls: the watchdog (fed by both), stop requests from signals and the
 ranks' vote on them, the policy for non-finite steps, the periodic check that replicas
-are still identical, mid-epoch checkpoints, and the epoch's checkpoint with its line of
-metrics. Every check is agreed by all ranks, so all of them stop together.
+are still identical, mid-epoch checkpoints, the epoch's checkpoint with its line of
+metrics, the best checkpoint (run.keep_best) and early stopping, both decided from the
+history of validation losses (history.py). Every check is agreed by all ranks (the
+validation loss is the same bits on every rank), so all of them stop together.
 """
 
 import math
@@ -19,7 +21,7 @@ import numpy as np
 from dpbp.errors import EXIT_DIVERGED, EXIT_HUNG, UserError, plural
 from dpbp.parallel import comm as mpi
 from dpbp.parallel import sharding
-from dpbp.service import checkpoint, run_dir
+from dpbp.service import checkpoint, history, run_dir
 from dpbp.service.supervise import StopVote, signal_name
 
 
@@ -33,6 +35,7 @@ class Guard:
         self.signals, self.watchdog = signals, watchdog
         self.batches = sharding.num_batches(len(run.data.x), run.cfg.train.batch_size)
         self.stop = 0   # a signal the ranks agreed to stop for, at the last step
+        self.val_losses = list(run.val_losses)   # of every epoch so far, from the first
 
     def __enter__(self):
         self.signals.defer()
@@ -66,16 +69,24 @@ class Guard:
 
     def after_epoch(self, record, position, loss_total, line):
         """Collective, after an epoch's validation: check, save the checkpoint with the
-        epoch's `record` of metrics, print its `line`."""
+        epoch's `record` of metrics (and as the best one, if it is), print its `line`.
+        Early stopping marks both and returns 0."""
         self.watchdog.feed()
         stop_unless_finite(self.comm, position.epoch, loss_total, record["val_loss"])
         check_replicas(self.comm, self.model, f"in epoch {position.epoch}")
-        path = self.save(position, 0.0, record)
+        self.val_losses.append(record["val_loss"])
+        best = self.cfg.run.keep_best and history.best_epoch(self.val_losses) == position.epoch
+        tc, last = self.cfg.train, position.epoch == self.cfg.train.epochs
+        early = not last and history.stop_early(tc, self.val_losses)
+        if early:
+            record["stopped"] = "early_stopping"
+            line += f"  stopped: {history.why_stopped(tc)} (early stopping)"
+        path = self.save(position, 0.0, record, best)
         self.say(line)
         self.watchdog.feed()
-        if self.stop and position.epoch < self.cfg.train.epochs:   # agreed in its last step
+        if self.stop and not last:   # agreed in its last step
             return stopped_by(self.stop, path, position, self.say)
-        return None
+        return 0 if early else None
 
     def log_step(self, ok, position, step_loss, N):
         """Collective. One line of RUN_DIR/steps.jsonl: the step's mean loss over its
@@ -86,18 +97,19 @@ class Guard:
                 step=position.step, epoch=position.epoch + position.batch / self.batches,
                 loss=total / N if ok else None, lr=self.optimizer.lr, time=round(time.time(), 3)))
 
-    def save(self, position, loss_sum, record=None):
+    def save(self, position, loss_sum, record=None, best=False):
         """Collective. Rank 0 writes the checkpoint at `position` with every rank's
         partial loss sum (so that a resumed epoch adds up its loss exactly as an
-        uninterrupted one), and `record`'s metrics at an epoch's end. A failure to write
-        (a full disk) stops every rank. Returns the path."""
+        uninterrupted one), and `record`'s metrics at an epoch's end; a copy as the best
+        checkpoint if `best`. A failure to write (a full disk) stops every rank. Returns
+        the path."""
         comm = self.comm
         mine = np.array([self.summed.saved_loss(loss_sum)])
         sums = comm.allgatherv_(mine, np.empty(comm.size), [1] * comm.size)
         with mpi.agreement(comm):
             if comm.rank == 0:
                 run_dir.save(self.cfg, self.model, self.optimizer, position, comm.size, sums,
-                             record, self.data_id)
+                             record, self.data_id, best)
         return checkpoint.path_for(self.cfg.run.dir, position.epoch, position.batch)
 
 

@@ -8,6 +8,7 @@ import os
 import sys
 
 from dpbp.errors import UserError
+from dpbp.nn.model import sequential_index
 from dpbp.parallel import comm as mpi
 from dpbp.service import checkpoint, run_dir
 from dpbp.service.startup import new_model
@@ -45,11 +46,14 @@ def restore_model(comm, state, path, widths, cfg):
     return model
 
 
-def widths_of(state, path, hidden):
+def widths_of(state, path, model_cfg):
     """[D_in, *hidden, D_out] of the network whose weights `state` holds."""
-    first, last = "model.0.weight", f"model.{2 * len(hidden)}.weight"
+    hidden = model_cfg.hidden
+    first = "model.0.weight"
+    last = f"model.{sequential_index(len(hidden), model_cfg.dropout)}.weight"
     for key in (first, last):
         if key not in state or state[key].ndim != 2:
             raise UserError(f"checkpoint {path} has no 2-D {key}, which its config "
-                            f"(model.hidden = {list(hidden)}) needs: it is damaged")
+                            f"(model.hidden = {list(hidden)}, model.dropout = "
+                            f"{model_cfg.dropout:g}) needs: it is damaged")
     return [state[first].shape[1], *hidden, state[last].shape[0]]

@@ -4,6 +4,7 @@
     RUN_DIR/metrics.jsonl               one JSON object per epoch
     RUN_DIR/checkpoints/epoch-EEEE.npz  a checkpoint per epoch, the newest run.keep_checkpoints
     RUN_DIR/checkpoints/epoch-EEEE-batch-BBBBBB.npz   mid-epoch ones (see checkpoint.py)
+    RUN_DIR/checkpoints/best.npz        run.keep_best: a copy of the best epoch's checkpoint
 
 Every function here runs on rank 0 alone; train.py broadcasts what the others need.
 Nothing is written until every check has passed, and a new run never overwrites an
@@ -15,16 +16,18 @@ import dataclasses
 import fcntl
 import json
 import os
+import shutil
 import socket
 import sys
 
 from dpbp.errors import UserError
-from dpbp.service import checkpoint, config
+from dpbp.service import checkpoint, config, history
 from dpbp.service.files import remove_stale_temporaries, write_atomic
 
-# Keys a resumed run may not change: they define the network or the global batch.
-FIXED_ON_RESUME = ("model.hidden", "model.activation", "model.classes", "train.loss",
-                   "train.batch_size")
+# Keys a resumed run may not change: they define the network, the global batch or the
+# optimizer (whose state the checkpoint holds).
+FIXED_ON_RESUME = ("model.hidden", "model.activation", "model.classes", "model.dropout",
+                   "train.loss", "train.batch_size", "train.optimizer")
 # Keys whose change on resume changes which samples train and which validate.
 SPLIT_KEYS = ("run.seed", "data.source", "data.path", "data.val_fraction", "data.samples",
               "data.shuffle")
@@ -92,7 +95,8 @@ def check_new(cfg):
     first epoch that was never checkpointed, no config.toml that dpbp did not write,
     and can be created. Returns notes for the log."""
     run_dir = cfg.run.dir
-    found = checkpoint.list_all(run_dir)
+    found = checkpoint.list_all(run_dir) + [
+        (None, p) for p in [checkpoint.best_path(run_dir)] if os.path.exists(p)]
     if found:
         raise UserError(
             f"run.dir {run_dir} already holds a run (checkpoint {found[-1][1]}); "
@@ -175,7 +179,8 @@ def resumed_config(saved_toml, path, config_file, overrides, run_dir=None):
         if key in FIXED_ON_RESUME:
             raise UserError(f"--resume: {key} was {config.toml_value(old[key])} in {path}, "
                             f"now {config.toml_value(new[key])}; a resumed run keeps its "
-                            "network and global batch")
+                            "network, global batch and optimizer (start a new run to change "
+                            "it, with model.init for the weights)")
     notes = []
     for k in changed:
         why = {"model.init": " (ignored: the checkpoint has the weights)"}.get(
@@ -257,6 +262,8 @@ def prepare(cfg, start, resumed_from=None, damaged=(), start_step=0):
         write_atomic(metrics_path(run_dir), lambda f: f.write("".join(kept).encode()))
         if steps or os.path.exists(steps_path(run_dir)):
             write_atomic(steps_path(run_dir), lambda f: f.write("".join(steps).encode()))
+        if cfg.run.keep_best and source:
+            notes += settle_best(run_dir, source, history.val_losses(earlier, start[0]))
     except OSError as e:
         raise UserError(f"run.dir {run_dir}: cannot write ({os_error(e)})") from None
     return locks, notes
@@ -349,12 +356,13 @@ def sign(lock):
 
 
 def save(cfg, model, optimizer, position, world_size, loss_sums=None, record=None,
-         data_id=""):
+         data_id="", best=False):
     """Checkpoint at `position` (a checkpoint.Position); at the end of an epoch (batch 0)
     first append its line of metrics, `record`. (In this order, a crash between
     the two leaves a metrics line that `prepare` drops on resume, never a missing one.)
-    Then delete checkpoints beyond the newest run.keep_checkpoints, this one being
-    durable by now. Returns the checkpoint's path."""
+    With `best`, copy it to checkpoints/best.npz (a crash before that is repaired on
+    resume: settle_best). Then delete checkpoints beyond the newest
+    run.keep_checkpoints, this one being durable by now. Returns the checkpoint's path."""
     path = checkpoint.path_for(cfg.run.dir, position.epoch, position.batch)
     try:
         if record is not None:
@@ -364,6 +372,8 @@ def save(cfg, model, optimizer, position, world_size, loss_sums=None, record=Non
                 os.fsync(f.fileno())   # durable before the checkpoint that follows it
         checkpoint.save(path, model, optimizer, position, world_size, config.to_toml(cfg),
                         loss_sums, data_id)
+        if best:
+            copy_atomic(path, checkpoint.best_path(cfg.run.dir))
         keep = cfg.run.keep_checkpoints
         if keep:
             for _, old in checkpoint.list_all(cfg.run.dir)[:-keep]:
@@ -374,3 +384,43 @@ def save(cfg, model, optimizer, position, world_size, loss_sums=None, record=Non
                 "afresh")
         raise UserError(f"cannot save {path} ({e.strerror}); {hint}") from None
     return path
+
+
+def copy_atomic(source, target):
+    """Copy the file `source` to `target`, atomically and durably."""
+    with open(source, "rb") as f:
+        write_atomic(target, lambda out: shutil.copyfileobj(f, out))
+
+
+def settle_best(run_dir, source, losses):
+    """run.keep_best on resume: make RUN_DIR/checkpoints/best.npz hold the best epoch of
+    the history it continues (`losses`: val_loss of every epoch so far), taken from
+    `source`, the run directory resumed from (this one, or the one a branch leaves): its
+    best.npz or that epoch's checkpoint. A best.npz of an epoch that is not in the history
+    (trained again after the checkpoint resumed from) is removed. Returns notes."""
+    best, target = history.best_epoch(losses), checkpoint.best_path(run_dir)
+    if best is None:
+        candidates = []
+    else:
+        candidates = [checkpoint.best_path(source), checkpoint.path_for(source, best)]
+    for path in candidates:
+        if holds_epoch(path, best):
+            if os.path.realpath(path) != os.path.realpath(target):
+                copy_atomic(path, target)
+            return []
+    if os.path.exists(target):
+        os.unlink(target)
+    if best is None:
+        return []
+    return [f"run.keep_best: no checkpoint of epoch {best} (val_loss {losses[best - 1]:.6g}, "
+            "the lowest so far) is left; checkpoints/best.npz will be the first later epoch "
+            "with a lower val_loss"]
+
+
+def holds_epoch(path, epoch):
+    """Whether `path` is a checkpoint that verifies and holds the end of `epoch`."""
+    try:
+        state = checkpoint.load(path)
+    except UserError:
+        return False
+    return (state["epoch"], state["batch"]) == (epoch, 0)

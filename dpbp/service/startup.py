@@ -17,14 +17,14 @@ from dpbp import __version__
 from dpbp.errors import UserError, plural
 from dpbp.nn.losses import cross_entropy, mse
 from dpbp.nn.model import MLP
-from dpbp.nn.optim import SGD
+from dpbp.nn.optim import SGD, AdamW
 from dpbp.nn.schedule import base_lr
 from dpbp.parallel import comm as mpi
 from dpbp.parallel import sharding
 from dpbp.parallel.deterministic import GrainSum
 from dpbp.parallel.step import PlainSum
 from dpbp.parallel.threads import arithmetic, available_cores, limit_blas_threads
-from dpbp.service import checkpoint, config, run_dir
+from dpbp.service import checkpoint, config, history, run_dir
 from dpbp.service import data as datasets
 from dpbp.service.checkpoint import Position
 
@@ -38,11 +38,12 @@ class Run:
     data: datasets.Dataset
     data_id: str                    # what the data are (datasets.identity), kept in checkpoints
     model: MLP
-    optimizer: SGD
+    optimizer: SGD | AdamW          # as train.optimizer says
     summed: PlainSum | GrainSum     # the gradient sum over ranks, chosen from the config
     loss_fn: object                 # nn.losses.cross_entropy or mse
     start: Position                 # where the run starts (a checkpoint's position)
     loss_sum: float                 # this rank's partial loss sum of the starting epoch
+    val_losses: list                # val_loss of every epoch before the start (history.py)
     locks: list                     # the run directory's locks, held by rank 0 (else [])
 
 
@@ -65,6 +66,7 @@ def set_up(args, comm, say, watchdog):
         return None
     with mpi.agreement(comm):
         data = load_data(cfg, resumed.classes if resumed else 0)
+        check_validation_needed(cfg, data)
         data_id = datasets.identity(data)
         model, optimizer = build(cfg, data, fresh=resumed is None)
         if comm.rank == 0 and resumed is not None:
@@ -75,13 +77,11 @@ def set_up(args, comm, say, watchdog):
     check_same_inputs(comm, cfg, data_id)
     arith = check_arithmetic(comm) if cfg.train.deterministic else None
     comm.bcast_(model.params)                   # DP: the replicas start identical
-    if optimizer.momentum_buffer is not None:
-        comm.bcast_(optimizer.momentum_buffer)
+    for array in optimizer.state().values():    # DP: and so do the optimizers
+        comm.bcast_(array)
     summed = gradient_sum(cfg.train, comm, model)
-    start, saved_sums = starting_point(comm, resumed)
-    if start.epoch >= cfg.train.epochs:   # before prepare: a finished run is left untouched
-        say(f"nothing to do: the run in {cfg.run.dir} already completed "
-            f"{plural(start.epoch, 'epoch')} of {cfg.train.epochs}")
+    start, saved_sums, val_losses = starting_point(comm, resumed)
+    if finished(cfg, start, val_losses, say):   # before prepare: left untouched
         return None
     locks = []
     with mpi.agreement(comm):
@@ -106,7 +106,7 @@ def set_up(args, comm, say, watchdog):
         say(note)
     loss_sum = summed.resumed_loss(*saved_sums)
     return Run(cfg, data, data_id, model, optimizer, summed, LOSSES[cfg.train.loss], start,
-               loss_sum, locks)
+               loss_sum, val_losses, locks)
 
 
 @dataclasses.dataclass
@@ -159,15 +159,22 @@ def build(cfg, data, fresh=True):
     model.init_(np.random.default_rng([cfg.run.seed, 0x1417]))
     if cfg.model.init and fresh:
         checkpoint.load_weights(model, cfg.model.init)
-    tc = cfg.train
-    return model, SGD(model.params, model.grads, base_lr(tc), tc.momentum, tc.nesterov,
-                      tc.weight_decay)
+    return model, new_optimizer(cfg.train, model)
+
+
+def new_optimizer(tc, model):
+    """The optimizer that train.optimizer names, on the model's flat buffers."""
+    if tc.optimizer == "adamw":
+        return AdamW(model.params, model.grads, base_lr(tc), tc.betas, tc.eps,
+                     tc.weight_decay, tc.amsgrad)
+    return SGD(model.params, model.grads, base_lr(tc), tc.momentum, tc.nesterov,
+               tc.weight_decay)
 
 
 def new_model(widths, cfg):
     """An MLP of `widths` as the config says, or a UserError where it does not fit in memory."""
     try:
-        return MLP(widths, cfg.model.activation, cfg.model.dtype)
+        return MLP(widths, cfg.model.activation, cfg.model.dtype, cfg.model.dropout)
     except MemoryError:
         raise UserError(f"the network {'-'.join(map(str, widths))} does not fit in "
                         "memory; check model.hidden and the number of classes") from None
@@ -198,14 +205,48 @@ def check_arithmetic(comm):
 
 
 def starting_point(comm, resumed):
-    """Collective. (Position, (loss sums, world size)): rank 0's checkpoint's, or the start."""
-    state = None if resumed is None else resumed.state
-    saved = comm.bcast_obj(None if state is None else (
-        Position.of(state), [float(s) for s in state["loss_sums"]], state["world_size"]))
+    """Collective. (Position, (loss sums, world size), val losses): rank 0's checkpoint's
+    and its run's history of validation losses (metrics.jsonl), or the start."""
+    saved = None
+    with mpi.agreement(comm):
+        if resumed is not None and comm.rank == 0:
+            state, home = resumed.state, run_dir.home_of(resumed.path)
+            position = Position.of(state)
+            lines = run_dir.read_metrics(home) if home else []
+            saved = (position, [float(s) for s in state["loss_sums"]], state["world_size"],
+                     history.val_losses(lines, position.epoch))
+    saved = comm.bcast_obj(saved)
     if saved is None:
-        return Position(), ([0.0], 1)
-    position, sums, world_size = saved
-    return position, (sums, world_size)
+        return Position(), ([0.0], 1), []
+    position, sums, world_size, val_losses = saved
+    return position, (sums, world_size), val_losses
+
+
+def finished(cfg, start, val_losses, say):
+    """Whether a resumed run has nothing left to do: all its epochs, or it stopped early
+    (and would again, with this config's early stopping). Says so."""
+    tc = cfg.train
+    if start.epoch >= tc.epochs:
+        say(f"nothing to do: the run in {cfg.run.dir} already completed "
+            f"{plural(start.epoch, 'epoch')} of {tc.epochs}")
+        return True
+    if start.batch == 0 and history.stop_early(tc, val_losses):
+        say(f"nothing to do: the run in {cfg.run.dir} stopped early after "
+            f"{plural(start.epoch, 'epoch')} ({history.why_stopped(tc)}); to train on, "
+            "raise train.early_stopping_patience or set it to 0")
+        return True
+    return False
+
+
+def check_validation_needed(cfg, data):
+    """run.keep_best and early stopping go by the validation loss: a UserError without
+    validation data."""
+    for key, on in (("run.keep_best", cfg.run.keep_best),
+                    ("train.early_stopping_patience", cfg.train.early_stopping_patience)):
+        if on and data.x_val is None:
+            raise UserError(f"{key} needs validation data, and the {cfg.data.source} data "
+                            "has none (data.val_fraction = 0 and no x_val); set "
+                            "data.val_fraction > 0, or give x_val and y_val")
 
 
 def describe_run(comm, threads, why, cfg, data, model, summed, arith):
@@ -218,7 +259,8 @@ def describe_run(comm, threads, why, cfg, data, model, summed, arith):
         f"{plural(threads, 'BLAS thread')} per rank ({why})",
         f"data: {cfg.data.source}, {data.describe()}",
         f"model: {'-'.join(map(str, model.widths))} {cfg.model.activation} "
-        f"{cfg.model.dtype}, {model.params.size:,} parameters; loss {tc.loss}",
+        f"{cfg.model.dtype}" + (f", dropout {model.dropout:g}" if model.dropout else "")
+        + f", {model.params.size:,} parameters; loss {tc.loss}; optimizer {tc.optimizer}",
         f"{summed.describe(tc.batch_size)}; {plural(steps, 'step')} per epoch; run dir "
         f"{cfg.run.dir}"]
     if arith is not None:

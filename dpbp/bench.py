@@ -45,7 +45,7 @@ from dpbp.nn.optim import SGD  # noqa: E402
 from dpbp.parallel import comm as mpi  # noqa: E402
 from dpbp.parallel import sharding
 from dpbp.parallel.step import train_step  # noqa: E402
-from dpbp.parallel.threads import blas_threads, limit_blas_threads  # noqa: E402
+from dpbp.parallel.threads import blas_threads, cores_for, limit_blas_threads  # noqa: E402
 from dpbp.service import config
 from dpbp.service.config import TrainConfig  # noqa: E402
 from dpbp.service.startup import gradient_sum  # noqa: E402
@@ -218,7 +218,7 @@ def run_bench(args, comm, say):
     widths = args.layers
     dtype = np.dtype(args.dtype)
     t0 = time.perf_counter()
-    limit_blas_threads(comm.ranks_sharing_cores, args.deterministic)
+    limit_blas_threads(comm.ranks_sharing_cores, args.deterministic, comm.counted)
     threads = blas_threads()
     rates = gemm_rates(comm, dtype)
     base_rss = gather(comm, rss_bytes()).max()   # interpreter, libraries, MPI, BLAS buffers
@@ -240,7 +240,8 @@ def run_bench(args, comm, say):
     flops = 6 * weights * samples_per_second
     budget = MEMORY_SLACK * (base_rss + need)
     r = dict(world_size=comm.size, threads_per_rank=threads, cores=len(mpi.available_cores()),
-             ranks_sharing_cores=comm.ranks_sharing_cores, mpi=comm.library,
+             ranks_sharing_cores=comm.ranks_sharing_cores, ranks_on_host=comm.ranks_on_host,
+             ranks_counted=comm.counted, mpi=comm.library,
              layers=widths, weights=weights, batch_size=args.batch_size, dtype=dtype.name,
              warmup=args.warmup, steps=args.steps,
              comm_dtype=args.comm_dtype, deterministic=args.deterministic,
@@ -283,8 +284,7 @@ def report(r):
     lines = [
         f"dpbp bench: {plural(r['world_size'], 'rank')} ({r['mpi']}), "
         f"{plural(r['threads_per_rank'], 'BLAS thread')} per rank "
-        f"({r['cores']} cores for {r['ranks_sharing_cores']} "
-        f"rank{'s' * (r['ranks_sharing_cores'] != 1)})",
+        f"({cores_for(r['cores'], r['ranks_sharing_cores'], r['ranks_counted'])})",
         f"network {'-'.join(map(str, r['layers']))} relu {r['dtype']}, {r['weights']:,} "
         f"weights; global batch {r['batch_size']} (per rank {'-'.join(map(str, per_rank))}); "
         f"{r['warmup']} warm-up + {r['steps']} timed steps; gradients summed "

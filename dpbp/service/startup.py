@@ -65,7 +65,8 @@ def set_up(args, comm, say):
         model, optimizer = build(cfg, data, fresh=resumed is None)
         if comm.rank == 0 and resumed is not None:
             checkpoint.restore(resumed.state, resumed.path, model, optimizer)
-    threads, why = limit_blas_threads(comm.ranks_sharing_cores, cfg.train.deterministic)
+    threads, why = limit_blas_threads(comm.ranks_sharing_cores, cfg.train.deterministic,
+                                       comm.counted)
     check_same_inputs(comm, cfg, data)
     arith = check_arithmetic(comm) if cfg.train.deterministic else None
     comm.bcast_(model.params)                   # DP: the replicas start identical

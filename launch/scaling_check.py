@@ -2,14 +2,16 @@
 
     python launch/scaling_check.py [--repeats 3] [bench options, e.g. --steps 60]
 
-Runs `mpirun -n W python -m dpbp.bench --scaling-model --json` at W = 1, 2 and 4, in
-turn and REPEATS times over (so that a busy moment hits every row alike), and prints a
-Markdown table of the medians. Two predictions of each step:
+Runs `mpirun -n W python -m dpbp.bench --scaling-model --json` at W = 1 (with one BLAS
+thread: one core), 2 and 4, in turn and REPEATS times over (so that a busy moment hits
+every row alike), and prints a Markdown table of the medians. Two predictions of each
+step:
 - from the same run: the compute and update timed alone, plus the gradient sum among the
   W ranks costed with the Allreduce fitted in that run (what --scaling-model prints);
-- from one rank: the compute of the 1-rank run (the host's rate, which W ranks share),
-  its update (done by every rank: W updates on the cores), plus that same fitted sum.
-The second is what the model does for N nodes: one node's compute, and communication
+- from one core: the compute of the 1-rank run shared by the min(W, cores) cores that
+  the W ranks use, its update done by every rank (W updates on the cores), plus that
+  same fitted sum.
+The second is what the model does for N nodes: compute measured elsewhere, communication
 from a fit. Uses the mpirun beside this Python, else the one on PATH.
 """
 
@@ -36,19 +38,19 @@ def mpirun(n):
 
 def run(n, args, env):
     cmd = mpirun(n) + [sys.executable, "-m", "dpbp.bench", "--scaling-model", "--json", *args]
+    env = dict(env, OMP_NUM_THREADS="1") if n == 1 else env
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     if r.returncode != 0:
         sys.exit(f"scaling_check: {' '.join(cmd)} failed:\n{r.stdout}{r.stderr}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def from_one_rank(one, f):
-    """The step at f's world size predicted from the 1-rank run `one`'s compute."""
-    inputs, n = f["scaling_inputs"], f["world_size"]
-    first = one["scaling_inputs"]
-    compute = first["seconds_per_sample"] * f["batch_size"]
-    update = first["update_seconds"] * max(1.0, n / f["cores"])
-    return compute + update + inputs["host_sum_seconds"]
+def from_one_core(one, f):
+    """The step at f's world size predicted from the 1-rank, 1-thread run `one`."""
+    n, cores, first = f["world_size"], f["cores"], one["scaling_inputs"]
+    compute = first["seconds_per_sample"] * f["batch_size"] / min(n, cores)
+    update = first["update_seconds"] * max(1.0, n / cores)
+    return compute + update + f["scaling_inputs"]["host_sum_seconds"]
 
 
 def main():
@@ -72,13 +74,13 @@ def table(runs, repeats, loads):
     lines = [f"Medians of {repeats} runs; network {'-'.join(map(str, first['layers']))} "
              f"{first['dtype']}, global batch {first['batch_size']}, sums in "
              f"{first['comm_dtype']}; {first['mpi']}; load average {loads[0]:.1f} before, "
-             f"{loads[1]:.1f} after.", "",
+             f"{loads[1]:.1f} after. One rank runs with one BLAS thread (one core).", "",
              "| ranks | measured step | Allreduce fit (latency, bandwidth) | predicted, same run "
-             "| error | predicted from 1 rank | error |", "|---|---|---|---|---|---|---|"]
-    for n, fs in runs.items():
+             "| error | predicted from 1 core | error |", "|---|---|---|---|---|---|---|"]
+    for n, fs in runs.items():   # the 1-rank row: one BLAS thread
         measured = [f["step_seconds"] for f in fs]
         same = [f["scaling_check"]["predicted_step_ms"] / 1e3 for f in fs]
-        cross = [from_one_rank(one, f) for one, f in zip(runs[1], fs)]
+        cross = [from_one_core(one, f) for one, f in zip(runs[1], fs)]
         fit = "-" if n == 1 else (f"{med(f['allreduce_latency_us'] for f in fs):.1f} us, "
                                   f"{med(f['allreduce_gbps'] for f in fs):.1f} Gb/s")
         error = lambda pred: f"{100 * med((p - m) / m for p, m in zip(pred, measured)):+.1f} %"

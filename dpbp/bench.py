@@ -49,7 +49,7 @@ from dpbp.nn.model import MLP  # noqa: E402
 from dpbp.nn.optim import SGD  # noqa: E402
 from dpbp.parallel import comm as mpi  # noqa: E402
 from dpbp.parallel import half, scaling, sharding  # noqa: E402
-from dpbp.parallel.step import clip_grad_norm_, train_step  # noqa: E402
+from dpbp.parallel.step import PlainSum, clip_grad_norm_, train_step  # noqa: E402
 from dpbp.parallel.threads import blas_threads, cores_for, limit_blas_threads  # noqa: E402
 from dpbp.service import config
 from dpbp.service.config import TrainConfig  # noqa: E402
@@ -124,25 +124,33 @@ def gemm_rates(comm, dtype, windows=3, window_seconds=0.2):
 
 SWEEP_BYTES = (4 << 10, 32 << 10, 256 << 10, 2 << 20, 8 << 20)   # the Allreduce sizes fitted
 SCALING_REPS = 10
+MAX_REPS = 300
 DEFAULT_LATENCY_US = 10.0   # between nodes, where one rank has measured no Allreduce
 
 
-def timed(comm, fn, reps=SCALING_REPS):
-    """Collective. The median over `reps` calls of fn(), started together on every rank
-    after one untimed call, of the slowest rank's seconds."""
+def timed(comm, fn, reps=SCALING_REPS, window=0.3):
+    """Collective. The median over calls of fn(), started together on every rank after
+    one untimed call, of the slowest rank's seconds: `reps` calls, or more where they take
+    less than `window` seconds in all (short calls: a busy moment hits fewer of them)."""
+    comm.barrier()
+    t0 = time.perf_counter()
+    fn()
+    first = np.array([time.perf_counter() - t0])
+    first = comm.allreduce_max_(first)[0]
+    reps = max(reps, min(MAX_REPS, math.ceil(window / max(first, 1e-9))))
     seconds = np.empty(reps)
-    for k in range(-1, reps):
+    for k in range(reps):
         comm.barrier()
         t0 = time.perf_counter()
         fn()
-        if k >= 0:
-            seconds[k] = time.perf_counter() - t0
+        seconds[k] = time.perf_counter() - t0
     return float(np.median(gather(comm, seconds).max(axis=0)))
 
 
 def measure_compute(comm, widths, N, dtype):
-    """Collective. Seconds of this host's forward, loss and backward on its global batch
-    of N rows (every rank its shard, at once) and of the update and gradient norm."""
+    """Collective. Seconds of this host's step without the gradient sum, on a global batch
+    of N rows (each rank, at once, runs train_step on its shard in a world of its own), and
+    of the part that does not depend on the rows (the update and the gradient norm)."""
     model = MLP(widths, "relu", dtype)
     model.init_(np.random.default_rng([0, 0x1417]))
     optimizer = SGD(model.params, model.grads, LR, MOMENTUM)
@@ -150,14 +158,14 @@ def measure_compute(comm, widths, N, dtype):
     rng = np.random.default_rng([2, comm.rank])
     x = rng.standard_normal((B, widths[0])).astype(dtype)
     y = rng.integers(0, widths[-1], size=B)
-
-    def forward_backward():
-        model.backward(cross_entropy(model.forward(x), y, N)[1], model.grads)
+    alone = PlainSum(mpi.Comm(None), model.grads)   # the plain sum of a world of one
 
     def update():
         clip_grad_norm_(model.grads, 0.0)
         optimizer.step()
-    return timed(comm, forward_backward), timed(comm, update)
+    return (timed(comm, lambda: train_step(model, optimizer, cross_entropy, x, y, max(B, 1),
+                                           alone)),
+            timed(comm, update))
 
 
 def measure_sums(comm, weights):
@@ -169,8 +177,7 @@ def measure_sums(comm, weights):
     points = []
     for n in SWEEP_BYTES if comm.size > 1 else ():
         buf = np.zeros(n // 4, np.float32)
-        reps = 3 * SCALING_REPS if n <= 256 << 10 else SCALING_REPS   # short: noisier
-        points.append((comm.size, n, timed(comm, lambda: comm.allreduce_(buf), reps)))
+        points.append((comm.size, n, timed(comm, lambda: comm.allreduce_(buf))))
     a, b = (np.ones(SWEEP_BYTES[-1] // 4, np.float32) for _ in range(2))   # out of cache
     gamma = timed(comm, lambda: np.add(a, b, out=a)) / a.nbytes
     b = np.ones(weights, np.float32)
@@ -206,7 +213,7 @@ def measure_scaling(comm, args, widths, dtype, step):
     """Collective. What the scaling model needs, measured here, its predictions, and its
     check against this run's own step (the figures --json adds)."""
     weights = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
-    fb, update = measure_compute(comm, widths, args.batch_size, dtype)
+    alone, update = measure_compute(comm, widths, args.batch_size, dtype)
     points, gamma, convert = measure_sums(comm, weights)
     alpha, beta = scaling.fit_alpha_beta(points, gamma) if points else (None, None)
     kind, host_sum = args.comm_dtype, 0.0   # the sum among this host's ranks, as fitted
@@ -217,8 +224,8 @@ def measure_scaling(comm, args, widths, dtype, step):
                                             scaling.convert_at(convert[kind], comm.size))
     between = (args.latency_us * 1e-6 if args.latency_us is not None
                else alpha if alpha is not None else DEFAULT_LATENCY_US * 1e-6)
-    node = scaling.Node(fb / args.batch_size, update, weights, between, gamma, host_sum,
-                        convert)
+    node = scaling.Node(max(alone - update, 0.0) / args.batch_size, update, weights, between,
+                        gamma, host_sum, convert)
     predicted = scaling.compute_seconds(node, args.batch_size)
     return dict(
         scaling_model=scaling.records(node, args.batch_size),
@@ -470,8 +477,8 @@ def report_scaling(r):
                         f"rank beyond 2 ({kind})"
                         for kind, (fixed, per_rank) in inputs["convert_seconds"].items())
     lines = [
-        f"scaling model    measured here: compute {1e6 * inputs['seconds_per_sample']:.2f} us "
-        f"per sample + {1e3 * inputs['update_seconds']:.2f} ms per step (update, gradient "
+        f"scaling model    measured here: the step without the sum {1e6 * inputs['seconds_per_sample']:.2f} "
+        f"us per sample + {1e3 * inputs['update_seconds']:.2f} ms per step (update, gradient "
         f"norm); {sums}; adding arrays {inputs['reduction_ns_per_byte']:.3f} ns/byte; 16-bit "
         f"conversions {convert} per step",
         f"check            {plural(r['world_size'], 'rank')} on this host: predicted "

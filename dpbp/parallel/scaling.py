@@ -143,7 +143,7 @@ def fit_alpha_beta(points, gamma=0.0):
 @dataclass(frozen=True)
 class Node:
     """What one node (this machine, with the ranks of the run that measured it) does."""
-    seconds_per_sample: float   # forward, loss and backward, per row of the node's batch
+    seconds_per_sample: float   # the step without the sum, but the update, per row
     update_seconds: float       # per step whatever the rows: the update, the gradient norm
     weights: int                # values in the gradient
     alpha: float                # seconds per message between nodes

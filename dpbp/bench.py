@@ -13,7 +13,10 @@ weight and sample), the float32 GEMM peak of the same ranks and threads (1024x10
 matmuls, all ranks at once, best of short windows before and after the steps), their ratio (MFU), and peak resident memory per rank next
 to what the run needs. `--compare-torch` runs the same network, batch and steps under
 torch.nn.parallel.DistributedDataParallel (gloo) in the same processes, where PyTorch is
-installed; dpbp never needs it.
+installed; dpbp never needs it. `--scaling-model` then measures what the model of
+parallel/scaling.py needs (compute per sample and per step, timed alone; the Allreduce at
+several sizes, fitted to MPICH's algorithm; the 16-bit sum's own work), checks its
+prediction of this run's step, and predicts steps and efficiency on 1 to 1,024 nodes.
 """
 
 import time
@@ -30,11 +33,13 @@ IMPORT_SECONDS = time.perf_counter() - _t0
 import argparse  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 from datetime import timedelta  # noqa: E402
+from functools import partial  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -42,11 +47,12 @@ from dpbp.errors import ArgumentParser, UserError, plural  # noqa: E402
 from dpbp.nn import noise  # noqa: E402
 from dpbp.nn.losses import cross_entropy  # noqa: E402
 from dpbp.nn.model import MLP  # noqa: E402
+from dpbp.nn.optim import SGD  # noqa: E402
 from dpbp.parallel import comm as mpi  # noqa: E402
-from dpbp.parallel import sharding
-from dpbp.parallel.step import train_step  # noqa: E402
-from dpbp.parallel.threads import blas_threads, limit_blas_threads  # noqa: E402
-from dpbp.service import config
+from dpbp.parallel import half, scaling, sharding  # noqa: E402
+from dpbp.parallel.step import PlainSum, clip_grad_norm_, train_step  # noqa: E402
+from dpbp.parallel.threads import blas_threads, cores_for, limit_blas_threads  # noqa: E402
+from dpbp.service import config  # noqa: E402
 from dpbp.service.config import TrainConfig  # noqa: E402
 from dpbp.service.startup import gradient_sum, new_optimizer  # noqa: E402
 
@@ -124,6 +130,145 @@ def gemm_rates(comm, dtype, windows=3, window_seconds=0.2):
     return rates
 
 
+# ----------------------------------------------------------------------------- scaling model
+
+SWEEP_BYTES = (4 << 10, 32 << 10, 256 << 10, 2 << 20, 8 << 20)   # the Allreduce sizes fitted
+SCALING_REPS = 10
+MAX_REPS = 300
+DEFAULT_LATENCY_US = 10.0   # between nodes, where one rank has measured no Allreduce
+
+
+def timed(comm, fn, reps=SCALING_REPS, window=0.3):
+    """Collective. The median over calls of fn(), started together on every rank after
+    one untimed call, of the slowest rank's seconds: `reps` calls, or more where they take
+    less than `window` seconds in all (short calls: a busy moment hits fewer of them)."""
+    comm.barrier()
+    t0 = time.perf_counter()
+    fn()
+    first = np.array([time.perf_counter() - t0])
+    first = comm.allreduce_max_(first)[0]
+    reps = max(reps, min(MAX_REPS, math.ceil(window / max(first, 1e-9))))
+    seconds = np.empty(reps)
+    for k in range(reps):
+        comm.barrier()
+        t0 = time.perf_counter()
+        fn()
+        seconds[k] = time.perf_counter() - t0
+    return float(np.median(gather(comm, seconds).max(axis=0)))
+
+
+def measure_compute(comm, widths, N, dtype):
+    """Collective. Seconds of this host's step without the gradient sum, on a global batch
+    of N rows (each rank, at once, runs train_step on its shard in a world of its own), and
+    of the part that does not depend on the rows (the update and the gradient norm)."""
+    model = MLP(widths, "relu", dtype)
+    model.init_(np.random.default_rng([0, 0x1417]))
+    optimizer = SGD(model.params, model.grads, LR, MOMENTUM)
+    B = len(range(N)[sharding.shard(N, comm.rank, comm.size)])
+    rng = np.random.default_rng([2, comm.rank])
+    x = rng.standard_normal((B, widths[0])).astype(dtype)
+    y = rng.integers(0, widths[-1], size=B)
+    alone = PlainSum(mpi.Comm(None), model.grads)   # the plain sum of a world of one
+
+    def update():
+        clip_grad_norm_(model.grads, 0.0)
+        optimizer.step()
+    return (timed(comm, lambda: train_step(model, optimizer, cross_entropy, x, y, max(B, 1),
+                                           alone)),
+            timed(comm, update))
+
+
+def measure_sums(comm, weights):
+    """Collective. [(ranks, bytes, seconds)] of the Allreduce of SWEEP_BYTES float32
+    through comm.allreduce_ (none at one rank); the seconds per byte of adding two float32
+    arrays (gamma), out of cache; and, by 16-bit kind, (fixed, per rank) seconds of what a rank computes
+    in a 16-bit sum of `weights` values besides sending (its Python loop visits every
+    rank's part: measured at 2 and 256 ranks, linear in between and beyond)."""
+    points = []
+    for n in SWEEP_BYTES if comm.size > 1 else ():
+        buf = np.zeros(n // 4, np.float32)
+        points.append((comm.size, n, timed(comm, lambda: comm.allreduce_(buf))))
+    a, b = (np.ones(SWEEP_BYTES[-1] // 4, np.float32) for _ in range(2))   # out of cache
+    gamma = timed(comm, lambda: np.add(a, b, out=a)) / a.nbytes
+    b = np.ones(weights, np.float32)
+    convert = {}
+    for kind in ("float16", "bfloat16"):
+        t2, t256 = (timed(comm, partial(half.allreduce_16_, Alone(p), b, kind,
+                                        half.Buffers(weights, 0, p))) for p in (2, 256))
+        per_rank = max(0.0, (t256 - t2) / 254)
+        convert[kind] = (max(0.0, t2 - 2 * per_rank), per_rank)
+    return points, gamma, convert
+
+
+class Alone:
+    """A world of `size` ranks in which nothing moves (the others' parts are zeros):
+    half.allreduce_16_ on it does a rank's own work of a 16-bit sum, and no more."""
+
+    rank = 0
+
+    def __init__(self, size):
+        self.size, self.wait_seconds = size, 0.0
+
+    def allreduce_max_(self, buf, like=None):
+        return buf
+
+    def alltoallv_(self, send, send_counts, send_starts, recv, recv_counts, recv_starts):
+        recv[...] = 0   # zeros: the sums of repeated calls stay put
+
+    def allgatherv_in_place_(self, buf, counts, starts):
+        pass
+
+
+def measure_scaling(comm, args, widths, dtype, step):
+    """Collective. What the scaling model needs, measured here, its predictions, and its
+    check against this run's own step (the figures --json adds)."""
+    weights = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+    alone, update = measure_compute(comm, widths, args.batch_size, dtype)
+    points, gamma, convert = measure_sums(comm, weights)
+    alpha, beta = scaling.fit_alpha_beta(points, gamma) if points else (None, None)
+    kind, host_sum = args.comm_dtype, 0.0   # the sum among this host's ranks, as fitted
+    if points and kind == "float32":
+        host_sum = scaling.allreduce_seconds(comm.size, 4 * weights, alpha, beta, gamma)
+    elif points:
+        host_sum = scaling.half_sum_seconds(comm.size, weights, kind, alpha, beta,
+                                            scaling.convert_at(convert[kind], comm.size))
+    between = (args.latency_us * 1e-6 if args.latency_us is not None
+               else alpha if alpha is not None else DEFAULT_LATENCY_US * 1e-6)
+    node = scaling.Node(max(alone - update, 0.0) / args.batch_size, update, weights, between,
+                        gamma, host_sum, convert)
+    predicted = scaling.compute_seconds(node, args.batch_size)
+    return dict(
+        scaling_model=scaling.records(node, args.batch_size),
+        allreduce_latency_us=None if alpha is None else 1e6 * alpha,
+        allreduce_gbps=None if not beta else 8 / beta / 1e9,
+        scaling_inputs=dict(
+            seconds_per_sample=node.seconds_per_sample, update_seconds=update,
+            reduction_ns_per_byte=1e9 * gamma, convert_seconds=convert,
+            host_sum_seconds=host_sum, allreduce_points=points,
+            latency_us_between_nodes=1e6 * between,
+            latency_source="--latency-us" if args.latency_us is not None
+            else "fitted" if alpha is not None else "assumed (one rank measures none)"),
+        scaling_check=dict(world_size=comm.size, predicted_step_ms=1e3 * predicted,
+                           measured_step_ms=1e3 * step,
+                           error_percent=100 * (predicted - step) / step),
+        scaling_targets=targets(node, args.batch_size))
+
+
+def targets(node, batch):
+    """For 64 and 256 nodes, float32 sums: the per-node batch that keeps 90 % weak-scaling
+    efficiency on each link, and the link that keeps it at `batch` rows per node."""
+    return [dict(nodes=p, target=0.9,
+                 per_node_batch={link: scaling.batch_for_efficiency(node, p, link)
+                                 for link in scaling.LINKS_GBPS},
+                 link_gbps_at_batch=finite(scaling.link_for_efficiency(node, p, batch)))
+            for p in (64, 256)]
+
+
+def finite(value):
+    """value, or None for infinity (JSON has no infinity)."""
+    return None if math.isinf(value) else value
+
+
 # ----------------------------------------------------------------------------- PyTorch
 
 def bench_torch(torch, comm, widths, N, warmup, steps, threads):
@@ -170,6 +315,22 @@ def bench_torch(torch, comm, widths, N, warmup, steps, threads):
         return seconds, time.process_time() - cpu
     finally:
         dist.destroy_process_group()
+
+
+def compare_torch(comm, args, widths, threads, peak_gemm, step):
+    """Collective. PyTorch DDP's figures on the same network, batch, steps and threads."""
+    with mpi.agreement(comm):
+        torch = import_torch()
+    seconds, cpu = bench_torch(torch, comm, widths, args.batch_size, args.warmup, args.steps,
+                               threads)
+    torch_step = np.median(gather(comm, seconds).max(axis=0))
+    weights = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+    return dict(torch_version=torch.__version__,
+                torch_samples_per_second=args.batch_size / torch_step,
+                torch_mfu=6 * weights * args.batch_size / torch_step / peak_gemm,
+                torch_cpu_seconds_per_sample=gather(comm, cpu).sum()
+                / (args.steps * args.batch_size),
+                speedup_vs_torch=torch_step / step)
 
 
 NO_TORCH = ("--compare-torch needs PyTorch, which is not installed here (pip install torch; "
@@ -226,7 +387,7 @@ def peak_rss_bytes():
 def run_bench(args, comm, say):
     widths, dtype = args.layers, np.dtype(args.dtype)
     t0 = time.perf_counter()
-    limit_blas_threads(comm.ranks_sharing_cores, args.deterministic)
+    limit_blas_threads(comm.ranks_sharing_cores, args.deterministic, comm.counted)
     threads = blas_threads()
     rates = gemm_rates(comm, dtype)
     base_rss = gather(comm, rss_bytes()).max()   # interpreter, libraries, MPI, BLAS buffers
@@ -249,7 +410,8 @@ def run_bench(args, comm, say):
     flops = 6 * weights * samples_per_second
     budget = MEMORY_SLACK * (base_rss + need)
     r = dict(world_size=comm.size, threads_per_rank=threads, cores=len(mpi.available_cores()),
-             ranks_sharing_cores=comm.ranks_sharing_cores, mpi=comm.library,
+             ranks_sharing_cores=comm.ranks_sharing_cores, ranks_on_host=comm.ranks_on_host,
+             ranks_counted=comm.counted, mpi=comm.library,
              layers=widths, weights=weights, batch_size=args.batch_size, dtype=dtype.name,
              warmup=args.warmup, steps=args.steps, comm_dtype=args.comm_dtype,
              deterministic=args.deterministic,
@@ -267,18 +429,11 @@ def run_bench(args, comm, say):
 
     say(report(r))
     if args.compare_torch:
-        with mpi.agreement(comm):
-            torch = import_torch()
-        torch_seconds, torch_cpu = bench_torch(torch, comm, widths, args.batch_size, args.warmup,
-                                    args.steps, threads)
-        torch_step = np.median(gather(comm, torch_seconds).max(axis=0))
-        r.update(torch_version=torch.__version__,
-                 torch_samples_per_second=args.batch_size / torch_step,
-                 torch_mfu=6 * weights * args.batch_size / torch_step / peak_gemm,
-                 torch_cpu_seconds_per_sample=gather(comm, torch_cpu).sum()
-                 / (args.steps * args.batch_size),
-                 speedup_vs_torch=torch_step / step)
+        r.update(compare_torch(comm, args, widths, threads, peak_gemm, step))
         say(report_torch(r))
+    if args.scaling_model:
+        r.update(measure_scaling(comm, args, widths, dtype, step))
+        say(report_scaling(r))
     r["bench_seconds"] = time.perf_counter() - t0
     if args.json:
         say(json.dumps(r))
@@ -294,8 +449,7 @@ def report(r):
     lines = [
         f"dpbp bench: {plural(r['world_size'], 'rank')} ({r['mpi']}), "
         f"{plural(r['threads_per_rank'], 'BLAS thread')} per rank "
-        f"({r['cores']} cores for {r['ranks_sharing_cores']} "
-        f"rank{'s' * (r['ranks_sharing_cores'] != 1)})",
+        f"({cores_for(r['cores'], r['ranks_sharing_cores'], r['ranks_counted'])})",
         f"network {'-'.join(map(str, r['layers']))} relu {r['dtype']}, {r['weights']:,} "
         f"weights; global batch {r['batch_size']} (per rank {'-'.join(map(str, per_rank))}); "
         f"{r['warmup']} warm-up + {r['steps']} timed steps; gradients summed "
@@ -320,6 +474,47 @@ def report(r):
         f"optimizer state and activations)",
         f"import           {r['import_seconds']:.3f} s, the training modules (slowest rank)",
     ]
+    return "\n".join(lines)
+
+
+def report_scaling(r):
+    """The scaling model's lines: what it measured, its check, its predictions."""
+    inputs, check = r["scaling_inputs"], r["scaling_check"]
+    points = inputs["allreduce_points"]
+    gbps = r["allreduce_gbps"]
+    sums = ("Allreduce not measured (one rank)" if not points else
+            f"Allreduce over this transport: latency {r['allreduce_latency_us']:.1f} us, "
+            + (f"{gbps:.1f} Gb/s" if gbps else "bandwidth too high to resolve")
+            + f" (MPICH's algorithm fitted to {len(points)} sizes, "
+            f"{points[0][1] // 1024:,} KB to {points[-1][1] // 2**20:,} MB, at "
+            f"{plural(r['world_size'], 'rank')})")
+    convert = ", ".join(f"{1e3 * (fixed + 2 * per_rank):.2f} ms + {1e6 * per_rank:.1f} us per "
+                        f"rank beyond 2 ({kind})"
+                        for kind, (fixed, per_rank) in inputs["convert_seconds"].items())
+    lines = [
+        f"scaling model    measured here: the step without the sum {1e6 * inputs['seconds_per_sample']:.2f} "
+        f"us per sample + {1e3 * inputs['update_seconds']:.2f} ms per step (update, gradient "
+        f"norm); {sums}; adding arrays {inputs['reduction_ns_per_byte']:.3f} ns/byte; 16-bit "
+        f"conversions {convert} per step",
+        f"check            {plural(r['world_size'], 'rank')} on this host: predicted "
+        f"{check['predicted_step_ms']:.2f} ms per step, measured {check['measured_step_ms']:.2f}"
+        f" ms: error {check['error_percent']:+.1f} %",
+        f"weak scaling     {r['batch_size']:,} rows per node, {4e-6 * r['weights']:.1f} MB "
+        f"float32 gradient, {inputs['latency_us_between_nodes']:.1f} us latency between "
+        f"nodes ({inputs['latency_source']}); efficiency by nodes (docs/scaling.md):",
+        "  link     sum     " + "".join(f"{p:>6}" for p in scaling.NODES)]
+    weak = [m for m in r["scaling_model"] if m["scaling"] == "weak"]
+    for link in scaling.LINKS_GBPS:
+        for kind in scaling.COMM_DTYPES:
+            row = [m["efficiency"] for m in weak if (m["link_gbps"], m["comm_dtype"]) == (link, kind)]
+            lines.append(f"  {link:>3} Gb/s {kind:<8}" + "".join(f"{e:6.2f}" for e in row))
+    for t in r["scaling_targets"]:
+        link = t["link_gbps_at_batch"]
+        lines.append(
+            f"90 % at {t['nodes']} nodes: per-node batch >= " + ", ".join(
+                f"{b:,} ({link_} Gb/s)" for link_, b in t["per_node_batch"].items())
+            + f"; at {r['batch_size']:,} rows per node, a link of "
+            + ("no speed (latency alone is too much)" if link is None else f">= {link:.1f} Gb/s"))
     return "\n".join(lines)
 
 
@@ -359,6 +554,14 @@ def probability(text):
     if not 0 <= p < 1:
         raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text!r}")
     return p
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def count(text):
@@ -399,6 +602,13 @@ PARSER.add_argument("--dropout", type=probability, default=0.0, metavar="P",
                          "(default 0)")
 PARSER.add_argument("--json", action="store_true",
                     help="also print the figures as one JSON object on the last line")
+PARSER.add_argument("--scaling-model", action="store_true",
+                    help="also measure what the scaling model needs (compute per sample, the "
+                         "Allreduce's latency and bandwidth here) and predict step time and "
+                         "efficiency on 1 to 1,024 nodes (docs/scaling.md)")
+PARSER.add_argument("--latency-us", type=positive_float, default=None, metavar="US",
+                    help="with --scaling-model: the latency between nodes to assume (default: "
+                         f"the one fitted here; {DEFAULT_LATENCY_US:g} us at one rank)")
 PARSER.add_argument("--compare-torch", action="store_true",
                     help="also time PyTorch DistributedDataParallel (gloo) on the same "
                          "network, batch and steps (needs PyTorch installed)")
@@ -414,6 +624,11 @@ def main(argv=None):
         if args.deterministic and args.comm_dtype != "float32":
             raise UserError("--deterministic sums the gradient exactly, in float32: it "
                             "excludes --comm-dtype")
+        if args.scaling_model and args.deterministic:
+            raise UserError("--scaling-model models the plain gradient sum: it excludes "
+                            "--deterministic")
+        if args.latency_us is not None and not args.scaling_model:
+            raise UserError("--latency-us is an input of --scaling-model, which is not given")
         if args.deterministic and args.grains > min(args.batch_size, config.MAX_GRAINS):
             raise UserError(f"--grains must be at most --batch-size ({args.batch_size}) and "
                             f"{config.MAX_GRAINS}, got {args.grains}")

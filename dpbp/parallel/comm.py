@@ -1,6 +1,8 @@
 """All communication between ranks. The only module in dpbp that imports mpi4py.
 
-A `Comm` knows its `rank`, `size` and `ranks_sharing_cores`, and has a few verbs:
+A `Comm` knows its `rank`, `size`, and `ranks_sharing_cores` (the ranks on this host,
+counted by host name, whose cores overlap this rank's; `counted` says so for the
+start-up line), and has a few verbs:
 in-place `allreduce_` on a flat array, `allreduce_max_`, `allreduce_min`/`allreduce_max`
 of an integer, the non-blocking `start_allreduce_max_`, `allgatherv_`, `alltoallv_`,
 `allgatherv_in_place_`, `bcast_`, `bcast_obj`, `barrier` and `replicas_identical`. The
@@ -17,6 +19,7 @@ so `python -m dpbp.train` runs the same code as `mpirun -n 4 python -m dpbp.trai
 import contextlib
 import os
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -37,6 +40,19 @@ _LAUNCHER_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 # gradient of the benchmark network faster).
 YIELD_SECONDS = 50e-6
 YIELD_MIN_BYTES = 1 << 20
+
+
+def count_sharing(peers, host, cores):
+    """(ranks sharing cores, ranks on this host, how they were counted) for the rank on
+    `host` that may run on `cores`, given every rank's (host name, cores): the ranks on
+    the same host whose cores overlap this one's, this rank included. A rank that the
+    launcher bound to cores of its own shares them with no one."""
+    on_host = [set(c) for h, c in peers if h == host]
+    sharing = sum(bool(c & set(cores)) for c in on_host)
+    if sharing == len(on_host):
+        return sharing, len(on_host), "on this host, counted by host name"
+    return (sharing, len(on_host),
+            f"of {len(on_host)} on this host, counted by host name and CPU affinity")
 
 
 class _Done:
@@ -61,18 +77,23 @@ class Comm:
         self._comm = mpi_comm
         self.library = library
         self.wait_seconds = 0.0
-        # ranks_sharing_cores: ranks on this node that may run on the same cores as this one
+        # ranks_sharing_cores: ranks on this host that may run on the same cores as this one
         if mpi_comm is None:
             self.rank, self.size, self.ranks_sharing_cores = 0, 1, 1
+            self.ranks_on_host, self.counted = 1, ""
             self.oversubscribed = False
             return
         from mpi4py import MPI
         self._MPI = MPI
         self.rank, self.size = mpi_comm.Get_rank(), mpi_comm.Get_size()
-        node = mpi_comm.Split_type(MPI.COMM_TYPE_SHARED)   # ranks sharing this node's memory
-        cores = sorted(available_cores())
-        self.ranks_sharing_cores = sum(c == cores for c in node.allgather(cores))
-        node.Free()
+        # Counted by host name, not by MPI's shared-memory split: under a transport
+        # that treats every rank as remote (MPICH's MPIR_CVAR_NOLOCAL, for one) that split
+        # finds every rank alone, and each would start a thread per core.
+        cores = available_cores()
+        host = MPI.Get_processor_name() or socket.gethostname()
+        peers = mpi_comm.allgather((host, sorted(cores)))   # once, at start-up
+        self.ranks_sharing_cores, self.ranks_on_host, self.counted = count_sharing(
+            peers, host, cores)
         # More ranks than cores: a rank that waits must leave its core to the ones that
         # still compute, instead of spinning in MPI's busy-polling progress loop. Agreed
         # by all ranks (it picks non-blocking collectives, which must match on every rank).

@@ -1,14 +1,17 @@
-"""BLAS threads per rank: the ranks on a node share its cores instead of fighting for them.
+"""BLAS threads per rank: the ranks on a host share its cores instead of fighting for them.
 
 numpy's BLAS starts one thread per core in every process, so 2 ranks on 2 cores would
 run 4 threads and thrash. Unless the user chose a count (OMP_NUM_THREADS and friends),
-each rank gets its cores / the ranks that share them, at least one. A rank that the
-launcher bound to cores of its own uses all of them.
+each rank gets its cores / the ranks that share them, at least one. Comm counts those
+ranks by host name, whatever the transport between them. A rank that the launcher bound
+to cores of its own uses all of them.
 """
 
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
+
+from dpbp.errors import plural
 
 USER_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
              "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
@@ -22,11 +25,12 @@ def available_cores():
         return set(range(os.cpu_count() or 1))
 
 
-def limit_blas_threads(sharing_ranks, single=False):
-    """Set this rank's BLAS threads to its cores / `sharing_ranks` (the ranks on this node
-    that may run on the same cores), or to one when `single` (train.deterministic, whose
-    bits must not depend on how a product is split between threads, whatever the user
-    set); return (threads, why) for the start-up log."""
+def limit_blas_threads(sharing_ranks, single=False, counted=""):
+    """Set this rank's BLAS threads to its cores / `sharing_ranks` (the ranks on this host
+    that may run on the same cores; `counted` says how they were counted, Comm.counted),
+    or to one when `single` (train.deterministic, whose bits must not depend on how a
+    product is split between threads, whatever the user set); return (threads, why) for
+    the start-up log."""
     from threadpoolctl import threadpool_limits
     if single:
         threadpool_limits(limits=1, user_api="blas")
@@ -37,7 +41,12 @@ def limit_blas_threads(sharing_ranks, single=False):
     cores = len(available_cores())
     threads = max(1, cores // sharing_ranks)
     threadpool_limits(limits=threads, user_api="blas")
-    return threads, f"{cores} cores for {sharing_ranks} rank{'s' * (sharing_ranks != 1)}"
+    return threads, cores_for(cores, sharing_ranks, counted)
+
+
+def cores_for(cores, sharing_ranks, counted=""):
+    """'2 cores for 2 ranks on this host, counted by host name', for the start-up line."""
+    return " ".join([f"{cores} cores for {plural(sharing_ranks, 'rank')}", counted]).strip()
 
 
 @functools.cache

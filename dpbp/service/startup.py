@@ -73,7 +73,8 @@ def set_up(args, comm, say, watchdog):
             notes += run_dir.check_data(resumed.state["data"], data_id,
                                         config.named_keys(args.config, args.set), resumed.path)
             checkpoint.restore(resumed.state, resumed.path, model, optimizer)
-    threads, why = limit_blas_threads(comm.ranks_sharing_cores, cfg.train.deterministic)
+    threads, why = limit_blas_threads(comm.ranks_sharing_cores, cfg.train.deterministic,
+                                       comm.counted)
     check_same_inputs(comm, cfg, data_id)
     arith = check_arithmetic(comm) if cfg.train.deterministic else None
     comm.bcast_(model.params)                   # DP: the replicas start identical
@@ -285,16 +286,23 @@ def describe_run(comm, threads, why, cfg, data, model, summed, arith):
 
 
 def describe_optimizer(tc):
-    """The optimizer's settings in a few words, e.g. 'SGD, lr 0.1 (cosine after a 1-epoch
-    warmup), momentum 0.9 (Nesterov), weight decay 0.0005'."""
+    """The optimizer's settings in a few words, e.g. 'SGD, lr 0.1 (cosine to 0, after a
+    1-epoch warmup), momentum 0.9 (Nesterov), weight decay 0.0005'."""
     schedule = {"constant": "constant", "cosine": "cosine to 0",
                 "step": f"x {tc.gamma:g} after epochs {list(tc.milestones)}"}[tc.schedule]
     if tc.warmup_epochs:
         schedule += f", after a {tc.warmup_epochs:g}-epoch warmup"
-    words = [f"SGD, lr {base_lr(tc):g} ({schedule})",
-             f"momentum {tc.momentum:g}" + (" (Nesterov)" if tc.nesterov else "")
-             if tc.momentum else "no momentum",
-             f"weight decay {tc.weight_decay:g}" if tc.weight_decay else "no weight decay"]
+    if tc.optimizer == "adamw":
+        words = [f"AdamW, lr {base_lr(tc):g} ({schedule})",
+                 f"betas ({tc.betas[0]:g}, {tc.betas[1]:g}), eps {tc.eps:g}"
+                 + (", amsgrad" if tc.amsgrad else ""),
+                 f"decoupled weight decay {tc.weight_decay:g}" if tc.weight_decay
+                 else "no weight decay"]
+    else:
+        words = [f"SGD, lr {base_lr(tc):g} ({schedule})",
+                 f"momentum {tc.momentum:g}" + (" (Nesterov)" if tc.nesterov else "")
+                 if tc.momentum else "no momentum",
+                 f"weight decay {tc.weight_decay:g}" if tc.weight_decay else "no weight decay"]
     if tc.clip_grad_norm:
         words.append(f"gradient norm clipped at {tc.clip_grad_norm:g}")
     if tc.accumulation_steps > 1:

@@ -13,21 +13,15 @@ the mpirun beside this Python, else the one on PATH.
 
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-from pathlib import Path
+
+import mpi_launcher   # launch/mpi_launcher.py, beside this script
 
 
 def mpirun(n):
-    here = Path(sys.executable).parent / "mpirun"
-    exe = str(here) if here.exists() else shutil.which("mpirun")
-    if exe is None:
-        sys.exit("bench_table: no mpirun found; pip install 'dpbp[mpich]' brings one")
-    version = subprocess.run([exe, "--version"], capture_output=True, text=True,
-                             timeout=60).stdout
-    return [exe, "--oversubscribe", "-n", str(n)] if "Open MPI" in version else [exe, "-n", str(n)]
+    return mpi_launcher.mpirun(n, "bench_table")
 
 
 def rows(has_torch):

@@ -261,7 +261,7 @@ def describe_run(comm, threads, why, cfg, data, model, summed, arith):
         f"data: {cfg.data.source}, {data.describe()}",
         f"model: {'-'.join(map(str, model.widths))} {cfg.model.activation} "
         f"{cfg.model.dtype}" + (f", dropout {model.dropout:g}" if model.dropout else "")
-        + f", {model.params.size:,} parameters; loss {tc.loss}; optimizer {tc.optimizer}",
+        + f", {model.params.size:,} parameters; loss {tc.loss}",
         f"{summed.describe(tc.batch_size)}; {plural(steps, 'step')} per epoch; run dir "
         f"{cfg.run.dir}"]
     if arith is not None:
@@ -278,7 +278,7 @@ def describe_run(comm, threads, why, cfg, data, model, summed, arith):
                      f"no rows in any step ({plural(parts, 'grain' if tc.deterministic else 'row')}"
                      " per global batch); they still take part in every sum")
     cores = len(available_cores())
-    if threads * comm.ranks_sharing_cores > cores:
+    if "set by the user" in why and threads * comm.ranks_sharing_cores > cores:
         lines.append(f"note: {plural(threads, 'BLAS thread')} x {comm.ranks_sharing_cores} "
                      f"ranks on this node's {plural(cores, 'core')}: they will take turns and "
                      "run slower; unset OMP_NUM_THREADS and dpbp gives each rank its share")

@@ -18,7 +18,7 @@ import threading
 import numpy as np
 import pytest
 
-from dpbp.service import checkpoint
+from dpbp.service import checkpoint, processes
 from tests.conftest import (
     assert_refused,
     assert_same_run,
@@ -215,24 +215,9 @@ def test_sighup_checkpoints_and_resume_is_bitwise(tmp_path, tiny_npz, uninterrup
     assert_same_run(uninterrupted, run_dir)
 
 
-def children(pid):
-    """The pids whose parent is `pid`."""
-    out = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if entry.isdigit() and int(fields[1]) == pid:
-            out.append(int(entry))
-    return out
-
-
 def alive(pid):
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        return processes.stat(pid)[1] != b"Z"
     except OSError:
         return False
 
@@ -251,8 +236,9 @@ def test_ranks_whose_launcher_is_killed_stop_instead_of_training_on(tmp_path):
         for line in proc.stdout:   # wait until training is under way
             if line.startswith("epoch"):
                 break
-        proxies = children(proc.pid)
-        ranks = [r for p in proxies for r in children(p)]
+        everyone = processes.table()
+        proxies = [p for p, (parent, _) in everyone.items() if parent == proc.pid]
+        ranks = [r for r, (parent, _) in everyone.items() if parent in proxies]
         if not ranks:
             pytest.skip("this launcher starts its ranks without a proxy process")
         for p in proxies:

@@ -91,7 +91,7 @@ def outputs(model, x, dtype, probabilities, comm, where="--input", block=BLOCK):
 
     with mpi.agreement(comm):
         done = blockwise(outputs_of, mine, blas_threads())
-    outputs = np.concatenate([np.empty((0, C))] + done)
+    computed = np.concatenate([np.empty((0, C))] + done)
     every = np.empty((n, C))
-    comm.allgatherv_(outputs.reshape(-1), every.reshape(-1), [c * C for c in counts])   # DP
+    comm.allgatherv_(computed.reshape(-1), every.reshape(-1), [c * C for c in counts])   # DP
     return every

@@ -10,6 +10,8 @@ to, when it writes to one; never into logs, unless asked for.
 import os
 import sys
 
+from dpbp.service import processes
+
 
 class Console:
     """say(...) prints like print() on the rank that speaks (rank 0, unless --quiet)."""
@@ -84,9 +86,8 @@ def launcher_terminal(generations=4):
                 if out.isatty():
                     return out
                 out.close()
-            with open(f"/proc/{pid}/stat") as f:
-                pid = int(f.read().rsplit(")", 1)[1].split()[1])   # its parent
-        except (OSError, ValueError, IndexError):
+            pid = processes.stat(pid)[0]   # its parent
+        except (OSError, ValueError):
             return None
         if pid <= 1:
             return None

@@ -59,38 +59,46 @@ def start(cmd, death_signal, env=None):
                             start_new_session=True, preexec_fn=in_child)
 
 
-def _table():
+def stat(pid):
+    """(parent pid, state) of process `pid`, from /proc/PID/stat (OSError once it is gone;
+    the state is b"Z" for a zombie)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()   # after the command name, which may hold ")"
+    if len(fields) < 2:
+        raise OSError(f"/proc/{pid}/stat is cut short")
+    return int(fields[1]), fields[0]
+
+
+def table():
     """{pid: (parent pid, state)} of every process, from /proc."""
-    table = {}
+    out = {}
     for name in os.listdir("/proc") if os.path.isdir("/proc") else ():
         if name.isdigit():
             try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    fields = f.read().rsplit(b")", 1)[1].split()
-            except (OSError, IndexError):
+                out[int(name)] = stat(name)
+            except OSError:
                 continue   # ended meanwhile
-            table[int(name)] = (int(fields[1]), fields[0])
-    return table
+    return out
 
 
 def descendants(root=None):
     """Pids of the live (not zombie) descendants of `root` (default: this process)."""
-    table = _table()
+    processes = table()
     root = os.getpid() if root is None else root
     found, frontier = set(), [root]
     while frontier:
         parent = frontier.pop()
-        children = [pid for pid, (ppid, _) in table.items() if ppid == parent]
+        children = [pid for pid, (ppid, _) in processes.items() if ppid == parent]
         found.update(children)
         frontier += children
-    return {pid for pid in found if table.get(pid, (0, b"Z"))[1] != b"Z"}
+    return {pid for pid in found if processes.get(pid, (0, b"Z"))[1] != b"Z"}
 
 
 def orphans(launcher_pid):
     """Pids of this process's own children other than the launcher: ranks whose
     launcher-side parent died, re-parented here (see become_subreaper)."""
     me = os.getpid()
-    return {pid for pid, (ppid, state) in _table().items()
+    return {pid for pid, (ppid, state) in table().items()
             if ppid == me and pid != launcher_pid and state != b"Z"}
 
 
@@ -111,7 +119,7 @@ def reap(launcher_pid):
     """Collect the exit status of re-parented children that ended, so that none stays a
     zombie (not the launcher's: its Popen waits for it)."""
     me = os.getpid()
-    for pid, (ppid, state) in _table().items():
+    for pid, (ppid, state) in table().items():
         if ppid == me and state == b"Z" and pid != launcher_pid:
             try:
                 os.waitpid(pid, os.WNOHANG)

@@ -31,17 +31,22 @@ def limit_blas_threads(sharing_ranks, single=False, counted=""):
     or to one when `single` (train.deterministic, whose bits must not depend on how a
     product is split between threads, whatever the user set); return (threads, why) for
     the start-up log."""
-    from threadpoolctl import threadpool_limits
     if single:
-        threadpool_limits(limits=1, user_api="blas")
+        _blas().limit(limits=1)
         return 1, "train.deterministic"
-    for var in USER_VARS:
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var]), f"{var}={os.environ[var]} set by the user"
+    var = set_by_user()
+    if var:
+        return int(os.environ[var]), f"{var}={os.environ[var]} set by the user"
     cores = len(available_cores())
     threads = max(1, cores // sharing_ranks)
-    threadpool_limits(limits=threads, user_api="blas")
+    _blas().limit(limits=threads)
     return threads, cores_for(cores, sharing_ranks, counted)
+
+
+def set_by_user():
+    """The variable (OMP_NUM_THREADS and friends) by which the user chose the BLAS
+    threads, or None."""
+    return next((var for var in USER_VARS if os.environ.get(var, "").isdigit()), None)
 
 
 def cores_for(cores, sharing_ranks, counted=""):

@@ -23,7 +23,12 @@ from dpbp.parallel import comm as mpi
 from dpbp.parallel import sharding
 from dpbp.parallel.deterministic import GrainSum
 from dpbp.parallel.step import PlainSum
-from dpbp.parallel.threads import arithmetic, available_cores, limit_blas_threads
+from dpbp.parallel.threads import (
+    arithmetic,
+    available_cores,
+    limit_blas_threads,
+    set_by_user,
+)
 from dpbp.service import checkpoint, config, history, run_dir
 from dpbp.service import data as datasets
 from dpbp.service.checkpoint import Position
@@ -278,7 +283,7 @@ def describe_run(comm, threads, why, cfg, data, model, summed, arith):
                      f"no rows in any step ({plural(parts, 'grain' if tc.deterministic else 'row')}"
                      " per global batch); they still take part in every sum")
     cores = len(available_cores())
-    if "set by the user" in why and threads * comm.ranks_sharing_cores > cores:
+    if set_by_user() and threads * comm.ranks_sharing_cores > cores:
         lines.append(f"note: {plural(threads, 'BLAS thread')} x {comm.ranks_sharing_cores} "
                      f"ranks on this node's {plural(cores, 'core')}: they will take turns and "
                      "run slower; unset OMP_NUM_THREADS and dpbp gives each rank its share")

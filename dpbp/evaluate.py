@@ -48,6 +48,7 @@ def main(argv=None):
         if comm.rank == 0:   # the checkpoint's own data, unless the command line names others
             notes = run_dir.check_data(state["data"], data_id,
                                        config.named_keys(args.config, args.set), args.checkpoint)
+            notes += run_dir.unnamed_best(args.checkpoint, state)
     check_same_inputs(comm, cfg, data_id)
     widths = [data.num_inputs, *cfg.model.hidden, data.num_outputs]
     model = restore_model(comm, state, args.checkpoint, widths, cfg)

@@ -5,9 +5,12 @@ restart it from its newest checkpoint, on the ranks that are left.
     python -m dpbp.launch --hostfile hosts --max-restarts 5 --min-ranks 8 -- --config my.toml
     python -m dpbp.launch --launcher srun -- --config my.toml          # inside sbatch/salloc
 
-A failed job (a rank that crashed or was killed, a lost node, the watchdog ending a hang)
-is started again with --resume after a short backoff, up to --max-restarts times. What a
-retry cannot heal ends it at once: bad input (exit 2) and divergence (exit 3). Before
+The first start adds --resume auto (the run starts, or continues where it stopped). A
+failed job (a rank that crashed or was killed, a lost node, the watchdog ending a hang)
+is started again with --resume auto --restart after a short backoff, up to
+--max-restarts times: it continues with the run's recorded config (run.json). What a
+retry cannot heal ends it at once: bad input (exit 2, data changed under the run among
+it) and divergence (exit 3). A run that finished, early stopping included, is done. Before
 each start the hostfile is read again, so a host whose line was removed is left out; the
 job continues on the slots left (down to --min-ranks) with the same global batches, and
 under train.deterministic with the same bits. Each restart is one line on stdout and one
@@ -37,7 +40,7 @@ from dpbp.errors import (
     plural,
 )
 from dpbp.parallel.threads import available_cores
-from dpbp.service import checkpoint, config, hostfile, processes, run_dir
+from dpbp.service import checkpoint, config, hostfile, processes, record, run_dir
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 STOPPED = {128 + s for s in STOP_SIGNALS}   # the ranks' codes for a stop after a checkpoint
@@ -280,9 +283,12 @@ def world_size(args):
 
 
 def done(cfg):
-    """The run has its final epoch's checkpoint."""
-    found = checkpoint.list_all(cfg.run.dir)
-    return bool(found) and found[-1][0] >= (cfg.train.epochs, 0)
+    """The run is finished: its record says it completed, or stopped early."""
+    try:
+        found = record.read(cfg.run.dir)
+    except UserError:
+        return False
+    return found is not None and found.state in record.FINISHED
 
 
 def resume_point(cfg):
@@ -297,7 +303,7 @@ def resume_point(cfg):
     return path, state["step"]
 
 
-def record(cfg, attempt, cause, world, path, step):
+def log_restart(cfg, attempt, cause, world, path, step):
     """One restart: a line on stdout and a JSON record in RUN_DIR/restarts.jsonl."""
     entry = dict(time=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                  restart=attempt, cause=cause, world_size=world, resume_step=step,
@@ -354,7 +360,7 @@ def supervise(args, cfg, launcher, stops):
     """Start the job, watch it, decide, restart it, until it is done or given up.
     Returns the exit code."""
     world, hosts = world_size(args)
-    train_args = list(args.train_args)
+    train_args = first_args(args.train_args)
     say(f"run dir {cfg.run.dir}; {plural(world, 'rank')} via {launcher.kind}; up to "
         f"{plural(args.max_restarts, 'restart')}")
     restarts, backoff = 0, FIRST_BACKOFF
@@ -366,6 +372,7 @@ def supervise(args, cfg, launcher, stops):
         if decided is not None:
             return decided
         cause = attempt.cause(code)
+        run_dir.record_failure(cfg.run.dir, f"the job ended with {describe(cause)}")
         if restarts >= args.max_restarts:
             note(f"the job ended with {describe(cause)}, after "
                  f"{plural(restarts, 'restart')}: giving up (exit {EXIT_RESTARTS_EXHAUSTED})")
@@ -385,11 +392,25 @@ def supervise(args, cfg, launcher, stops):
             note(f"removed {plural(len(removed), 'stale MPI shared-memory segment')} "
                  f"that ranks killed before MPI_Finalize left: {' '.join(removed)}")
         path, step = resume_point(cfg)
-        if checkpoint.list_all(cfg.run.dir):   # from the newest valid one, in this run dir
-            train_args = [*args.train_args, "--set", f"run.dir={config.toml_value(cfg.run.dir)}",
-                          "--resume"]
+        train_args = restart_args(args.train_args, cfg)
         restarts += 1
-        record(cfg, restarts, cause, world, path, step)
+        log_restart(cfg, restarts, cause, world, path, step)
+
+
+def first_args(train_args):
+    """The trainer's arguments at the supervisor's first start: the user's, with
+    --resume auto where they name no --resume (the run starts, or continues where the
+    same command left it: docs/operations.md#the-resume-contract)."""
+    named = any(a == "--resume" or a.startswith("--resume=") for a in train_args)
+    return list(train_args) + ([] if named else ["--resume", "auto"])
+
+
+def restart_args(train_args, cfg):
+    """The trainer's arguments at a restart: the user's (which the trainer then does not
+    apply: a restart continues with the run's recorded config), the run directory, and
+    --resume auto --restart, which come last and so win."""
+    return [*train_args, "--set", f"run.dir={config.toml_value(cfg.run.dir)}",
+            "--resume", "auto", "--restart"]
 
 
 def check_slots(world, min_ranks):
@@ -445,12 +466,15 @@ PARSER = ArgumentParser(
     description="Run dpbp.train under an MPI launcher and restart it from its newest "
                 "checkpoint when it\nfails, on the ranks that are left (docs/recovery.md).",
     epilog="\n".join([
+        "starts: the first with --resume auto added (unless the arguments name a --resume):",
+        "  the run starts, or continues where it stopped, with these arguments applied.",
         "restarts: after any failure but bad input and divergence (a rank that crashed or",
         "  was killed, a lost node, the watchdog's exit 4, the launcher's own errors), with",
-        f"  --resume once a checkpoint exists, after {FIRST_BACKOFF:g} s, then twice as long "
-        f"each time (at most {MAX_BACKOFF:g} s);",
+        f"  --resume auto --restart (the recorded config), after {FIRST_BACKOFF:g} s, then "
+        f"twice as long each time (at most {MAX_BACKOFF:g} s);",
         "  each is a line on stdout and a JSON record in RUN_DIR/restarts.jsonl.",
-        "exit codes: 0 trained to the end; 2 bad input and 3 diverged, never retried;",
+        "exit codes: 0 the run finished (its last epoch, or early stopping); 2 bad input",
+        "  and 3 diverged, never retried;",
         "  128+N stopped by signal N (SIGTERM, SIGINT or SIGHUP, passed on to the job as a",
         "  stop request: it saves a checkpoint, and nothing restarts);",
         f"  {EXIT_RESTARTS_EXHAUSTED} gave up: --max-restarts used up, or fewer slots than "

@@ -14,6 +14,7 @@ called after every step and epoch.
 
 import argparse
 import hashlib
+import signal
 import time
 
 import numpy as np
@@ -37,8 +38,11 @@ def main(argv=None):
     started = time.perf_counter()
     comm = mpi.init()
     watchdog = Watchdog(RunConfig.watchdog_seconds, comm.rank, end_hung_job)   # set-up too
-    with StopSignals(launched=mpi.launched()) as signals:
-        return command(argv, comm, signals, watchdog, started)
+    try:
+        with StopSignals(launched=mpi.launched()) as signals:
+            return command(argv, comm, signals, watchdog, started)
+    finally:
+        watchdog.stop()
 
 
 def command(argv, comm, signals, watchdog, started):
@@ -51,11 +55,31 @@ def command(argv, comm, signals, watchdog, started):
     run = set_up(args, comm, say, watchdog)
     if run is None:   # --print-config, or a resumed run that is already complete
         return 0
-    progress = Progress(say, args.progress, mpi.launched())
-    code, at = train(run, comm, say, progress, signals, watchdog)
+    try:
+        progress = Progress(say, args.progress, mpi.launched())
+        code, at = train(run, comm, say, progress, signals, watchdog)
+        if run.files:
+            run.files.finish(*end_state(run.cfg, code))
+    except mpi.AgreedExit as e:   # bad input (a full disk), or divergence: every rank
+        if run.files:
+            run.files.finish("diverged" if e.code == EXIT_DIVERGED else "failed",
+                             e.message or f"exit {e.code}")
+        raise
+    finally:
+        if run.files:
+            run.files.release()
     if code in (None, 0):   # done: every epoch, or stopped early
         say(done_line(run, at, time.perf_counter() - started))
     return code or 0
+
+
+def end_state(cfg, code):
+    """(state, cause) for the run record of a run that train() ended with `code`."""
+    if code is None:
+        return "completed", None
+    if code == 0:
+        return "early_stopped", history.why_stopped(cfg.train)
+    return "stopped", signal.Signals(code - 128).name
 
 
 def done_line(run, at, seconds):
@@ -174,11 +198,23 @@ PARSER.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", defau
                     help="override one config key, VALUE in TOML syntax (repeatable), "
                          "e.g. --set train.lr=0.05 --set 'model.hidden=[256,128]' "
                          "--set 'data.source=\"npz\"'")
-PARSER.add_argument("--resume", metavar="PATH", nargs="?", const=True, default=None,
-                    help="continue the run in run.dir from its newest valid checkpoint, or "
-                         "from the checkpoint PATH, with its saved config; --config and --set "
-                         "change it (not the network or the global batch). With PATH and a "
-                         "new run.dir, the run branches off into that directory")
+PARSER.add_argument("--resume", metavar="auto|PATH", nargs="?", const=True, default=None,
+                    help="continue the run in run.dir from its newest valid checkpoint, with "
+                         "its saved config; --config and --set change it (not the network, "
+                         "the global batch or the optimizer). --resume auto: continue it if "
+                         "there is one, else start it (the same command for both). --resume "
+                         "PATH: from the checkpoint PATH; with a new run.dir, a branch into "
+                         "that directory. The table of what each start does: "
+                         "docs/operations.md#the-resume-contract")
+PARSER.add_argument("--restart", action="store_true",
+                    help="this start is a restart of the same run (dpbp.launch passes it; "
+                         "a Slurm requeue counts as one): continue as --resume auto does, "
+                         "with the run's recorded config; the command line's config "
+                         "changes nothing, and a line says so where it differs")
+PARSER.add_argument("--allow-data-change", action="store_true",
+                    help="on a resume, train on data that differ from what the run trained "
+                         "on (else refused, naming the array): recorded in run.json and in "
+                         "the next epoch's metrics line (data_changed); not on a restart")
 PARSER.add_argument("--print-config", action="store_true",
                     help="print the resolved config (TOML, overrides applied) and exit; "
                          "saved and passed back with --config, it gives the same run")

@@ -16,6 +16,8 @@ planned fault, or several separated by commas. Just before optimizer step STEP
     sigterm    sends itself SIGTERM (as Slurm does before preempting a job)
     sigint     sends itself SIGINT (as Ctrl-C does)
     sighup     sends itself SIGHUP (as a closed terminal or ssh session does)
+    swapkill   copies the file SRC over DST (DPBP_FAULT_SWAP=SRC|DST: the run's data
+               replaced under it), then kills itself with SIGKILL
 and, while rank 0 writes the checkpoint taken when STEP steps are done (RANK must be 0),
     killsave   kills itself with SIGKILL half-way through the file
     nospace    fails as a full disk does (OSError ENOSPC)
@@ -40,11 +42,13 @@ writer (dpbp.service.checkpoint.save and its write_atomic) and the arithmetic ch
 import errno
 import importlib
 import os
+import shutil
 import signal
 import sys
 import time
 
-STEP_KINDS = ("raise", "exit", "kill", "hang", "nan", "perturb", "sigterm", "sigint", "sighup")
+STEP_KINDS = ("raise", "exit", "kill", "hang", "nan", "perturb", "sigterm", "sigint", "sighup",
+              "swapkill")
 KINDS = STEP_KINDS + ("killsave", "nospace", "othercpu", "hangload", "termload")
 SIGNALS = {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT, "sighup": signal.SIGHUP}
 
@@ -83,7 +87,10 @@ def inject(kind, step, x, params):
         raise RuntimeError(f"injected fault at step {step}")
     if kind == "exit":
         sys.exit(5)
-    if kind == "kill":
+    if kind == "swapkill":
+        source, target = os.environ["DPBP_FAULT_SWAP"].split("|")
+        shutil.copyfile(source, target)
+    if kind in ("kill", "swapkill"):
         os.kill(os.getpid(), signal.SIGKILL)
     if kind == "nan":
         x[:1] = float("nan")

@@ -395,7 +395,7 @@ CASES = [
 
     # the checkpoint to resume from: rank 0 reads it
     Case("resume-without-checkpoint", lambda tmp: ["--resume"],
-         ("--resume: no checkpoint in", "run/checkpoints"), TWO),
+         ("--resume: no run in", "run to resume", "--resume auto"), TWO),
     Case("checkpoint-truncated", resume_from(lambda raw: raw[: len(raw) // 2]),
          ("checkpoint", "epoch-0001.npz", "not a readable .npz"), BOTH),
     Case("checkpoint-corrupt-byte", resume_from(flip(100)),

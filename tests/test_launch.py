@@ -87,13 +87,23 @@ TINY = ["--set", "data.samples=300", "--set", "model.hidden=[8]"]
 
 
 def test_slurm_sbatch_trains_then_resumes(fake_slurm, tmp_path):
+    """The resume contract's Slurm columns: a new submission of the same script continues
+    the run with its arguments applied (train.epochs=2 trains on); a submission of a
+    finished run ends at once with 0; a requeued job (SLURM_RESTART_COUNT > 0) continues
+    with the recorded config, whatever its arguments say."""
     r = sbatch([*TINY, "--set", "train.epochs=1"], fake_slurm)
     assert r.returncode == 0 and "epoch 1/1" in r.stdout, r.stderr
-    assert "resuming" not in r.stderr
-    r = sbatch([*TINY, "--set", "train.epochs=2"], fake_slurm)   # as a requeued job
+    assert "resume: from" not in r.stdout
+    r = sbatch([*TINY, "--set", "train.epochs=2"], fake_slurm)   # submitted again
     assert r.returncode == 0, r.stderr
-    assert "resuming" in r.stderr and "resume: from" in r.stdout and "epoch 2/2" in r.stdout
+    assert "resume: from" in r.stdout and "epoch 2/2" in r.stdout
     assert (tmp_path / "run" / "checkpoints" / "epoch-0002.npz").exists()
+    r = sbatch([*TINY, "--set", "train.epochs=2"], fake_slurm)   # once more: finished
+    assert r.returncode == 0 and "nothing to do" in r.stdout, r.stderr
+    assert "dpbp.launch: restart" not in r.stdout
+    r = sbatch([*TINY, "--set", "train.epochs=3"], dict(fake_slurm, SLURM_RESTART_COUNT="1"))
+    assert r.returncode == 0 and "nothing to do" in r.stdout, r.stderr   # recorded: 2
+    assert "are not applied on a restart" in r.stdout and "train.epochs = 3" in r.stdout
     assert not (tmp_path / "scontrol").exists()   # nothing to requeue
 
 
@@ -120,5 +130,5 @@ def test_slurm_sbatch_requeues_on_sigterm(fake_slurm, tmp_path):
     assert (tmp_path / "scancel").read_text() == "--signal=TERM 4242\n"   # not to srun
     assert "dpbp: stopped by SIGTERM" in out
     assert (tmp_path / "scontrol").read_text() == "requeue 4242\n"
-    r = sbatch([*TINY, "--set", "train.epochs=1"], fake_slurm)   # the requeued job
-    assert r.returncode == 0 and "resuming" in r.stderr, r.stderr
+    r = sbatch([*TINY, "--set", "train.epochs=1"], fake_slurm)   # submitted again, fewer
+    assert r.returncode == 0 and "nothing to do" in r.stdout, r.stderr   # epochs: done

@@ -18,7 +18,7 @@ import pytest
 
 from dpbp.errors import EXIT_RESTARTS_EXHAUSTED, UserError
 from dpbp.service import checkpoint, hostfile, processes
-from tests.conftest import ROOT, model_arrays, mpi_env, run_train, run_with_timeout
+from tests.conftest import ROOT, model_arrays, mpi_env, run_train, run_with_timeout, tiny_run
 
 TINY = ["--set", "data.samples=300", "--set", "model.hidden=[8]"]   # 3 steps an epoch
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
@@ -339,8 +339,29 @@ def test_a_stop_signal_to_the_supervisor_checkpoints_and_does_not_restart(tmp_pa
             proc.kill()
     assert proc.returncode == 128 + signum, out + err
     stopped_by = "SIGINT" if signum == signal.SIGINT else "SIGTERM"   # SIGHUP passed on as TERM
-    assert f"dpbp: stopped by {stopped_by} after" in out and "continue with --resume" in out
+    assert f"dpbp: stopped by {stopped_by} after" in out and "continue with the same " \
+        "command and --resume" in out
+    assert json.loads((run / "run.json").read_text())["state"] == "stopped"
     assert "dpbp.launch: restart" not in out and restarts(run) == []
+    if signum == signal.SIGINT:   # after Ctrl-C, the same command continues the run
+        epochs = checkpoint.list_all(run)[-1][0][0] + 1
+        r = launch(["-n", "2"], [*TINY, "--set", f"train.epochs={epochs}", "--set",
+                                 f'run.dir="{run}"'])
+        assert r.returncode == 0 and "resume: from" in r.stdout, r.stdout + r.stderr
+        assert f"done: {epochs} epochs" in r.stdout
+
+
+def test_a_run_that_stopped_early_is_done(tmp_path, tiny_npz):
+    """Early stopping (exit 0) is the run's success, not a failure to restart; and the
+    same command on the finished run is done at once."""
+    run = tmp_path / "run"
+    args = tiny_run(tiny_npz, run, "--set", "train.epochs=9", "--set",
+                    "train.early_stopping_patience=1")
+    for _ in range(2):
+        r = launch(["-n", "1"], args)
+        assert r.returncode == 0 and "dpbp.launch: restart" not in r.stdout, r.stdout + r.stderr
+        assert json.loads((run / "run.json").read_text())["state"] == "early_stopped"
+    assert "nothing to do" in r.stdout and restarts(run) == []
 
 
 def test_a_second_ctrl_c_ends_the_job_at_once_and_never_exits_0(tmp_path):

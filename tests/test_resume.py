@@ -163,7 +163,9 @@ def test_a_signal_checkpoints_and_resume_is_bitwise(tmp_path, tiny_npz, uninterr
     r = run_train(tiny_run(tiny_npz, run_dir), ranks=2, env={"DPBP_FAULT": fault})
     assert r.returncode == code, r.stderr
     assert f"stopped by {signal.Signals(code - 128).name}" in r.stdout
-    assert f"saved {run_dir / 'checkpoints' / saved}; continue with --resume" in r.stdout
+    assert (f"saved {run_dir / 'checkpoints' / saved}; continue with the same command and "
+            f"--resume (or --resume auto), in run.dir {run_dir}") in r.stdout
+    assert json.loads((run_dir / "run.json").read_text())["state"] == "stopped"
     assert os.path.basename(checkpoint.list_all(run_dir)[-1][1]) == saved
     r = run_train(tiny_run(tiny_npz, run_dir, "--resume"), ranks=2)
     assert r.returncode == 0, r.stderr
@@ -294,12 +296,18 @@ def test_a_resume_whose_data_changed_stops_unless_asked_for(tmp_path):
     resume = ["--set", f'run.dir="{run_dir}"', "--resume", "--set", "train.epochs=2"]
     r = run_train(resume, cwd=b, ranks=2)
     assert_refused(r, f"the data differ from what {run_dir / 'checkpoints' / 'epoch-0001.npz'}"
-                      " was trained on (x (17, 5) float32 crc ")
-    assert "name them on the command line" in r.stderr
+                      " was trained on (x: (17, 5) float32 crc ")
+    assert "add --allow-data-change" in r.stderr
     assert snapshot(run_dir) == before
-    r = run_train(resume + ["--set", 'data.path="data/d.npz"'], cwd=b)   # asked for
+    r = run_train(resume + ["--set", 'data.path="data/d.npz"'], cwd=b)   # naming: not enough
+    assert_refused(r, "the data differ from what")
+    assert snapshot(run_dir) == before
+    r = run_train(resume + ["--set", 'data.path="data/d.npz"', "--allow-data-change"], cwd=b)
     assert r.returncode == 0, r.stderr
-    assert "as the command line asks" in r.stdout
+    assert "training on other data (--allow-data-change)" in r.stdout
+    assert [m.get("data_changed") for m in metrics(run_dir)] == [None, True]
+    changes = json.loads((run_dir / "run.json").read_text())["data_changes"]
+    assert [c["step"] for c in changes] == [5] and changes[0]["from"] != changes[0]["to"]
 
 
 def test_a_resume_refused_because_another_run_holds_the_folder_says_so(tmp_path, tiny_npz):

@@ -5,6 +5,7 @@ on resume."""
 import errno
 import fcntl
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from dpbp.errors import UserError
 from dpbp.nn.model import MLP
 from dpbp.nn.optim import SGD
-from dpbp.service import checkpoint, config, run_dir
+from dpbp.service import checkpoint, config, resume, run_dir
 from dpbp.service.checkpoint import Position
 
 
@@ -54,6 +55,13 @@ def new_cfg(run_dir):
     return config.load(None, [f'run.dir="{run_dir}"'])
 
 
+def started(cfg):
+    """rank 0's hold on cfg's run directory, with a new run written there."""
+    files = run_dir.RunFiles.claim(str(cfg.run.dir))
+    files.prepare(resume.Plan("start", cfg, None), Position(), "", 1)
+    return files
+
+
 def test_a_full_disk_while_creating_the_run_directory_leaves_nothing(tmp_path, monkeypatch):
     real_open = open
 
@@ -64,39 +72,37 @@ def test_a_full_disk_while_creating_the_run_directory_leaves_nothing(tmp_path, m
 
     monkeypatch.setattr("builtins.open", no_space)
     with pytest.raises(UserError) as refused:
-        run_dir.prepare(new_cfg(tmp_path / "run"), (0, 0))
-    assert str(refused.value) == (f"run.dir {tmp_path / 'run'}: cannot create it (No space "
-                                  "left on device)")
-    assert list(tmp_path.iterdir()) == []   # neither the run directory nor its checkpoints
+        started(new_cfg(tmp_path / "deep" / "run"))
+    assert str(refused.value) == (f"run.dir {tmp_path / 'deep' / 'run'}: cannot create it (No "
+                                  "space left on device)")
+    assert list(tmp_path.iterdir()) == []   # no folder it made: run, its parent, checkpoints
 
 
 def test_metrics_lines_are_durable_before_their_checkpoint(tmp_path, monkeypatch):
     cfg = new_cfg(tmp_path / "run")
-    locks, _ = run_dir.prepare(cfg, (0, 0))
+    files = started(cfg)
     model = MLP([2, 2], "relu", "float32")
     synced = []
     real_fsync = run_dir.os.fsync
     monkeypatch.setattr(run_dir.os, "fsync", lambda fd: synced.append(
         os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
-    run_dir.save(cfg, model, SGD(model.params, model.grads, 0.1), Position(1, 0, 3), 1,
-                 record={"epoch": 1})
+    files.save(cfg, model, SGD(model.params, model.grads, 0.1), Position(1, 0, 3), 1,
+               metrics={"epoch": 1})
     assert synced[0] == str(tmp_path / "run" / "metrics.jsonl")   # before the checkpoint's
-    for lock in locks:
-        lock.close()
+    files.release()
+    assert not (tmp_path / "run" / ".lock").exists()   # a finished run keeps no lock file
 
 
 def test_a_checkpoints_folder_linked_into_another_run_is_refused(tmp_path):
     other = tmp_path / "other"
-    locks, _ = run_dir.prepare(new_cfg(other), (0, 0))
-    for lock in locks:
-        lock.close()
+    started(new_cfg(other)).release()
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "checkpoints").symlink_to(other / "checkpoints")
     before = sorted(p.name for p in tmp_path.rglob("*"))
     with pytest.raises(UserError, match=f"its checkpoints folder links to {other}/checkpoints, "
                                         f"the run in {other}; one run per checkpoint folder"):
-        run_dir.prepare(new_cfg(mine), (0, 0))
+        run_dir.RunFiles.claim(str(mine))
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
@@ -107,13 +113,36 @@ def test_a_checkpoints_folder_linked_elsewhere_is_locked_too(tmp_path):
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "checkpoints").symlink_to(disk)
-    locks, _ = run_dir.prepare(new_cfg(tmp_path / "a"), (0, 0))
+    files = started(new_cfg(tmp_path / "a"))
     assert (disk / ".lock").read_text().startswith("host ")
     with pytest.raises(UserError, match=f"the checkpoints folder {disk} is in use by another "
                                         r"dpbp run \(host "):
-        run_dir.prepare(new_cfg(tmp_path / "b"), (0, 0))
-    for lock in locks:
-        lock.close()
+        run_dir.RunFiles.claim(str(tmp_path / "b"))
+    assert (tmp_path / "b" / ".lock").exists() is False   # the refused one leaves nothing
+    files.release()
+
+
+def test_a_lock_file_removed_by_its_holder_is_taken_anew(tmp_path, monkeypatch):
+    """The lock file goes with the run that held it; a process that opened the old one
+    just before takes the new one, so two runs never both hold a lock."""
+    first = run_dir.RunFiles.claim(str(tmp_path))
+    real_open, swapped = open, []
+
+    def opened_then_released(path, *args, **kwargs):
+        f = real_open(path, *args, **kwargs)
+        if str(path).endswith(".lock") and not swapped:
+            swapped.append(path)
+            first.release()          # the holder ends between our open and our flock
+            second.append(run_dir.RunFiles.claim(str(tmp_path)))   # and a third takes it
+        return f
+
+    second = []
+    monkeypatch.setattr("builtins.open", opened_then_released)
+    with pytest.raises(UserError, match="in use by another dpbp run"):
+        run_dir.RunFiles.claim(str(tmp_path))
+    second[0].release()
+
+
 def saved(run_dir_path, epoch, name=None):
     """A checkpoint of the end of `epoch` in run_dir_path (as best.npz if name says so)."""
     model = MLP([3, 2], "relu", np.float32)
@@ -140,19 +169,48 @@ def test_resume_settles_the_best_checkpoint(tmp_path):
     for epoch in (1, 2, 3):
         saved(here, epoch)
     saved(here, 1, "best")                    # crashed before copying epoch 3 as the best
-    assert run_dir.settle_best(here, here, [0.5, 0.6, 0.4]) == []
-    assert best_epoch_on_disk(here) == 3
-    assert run_dir.settle_best(here, here, [0.5, 0.6, 0.4]) == []   # already right
+    recorded = {"epoch": 1, "digest": checkpoint.load(checkpoint.best_path(here))["digest"]}
+    best, notes = run_dir.settle_best(here, here, [0.5, 0.6, 0.4], recorded)
+    assert notes == [] and best_epoch_on_disk(here) == 3 and best["epoch"] == 3
+    assert run_dir.settle_best(here, here, [0.5, 0.6, 0.4], best) == (best, [])   # right
     saved(here, 4, "best")                    # epoch 4 is trained again after resuming at 3
-    run_dir.settle_best(here, here, [0.5, 0.6, 0.7])
-    assert best_epoch_on_disk(here) == 1
+    best, _ = run_dir.settle_best(here, here, [0.5, 0.6, 0.7], {
+        "epoch": 4, "digest": checkpoint.load(checkpoint.best_path(here))["digest"]})
+    assert best_epoch_on_disk(here) == 1 and best["epoch"] == 1
     branch = str(tmp_path / "branch")
-    os.makedirs(os.path.join(branch, "checkpoints"))   # as prepare makes it
-    run_dir.settle_best(branch, here, [0.5, 0.6, 0.7])   # the parent's best.npz
-    assert best_epoch_on_disk(branch) == 1
+    os.makedirs(os.path.join(branch, "checkpoints"))   # as claim makes it
+    best, _ = run_dir.settle_best(branch, here, [0.5, 0.6, 0.7], None)   # the parent's
+    assert best_epoch_on_disk(branch) == 1 and best["epoch"] == 1
     os.unlink(os.path.join(here, "checkpoints", "best.npz"))
     os.unlink(os.path.join(here, "checkpoints", "epoch-0002.npz"))
-    notes = run_dir.settle_best(here, here, [0.9, 0.6, 0.7])   # pruned, and no best.npz
+    best, notes = run_dir.settle_best(here, here, [0.9, 0.6, 0.7], None)   # pruned, none
     assert len(notes) == 1 and "no checkpoint of epoch 2 (val_loss 0.6" in notes[0]
-    assert best_epoch_on_disk(here) is None
-    assert run_dir.settle_best(here, here, []) == []
+    assert best_epoch_on_disk(here) is None and best is None
+    assert run_dir.settle_best(here, here, [], None) == (None, [])
+
+
+def test_a_best_checkpoint_that_is_not_the_runs_own_is_set_aside(tmp_path):
+    """Another run's best.npz of the same epoch, copied in, is not this run's best: set
+    aside as best.npz.foreign with a note, and rebuilt from this run's own checkpoint of
+    that epoch; one that does not verify is set aside as .damaged."""
+    here, there = str(tmp_path / "run"), str(tmp_path / "other")
+    for epoch in (1, 2):
+        saved(here, epoch)
+    own = {"epoch": 1, "digest": checkpoint.load(checkpoint.path_for(here, 1))["digest"]}
+    model = MLP([3, 2], "relu", np.float32)
+    model.params[...] = 7   # another run's weights, at the same epoch
+    foreign = checkpoint.best_path(there)
+    os.makedirs(os.path.dirname(foreign))
+    checkpoint.save(foreign, model, SGD(model.params, model.grads, 0.1), Position(1, 0, 1), 1,
+                    config.to_toml(config.Config()))
+    shutil.copy(foreign, checkpoint.best_path(here))
+    best, notes = run_dir.settle_best(here, here, [0.5, 0.6], own)
+    assert best == own and len(notes) == 1 and "is not this run's" in notes[0]
+    assert os.path.exists(checkpoint.best_path(here) + ".foreign")
+    assert checkpoint.load(checkpoint.best_path(here))["digest"] == own["digest"]
+    with open(checkpoint.best_path(here), "r+b") as f:   # a flipped byte
+        f.seek(200)
+        f.write(b"\xff")
+    best, notes = run_dir.settle_best(here, here, [0.5, 0.6], own)
+    assert best == own and "does not verify" in notes[0]
+    assert os.path.exists(checkpoint.best_path(here) + ".damaged")

@@ -120,6 +120,14 @@ def test_sbatch_trains_to_the_end(tmp_path, jobs):
     text = out.read_text()
     assert "2 ranks (MPICH" in text and "epoch 2/2" in text and "done: 2 epochs" in text
     assert (run / "checkpoints" / "epoch-0002.npz").exists()
+    # the same sbatch submitted again: the run is finished, so the job is done at once
+    again = sbatch(jobs, ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2",
+                          f"--output={out}"],
+                   [str(ROOT / "launch" / "slurm.sbatch"), *TRAIN, "--set", "train.epochs=2"],
+                   {"PYTHON": sys.executable, "RUN_DIR": str(run)})
+    assert wait_state(again, ENDED, 120) == "COMPLETED", out.read_text()
+    text = out.read_text()
+    assert "nothing to do: the run in" in text and "dpbp.launch: restart" not in text
 
 
 def rank_pids(run):
@@ -155,7 +163,7 @@ def test_a_preempted_job_is_requeued_and_ends_with_the_uninterrupted_weights(tmp
         """Wait until the job started for the `restarts`-th time and trained `steps`."""
         at = newest_step(run)
         wait_for(lambda: job(job_id).get("Restarts") == str(restarts) and
-                 out.exists() and out.read_text().count("resuming") == restarts and
+                 out.exists() and out.read_text().count("resume: from") == restarts and
                  newest_step(run) >= at + steps, f"start {restarts}", job_id, seconds=120)
 
     after(0, 10)

@@ -206,7 +206,8 @@ def test_a_foreign_config_toml_is_not_clobbered(tmp_path, tiny_npz):
     run_dir.mkdir()
     (run_dir / "config.toml").write_text("# my own notes\n")
     r = run_train(tiny_run(tiny_npz, run_dir))
-    assert_refused(r, "has a config.toml that dpbp did not write")
+    assert_refused(r, f"run.dir {run_dir} holds {run_dir / 'config.toml'}, a file that dpbp "
+                      "writes, but no run record (run.json)")
     assert (run_dir / "config.toml").read_text() == "# my own notes\n"
 
 
@@ -222,16 +223,16 @@ def test_two_runs_into_one_directory_at_once(tmp_path, tiny_npz):
         r = run_train(tiny_run(tiny_npz, run_dir), ranks=2)
     assert_refused(r, "is in use by another dpbp run (host elsewhere, pid 42); wait for it, "
                       "or if that process is gone, remove")
-    assert sorted(os.listdir(run_dir)) == [".lock", "checkpoints"]
+    assert sorted(os.listdir(run_dir)) == [".lock"]   # the other run's: nothing added
 
 
 def test_run_dir_entries_that_are_folders(tmp_path, tiny_npz):
     run_dir = tmp_path / "run"
     (run_dir / "config.toml").mkdir(parents=True)
-    assert_refused(run_train(tiny_run(tiny_npz, run_dir), ranks=2), "config.toml: cannot read")
+    assert_refused(run_train(tiny_run(tiny_npz, run_dir), ranks=2), "config.toml, a file that")
     (run_dir / "config.toml").rmdir()
-    (run_dir / "metrics.jsonl").mkdir()
-    assert_refused(run_train(tiny_run(tiny_npz, run_dir), ranks=2), "metrics.jsonl: cannot read")
+    (run_dir / "run.json").mkdir()
+    assert_refused(run_train(tiny_run(tiny_npz, run_dir), ranks=2), "run.json: cannot read")
 
 
 def test_a_finished_run_without_checkpoints_keeps_its_metrics(tmp_path, tiny_npz):
@@ -240,9 +241,11 @@ def test_a_finished_run_without_checkpoints_keeps_its_metrics(tmp_path, tiny_npz
     for path in (run_dir / "checkpoints").iterdir():   # e.g. deleted to save space
         path.unlink()
     before = snapshot(run_dir)
-    r = run_train(tiny_run(tiny_npz, run_dir, "--set", "train.lr=0.2"))
-    assert_refused(r, "holds metrics of 3 epochs but no checkpoint")
-    assert snapshot(run_dir) == before
+    for args in ([], ["--resume"], ["--resume", "auto"]):
+        r = run_train(tiny_run(tiny_npz, run_dir, "--set", "train.lr=0.2", *args))
+        assert_refused(r, f"run.dir {run_dir} holds a run (completed) with metrics of 3 epochs "
+                          "but no checkpoint")
+        assert snapshot(run_dir) == before
 
 
 # ----------------------------------------------------------------------------- what a newcomer meets

@@ -63,11 +63,12 @@ class _Done:
 
 
 class AgreedExit(Exception):
-    """Every rank agreed to stop with this exit code; the reason was printed once."""
+    """Every rank agreed to stop with this exit code; the reason was printed once, by
+    the rank whose `message` holds it (None on the others)."""
 
-    def __init__(self, code):
+    def __init__(self, code, message=None):
         super().__init__(code)
-        self.code = code
+        self.code, self.message = code, message
 
 
 class Comm:
@@ -217,6 +218,7 @@ def agreement(comm, code=2):
     if comm.rank == first:
         where = f" (rank {first})" if first > 0 else ""
         print(f"dpbp: error{where}: {error}", file=sys.stderr, flush=True)
+        raise AgreedExit(code, str(error))
     raise AgreedExit(code)
 
 

@@ -77,7 +77,8 @@ def save(path, model, optimizer, position, world_size, config_toml, loss_sums=No
          data_id=""):
     """Write the checkpoint at `position` (a Position) atomically (rank 0 only);
     `loss_sums` = every rank's partial training-loss sum of the epoch (zeros by default,
-    as at an epoch's end); `data_id` = what the run trains on (data.identity)."""
+    as at an epoch's end); `data_id` = what the run trains on (data.identity). Returns
+    its digest."""
     if not np.isfinite(model.params).all():   # never write NaN or Inf weights
         raise UserError(f"refusing to write {path}: the weights are not finite")
     arrays = dict(model.state_dict())
@@ -88,6 +89,7 @@ def save(path, model, optimizer, position, world_size, config_toml, loss_sums=No
                   data=np.str_(data_id), format_version=np.int64(FORMAT_VERSION))
     arrays["digest"] = np.str_(digest(arrays))
     write_atomic(path, lambda f: np.savez(f, **arrays))
+    return str(arrays["digest"])
 
 
 def best_path(run_dir):
@@ -112,8 +114,9 @@ def list_all(run_dir):
 
 
 def load(path):
-    """A checkpoint's arrays as a dict, its counters as ints; UserError if it is damaged
-    (its digest does not match) or not a well-formed dpbp checkpoint."""
+    """A checkpoint's arrays as a dict, its counters as ints, its config and data as text
+    and its digest as a hex string (None for format 1); UserError if it is damaged (its
+    digest does not match) or not a well-formed dpbp checkpoint."""
     state = read_npz(path, "checkpoint")
     if "format_version" in state and state["format_version"].shape == () \
             and state["format_version"].dtype.kind in "iu" and state["format_version"] == 1:
@@ -142,6 +145,7 @@ def load(path):
     if state["format_version"] > FORMAT_VERSION:
         raise UserError(f"checkpoint {path} has format {state['format_version']}; this dpbp "
                         f"reads up to {FORMAT_VERSION}: upgrade dpbp")
+    state["digest"] = None if stored is None else str(stored)   # names it, e.g. in run.json
     sums = state.setdefault("loss_sums", np.zeros(state["world_size"]))   # format 1: none
     if sums.shape != (state["world_size"],) or sums.dtype != np.float64 \
             or not np.isfinite(sums).all():

@@ -343,15 +343,18 @@ def parse_override(text):
     return {parts[0]: {parts[1]: parsed}}
 
 
-def load(path=None, overrides=(), base=None):
+def load(path=None, overrides=(), base=None, check=True):
     """The resolved Config: `base` (the defaults unless given), then the TOML file at
-    `path`, then each override; its file paths made absolute (resolved_paths)."""
+    `path`, then each override; its file paths made absolute (resolved_paths). Unknown
+    keys and wrong types are refused at once; ranges are checked unless check=False (a
+    resumed run checks them once the checkpoint's config is the base)."""
     cfg = base or Config()
     if path:
         cfg = from_dict(_read_file(path), cfg, check=False, where=f"config file {path}")
     for text in overrides:
         cfg = from_dict(parse_override(text), cfg, check=False, where=f"--set {shown(text)}")
-    validate(cfg)
+    if check:
+        validate(cfg)
     return resolved_paths(cfg)
 
 

@@ -23,6 +23,7 @@ the seed) are held out; 0 means no validation.
 import gzip
 import math
 import os
+import re
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -91,10 +92,45 @@ def crc32(a):
 
 def identity(data):
     """What the data are, cheap to compare: every array's name, shape, dtype and CRC-32,
-    e.g. "x (1800, 256) float32 crc 5d0f2a1c; y (1800,) int64 crc 0b7e..." ."""
+    e.g. "x (1800, 256) float32 crc 5d0f2a1c; y (1800,) int64 crc 0b7e..." (the text
+    that checkpoints keep; identity_arrays reads it back)."""
     arrays = {"x": data.x, "y": data.y, "x_val": data.x_val, "y_val": data.y_val}
     return "; ".join(f"{name} {tuple(a.shape)} {a.dtype} crc {crc32(a):08x}"
                      for name, a in arrays.items() if a is not None)
+
+
+_IDENTITY_PART = re.compile(r"^(\w+) \(([\d, ]*)\) (\w+) crc ([0-9a-f]{8})$")
+
+
+def identity_arrays(text):
+    """{name: {"shape", "dtype", "crc32"}} from identity's text (the run record's form);
+    {} for text that is not such an identity (a damaged or foreign one)."""
+    out = {}
+    for part in text.split("; ") if text else []:
+        m = _IDENTITY_PART.match(part)
+        if m is None:
+            return {}
+        shape = [int(d) for d in m.group(2).replace(" ", "").split(",") if d]
+        out[m.group(1)] = {"shape": shape, "dtype": m.group(3), "crc32": m.group(4)}
+    return out
+
+
+def identity_text(arrays):
+    """identity's text from identity_arrays' form: its inverse."""
+    return "; ".join(f"{name} {tuple(a['shape'])} {a['dtype']} crc {a['crc32']}"
+                     for name, a in arrays.items())
+
+
+def identity_difference(then, now):
+    """The first array in which two identities' texts differ, with both checksums, e.g.
+    'y: (17,) int64 crc 1f2e3d4c now, (17,) int64 crc 0a1b2c3d then'."""
+    then, now = identity_arrays(then), identity_arrays(now)
+    first = next((name for name in {**then, **now} if then.get(name) != now.get(name)), "x")
+
+    def shown(arrays):
+        return identity_text({first: arrays[first]}).split(" ", 1)[1] if first in arrays \
+            else "absent"
+    return f"{first}: {shown(now)} now, {shown(then)} then"
 
 
 @dataclass(frozen=True)

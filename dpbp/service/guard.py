@@ -31,7 +31,7 @@ class Guard:
 
     def __init__(self, comm, run, say, signals, watchdog):
         self.comm, self.cfg, self.model, self.optimizer = comm, run.cfg, run.model, run.optimizer
-        self.summed, self.data_id, self.say = run.summed, run.data_id, say
+        self.summed, self.data_id, self.say, self.files = run.summed, run.data_id, say, run.files
         self.signals, self.watchdog = signals, watchdog
         self.batches = sharding.num_batches(len(run.data.x), run.cfg.train.batch_size)
         self.stop = 0   # a signal the ranks agreed to stop for, at the last step
@@ -108,8 +108,8 @@ class Guard:
         sums = comm.allgatherv_(mine, np.empty(comm.size), [1] * comm.size)
         with mpi.agreement(comm):
             if comm.rank == 0:
-                run_dir.save(self.cfg, self.model, self.optimizer, position, comm.size, sums,
-                             record, self.data_id, best)
+                self.files.save(self.cfg, self.model, self.optimizer, position, comm.size,
+                                sums, record, self.data_id, best)
         return checkpoint.path_for(self.cfg.run.dir, position.epoch, position.batch)
 
 
@@ -120,9 +120,10 @@ def end_hung_job():
 
 
 def stopped_by(signum, path, position, say):
+    run = run_dir.home_of(path)
     say(f"dpbp: stopped by {signal_name(signum)} after {plural(position.epoch, 'epoch')} "
         f"and {plural(position.batch, 'batch', 'batches')}; saved {path}; continue with "
-        "--resume")
+        f"the same command and --resume (or --resume auto), in run.dir {run}")
     return 128 + signum
 
 

@@ -1,14 +1,21 @@
-"""The run directory: what a run leaves on disk, and how a run starts or resumes there.
+"""The run directory: what a run leaves on disk, and rank 0's hold on it while it runs.
 
+    RUN_DIR/run.json                    the run record (record.py): identity, config,
+                                        data, state, best epoch, world sizes
     RUN_DIR/config.toml                 the resolved config of the run
     RUN_DIR/metrics.jsonl               one JSON object per epoch
+    RUN_DIR/steps.jsonl                 run.log_every_steps: one per K steps
+    RUN_DIR/restarts.jsonl              dpbp.launch: one per restart
+    RUN_DIR/.lock                       held by rank 0 while the run runs
     RUN_DIR/checkpoints/epoch-EEEE.npz  a checkpoint per epoch, the newest run.keep_checkpoints
     RUN_DIR/checkpoints/epoch-EEEE-batch-BBBBBB.npz   mid-epoch ones (see checkpoint.py)
     RUN_DIR/checkpoints/best.npz        run.keep_best: a copy of the best epoch's checkpoint
 
-Every function here runs on rank 0 alone; train.py broadcasts what the others need.
-Nothing is written until every check has passed, and a new run never overwrites an
-earlier run's files.
+`RunFiles.claim` locks the directory before any of its files is read (resume.py then
+decides what the command does there); `prepare` writes the run's start, `save` its
+checkpoints and metrics, `finish` its end state. Every function here runs on rank 0
+alone; train.py broadcasts what the others need. Nothing is written until every check
+has passed, and a run never overwrites a file that is not its own.
 """
 
 import contextlib
@@ -21,17 +28,17 @@ import socket
 import sys
 
 from dpbp.errors import UserError
-from dpbp.service import checkpoint, config, history
+from dpbp.service import checkpoint, config, history, record
+from dpbp.service.data import identity_arrays, identity_difference
 from dpbp.service.files import remove_stale_temporaries, write_atomic
 
-# Keys a resumed run may not change: they define the network, the global batch or the
-# optimizer (whose state the checkpoint holds).
-FIXED_ON_RESUME = ("model.hidden", "model.activation", "model.classes", "model.dropout",
-                   "train.loss", "train.batch_size", "train.optimizer")
 # Keys whose change on resume changes which samples train and which validate.
 SPLIT_KEYS = ("run.seed", "data.source", "data.path", "data.val_fraction", "data.samples",
               "data.shuffle")
 CONFIG_HEADER = "# dpbp: the resolved config of this run\n"
+# The files dpbp writes in a run directory (besides .lock and checkpoints/): a new run
+# never starts where one of them is without a record.
+WRITTEN = ("run.json", "config.toml", "metrics.jsonl", "steps.jsonl", "restarts.jsonl")
 
 
 def metrics_path(run_dir):
@@ -90,44 +97,6 @@ def read_metrics(run_dir):
                         "epoch); repair or remove it") from None
 
 
-def check_new(cfg):
-    """A new run may start in cfg.run.dir: it holds no checkpoint, no metrics beyond a
-    first epoch that was never checkpointed, no config.toml that dpbp did not write,
-    and can be created. Returns notes for the log."""
-    run_dir = cfg.run.dir
-    found = checkpoint.list_all(run_dir) + [
-        (None, p) for p in [checkpoint.best_path(run_dir)] if os.path.exists(p)]
-    if found:
-        raise UserError(
-            f"run.dir {run_dir} already holds a run (checkpoint {found[-1][1]}); "
-            f"continue it with --resume, or start a new one with --set "
-            f"'run.dir=\"{run_dir}-2\"'")
-    recorded = [epoch for epoch, _ in read_metrics(run_dir)]
-    if any(epoch != 1 for epoch in recorded):
-        raise UserError(f"run.dir {run_dir} holds metrics of {max(recorded)} epochs but no "
-                        "checkpoint; choose another run.dir, or remove its metrics.jsonl")
-    if os.path.exists(config_path(run_dir)):
-        try:
-            with open(config_path(run_dir), encoding="utf-8", errors="replace") as f:
-                ours = f.read().startswith(CONFIG_HEADER)
-        except OSError as e:
-            raise UserError(f"{config_path(run_dir)}: cannot read it ({e.strerror})") from None
-        if not ours:
-            raise UserError(f"run.dir {run_dir} has a config.toml that dpbp did not "
-                            "write; choose another run.dir, or remove it")
-    notes = []
-    if recorded or os.path.exists(config_path(run_dir)):
-        notes.append(f"run.dir {run_dir}: an earlier run there ended before its first "
-                     "checkpoint; starting afresh in its place")
-    parent = os.path.abspath(run_dir)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"run.dir {run_dir}: cannot create it ({parent} is not a writable "
-                        "folder); choose another with --set 'run.dir=\"...\"'")
-    return notes
-
-
 def newest_checkpoint(run_dir, what="--resume"):
     """(path, state, damaged) for --resume (or `what` asked for a run directory): the
     newest checkpoint in run_dir that loads and verifies, and [(path, why)] of newer ones
@@ -161,52 +130,20 @@ def checked(path, position=None):
     return state
 
 
-def resumed_config(saved_toml, path, config_file, overrides, run_dir=None):
-    """The config of a resumed run: the checkpoint's own, with the command line's
-    --config and --set applied on top. It runs in `run_dir` (plain --resume: where the
-    checkpoint was found); for --resume PATH, in the run.dir the command line names, else
-    in the run directory holding PATH. Returns (cfg, notes); changes to the network or
-    the global batch are refused."""
-    saved = config.from_toml(saved_toml, f"checkpoint {path}")
-    cfg = config.load(config_file, overrides, base=saved)
-    if run_dir is None:   # --resume PATH
-        explicit = cfg.run.dir != saved.run.dir
-        run_dir = cfg.run.dir if explicit else (home_of(path) or cfg.run.dir)
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=run_dir))
-    old, new = config.flat(saved), config.flat(cfg)
-    changed = [k for k in old if old[k] != new[k] and k != "run.dir"]
-    for key in changed:
-        if key in FIXED_ON_RESUME:
-            raise UserError(f"--resume: {key} was {config.toml_value(old[key])} in {path}, "
-                            f"now {config.toml_value(new[key])}; a resumed run keeps its "
-                            "network, global batch and optimizer (start a new run to change "
-                            "it, with model.init for the weights)")
-    notes = []
-    for k in changed:
-        why = {"model.init": " (ignored: the checkpoint has the weights)"}.get(
-            k, " (the data order and validation split change with it)" if k in SPLIT_KEYS
-            else "")
-        notes.append(f"resume: {k} changed from {config.toml_value(old[k])} to "
-                     f"{config.toml_value(new[k])}{why}")
-    return cfg, notes
-
-
 def check_data(saved_id, data_id, named, path):
-    """A resumed or evaluated checkpoint meets its own data, unless the command line asks
-    for other data: `named` = the keys its --config and --set name. Returns notes; a
-    UserError where the data differ and the command line did not ask for that."""
+    """An evaluated checkpoint meets its own data, unless the command line asks for other
+    data: `named` = the keys its --config and --set name. Returns notes; a UserError
+    where the data differ and the command line did not ask for that. (A resume has its
+    own rule: resume.check_data.)"""
     if saved_id is None or saved_id == data_id:   # None: a checkpoint from before dpbp 0.1.1
         return []
-    theirs, ours = saved_id.split("; "), data_id.split("; ")
-    first = next((f"{a} now, {b} then" for a, b in zip(ours, theirs) if a != b),
-                 f"{len(ours)} arrays now, {len(theirs)} then")
+    first = identity_difference(saved_id, data_id)
     if named & set(SPLIT_KEYS):
         return [f"the data differ from what {path} was trained on ({first}), as the "
                 "command line asks"]
     raise UserError(f"the data differ from what {path} was trained on ({first}): the "
-                    "files at data.path were changed or replaced. To go on with these data, "
-                    "name them on the command line (--set 'data.path=\"...\"'); the data "
-                    "order and validation split change with them")
+                    "files at data.path were changed or replaced. To evaluate on these "
+                    "data, name them on the command line (--set 'data.path=\"...\"')")
 
 
 def home_of(path):
@@ -215,58 +152,20 @@ def home_of(path):
     return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else None
 
 
-def prepare(cfg, start, resumed_from=None, damaged=(), start_step=0):
-    """Create and lock the run directory, save the resolved config, set aside `damaged`
-    checkpoints (renamed to NAME.damaged), remove temporary files a killed writer left,
-    and drop metrics of epochs after the starting one (they will be trained again).
-    `start` = (epoch, batch) of the checkpoint `resumed_from`, (0, 0) for a new run. A
-    run resumed from another directory's checkpoint (a branch) must start in a new one.
-    Returns (locks, notes): the locks are held while the run lives, so a second run
-    started into the same directory, or into the same checkpoints folder through a
-    link, is refused instead of writing over it."""
-    run_dir = cfg.run.dir
-    home = home_of(resumed_from) if resumed_from else None
-    new = home is None or os.path.realpath(home) != os.path.realpath(run_dir)
-
-    def check():
-        if new:
-            return check_new(cfg)
-        newer = [p for pos, p in checkpoint.list_all(run_dir)
-                 if pos > tuple(start) and p not in damaged]
-        if newer:
-            raise UserError(
-                f"{run_dir} holds a newer checkpoint than {resumed_from}: {newer[-1]}; "
-                "continue from the newest with --resume, or branch off from this one into "
-                f"a new run directory with --resume {resumed_from} --set 'run.dir=\"...\"'")
+def unnamed_best(path, state):
+    """Notes where `path`, a loaded checkpoint `state`, is a run's best.npz that its run
+    record does not name (another run's, copied in; or one the next resume settles)."""
+    home = home_of(path)
+    if os.path.basename(path) != "best.npz" or home is None:
         return []
-
-    if new:
-        check()   # before anything is written
-    check_own_folder(run_dir)
-    locks, lock_notes = claim(run_dir)
-    notes = check() + lock_notes   # under the locks: nobody started or advanced a run here
-    for lock in locks:
-        sign(lock)
-    # the metrics of the epochs resumed from: a branch takes them from the run it leaves
-    source = (None if resumed_from is None else home if new else run_dir)
-    earlier = read_metrics(source) if source else []
-    kept = [line for epoch, line in earlier if epoch <= start[0]]
-    steps = [json.dumps(r) + "\n" for r in (read_steps(source) if source else [])
-             if isinstance(r, dict) and r.get("step", 0) <= start_step]
     try:
-        for path in damaged:
-            os.replace(path, path + ".damaged")
-        remove_stale_temporaries(os.path.join(run_dir, "checkpoints"))
-        write_atomic(config_path(run_dir),
-                     lambda f: f.write((CONFIG_HEADER + config.to_toml(cfg)).encode()))
-        write_atomic(metrics_path(run_dir), lambda f: f.write("".join(kept).encode()))
-        if steps or os.path.exists(steps_path(run_dir)):
-            write_atomic(steps_path(run_dir), lambda f: f.write("".join(steps).encode()))
-        if cfg.run.keep_best and source:
-            notes += settle_best(run_dir, source, history.val_losses(earlier, start[0]))
-    except OSError as e:
-        raise UserError(f"run.dir {run_dir}: cannot write ({os_error(e)})") from None
-    return locks, notes
+        found = record.read(home)
+    except UserError:
+        return []
+    if found is None or (found.best or {}).get("digest") == state["digest"]:
+        return []
+    return [f"{path} is not the best checkpoint that {record.path(home)} names "
+            f"({'none' if found.best is None else 'epoch ' + str(found.best['epoch'])})"]
 
 
 def os_error(e):
@@ -274,16 +173,28 @@ def os_error(e):
     return e.strerror + (f": {e.filename}" if e.filename else "")
 
 
+def written_files(run_dir):
+    """The files of those dpbp writes that `run_dir` holds: WRITTEN, and anything in its
+    checkpoints folder but the lock."""
+    found = [os.path.join(run_dir, name) for name in WRITTEN
+             if os.path.lexists(os.path.join(run_dir, name))]
+    folder = os.path.join(run_dir, "checkpoints")
+    if os.path.isdir(folder):
+        found += sorted(os.path.join(folder, name) for name in os.listdir(folder)
+                        if name != ".lock")
+    return found
+
+
 def is_run_dir(folder):
     """Whether `folder` holds (or held) a dpbp run."""
     return any(os.path.exists(os.path.join(folder, name))
-               for name in ("config.toml", "metrics.jsonl", ".lock"))
+               for name in ("run.json", "config.toml", "metrics.jsonl", ".lock"))
 
 
 def check_own_folder(run_dir):
     """The checkpoints folder of run_dir may be a link (to a larger disk, say), but not
-    into another run's directory: two runs would mix their checkpoints, and one's
-    pruning would delete the other's."""
+    into another run's directory, whatever that run's state: two runs would mix their
+    checkpoints, and one's pruning would delete the other's."""
     folder = os.path.join(run_dir, "checkpoints")
     real = os.path.realpath(folder)
     if os.path.exists(folder) and real != os.path.join(os.path.realpath(run_dir), "checkpoints"):
@@ -294,96 +205,15 @@ def check_own_folder(run_dir):
                             "link, or choose another run.dir")
 
 
-def claim(run_dir):
-    """Create run_dir and its checkpoints folder where missing, and lock RUN_DIR/.lock
-    and, where the checkpoints folder is a link elsewhere, that folder's .lock too.
-    Returns (locks, notes). A failure (a full disk) removes what it created."""
-    folder = os.path.join(run_dir, "checkpoints")
-    created = [p for p in (run_dir, folder) if not os.path.isdir(p)]
-    real = os.path.realpath(folder)
-    places = [run_dir] + ([real] if real != os.path.join(os.path.realpath(run_dir),
-                                                          "checkpoints") else [])
-    locks, notes = [], []
+def verified(path):
+    """The checkpoint at `path` loaded and verified, or None where it is missing or
+    does not verify."""
+    if not os.path.exists(path):
+        return None
     try:
-        os.makedirs(folder, exist_ok=True)
-        for place in places:
-            lock, more = _lock(place, run_dir)
-            locks.append(lock)
-            notes += more
-    except OSError as e:
-        for lock in locks:
-            lock.close()
-        for place in places if created else []:
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(place, ".lock"))
-        for path in reversed(created):
-            with contextlib.suppress(OSError):
-                os.rmdir(path)
-        raise UserError(f"run.dir {run_dir}: cannot create it ({os_error(e)})") from None
-    return locks, notes
-
-
-def _lock(place, run_dir=None):
-    """Take PLACE/.lock (the run directory's, or its checkpoints folder's where that is
-    a link elsewhere) for the life of this process and write who holds it in it.
-    Returns (the open lock file, notes)."""
-    run_dir = run_dir or place
-    path = os.path.join(place, ".lock")
-    lock = open(path, "a+")
-    what = f"run.dir {run_dir}" if place == run_dir else f"the checkpoints folder {place}"
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:   # held by a live process
-        lock.seek(0)
-        holder = lock.read().strip() or "a process that did not say who it is"
-        lock.close()
-        raise UserError(f"{what} is in use by another dpbp run ({holder}); wait for it, or "
-                        f"if that process is gone, remove {path}") from None
-    except OSError as e:      # a filesystem without locks: run, but say what is missing
-        return lock, [f"{what}: cannot lock it ({e.strerror}); a second run started into "
-                      "it at the same time would not be stopped"]
-    return lock, []
-
-
-def sign(lock):
-    """Write who holds a lock in it, once the run is sure to start."""
-    try:
-        lock.truncate(0)
-        lock.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
-        lock.flush()
-    except OSError:   # a full disk: the lock holds all the same; only the name is missing
-        pass
-
-
-def save(cfg, model, optimizer, position, world_size, loss_sums=None, record=None,
-         data_id="", best=False):
-    """Checkpoint at `position` (a checkpoint.Position); at the end of an epoch (batch 0)
-    first append its line of metrics, `record`. (In this order, a crash between
-    the two leaves a metrics line that `prepare` drops on resume, never a missing one.)
-    With `best`, copy it to checkpoints/best.npz (a crash before that is repaired on
-    resume: settle_best). Then delete checkpoints beyond the newest
-    run.keep_checkpoints, this one being durable by now. Returns the checkpoint's path."""
-    path = checkpoint.path_for(cfg.run.dir, position.epoch, position.batch)
-    try:
-        if record is not None:
-            with open(metrics_path(cfg.run.dir), "a", encoding="utf-8") as f:
-                f.write(json.dumps(record, allow_nan=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())   # durable before the checkpoint that follows it
-        checkpoint.save(path, model, optimizer, position, world_size, config.to_toml(cfg),
-                        loss_sums, data_id)
-        if best:
-            copy_atomic(path, checkpoint.best_path(cfg.run.dir))
-        keep = cfg.run.keep_checkpoints
-        if keep:
-            for _, old in checkpoint.list_all(cfg.run.dir)[:-keep]:
-                os.unlink(old)
-    except OSError as e:
-        hint = ("earlier checkpoints are intact, --resume continues from the newest"
-                if checkpoint.list_all(cfg.run.dir) else "rerun the same command to start "
-                "afresh")
-        raise UserError(f"cannot save {path} ({e.strerror}); {hint}") from None
-    return path
+        return checkpoint.load(path)
+    except UserError:
+        return None
 
 
 def copy_atomic(source, target):
@@ -392,35 +222,325 @@ def copy_atomic(source, target):
         write_atomic(target, lambda out: shutil.copyfileobj(f, out))
 
 
-def settle_best(run_dir, source, losses):
-    """run.keep_best on resume: make RUN_DIR/checkpoints/best.npz hold the best epoch of
-    the history it continues (`losses`: val_loss of every epoch so far), taken from
-    `source`, the run directory resumed from (this one, or the one a branch leaves): its
-    best.npz or that epoch's checkpoint. A best.npz of an epoch that is not in the history
-    (trained again after the checkpoint resumed from) is removed. Returns notes."""
-    best, target = history.best_epoch(losses), checkpoint.best_path(run_dir)
-    if best is None:
-        candidates = []
-    else:
-        candidates = [checkpoint.best_path(source), checkpoint.path_for(source, best)]
-    for path in candidates:
-        if holds_epoch(path, best):
-            if os.path.realpath(path) != os.path.realpath(target):
-                copy_atomic(path, target)
-            return []
+def _without_stop(line):
+    """A metrics line without the "stopped" mark: the run goes on past that epoch."""
+    if '"stopped"' not in line:
+        return line
+    entry = json.loads(line)
+    entry.pop("stopped", None)
+    return json.dumps(entry) + "\n"
+
+
+# ----------------------------------------------------------------------------- the lock
+
+class RunFiles:
+    """Rank 0's hold on the run directory, from before any of its files is read to the
+    end of the command: its locks, the folders this process made, the run record.
+
+    claim -> (resume.plan decides) -> prepare -> save ... -> finish -> release
+    """
+
+    def __init__(self, run_dir):
+        self.dir, self.locks, self.created, self.notes = run_dir, [], [], []
+        self.record = None          # the run record as last written (prepare on)
+        self.steps_per_epoch = 1    # for the first epoch trained on other data
+
+    @classmethod
+    def claim(cls, run_dir):
+        """Lock RUN_DIR/.lock and, where the checkpoints folder is a link elsewhere, that
+        folder's .lock too. A checkpoints folder linked into another run is refused
+        first. A run directory that does not exist yet holds no file to read: it is made
+        and locked by `prepare`. A failure (a lock held by a live run, a full disk)
+        leaves nothing behind."""
+        parent = os.path.abspath(run_dir)
+        while not os.path.lexists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+            raise UserError(f"run.dir {run_dir}: cannot create it ({parent} is not a writable "
+                            "folder); choose another with --set 'run.dir=\"...\"'")
+        check_own_folder(run_dir)
+        files = cls(run_dir)
+        if os.path.lexists(run_dir):
+            files._take()
+        return files
+
+    def _take(self):
+        """Make the run directory and its checkpoints folder where missing (remembered in
+        `created`, outermost first), and take the locks; undone on failure."""
+        folder = os.path.join(self.dir, "checkpoints")
+        made = os.path.abspath(folder)
+        while not os.path.lexists(made):
+            self.created.insert(0, made)
+            made = os.path.dirname(made)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            real = os.path.realpath(folder)
+            own = os.path.join(os.path.realpath(self.dir), "checkpoints")
+            for place in [self.dir] + ([real] if real != own else []):
+                lock, more = _lock(place, self.dir)
+                self.locks.append(lock)
+                sign(lock)
+                self.notes += more
+        except (OSError, UserError) as e:
+            self.release(undo=True)
+            if isinstance(e, UserError):
+                raise
+            raise UserError(f"run.dir {self.dir}: cannot create it ({os_error(e)})") from None
+
+    def release(self, undo=False):
+        """Unlock and remove the lock files; with `undo` (the command stopped before it
+        wrote anything), also the folders it made and lock files it found there."""
+        for lock in self.locks:
+            if lock.made or not undo:
+                with contextlib.suppress(OSError):
+                    os.unlink(lock.name)
+            lock.close()
+        self.locks = []
+        if undo:
+            for folder in reversed(self.created):
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
+            self.created = []
+
+    # ------------------------------------------------------------------------- writing
+
+    def prepare(self, plan, start, data_id, world_size, change=None, steps_per_epoch=1):
+        """Write the run's start, once every check passed: set aside `plan.damaged`
+        checkpoints (NAME.damaged), remove temporary files a killed writer left, drop
+        metrics and step lines after the starting position `start` (they will be trained
+        again; a branch takes its parent's), settle best.npz, and write config.toml and
+        the record (state running, this world size, the data `data_id`, a data `change`
+        allowed from start.step on). Returns notes."""
+        cfg, run_dir = plan.cfg, self.dir
+        self.steps_per_epoch = steps_per_epoch
+        if not self.locks:   # the folder did not exist when the command started
+            self._take()
+            if written_files(run_dir):
+                raise UserError(f"run.dir {run_dir} was made by another run while this one "
+                                "set up; choose another run.dir")
+        source = home_of(plan.checkpoint) if plan.how == "resume" else None
+        earlier = read_metrics(source) if source else []
+        kept = [_without_stop(line) for epoch, line in earlier if epoch <= start.epoch]
+        steps = [json.dumps(r) + "\n" for r in (read_steps(source) if source else [])
+                 if isinstance(r, dict) and r.get("step", 0) <= start.step]
+        notes = []
+        try:   # the record first: from then on, whatever follows belongs to the run
+            best, notes = (None, []) if not cfg.run.keep_best else settle_best(
+                run_dir, source, history.val_losses(earlier, start.epoch),
+                plan.found.best if plan.found else None)
+            self.record = record.write(run_dir, self._started(plan, start, data_id,
+                                                              world_size, change, best))
+            for path, _ in plan.damaged:
+                os.replace(path, path + ".damaged")
+            remove_stale_temporaries(os.path.join(run_dir, "checkpoints"))
+            write_atomic(config_path(run_dir),
+                         lambda f: f.write((CONFIG_HEADER + config.to_toml(cfg)).encode()))
+            write_atomic(metrics_path(run_dir), lambda f: f.write("".join(kept).encode()))
+            if steps or os.path.exists(steps_path(run_dir)):
+                write_atomic(steps_path(run_dir), lambda f: f.write("".join(steps).encode()))
+        except OSError as e:
+            raise UserError(f"run.dir {run_dir}: cannot write ({os_error(e)})") from None
+        return notes
+
+    def _started(self, plan, start, data_id, world_size, change, best):
+        """The record of the run as it starts (see prepare)."""
+        toml, data = config.to_toml(plan.cfg), identity_arrays(data_id)
+        found = plan.found
+        if found is None or found.parent != plan.parent:   # a new run
+            started = record.Record.new(toml, data, plan.parent)
+        else:
+            changes = () if plan.how == "start" else tuple(
+                c for c in found.data_changes if c["step"] <= start.step)
+            started = dataclasses.replace(found, config=toml, data=data, parent=plan.parent,
+                                          data_changes=changes)
+        if change is not None:
+            started = dataclasses.replace(started, data_changes=started.data_changes + (
+                dict(change, step=start.step),))
+        return dataclasses.replace(started.with_state("running").with_world_size(world_size),
+                                   best=best)
+
+    def save(self, cfg, model, optimizer, position, world_size, loss_sums=None, metrics=None,
+             data_id="", best=False):
+        """Checkpoint at `position` (a checkpoint.Position); at the end of an epoch (batch
+        0) first append its line of `metrics`. (In this order, a crash between the two
+        leaves a metrics line that `prepare` drops on resume, never a missing one.) With
+        `best`, copy it to checkpoints/best.npz and name it in the record (a crash between
+        the two is settled on resume: settle_best). Then delete checkpoints beyond the
+        newest run.keep_checkpoints, this one being durable by now. Returns the path."""
+        path = checkpoint.path_for(cfg.run.dir, position.epoch, position.batch)
+        try:
+            if metrics is not None:
+                if self._first_on_other_data(position.step):
+                    metrics = dict(metrics, data_changed=True)
+                with open(metrics_path(cfg.run.dir), "a", encoding="utf-8") as f:
+                    f.write(json.dumps(metrics, allow_nan=False) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())   # durable before the checkpoint that follows it
+            digest = checkpoint.save(path, model, optimizer, position, world_size,
+                                     config.to_toml(cfg), loss_sums, data_id)
+            if best:
+                copy_atomic(path, checkpoint.best_path(cfg.run.dir))
+                self.record = record.write(self.dir, dataclasses.replace(
+                    self.record, best={"epoch": position.epoch, "digest": digest}))
+            keep = cfg.run.keep_checkpoints
+            if keep:
+                for _, old in checkpoint.list_all(cfg.run.dir)[:-keep]:
+                    os.unlink(old)
+        except OSError as e:
+            hint = ("earlier checkpoints are intact, --resume continues from the newest"
+                    if checkpoint.list_all(cfg.run.dir) else "rerun the same command to "
+                    "start afresh")
+            raise UserError(f"cannot save {path} ({e.strerror}); {hint}") from None
+        return path
+
+    def _first_on_other_data(self, end_step):
+        """Whether the epoch that ends at optimizer step `end_step` trained the first
+        steps on data that --allow-data-change let in."""
+        begin = end_step - self.steps_per_epoch
+        return self.record is not None and any(begin <= c["step"] < end_step
+                                               for c in self.record.data_changes)
+
+    def settle_finished(self, found, state, tc):
+        """A run with nothing left to do, as `state` says: its record says so too
+        (written where it said otherwise: its last process died before it could, or the
+        record is new, built from a run of before records)."""
+        if found.state != state or not os.path.exists(record.path(self.dir)):
+            self.record = found
+            self.finish(state, history.why_stopped(tc) if state == "early_stopped" else None)
+
+    def finish(self, state, cause=None):
+        """Record how the run ended (record.STATES); a failure to write is only said:
+        a record left `running` reads as failed once nobody holds the lock."""
+        if self.record is None:
+            return
+        try:
+            self.record = record.write(self.dir, self.record.with_state(state, cause))
+        except OSError as e:
+            print(f"dpbp: note: {record.path(self.dir)}: the run's end ({state}) was not "
+                  f"recorded ({os_error(e)})", file=sys.stderr, flush=True)
+
+
+def record_failure(run_dir, cause):
+    """After a job ended without recording its end (its rank 0 was killed, say): record
+    it as failed, with `cause`, where the record still says running and nobody holds
+    the run directory. For dpbp.launch, which sees how the job ended."""
+    if not os.path.exists(record.path(run_dir)):
+        return
+    try:
+        files = RunFiles.claim(run_dir)
+    except UserError:
+        return   # held: a run is in there again (or the folder is not ours to lock)
+    try:
+        found = record.read(run_dir)
+        if found is not None and found.state == "running":
+            files.record = found
+            files.finish("failed", cause)
+    except UserError:
+        pass   # a damaged record: the next start says so
+    finally:
+        files.release()
+
+
+def _lock(place, run_dir=None):
+    """Take PLACE/.lock (the run directory's, or its checkpoints folder's where that is
+    a link elsewhere) for the life of the run. Returns (the open lock file, notes); the
+    file's `made` says whether this process created it. A lock file that its holder
+    removed while this process waited for it is taken anew."""
+    run_dir = run_dir or place
+    path = os.path.join(place, ".lock")
+    what = f"run.dir {run_dir}" if place == run_dir else f"the checkpoints folder {place}"
+    for _ in range(100):
+        made = not os.path.lexists(path)
+        lock = open(path, "a+")
+        lock.made = made
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:   # held by a live process
+            lock.seek(0)
+            holder = lock.read().strip() or "a process that did not say who it is"
+            lock.close()
+            raise UserError(f"{what} is in use by another dpbp run ({holder}); wait for it, "
+                            f"or if that process is gone, remove {path}") from None
+        except OSError as e:      # a filesystem without locks: run, but say what is missing
+            return lock, [f"{what}: cannot lock it ({e.strerror}); a second run started into "
+                          "it at the same time would not be stopped"]
+        try:
+            same = os.path.samestat(os.fstat(lock.fileno()), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return lock, []
+        lock.close()   # its last holder removed it as we took it: take the new one
+    raise UserError(f"{what}: cannot take {path} (it keeps being replaced)")
+
+
+def sign(lock):
+    """Write who holds a lock in it."""
+    try:
+        lock.truncate(0)
+        lock.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
+        lock.flush()
+    except OSError:   # a full disk: the lock holds all the same; only the name is missing
+        pass
+
+
+# ----------------------------------------------------------------------------- best.npz
+
+def settle_best(run_dir, source, losses, recorded):
+    """run.keep_best at a (re)start: make RUN_DIR/checkpoints/best.npz hold the best epoch
+    of the history the run continues (`losses`: val_loss of every epoch so far), taken
+    from `source`, the run directory resumed from (this one, or the one a branch
+    leaves): its own best.npz or that epoch's checkpoint. A best.npz that is not the
+    run's own (`recorded`: the record's best; or a copy of its own checkpoint) is set
+    aside as best.npz.foreign (.damaged where it does not verify). Returns (the record's
+    best, notes)."""
+    target, notes = checkpoint.best_path(run_dir), []
+    current = _own_best(run_dir, recorded, notes)
+    best = history.best_epoch(losses)
+    if best is None or source is None:
+        if current is not None:
+            os.unlink(target)
+        return None, notes
+    if current is not None and (current["epoch"], current["batch"]) == (best, 0):
+        return {"epoch": best, "digest": current["digest"]}, notes
+    theirs = None
+    if os.path.realpath(source) != os.path.realpath(run_dir):
+        with contextlib.suppress(UserError):
+            theirs = record.read(source)
+        theirs = _own_best(source, theirs.best if theirs else None, [], set_aside=False)
+    for state, path in ((theirs, checkpoint.best_path(source)),
+                        (verified(checkpoint.path_for(source, best)),
+                         checkpoint.path_for(source, best))):
+        if state is not None and (state["epoch"], state["batch"]) == (best, 0):
+            copy_atomic(path, target)
+            return {"epoch": best, "digest": state["digest"]}, notes
     if os.path.exists(target):
         os.unlink(target)
-    if best is None:
-        return []
-    return [f"run.keep_best: no checkpoint of epoch {best} (val_loss {losses[best - 1]:.6g}, "
-            "the lowest so far) is left; checkpoints/best.npz will be the first later epoch "
-            "with a lower val_loss"]
+    notes.append(f"run.keep_best: no checkpoint of epoch {best} (val_loss "
+                 f"{losses[best - 1]:.6g}, the lowest so far) is left; checkpoints/best.npz "
+                 "will be the first later epoch with a lower val_loss")
+    return None, notes
 
 
-def holds_epoch(path, epoch):
-    """Whether `path` is a checkpoint that verifies and holds the end of `epoch`."""
-    try:
-        state = checkpoint.load(path)
-    except UserError:
-        return False
-    return (state["epoch"], state["batch"]) == (epoch, 0)
+def _own_best(run_dir, recorded, notes, set_aside=True):
+    """RUN_DIR/checkpoints/best.npz loaded, where it is the run's own: the one its record
+    names (`recorded`), or a copy of its own checkpoint of that epoch (a crash came
+    between the copy and the record). Another one is set aside (`set_aside`), with a
+    note; None then, and where there is none."""
+    path = checkpoint.best_path(run_dir)
+    if not os.path.exists(path):
+        return None
+    state = verified(path)
+    if state is not None:
+        if recorded is not None and state["digest"] == recorded["digest"]:
+            return state
+        own = verified(checkpoint.path_for(run_dir, state["epoch"], state["batch"]))
+        if own is not None and own["digest"] == state["digest"]:
+            return state
+    if set_aside:
+        kind = "foreign" if state is not None else "damaged"
+        os.replace(path, f"{path}.{kind}")
+        notes.append(f"run.keep_best: {path} " + (
+            "is not this run's (the run record names another)" if state is not None
+            else "does not verify") + f"; set aside as best.npz.{kind}")
+    return None

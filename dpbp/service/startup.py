@@ -29,7 +29,7 @@ from dpbp.parallel.threads import (
     limit_blas_threads,
     set_by_user,
 )
-from dpbp.service import checkpoint, config, history, run_dir
+from dpbp.service import checkpoint, config, history, record, resume, run_dir
 from dpbp.service import data as datasets
 from dpbp.service.checkpoint import Position
 
@@ -38,7 +38,8 @@ LOSSES = {"cross_entropy": cross_entropy, "mse": mse}
 
 @dataclasses.dataclass
 class Run:
-    """Everything the training loop needs, the same on every rank but `loss_sum`."""
+    """Everything the training loop needs, the same on every rank but `loss_sum` and
+    `files`."""
     cfg: config.Config
     data: datasets.Dataset
     data_id: str                    # what the data are (datasets.identity), kept in checkpoints
@@ -49,7 +50,7 @@ class Run:
     start: Position                 # where the run starts (a checkpoint's position)
     loss_sum: float                 # this rank's partial loss sum of the starting epoch
     val_losses: list                # val_loss of every epoch before the start (history.py)
-    locks: list                     # the run directory's locks, held by rank 0 (else [])
+    files: run_dir.RunFiles | None  # rank 0's hold on the run directory (else None)
 
 
 def gradient_sum(tc, comm, model):
@@ -60,24 +61,60 @@ def gradient_sum(tc, comm, model):
 
 
 def set_up(args, comm, say, watchdog):
-    """Collective. The Run that `args` (train's parsed command line) asks for: on
-    --resume, the checkpoint's config with the command line's changes on top. None for a
-    resumed run that is already complete, or after --print-config. The `watchdog` takes
-    the config's run.watchdog_seconds as soon as it is known."""
-    cfg, resumed, notes = resolve_config(args, comm)
-    watchdog.set_seconds(cfg.run.watchdog_seconds)
+    """Collective. The Run that `args` (train's parsed command line) asks for, in its run
+    directory as the resume contract (service/resume.py) decides. None after
+    --print-config, or for a run that has nothing left to do. Rank 0 locks the run
+    directory before it reads any of the run's files, and keeps the lock (Run.files)
+    until the command ends; a set-up that fails leaves the directory as it found it.
+    The `watchdog` takes the config's run.watchdog_seconds as soon as it is known."""
+    restart = resume.is_restart(args)
+    with mpi.agreement(comm):
+        cmd = config.load(args.config, args.set, check=args.resume is None and not restart)
+    check_same_inputs(comm, cmd)
+    with mpi.agreement(comm):
+        if args.print_config:
+            cfg = printed_config(args, cmd, restart) if comm.rank == 0 else None
     if args.print_config:
         say(run_dir.CONFIG_HEADER + config.to_toml(cfg), end="")
         return None
+    files = plan = None
     with mpi.agreement(comm):
-        data = load_data(cfg, resumed.classes if resumed else 0)
+        if comm.rank == 0:
+            target = resume.target_dir(args, cmd)
+            files = run_dir.RunFiles.claim(target)
+    try:
+        with mpi.agreement(comm):
+            if comm.rank == 0:
+                plan = resume.plan(args, cmd, target, restart)
+        run = _set_up_in(args, comm, say, watchdog, files, plan, restart)
+    except BaseException:
+        if files is not None and files.record is None:   # nothing written: as it was
+            files.release(undo=True)
+        raise
+    if run is None and files is not None:
+        files.release()
+    return run
+
+
+def _set_up_in(args, comm, say, watchdog, files, plan, restart):
+    """set_up, once rank 0 holds the run directory and made its `plan` (None elsewhere)."""
+    how, cfg, classes = comm.bcast_obj(None if plan is None else (
+        plan.how, plan.cfg, checkpoint.output_width(plan.state) if plan.state else 0))
+    watchdog.set_seconds(cfg.run.watchdog_seconds)
+    notes = list(plan.notes) if plan else []
+    with mpi.agreement(comm):
+        data = load_data(cfg, classes or 0)
         check_validation_needed(cfg, data)
         data_id = datasets.identity(data)
-        model, optimizer = build(cfg, data, fresh=resumed is None)
-        if comm.rank == 0 and resumed is not None:
-            notes += run_dir.check_data(resumed.state["data"], data_id,
-                                        config.named_keys(args.config, args.set), resumed.path)
-            checkpoint.restore(resumed.state, resumed.path, model, optimizer)
+        model, optimizer = build(cfg, data, fresh=how == "start")
+        change = None
+        if comm.rank == 0:
+            change = resume.check_data(plan, data_id, args.allow_data_change, restart)
+            if change is not None:
+                notes.append(f"resume: training on other data (--allow-data-change): "
+                             f"{data_id}; recorded in {record.path(cfg.run.dir)}")
+            if how == "resume":
+                checkpoint.restore(plan.state, plan.checkpoint, model, optimizer)
     threads, why = limit_blas_threads(comm.ranks_sharing_cores, cfg.train.deterministic,
                                        comm.counted)
     check_same_inputs(comm, cfg, data_id)
@@ -86,20 +123,23 @@ def set_up(args, comm, say, watchdog):
     for array in optimizer.state().values():    # DP: and so do the optimizers
         comm.bcast_(array)
     summed = gradient_sum(cfg.train, comm, model)
-    start, saved_sums, val_losses = starting_point(comm, resumed)
-    if finished(cfg, start, val_losses, say):   # before prepare: left untouched
+    start, saved_sums, val_losses = starting_point(comm, plan)
+    ended = finished(cfg, start, val_losses, say)
+    if ended:   # left untouched, but for its record
+        if comm.rank == 0:
+            files.settle_finished(plan.found, ended, cfg.train)
+        for note in notes:
+            say(note)
         return None
-    locks = []
+    steps = sharding.num_batches(len(data.x), cfg.train.batch_size)
     with mpi.agreement(comm):
         if comm.rank == 0:
-            locks, more = run_dir.prepare(cfg, (start.epoch, start.batch),
-                                         *((resumed.path, resumed.damaged) if resumed else ()),
-                                         start_step=start.step)
-            notes = notes + more
+            more = files.prepare(plan, start, data_id, comm.size, change, steps)
+            notes += files.notes + more
     say(describe_run(comm, threads, why, cfg, data, model, summed, arith))
-    if resumed is not None:
-        say(f"resume: from {resumed.path} (epoch {start.epoch}, batch {start.batch}, "
-            f"step {start.step})")
+    if how == "resume":
+        say(f"resume: from {plan.checkpoint if plan else ''} (epoch {start.epoch}, batch "
+            f"{start.batch}, step {start.step})")
         if saved_sums[1] != comm.size:
             say(f"resume: written by {plural(saved_sums[1], 'rank')}, continued by "
                 f"{comm.size}: the same global batches in the same order; "
@@ -112,39 +152,16 @@ def set_up(args, comm, say, watchdog):
         say(note)
     loss_sum = summed.resumed_loss(*saved_sums)
     return Run(cfg, data, data_id, model, optimizer, summed, LOSSES[cfg.train.loss], start,
-               loss_sum, val_losses, locks)
+               loss_sum, val_losses, files)
 
 
-@dataclasses.dataclass
-class Resumed:
-    """The checkpoint a run continues from, as rank 0 read it (state is None elsewhere)."""
-    path: str
-    state: dict
-    damaged: list   # paths of newer checkpoints that did not verify (set aside)
-    classes: int    # the output width of its network: its classes, for a classifier
-
-
-def resolve_config(args, comm):
-    """Collective. (cfg, Resumed or None, notes): the config from --config and --set, or
-    on --resume the checkpoint's own with those on top."""
-    path, state, damaged = None, None, []
-    with mpi.agreement(comm):
-        cfg = config.load(args.config, args.set)
-        if args.resume is True and comm.rank == 0:
-            path, state, damaged = run_dir.newest_checkpoint(cfg.run.dir)
-        elif args.resume and comm.rank == 0:
-            path, state = args.resume, run_dir.checked(args.resume)
-    saved = comm.bcast_obj(None if state is None else (path, state["config"],
-                                                       checkpoint.output_width(state)))
-    if saved is None:
-        return cfg, None, []
-    notes = [f"resume: {p} is damaged ({why}); set aside as {os.path.basename(p)}.damaged"
-             for p, why in damaged]
-    path, saved_toml, classes = saved
-    with mpi.agreement(comm):
-        cfg, more = run_dir.resumed_config(saved_toml, path, args.config, args.set,
-                                           cfg.run.dir if args.resume is True else None)
-    return cfg, Resumed(path, state, [p for p, _ in damaged], classes), notes + more
+def printed_config(args, cmd, restart):
+    """--print-config: the config the command would train with (read-only: no lock, no
+    file written). Without --resume, the command line's."""
+    if args.resume is None and not restart:
+        return cmd
+    target = resume.target_dir(args, cmd)
+    return resume.plan(args, cmd, target, restart).cfg
 
 
 def load_data(cfg, classes=0):
@@ -186,7 +203,7 @@ def new_model(widths, cfg):
                         "memory; check model.hidden and the number of classes") from None
 
 
-def check_same_inputs(comm, cfg, data_id):
+def check_same_inputs(comm, cfg, data_id=""):
     """Collective. Stop every rank unless all read the same config and data (`data_id`,
     datasets.identity: every array's shape, dtype and CRC)."""
     crcs = [zlib.crc32(config.to_toml(cfg).encode()), zlib.crc32(data_id.encode())]
@@ -210,13 +227,14 @@ def check_arithmetic(comm):
     return mine
 
 
-def starting_point(comm, resumed):
-    """Collective. (Position, (loss sums, world size), val losses): rank 0's checkpoint's
-    and its run's history of validation losses (metrics.jsonl), or the start."""
+def starting_point(comm, plan):
+    """Collective. (Position, (loss sums, world size), val losses): those of rank 0's
+    plan's checkpoint and its run's history of validation losses (metrics.jsonl of the
+    run directory holding it), or the start."""
     saved = None
     with mpi.agreement(comm):
-        if resumed is not None and comm.rank == 0:
-            state, home = resumed.state, run_dir.home_of(resumed.path)
+        if plan is not None and plan.how == "resume":
+            state, home = plan.state, run_dir.home_of(plan.checkpoint)
             position = Position.of(state)
             lines = run_dir.read_metrics(home) if home else []
             saved = (position, [float(s) for s in state["loss_sums"]], state["world_size"],
@@ -229,19 +247,20 @@ def starting_point(comm, resumed):
 
 
 def finished(cfg, start, val_losses, say):
-    """Whether a resumed run has nothing left to do: all its epochs, or it stopped early
-    (and would again, with this config's early stopping). Says so."""
+    """How a resumed run that has nothing left to do ended: "completed" (all its epochs)
+    or "early_stopped" (and would again, with this config's early stopping), said in a
+    line; None while it has epochs to train."""
     tc = cfg.train
     if start.epoch >= tc.epochs:
         say(f"nothing to do: the run in {cfg.run.dir} already completed "
             f"{plural(start.epoch, 'epoch')} of {tc.epochs}")
-        return True
+        return "completed"
     if start.batch == 0 and history.stop_early(tc, val_losses):
         say(f"nothing to do: the run in {cfg.run.dir} stopped early after "
             f"{plural(start.epoch, 'epoch')} ({history.why_stopped(tc)}); to train on, "
             "raise train.early_stopping_patience or set it to 0")
-        return True
-    return False
+        return "early_stopped"
+    return None
 
 
 def check_validation_needed(cfg, data):

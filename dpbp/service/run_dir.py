@@ -30,7 +30,7 @@ FIXED_ON_RESUME = ("model.hidden", "model.activation", "model.classes", "model.d
                    "train.loss", "train.batch_size", "train.optimizer")
 # Keys whose change on resume changes which samples train and which validate.
 SPLIT_KEYS = ("run.seed", "data.source", "data.path", "data.val_fraction", "data.samples",
-              "data.shuffle")
+              "data.shuffle", "data.mnist_t10k")
 CONFIG_HEADER = "# dpbp: the resolved config of this run\n"
 
 

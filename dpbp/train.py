@@ -48,6 +48,8 @@ def command(argv, comm, signals, watchdog, started):
     say = Console(comm.rank == 0 and not args.quiet)   # rank 0 speaks for all
     if PARSER.answered(args, say):
         return 0
+    if not args.print_config:   # alone in any world, as dpbp.launch runs it
+        mpi.check_launcher(comm)
     run = set_up(args, comm, say, watchdog)
     if run is None:   # --print-config, or a resumed run that is already complete
         return 0

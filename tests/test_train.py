@@ -19,6 +19,7 @@ from tests.conftest import (
     model_arrays,
     mpi_env,
     mpirun,
+    run_module,
     run_train,
     run_with_timeout,
     snapshot,
@@ -372,6 +373,30 @@ def test_a_torchrun_style_launch_without_mpi_is_refused(tmp_path, tiny_npz):
             "started by an MPI launcher: mpirun -n 2 python -m dpbp.train (these processes "
             "would each train alone)"])
     assert not (tmp_path / "r").exists()
+
+
+def test_a_launcher_that_does_not_match_mpi_is_refused(tmp_path, tiny_npz, run):
+    """srun --mpi=none, or another MPI's mpirun: N worlds of one rank each. Refused, and
+    said once (by the launcher's rank 0) naming the variable and the fix; what dpbp runs
+    as one process inside such an allocation (--print-config for dpbp.launch, evaluate,
+    predict) goes on."""
+    slurm = {"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "0"}
+    for env, var in ((slurm, "SLURM_STEP_NUM_TASKS=2"),
+                     ({"OMPI_COMM_WORLD_SIZE": "2"}, "OMPI_COMM_WORLD_SIZE=2")):
+        r = run_train(tiny_run(tiny_npz, tmp_path / "r"), env=env)
+        assert_refused(r, f"dpbp: error: {var}: started as one of 2 processes")
+        assert "has a world of 1" in r.stderr and "srun --mpi=pmi2" in r.stderr
+    r = run_train(tiny_run(tiny_npz, tmp_path / "r"), env=dict(slurm, SLURM_PROCID="1"))
+    assert r.returncode == 2 and r.stderr == ""
+    assert not (tmp_path / "r").exists()
+    assert run_train(tiny_run(tiny_npz, tmp_path / "r", "--print-config"),
+                     env=slurm).returncode == 0
+    run_dir, _ = run
+    np.save(tmp_path / "x.npy", np.zeros((3, 256), np.float32))
+    for module, args in (("dpbp.evaluate", []), ("dpbp.predict", [
+            "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy")])):
+        r = run_module(module, ["--checkpoint", str(run_dir), *args], env=slurm)
+        assert r.returncode == 0, r.stderr
 
 
 def test_steps_are_logged_when_asked_and_every_record_has_a_time(tmp_path, tiny_npz):

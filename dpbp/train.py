@@ -12,25 +12,29 @@ replica checks, checkpoints, the best checkpoint, early stopping) is service/gua
 called after every step and epoch.
 """
 
-import argparse
-import hashlib
-import time
+if __name__ == "__main__":   # python -m dpbp.train: stop signals held from this line on
+    from dpbp import entry
+    entry.hold()
 
-import numpy as np
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import time  # noqa: E402
 
-from dpbp.errors import EXIT_DIVERGED, EXIT_HUNG, ArgumentParser, plural
-from dpbp.nn import noise, schedule
-from dpbp.parallel import comm as mpi
-from dpbp.parallel import sharding
-from dpbp.parallel.evaluation import evaluate
-from dpbp.parallel.step import train_step
-from dpbp.service import checkpoint, config, history, run_dir
-from dpbp.service.checkpoint import Position
-from dpbp.service.config import RunConfig
-from dpbp.service.console import Console, Progress
-from dpbp.service.guard import Guard, end_hung_job
-from dpbp.service.startup import set_up
-from dpbp.service.supervise import StopSignals, Watchdog
+import numpy as np  # noqa: E402
+
+from dpbp.errors import EXIT_DIVERGED, EXIT_HUNG, ArgumentParser, plural  # noqa: E402
+from dpbp.nn import noise, schedule  # noqa: E402
+from dpbp.parallel import comm as mpi  # noqa: E402
+from dpbp.parallel import sharding  # noqa: E402
+from dpbp.parallel.evaluation import evaluate  # noqa: E402
+from dpbp.parallel.step import train_step  # noqa: E402
+from dpbp.service import checkpoint, config, history, run_dir  # noqa: E402
+from dpbp.service.checkpoint import Position  # noqa: E402
+from dpbp.service.config import RunConfig  # noqa: E402
+from dpbp.service.console import Console, Progress  # noqa: E402
+from dpbp.service.guard import Guard, end_hung_job  # noqa: E402
+from dpbp.service.startup import set_up  # noqa: E402
+from dpbp.service.supervise import StopSignals, Watchdog  # noqa: E402
 
 
 def main(argv=None):

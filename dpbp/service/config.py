@@ -251,14 +251,18 @@ def _unused(section, keys, defaults, why):
                getattr(section, key))
 
 
+def _check_choice(cfg, key, choices):
+    section, name = key.split(".")
+    value = getattr(getattr(cfg, section), name)
+    close = difflib.get_close_matches(str(value).lower(), choices, n=1, cutoff=0.6)
+    _check(value in choices, key, "one of " + ", ".join(f'"{c}"' for c in choices), value,
+           f' (did you mean "{close[0]}"?)' if close else "")
+
+
 def validate(cfg):
     """Range checks that no type can express; each error names the key."""
     for key, choices in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        close = difflib.get_close_matches(str(value).lower(), choices, n=1, cutoff=0.6)
-        _check(value in choices, key, "one of " + ", ".join(f'"{c}"' for c in choices), value,
-               f' (did you mean "{close[0]}"?)' if close else "")
+        _check_choice(cfg, key, choices)
     t, d, m = cfg.train, cfg.data, cfg.model
     _check(cfg.run.dir.strip() != "", "run.dir", "a non-empty path", cfg.run.dir)
     _check(cfg.run.seed >= 0, "run.seed", ">= 0", cfg.run.seed)

@@ -136,6 +136,8 @@ def epoch_record(run, comm, at, loss_sum, trained_batches, t0):
                   seconds=time.perf_counter() - t0, samples_per_second=trained / train_seconds,
                   world_size=comm.size, skipped_steps=at.skipped, step=at.step,
                   time=round(time.time(), 3))
+    if at.batch > len(trained_batches):   # resumed mid-epoch: seconds and speed of the rest
+        record["resumed_after_batch"] = at.batch - len(trained_batches)
     return record, total
 
 
@@ -146,9 +148,12 @@ def format_epoch(r, epochs):
         f"val_loss {r['val_loss']:.4f}  val_acc "
         + ("-" if r["val_accuracy"] is None else f"{100 * r['val_accuracy']:.2f}%"))
     train = "-" if r["train_loss"] is None else f"{r['train_loss']:.4f}"
+    resumed = r.get("resumed_after_batch")
     return (f"epoch {r['epoch']:>{len(str(epochs))}}/{epochs}  train_loss {train}"
-            f"  {val}  lr {r['lr']:g}  {r['seconds']:.2f} s  "
-            f"{r['samples_per_second']:,.0f} samples/s")
+            f"  {val}  lr {r['lr']:.4g}  {r['seconds']:.2f} s  "
+            f"{r['samples_per_second']:,.0f} samples/s"
+            + (f"  (resumed after batch {resumed}: time and speed of the rest)"
+               if resumed else ""))
 
 
 def _epilog():

@@ -410,3 +410,10 @@ def test_steps_are_logged_when_asked_and_every_record_has_a_time(tmp_path, tiny_
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in records] == [5, 10, 15] and all(m["time"] > 1.7e9 for m in records)
     assert not (tmp_path / "plain" / "steps.jsonl").exists()
+
+
+def test_the_epoch_line_shows_the_lr_to_four_digits():
+    from dpbp.train import format_epoch
+    r = dict(epoch=3, train_loss=0.5, val_loss=None, val_accuracy=None, lr=1.00098e-05,
+             seconds=0.1, samples_per_second=1000.0)
+    assert "  lr 1.001e-05  " in format_epoch(r, 10)   # not 1.00098e-05 beside lr 0.1

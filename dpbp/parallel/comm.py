@@ -280,7 +280,7 @@ def init():
         if size > 1:
             raise UserError(
                 f"launched as one of {size} ranks, but MPI could not be loaded ({e}); "
-                "install it with `pip install 'dpbp[mpich]'`, or build mpi4py against your "
+                "install it with `pip install mpich`, or build mpi4py against your "
                 "cluster's MPI: `pip install --no-binary=mpi4py mpi4py`") from None
         return Comm(None)
     library = " ".join(MPI.Get_library_version().splitlines()[0].split())

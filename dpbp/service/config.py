@@ -332,16 +332,16 @@ def validate_features(cfg):
             defaults, f'with train.optimizer = "{t.optimizer}"')
     _unused(cfg.data, unused_data_keys(cfg.data.source), DataConfig(),
             f'with data.source = "{cfg.data.source}"')
+    _check(t.early_stopping_patience >= 0, "train.early_stopping_patience", ">= 0 (0 = off)",
+           t.early_stopping_patience)
+    _check(math.isfinite(t.early_stopping_min_delta) and t.early_stopping_min_delta >= 0,
+           "train.early_stopping_min_delta", ">= 0", t.early_stopping_min_delta)
 
 
 def unused_data_keys(source):
     """The keys of [data] that have no effect with data.source = `source`."""
     return (["path"] if source == "synthetic" else ["samples"]) + (
         [] if source == "mnist" else ["mnist_t10k"])
-    _check(t.early_stopping_patience >= 0, "train.early_stopping_patience", ">= 0 (0 = off)",
-           t.early_stopping_patience)
-    _check(math.isfinite(t.early_stopping_min_delta) and t.early_stopping_min_delta >= 0,
-           "train.early_stopping_min_delta", ">= 0", t.early_stopping_min_delta)
 
 
 def _parse_toml(text, where):

@@ -369,11 +369,12 @@ def parse_override(text):
     return {parts[0]: {parts[1]: parsed}}
 
 
-def load(path=None, overrides=(), base=None):
+def load(path=None, overrides=(), base=None, check=True):
     """The resolved Config: `base` (the defaults unless given), then the TOML file at
     `path`, then each override; its file paths made absolute (resolved_paths). Where they
     change the base's data.source, the base's keys of its old source go back to their
-    defaults (a key that `path` or an override names stays, and is checked)."""
+    defaults (a key that `path` or an override names stays, and is checked). check=False:
+    types only, no ranges (they go on top of a base still to come, a checkpoint's)."""
     cfg = base or Config()
     if path:
         cfg = from_dict(_read_file(path), cfg, check=False, where=f"config file {path}")
@@ -384,7 +385,8 @@ def load(path=None, overrides=(), base=None):
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **{
             key: getattr(DataConfig(), key) for key in unused_data_keys(cfg.data.source)
             if f"data.{key}" not in named}))
-    validate(cfg)
+    if check:
+        validate(cfg)
     return resolved_paths(cfg)
 
 

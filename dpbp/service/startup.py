@@ -128,8 +128,8 @@ def resolve_config(args, comm):
     """Collective. (cfg, Resumed or None, notes): the config from --config and --set, or
     on --resume the checkpoint's own with those on top."""
     path, state, damaged = None, None, []
-    with mpi.agreement(comm):
-        cfg = config.load(args.config, args.set)
+    with mpi.agreement(comm):   # on --resume: on top of the checkpoint's, checked there
+        cfg = config.load(args.config, args.set, check=not args.resume)
         if args.resume is True and comm.rank == 0:
             path, state, damaged = run_dir.newest_checkpoint(cfg.run.dir)
         elif args.resume and comm.rank == 0:

@@ -197,9 +197,9 @@ PARSER.add_argument("--quiet", action="store_true",
                     help="print nothing but errors (no start-up lines, epochs or progress bar)")
 PARSER.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                     help="a progress bar of each epoch's steps: auto (the default) draws it "
-                         "where a person sees it, on a terminal (under mpirun, the job's "
-                         "terminal) and never in logs; on draws it on stderr in logs too; "
-                         "off never")
+                         "where a person sees it, on a terminal (under mpirun, with rank 0's "
+                         "lines when mpirun writes them to a terminal) and never in logs; on "
+                         "draws it on stderr in logs too; off never")
 
 
 

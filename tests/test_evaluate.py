@@ -107,9 +107,16 @@ def test_evaluate_refuses_bad_input(run, tmp_path):
         assert_refused(run_module("dpbp.evaluate", args, ranks), message)
 
 
-def test_evaluate_help():
-    r = run_module("dpbp.evaluate", ["--help"])
-    assert r.returncode == 0 and "--checkpoint" in r.stdout and "--json" in r.stdout
+def test_evaluate_and_predict_help_show_required_options_as_required():
+    """In the usage line, a required option stands without brackets (--help and
+    --version work without it)."""
+    from dpbp import evaluate, predict
+    usage = evaluate.PARSER.format_usage()
+    assert " --checkpoint PATH" in usage and "[--checkpoint" not in usage
+    assert "[--split {val,test}]" in usage and "[--json]" in usage
+    usage = " ".join(predict.PARSER.format_usage().split())
+    assert "--checkpoint PATH --input X.npy --output Y.npy" in usage and "[--input" not in usage
+    assert predict.PARSER.parse_args(["--version"]).version
 
 
 def test_evaluate_from_another_folder_uses_the_runs_own_data(tmp_path):

@@ -83,6 +83,11 @@ def test_console_script_entry_point():
         pytest.skip("dpbp-train not installed beside this Python")
     r = run_with_timeout([exe, "--help"], timeout=60)
     assert r.returncode == 0 and "usage: python -m dpbp.train" in r.stdout
+    from importlib.metadata import entry_points
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts")
+               if e.name.startswith("dpbp-")}
+    assert scripts["dpbp-train"] == "dpbp.entry:train"   # stop signals held from its start
+    assert scripts["dpbp-bench"] == "dpbp.bench:cli"
 
 
 def test_synthetic_data_defeats_a_linear_model(tmp_path):

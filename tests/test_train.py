@@ -163,7 +163,7 @@ def test_quiet_prints_nothing_and_a_terminal_gets_a_progress_bar(tmp_path, tiny_
     assert proc.wait(timeout=60) == 0
     frames = [f for f in out.split(b"\r") if b"step/s" in f]   # tqdm's bar, cleared after
     assert b"epoch 1/3:" in out and frames, out                  # each epoch
-    assert max(len(f) for f in frames) == 80   # DEFAULT_SIZE: 0 columns would draw none
+    assert 60 < max(len(f) for f in frames) <= 80   # DEFAULT_SIZE: 0 columns drew none
     assert b"epoch 3/3  train_loss" in out
 
 

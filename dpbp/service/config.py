@@ -427,12 +427,17 @@ def from_toml(text, where="config"):
 
 
 def recorded_before(tree):
-    """`tree` (a saved config's {section: {key: value}}) with the keys added since dpbp
-    first saved configs filled in as the runs of before behaved: data.mnist_t10k =
-    "val", as the mnist source once validated on the t10k pair."""
+    """`tree` (a saved config's {section: {key: value}}) as the run it was saved by
+    behaved: keys added since then take the value of what the run did (data.mnist_t10k =
+    "val": the mnist source validated on the t10k pair), and keys of the data sources
+    that its run did not use, which had no effect (and are refused now), their defaults."""
     data = tree.get("data")
-    if isinstance(data, dict) and data.get("source") == "mnist" and "mnist_t10k" not in data:
-        data["mnist_t10k"] = "val"
+    if isinstance(data, dict):
+        source = data.get("source", DataConfig.source)
+        if source == "mnist" and "mnist_t10k" not in data:
+            data["mnist_t10k"] = "val"
+        for key in unused_data_keys(source) if source in CHOICES["data.source"] else ():
+            data.pop(key, None)
     return tree
 
 

@@ -200,9 +200,14 @@ def test_a_run_from_before_mnist_had_a_test_set_keeps_validating_on_t10k(tmp_pat
     val = json.loads(run_module("dpbp.evaluate", ["--checkpoint", str(run_dir), "--json"]).stdout)
     assert (val["split"], val["samples"]) == ("val", 6)
     assert val["loss"] == json.loads((run_dir / "metrics.jsonl").read_text())["val_loss"]
-    r = run_module("dpbp.evaluate", ["--checkpoint", str(run_dir), "--split", "test",
-                                     "--set", "data.mnist_t10k=test"])
-    assert r.returncode == 0 and "mnist test set, 6 samples" in r.stdout, r.stderr
+    test = ["--checkpoint", str(run_dir), "--split", "test", "--set", "data.mnist_t10k=test",
+            "--json"]
+    one, two = (json.loads(run_module("dpbp.evaluate", test, ranks).stdout)
+                for ranks in (None, 2))
+    assert (one["loss"], one["accuracy"]) == (two["loss"], two["accuracy"])   # any world
+    from dpbp.evaluate import report
+    assert report(one).startswith(f"checkpoint {run_dir / 'checkpoints' / 'epoch-0001.npz'} "
+                                  "(epoch 1): mnist test set, 6 samples")
     r = run_train(["--resume", "--set", f'run.dir="{run_dir}"', "--set", "train.epochs=2"])
     assert r.returncode == 0 and "data: mnist, 12 train / 6 val" in r.stdout, r.stderr
     assert 'mnist_t10k = "val"' in (run_dir / "config.toml").read_text()

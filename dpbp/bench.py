@@ -637,5 +637,9 @@ def main(argv=None):
     return run_bench(args, comm, say)
 
 
-if __name__ == "__main__":
+def cli():
     mpi.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -31,7 +31,8 @@ class Stopped(BaseException):
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are UserErrors (so ranks agree and report them once), with a
-    pointer to --help."""
+    pointer to --help. Options added with required=True show as required in the usage
+    line, and are required unless --help or --version is asked for."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -39,6 +40,20 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(f"{message} (see {self.prog} --help)")
+
+    def parse_args(self, args=None, namespace=None):
+        needed = [a for a in self._actions if a.required and a.option_strings]
+        for action in needed:   # checked below, once --help and --version are known
+            action.required = False
+        try:
+            parsed = super().parse_args(args, namespace)
+        finally:
+            for action in needed:
+                action.required = True
+        missing = [a.option_strings[-1] for a in needed if getattr(parsed, a.dest) is None]
+        if missing and not (getattr(parsed, "help", False) or parsed.version):
+            self.error(f"{', '.join(missing)} required")
+        return parsed
 
     def answered(self, args, say=print):
         """Whether `args` asked for --help or --version, printed with `say` (rank 0's)."""

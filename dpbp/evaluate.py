@@ -1,15 +1,19 @@
-"""Evaluate a checkpoint on the validation set: loss, accuracy, per-class accuracy and the
-confusion matrix, in one process or sharded over many under MPI.
+"""Evaluate a checkpoint on its run's validation set, or its data's test set: loss,
+accuracy, per-class accuracy and the confusion matrix, in one process or sharded over
+many under MPI.
 
     python -m dpbp.evaluate --checkpoint runs/default/checkpoints/epoch-0010.npz
-    mpirun -n 4 python -m dpbp.evaluate --checkpoint ... --json
+    mpirun -n 4 python -m dpbp.evaluate --checkpoint ... --split test --json
 
 The data is the run's own (the config saved in the checkpoint) unless --config or --set
-change it. Loss and accuracy come from the same function, on the same rows, that the
-training run used for its metrics line, so they equal that epoch's `val_loss` and
-`val_accuracy`. The rows are cut into blocks at fixed offsets and every rank evaluates
-its share of the blocks; the per-class counts are summed with one int64 Allreduce, so
-they are exact at any world size.
+change it. On the validation set (--split val, the default), loss and accuracy come from
+the same function, on the same rows, that the training run used for its metrics line,
+so they equal that epoch's `val_loss` and `val_accuracy`. The test set (the t10k pair
+of mnist, x_test and y_test of npz and npy) is read only here, with --split test, so no
+choice of the run (the best checkpoint, early stopping) ever looked at it. The rows are
+cut into blocks at fixed offsets and every rank evaluates its share of the blocks; the
+per-class counts are summed with one int64 Allreduce, so they are exact at any world
+size.
 """
 
 import argparse
@@ -30,8 +34,6 @@ def main(argv=None):
     comm = mpi.init()
     with mpi.agreement(comm):
         args = PARSER.parse_args(argv)
-        if not (args.help or args.version) and not args.checkpoint:
-            raise UserError("--checkpoint PATH is required (see python -m dpbp.evaluate --help)")
     if PARSER.answered(args, print if comm.rank == 0 else lambda *a: None):
         return 0
     state, saved_toml, classes, args.checkpoint = load_checkpoint(comm, args.checkpoint)
@@ -41,37 +43,45 @@ def main(argv=None):
     limit_blas_threads(comm.ranks_sharing_cores, cfg.train.deterministic)   # as the run
     with mpi.agreement(comm):
         data = load_data(cfg, classes)   # labels: the network's classes
-        if data.x_val is None:
-            raise UserError(f"the {cfg.data.source} data of this config has no validation "
-                            "set (data.val_fraction = 0 and no x_val); nothing to evaluate on")
         data_id, notes = datasets.identity(data), []
         if comm.rank == 0:   # the checkpoint's own data, unless the command line names others
             notes = run_dir.check_data(state["data"], data_id,
                                        config.named_keys(args.config, args.set), args.checkpoint)
             notes += run_dir.unnamed_best(args.checkpoint, state)
-    check_same_inputs(comm, cfg, data_id)
+        x, y = rows_of(args.split, cfg, data)
+    check_same_inputs(comm, cfg, data_id + "; " + datasets.arrays_identity({"x": x, "y": y}))
     widths = [data.num_inputs, *cfg.model.hidden, data.num_outputs]
     model = restore_model(comm, state, args.checkpoint, widths, cfg)
     epoch = comm.bcast_obj(None if state is None else state["epoch"])
 
-    loss, accuracy = evaluate(model, LOSSES[cfg.train.loss], data.x_val, data.y_val,
-                              data.num_classes, comm)
+    loss, accuracy = evaluate(model, LOSSES[cfg.train.loss], x, y, data.num_classes, comm)
     confusion, per_class = None, None
     if data.num_classes:
-        confusion, per_class = class_counts(model, data.x_val, data.y_val, data.num_classes,
-                                            comm)
+        confusion, per_class = class_counts(model, x, y, data.num_classes, comm)
     if comm.rank == 0:
         for note in notes:
             print(f"dpbp: note: {note}", file=sys.stderr)
-        result = summary(args.checkpoint, epoch, cfg, len(data.x_val), loss, accuracy,
+        result = summary(args.checkpoint, epoch, cfg, args.split, len(x), loss, accuracy,
                          per_class, confusion)
         print(json.dumps(result) if args.json else report(result))
     return 0
 
 
-def summary(path, epoch, cfg, n, loss, accuracy, per_class, confusion):
+def rows_of(split, cfg, data):
+    """(x, y) of the `split` ("val" or "test") of the run's data (`data`, as loaded for
+    `cfg`); a UserError where it has none."""
+    if split == "test":
+        return datasets.load_test(cfg.data, cfg.train.loss, cfg.model.dtype, data)
+    if data.x_val is None:
+        raise UserError(f"the {cfg.data.source} data of this config has no validation set "
+                        "(data.val_fraction = 0 and no x_val); nothing to evaluate on")
+    return data.x_val, data.y_val
+
+
+def summary(path, epoch, cfg, split, n, loss, accuracy, per_class, confusion):
     """Everything measured, as one JSON-ready dict."""
-    result = {"checkpoint": path, "epoch": epoch, "data": cfg.data.source, "samples": n,
+    result = {"checkpoint": path, "epoch": epoch, "data": cfg.data.source, "split": split,
+              "samples": n,
               "loss_function": cfg.train.loss, "loss": loss, "accuracy": accuracy,
               "per_class_accuracy": None, "class_samples": None, "class_correct": None,
               "confusion_matrix": None}
@@ -91,7 +101,8 @@ def summary(path, epoch, cfg, n, loss, accuracy, per_class, confusion):
 
 def report(r):
     """The summary as text for people: a few lines, the matrix only where it fits."""
-    lines = [f"checkpoint {r['checkpoint']} (epoch {r['epoch']}): {r['data']} validation "
+    split = {"val": "validation", "test": "test"}[r["split"]]
+    lines = [f"checkpoint {r['checkpoint']} (epoch {r['epoch']}): {r['data']} {split} "
              f"set, {r['samples']} samples",
              f"loss {r['loss']:.6f} ({r['loss_function']})"]
     if r["accuracy"] is None:
@@ -121,15 +132,19 @@ def report(r):
 
 PARSER = ArgumentParser(
     prog="python -m dpbp.evaluate", add_help=False,
-    description="Evaluate a checkpoint on its run's validation set: loss, accuracy, "
-                "per-class accuracy and\nconfusion matrix. Run as one process, or sharded "
-                "over N ranks with mpirun -n N.",
+    description="Evaluate a checkpoint on its run's validation set, or its data's test "
+                "set: loss, accuracy,\nper-class accuracy and confusion matrix. Run as one "
+                "process, or sharded over N ranks\nwith mpirun -n N.",
     formatter_class=argparse.RawDescriptionHelpFormatter,
     epilog="exit codes: 0 done; 2 bad input (checkpoint, config, data), reported once.")
 PARSER.add_argument("-h", "--help", action="store_true", help="show this help and exit")
-PARSER.add_argument("--checkpoint", metavar="PATH",
+PARSER.add_argument("--checkpoint", metavar="PATH", required=True,
                     help="a checkpoint, e.g. runs/default/checkpoints/epoch-0010.npz, or a "
                          "run directory (runs/default): its newest valid checkpoint")
+PARSER.add_argument("--split", choices=("val", "test"), default="val",
+                    help="val (the default): the run's validation set, as its metrics "
+                         "measured it; test: the data's test set (mnist's t10k pair, npz "
+                         "and npy x_test and y_test), which training never reads")
 PARSER.add_argument("--config", metavar="PATH",
                     help="TOML file applied over the checkpoint's own config (e.g. other data)")
 PARSER.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[],

@@ -74,7 +74,7 @@ class Launcher:
             self.exe = beside if os.access(beside, os.X_OK) else shutil.which("mpirun")
             self.flavour = self.exe and mpi_flavour(self.exe)
         if not self.exe:
-            raise UserError(f"no {kind} found" + ("; pip install 'dpbp[mpich]' brings an "
+            raise UserError(f"no {kind} found" + ("; pip install mpich brings an "
                                                    "mpirun" if kind == "mpirun" else ""))
         # srun answers SIGTERM by ending its tasks; mpirun's proxies end theirs when it dies
         self.death_signal = signal.SIGTERM if kind == "srun" else signal.SIGKILL

@@ -5,8 +5,9 @@
 
 Panels against epoch: training and validation loss (and the loss of single steps where
 run.log_every_steps logged them), validation accuracy, and the learning rate at every
-step, from the run's config, where it is not constant. Needs matplotlib (`pip install 'dpbp[plot]'`); it draws with the Agg backend, so no
-display is needed. One process: under mpirun every rank would draw the same picture.
+step, from the run's config, where it is not constant. Needs matplotlib (`pip install
+matplotlib`; from a checkout, `pip install -e '.[plot]'`); it draws with the Agg backend,
+so no display is needed. One process: under mpirun every rank would draw the same picture.
 """
 
 import argparse
@@ -61,8 +62,8 @@ def draw(curves, name):
     try:
         from matplotlib.figure import Figure  # no pyplot: no global state, no display
     except ImportError:
-        raise UserError("plotting needs matplotlib: pip install 'dpbp[plot]' "
-                        "(or pip install matplotlib)") from None
+        raise UserError("plotting needs matplotlib: pip install matplotlib (from a "
+                        "checkout of dpbp: pip install -e '.[plot]')") from None
     schedule = curves["schedule"] or (curves["epoch"], curves["lr"])
     constant = len(set(schedule[1])) == 1
     fig = Figure(figsize=SIZE_INCHES, dpi=DPI, layout="constrained")
@@ -147,7 +148,7 @@ PARSER = ArgumentParser(
     usage="python -m dpbp.plot RUN_DIR [-o PNG] [-h] [--version]",
     description="Plot training and validation loss, validation accuracy and learning "
                 "rate against epoch,\nfrom RUN_DIR/metrics.jsonl, into a PNG. Needs "
-                "matplotlib: pip install 'dpbp[plot]'.",
+                "matplotlib: pip install matplotlib.",
     formatter_class=argparse.RawDescriptionHelpFormatter,
     epilog="exit codes: 0 done; 2 bad input (run directory, metrics, output path, "
            "no matplotlib).")

@@ -68,9 +68,6 @@ def main(argv=None):
     comm = mpi.init()
     with mpi.agreement(comm):
         args = PARSER.parse_args(argv)
-        missing = [f"--{k}" for k in ("checkpoint", "input", "output") if not getattr(args, k)]
-        if missing and not (args.help or args.version):
-            raise UserError(f"{', '.join(missing)} required (see python -m dpbp.predict --help)")
     if PARSER.answered(args, print if comm.rank == 0 else lambda *a: None):
         return 0
     state, saved_toml, _, args.checkpoint = load_checkpoint(comm, args.checkpoint)
@@ -109,12 +106,12 @@ PARSER = ArgumentParser(
                 "shared over the ranks; rank 0 writes.",
     epilog="exit codes: 0 done; 2 bad input (checkpoint, input, output path), reported once.")
 PARSER.add_argument("-h", "--help", action="store_true", help="show this help and exit")
-PARSER.add_argument("--checkpoint", metavar="PATH",
+PARSER.add_argument("--checkpoint", metavar="PATH", required=True,
                     help="a checkpoint written by dpbp.train, or a run directory: its newest "
                          "valid checkpoint")
-PARSER.add_argument("--input", metavar="X.npy",
+PARSER.add_argument("--input", metavar="X.npy", required=True,
                     help="inputs, a .npy of shape (n, features), numbers, finite")
-PARSER.add_argument("--output", metavar="Y.npy",
+PARSER.add_argument("--output", metavar="Y.npy", required=True,
                     help="where to write the predictions (.npy, written atomically; "
                          "never the input)")
 

@@ -12,26 +12,30 @@ replica checks, checkpoints, the best checkpoint, early stopping) is service/gua
 called after every step and epoch.
 """
 
-import argparse
-import hashlib
-import signal
-import time
+if __name__ == "__main__":   # python -m dpbp.train: stop signals held from this line on
+    from dpbp import entry
+    entry.hold()
 
-import numpy as np
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
 
-from dpbp.errors import EXIT_DIVERGED, EXIT_HUNG, ArgumentParser, plural
-from dpbp.nn import noise, schedule
-from dpbp.parallel import comm as mpi
-from dpbp.parallel import sharding
-from dpbp.parallel.evaluation import evaluate
-from dpbp.parallel.step import train_step
-from dpbp.service import checkpoint, config, history, run_dir
-from dpbp.service.checkpoint import Position
-from dpbp.service.config import RunConfig
-from dpbp.service.console import Console, Progress
-from dpbp.service.guard import Guard, end_hung_job
-from dpbp.service.startup import set_up
-from dpbp.service.supervise import StopSignals, Watchdog
+import numpy as np  # noqa: E402
+
+from dpbp.errors import EXIT_DIVERGED, EXIT_HUNG, ArgumentParser, plural  # noqa: E402
+from dpbp.nn import noise, schedule  # noqa: E402
+from dpbp.parallel import comm as mpi  # noqa: E402
+from dpbp.parallel import sharding  # noqa: E402
+from dpbp.parallel.evaluation import evaluate  # noqa: E402
+from dpbp.parallel.step import train_step  # noqa: E402
+from dpbp.service import checkpoint, config, history, run_dir  # noqa: E402
+from dpbp.service.checkpoint import Position  # noqa: E402
+from dpbp.service.config import RunConfig  # noqa: E402
+from dpbp.service.console import Console, Progress  # noqa: E402
+from dpbp.service.guard import Guard, end_hung_job  # noqa: E402
+from dpbp.service.startup import set_up  # noqa: E402
+from dpbp.service.supervise import StopSignals, Watchdog  # noqa: E402
 
 
 def main(argv=None):
@@ -52,6 +56,8 @@ def command(argv, comm, signals, watchdog, started):
     say = Console(comm.rank == 0 and not args.quiet)   # rank 0 speaks for all
     if PARSER.answered(args, say):
         return 0
+    if not args.print_config:   # alone in any world, as dpbp.launch runs it
+        mpi.check_launcher(comm)
     run = set_up(args, comm, say, watchdog)
     if run is None:   # --print-config, or a resumed run that is already complete
         return 0
@@ -154,6 +160,8 @@ def epoch_record(run, comm, at, loss_sum, trained_batches, t0):
                   seconds=time.perf_counter() - t0, samples_per_second=trained / train_seconds,
                   world_size=comm.size, skipped_steps=at.skipped, step=at.step,
                   time=round(time.time(), 3))
+    if at.batch > len(trained_batches):   # resumed mid-epoch: seconds and speed of the rest
+        record["resumed_after_batch"] = at.batch - len(trained_batches)
     return record, total
 
 
@@ -164,9 +172,12 @@ def format_epoch(r, epochs):
         f"val_loss {r['val_loss']:.4f}  val_acc "
         + ("-" if r["val_accuracy"] is None else f"{100 * r['val_accuracy']:.2f}%"))
     train = "-" if r["train_loss"] is None else f"{r['train_loss']:.4f}"
+    resumed = r.get("resumed_after_batch")
     return (f"epoch {r['epoch']:>{len(str(epochs))}}/{epochs}  train_loss {train}"
-            f"  {val}  lr {r['lr']:g}  {r['seconds']:.2f} s  "
-            f"{r['samples_per_second']:,.0f} samples/s")
+            f"  {val}  lr {r['lr']:.4g}  {r['seconds']:.2f} s  "
+            f"{r['samples_per_second']:,.0f} samples/s"
+            + (f"  (resumed after batch {resumed}: time and speed of the rest)"
+               if resumed else ""))
 
 
 def _epilog():
@@ -222,9 +233,9 @@ PARSER.add_argument("--quiet", action="store_true",
                     help="print nothing but errors (no start-up lines, epochs or progress bar)")
 PARSER.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                     help="a progress bar of each epoch's steps: auto (the default) draws it "
-                         "where a person sees it, on a terminal (under mpirun, the job's "
-                         "terminal) and never in logs; on draws it on stderr in logs too; "
-                         "off never")
+                         "where a person sees it, on a terminal (under mpirun, with rank 0's "
+                         "lines when mpirun writes them to a terminal) and never in logs; on "
+                         "draws it on stderr in logs too; off never")
 
 
 

@@ -22,7 +22,7 @@ fi
 
 mpirun="$(dirname "$(command -v "$python")")/mpirun"
 [[ -x $mpirun ]] || mpirun=$(command -v mpirun) || {
-    echo "launch/local.sh: no mpirun found; pip install 'dpbp[mpich]' brings one" >&2; exit 2; }
+    echo "launch/local.sh: no mpirun found; pip install mpich brings one" >&2; exit 2; }
 
 # BLAS threads per rank: the cores shared out, unless the user chose a count.
 threads="as set in the environment"

@@ -12,7 +12,7 @@ def mpirun(n, script):
     here = Path(sys.executable).parent / "mpirun"
     exe = str(here) if here.exists() else shutil.which("mpirun")
     if exe is None:
-        sys.exit(f"{script}: no mpirun found; pip install 'dpbp[mpich]' brings one")
+        sys.exit(f"{script}: no mpirun found; pip install mpich brings one")
     version = subprocess.run([exe, "--version"], capture_output=True, text=True,
                              timeout=60).stdout
     return [exe, "--oversubscribe", "-n", str(n)] if "Open MPI" in version else [exe, "-n", str(n)]

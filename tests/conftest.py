@@ -147,11 +147,11 @@ def write_idx(path, array, gz=False):
 
 
 def fake_mnist(folder, gz):
-    """An MNIST-format folder: 12 training and 6 validation images of 4x4, labels 0-9."""
+    """An MNIST-format folder: 12 training and 6 test images of 4x4, labels 0-9."""
     folder.mkdir()
     rng = np.random.default_rng(0)
     for key, name in MNIST_FILES.items():
-        n = 6 if key.endswith("val") else 12
+        n = 6 if key.endswith("test") else 12
         arr = rng.integers(0, 256, size=(n, 4, 4)) if key.startswith("x") else np.arange(n) % 10
         write_idx(folder / (name + (".gz" if gz else "")), arr, gz)
     return folder

@@ -47,11 +47,14 @@ def sets(*overrides):
     return [arg for o in overrides for arg in ("--set", o)]
 
 
-def base(tmp):
+def base(tmp, args=()):
     """Every case trains a tiny network for one epoch into tmp/run unless it says else,
-    so a case that were wrongly accepted ends in a second, with files written."""
+    so a case that were wrongly accepted ends in a second, with files written; of 40
+    synthetic samples, where the case's `args` choose no other source (data.samples
+    has no effect with the others, and is refused)."""
+    other = any(a.startswith("data.source=") or a == "--config" for a in args)
     return sets("model.hidden=[4]", "train.epochs=1", "train.batch_size=4",
-                "data.samples=40", f'run.dir="{tmp / "run"}"')
+                *([] if other else ["data.samples=40"]), f'run.dir="{tmp / "run"}"')
 
 
 def given(*overrides):
@@ -173,7 +176,7 @@ def resume_from(damage, widths=(5, 4, 3)):
     through damage(its bytes) -> bytes."""
     def setup(tmp):
         args = tiny_npz(tmp)
-        cfg = config.load(None, (base(tmp) + args)[1::2])   # the --set values
+        cfg = config.load(None, (base(tmp, args) + args)[1::2])   # the --set values
         model = MLP(list(widths), "relu", np.float32)
         model.init_(np.random.default_rng(0))
         path = checkpoint.path_for(cfg.run.dir, 1)
@@ -303,7 +306,8 @@ CASES = [
     Case("y-strings", npz(x=np.zeros((2, 2)), y=np.array(["cat", "dog"])),
          ("d.npz", "y must be integer class labels", "<U3")),
     Case("y-fractions", npz(x=np.zeros((2, 2)), y=np.array([0.5, 1.0])),
-         ("d.npz", "y must be integer class labels", "float64")),
+         ("d.npz", "y must be integer class labels", "float64",
+          'for regression targets set train.loss = "mse"')),
     Case("mse-y-integers-2d", npz(x=np.zeros((2, 2)), y=np.zeros((2, 2), int), loss="mse"),
          ("d.npz", "y must be float targets", "int64")),
     Case("label-negative", npz(x=np.zeros((2, 2)), y=np.array([0, -1])),
@@ -438,7 +442,8 @@ def snapshot(folder):
 
 @pytest.mark.parametrize("case,ranks", list(launches(CASES)))
 def test_bad_input_is_refused(tmp_path, case, ranks):
-    args = base(tmp_path) + case.setup(tmp_path)
+    args = case.setup(tmp_path)
+    args = base(tmp_path, args) + args
     before = snapshot(tmp_path)
     r = run_train(args, ranks=ranks, cwd=tmp_path, timeout=60)
     # (Open MPI's launcher adds its own banner about the exit code; MPICH's adds nothing)

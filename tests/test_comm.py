@@ -123,3 +123,32 @@ def test_init_without_mpi4py_and_without_a_launcher_is_a_world_of_one(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["0", "1", "True"]
 
+
+
+@pytest.mark.parametrize("env,said", [
+    ({"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "0"},
+     "SLURM_STEP_NUM_TASKS=2: started as one of 2 processes by a Slurm step (srun)"),
+    ({"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"}, None),   # rank 1 stops silently
+    ({"OMPI_COMM_WORLD_SIZE": "3"}, "OMPI_COMM_WORLD_SIZE=3: started as one of 3 processes "
+     "by Open MPI's mpirun"),
+    ({"PMI_SIZE": "2", "PMI_RANK": "0", "SLURM_STEP_NUM_TASKS": "1"},   # mpirun in a
+     "PMI_SIZE=2: started as one of 2 processes by MPICH's PMI (its mpirun, or srun "
+     "--mpi=pmi2)"),                                                  # Slurm step: its own
+])
+def test_a_launcher_that_does_not_match_the_world_stops_it(one, monkeypatch, capsys, env,
+                                                           said):
+    from dpbp.parallel.comm import check_launcher
+    for var in LAUNCHER_VARS + ("SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    check_launcher(one)   # no launcher: a world of one is right
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    with pytest.raises(AgreedExit) as stop:
+        check_launcher(one)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "" if said is None else (err.startswith(f"dpbp: error: {said}, but MPI (no "
+                                                          "MPI) has a world of 1") and
+                                           err.count("\n") == 1 and "srun --mpi=pmi2" in err)
+    monkeypatch.setenv(next(iter(env)), "1")   # a world of one announced: right
+    check_launcher(one)

@@ -87,6 +87,14 @@ def test_config_is_frozen():
     (["train.batchsize=8"], "unknown key train.batchsize (did you mean train.batch_size?)"),
     (["model.classes=1"], "model.classes must be 0 (from the labels) or in [2, 65536], got 1"),
     (["run.log_every_steps=-1"], "run.log_every_steps must be >= 0 (0 = off), got -1"),
+    (["train.optimizer=adam"], 'train.optimizer must be one of "sgd", "adamw", got "adam" '
+                               '(did you mean "adamw"?)'),
+    (["data.path=d.npz"], 'data.path must be left at its default "": it has no effect with '
+                          'data.source = "synthetic", got "d.npz"'),
+    (["data.source=mnist", "data.path=m", "data.samples=500"], "data.samples must be left at "
+     'its default 20000: it has no effect with data.source = "mnist", got 500'),
+    (["data.source=npz", "data.path=d.npz", "data.mnist_t10k=val"], "data.mnist_t10k must be "
+     'left at its default "test": it has no effect with data.source = "npz"'),
 ])
 def test_bad_overrides_name_the_key(overrides, message):
     with pytest.raises(UserError, match=".*" + __import__("re").escape(message)):
@@ -180,3 +188,27 @@ def test_a_huge_value_is_shown_once_and_shortened():
     message = str(refused.value)
     assert len(message) < 400 and "10,000,002 characters" in message
     assert "train.epochs must be an integer" in message
+
+
+def test_keys_of_a_saved_configs_old_source_go_back_to_their_defaults():
+    """evaluate --set data.source=npz on a synthetic run: its data.samples no longer
+    counts (named on the command line, it is refused)."""
+    saved = config.load(None, ["data.samples=600"])
+    assert config.load(None, ["data.source=npz", "data.path=d.npz"], base=saved).data.samples \
+        == config.DataConfig.samples
+    with pytest.raises(UserError, match="data.samples must be left at its default"):
+        config.load(None, ["data.source=npz", "data.path=d.npz", "data.samples=500"], base=saved)
+
+
+def test_a_saved_config_reads_as_its_run_behaved():
+    mnist = config.load(None, ["data.source=mnist", "data.path=m"])
+    text = config.to_toml(mnist)
+    assert config.from_toml(text) == mnist   # "test", as saved now
+    before = text.replace('mnist_t10k = "test"\n', "")
+    assert config.from_toml(before).data.mnist_t10k == "val"
+    assert config.from_toml(config.to_toml(config.Config()).replace(
+        'mnist_t10k = "test"\n', "")) == config.Config()   # other sources: no such key
+    # a key that had no effect, saved before such keys were refused: its default
+    npz = config.load(None, ["data.source=npz", "data.path=/d.npz"])
+    saved = config.to_toml(npz).replace("samples = 20000", "samples = 600")
+    assert config.from_toml(saved) == npz

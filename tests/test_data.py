@@ -18,10 +18,15 @@ from tests.conftest import MNIST, fake_mnist, model_arrays, run_train
 
 
 def load(source="npz", path="", loss="cross_entropy", val_fraction=0.0, dtype="float64",
-         samples=100):
+         samples=100, **more):
     cfg = config.DataConfig(source=source, path=str(path), val_fraction=val_fraction,
-                            samples=samples)
+                            samples=samples, **more)
     return data.load(cfg, loss, dtype, seed=0)
+
+
+def load_test(source, path, train, loss="cross_entropy", dtype="float64", **more):
+    cfg = config.DataConfig(source=source, path=str(path), **more)
+    return data.load_test(cfg, loss, dtype, train)
 
 
 def write_npz(tmp_path, **arrays):
@@ -34,9 +39,12 @@ def test_npz_with_validation_arrays(tmp_path):
     rng = np.random.default_rng(0)
     path = write_npz(tmp_path, x=rng.normal(size=(10, 3)), y=np.arange(10) % 4,
                      x_val=rng.normal(size=(5, 3)), y_val=np.array([0, 1, 2, 3, 3]))
-    d = load(path=path, val_fraction=0.5)    # ignored: the file has its own validation set
+    d = load(path=path, val_fraction=0.1)    # the default: the file's validation set
     assert (len(d.x), len(d.x_val), d.num_classes, d.num_outputs) == (10, 5, 4, 4)
     assert d.x.dtype == np.float64 and d.y.dtype == np.int64
+    with pytest.raises(UserError, match=r"holds its own validation set \(x_val, y_val\), so "
+                       "data.val_fraction = 0.5 has no effect"):
+        load(path=path, val_fraction=0.5)
 
 
 def test_val_fraction_split_is_seeded_and_disjoint(tmp_path):
@@ -71,16 +79,51 @@ def test_values_beyond_float32_load_in_float64(tmp_path):
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_idx_folder_raw_or_gz(tmp_path, gz):
-    d = load("mnist", fake_mnist(tmp_path / "m", gz))
-    assert d.x.shape == (12, 16) and d.x_val.shape == (6, 16) and d.num_classes == 10
+    """Validation holds out training images; the t10k pair is the test set, which
+    load_test alone reads. With data.mnist_t10k = "val" (runs made before that key) the
+    t10k pair is the validation set, and there is no test set."""
+    folder = fake_mnist(tmp_path / "m", gz)
+    d = load("mnist", folder, val_fraction=0.25)
+    assert d.x.shape == (9, 16) and d.x_val.shape == (3, 16) and d.num_classes == 10
     assert 0 <= d.x.min() and d.x.max() <= 1
+    x, y = load_test("mnist", folder, d)
+    assert x.shape == (6, 16) and y.tolist() == list(range(6))
+    before = load("mnist", folder, val_fraction=0.25, mnist_t10k="val")
+    assert before.x.shape == (12, 16) and np.array_equal(before.x_val, x)
+    with pytest.raises(UserError, match="no test set apart from its validation set"):
+        load_test("mnist", folder, before, mnist_t10k="val")
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):   # training needs
+        (folder / (name + (".gz" if gz else ""))).unlink()              # no t10k files
+    assert load("mnist", folder, val_fraction=0.25).x.shape == (9, 16)
+
+
+def test_test_sets_of_npz_and_npy_and_sources_without_one(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = dict(x=rng.normal(size=(8, 3)), y=np.arange(8) % 2,
+                  x_test=rng.normal(size=(4, 3)), y_test=np.array([0, 1, 1, 0]))
+    path = write_npz(tmp_path, **arrays)
+    d = load(path=path)
+    assert d.x_val is None and len(d.x) == 8   # x_test is not trained or validated on
+    x, y = load_test("npz", path, d)
+    assert np.array_equal(x, arrays["x_test"]) and y.tolist() == [0, 1, 1, 0]
+    (tmp_path / "f").mkdir()
+    for name, a in arrays.items():
+        np.save(tmp_path / "f" / f"{name}.npy", a)
+    assert np.array_equal(load_test("npy", tmp_path / "f", d)[0], arrays["x_test"])
+    with pytest.raises(UserError, match="y_test holds label 2, outside the network's 2 classes"):
+        load_test("npz", write_npz(tmp_path, **dict(arrays, y_test=np.array([0, 1, 2, 0]))), d)
+    with pytest.raises(UserError, match="the npz data at .* has no test set"):
+        load_test("npz", write_npz(tmp_path, x=arrays["x"], y=arrays["y"]), d)
+    with pytest.raises(UserError, match="the synthetic data has no test set"):
+        load_test("synthetic", "", d)
 
 
 @pytest.mark.skipif(not MNIST.is_dir(), reason=f"real MNIST not present at {MNIST}")
 def test_real_mnist_folder():
-    d = load("mnist", MNIST, dtype="float32")
-    assert d.x.shape == (10000, 784) and d.x_val.shape == (10000, 784)
+    d = load("mnist", MNIST, dtype="float32", val_fraction=0.1)
+    assert d.x.shape == (9000, 784) and d.x_val.shape == (1000, 784)
     assert d.num_classes == 10 and d.x.dtype == np.float32
+    assert load_test("mnist", MNIST, d, dtype="float32")[0].shape == (10000, 784)
 
 
 # ----------------------------------------------------------------------------- synthetic
@@ -141,7 +184,9 @@ def test_csv_blank_lines_crlf_and_regression_targets(tmp_path):
     ("0\n1\n", "has 1 column; expected the label first"),
     ("label,a\n0,1\n1,nan\n", "line 3: NaN or Inf"),
     ("0,1\n1,1e999\n", "line 2: NaN or Inf"),
-    ("0,1\n1.5,2\n", "line 2: label 1.5 is not an integer class label"),
+    ("0,1\n1.5,2\n", "line 2: label 1.5 is not an integer class label (for train.loss = "
+     '"cross_entropy" the first column holds 0 .. C-1; for regression targets set '
+     'train.loss = "mse")'),
     ("0,1\n-1,2\n", "line 2: negative class label -1"),
     ("0,1\n70000,2\n", "line 2: class label 70000; labels must be 0 .. C-1"),
 ])
@@ -191,7 +236,7 @@ def test_npy_with_its_own_validation_set(tmp_path):
     rng = np.random.default_rng(3)
     folder = write_npy(tmp_path, x=rng.normal(size=(8, 2)), y=np.arange(8) % 2,
                        x_val=rng.normal(size=(3, 2)), y_val=np.array([0, 1, 1]))
-    d = load("npy", folder, val_fraction=0.5, dtype="float64")   # the fraction is ignored
+    d = load("npy", folder, dtype="float64")
     assert (len(d.x), len(d.x_val), d.num_classes) == (8, 3, 2)
 
 

@@ -92,7 +92,7 @@ def test_evaluate_refuses_bad_input(run, tmp_path):
     cases = [
         (2, ["--checkpoint", str(tmp_path / "missing.npz")], "checkpoint: no such file"),
         (None, ["--checkpoint", str(garbage)], "is not a readable .npz file"),
-        (None, [], "--checkpoint PATH is required"),
+        (None, [], "--checkpoint required"),
         (None, ["--checkpoint", ckpt(run_dir, 1), "--set", "model.hidden=[32]"],
          "model.0.weight has shape (16, 256), the network needs (32, 256); the checkpoint "
          "does not fit this config and data"),
@@ -100,14 +100,23 @@ def test_evaluate_refuses_bad_input(run, tmp_path):
              "--set", f'data.path="{wrong}"'], "the network needs (16, 5)"),
         (2, ["--checkpoint", ckpt(run_dir, 1), "--set", "data.val_fraction=0"],
          "has no validation set"),
+        (None, ["--checkpoint", ckpt(run_dir, 1), "--split", "test"],
+         "the synthetic data has no test set"),
     ]
     for ranks, args, message in cases:
         assert_refused(run_module("dpbp.evaluate", args, ranks), message)
 
 
-def test_evaluate_help():
-    r = run_module("dpbp.evaluate", ["--help"])
-    assert r.returncode == 0 and "--checkpoint" in r.stdout and "--json" in r.stdout
+def test_evaluate_and_predict_help_show_required_options_as_required():
+    """In the usage line, a required option stands without brackets (--help and
+    --version work without it)."""
+    from dpbp import evaluate, predict
+    usage = evaluate.PARSER.format_usage()
+    assert " --checkpoint PATH" in usage and "[--checkpoint" not in usage
+    assert "[--split {val,test}]" in usage and "[--json]" in usage
+    usage = " ".join(predict.PARSER.format_usage().split())
+    assert "--checkpoint PATH --input X.npy --output Y.npy" in usage and "[--input" not in usage
+    assert predict.PARSER.parse_args(["--version"]).version
 
 
 def test_evaluate_from_another_folder_uses_the_runs_own_data(tmp_path):
@@ -158,3 +167,47 @@ def test_the_classes_are_the_networks_not_the_datas(tmp_path):
     assert out["class_samples"][2:] == [0, 0, 0]
     assert_refused(run_module("dpbp.evaluate", args + [f'data.path="{tmp_path / "eight.npz"}"'],
                               ranks=2), "y holds label 7, outside the network's 5 classes")
+
+
+def as_recorded_before_mnist_t10k(run_dir):
+    """Rewrite a run's checkpoints and config.toml as dpbp wrote them before the key
+    data.mnist_t10k existed: the same, without that key (digests made again)."""
+    from dpbp.service import checkpoint
+    drop = 'mnist_t10k = "val"\n'
+    for path in (run_dir / "checkpoints").glob("*.npz"):
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files if k != "digest"}
+        assert drop in str(arrays["config"])
+        arrays["config"] = np.str_(str(arrays["config"]).replace(drop, ""))
+        arrays["digest"] = np.str_(checkpoint.digest(arrays))
+        np.savez(path, **arrays)
+    toml = run_dir / "config.toml"
+    toml.write_text(toml.read_text().replace(drop, ""))
+
+
+def test_a_run_from_before_mnist_had_a_test_set_keeps_validating_on_t10k(tmp_path):
+    """A run recorded before data.mnist_t10k validated on the t10k pair: it evaluates and
+    resumes so (a test set apart it has not; with data.mnist_t10k = "test" named on the
+    command line, evaluate --split test measures on t10k)."""
+    from tests.conftest import fake_mnist
+    folder = fake_mnist(tmp_path / "mnist", gz=False)
+    run_dir = tmp_path / "old"
+    r = run_train(["--set", "data.source=mnist", "--set", f'data.path="{folder}"', "--set",
+                   "model.hidden=[4]", "--set", "train.batch_size=4", "--set", "train.epochs=1",
+                   "--set", "data.mnist_t10k=val", "--set", f'run.dir="{run_dir}"'])
+    assert r.returncode == 0 and "data: mnist, 12 train / 6 val" in r.stdout, r.stderr
+    as_recorded_before_mnist_t10k(run_dir)
+    val = json.loads(run_module("dpbp.evaluate", ["--checkpoint", str(run_dir), "--json"]).stdout)
+    assert (val["split"], val["samples"]) == ("val", 6)
+    assert val["loss"] == json.loads((run_dir / "metrics.jsonl").read_text())["val_loss"]
+    test = ["--checkpoint", str(run_dir), "--split", "test", "--set", "data.mnist_t10k=test",
+            "--json"]
+    one, two = (json.loads(run_module("dpbp.evaluate", test, ranks).stdout)
+                for ranks in (None, 2))
+    assert (one["loss"], one["accuracy"]) == (two["loss"], two["accuracy"])   # any world
+    from dpbp.evaluate import report
+    assert report(one).startswith(f"checkpoint {run_dir / 'checkpoints' / 'epoch-0001.npz'} "
+                                  "(epoch 1): mnist test set, 6 samples")
+    r = run_train(["--resume", "--set", f'run.dir="{run_dir}"', "--set", "train.epochs=2"])
+    assert r.returncode == 0 and "data: mnist, 12 train / 6 val" in r.stdout, r.stderr
+    assert 'mnist_t10k = "val"' in (run_dir / "config.toml").read_text()

@@ -20,6 +20,7 @@ import pytest
 
 from dpbp.service import checkpoint, processes
 from tests.conftest import (
+    ROOT,
     assert_refused,
     assert_same_run,
     metrics,
@@ -195,13 +196,30 @@ def test_a_rank_frozen_while_loading_the_data_is_ended_by_the_watchdog(tmp_path,
     assert not run_dir.exists()   # made only once set-up is done
 
 
-@pytest.mark.parametrize("ranks", [None, 2])
-def test_sigterm_during_set_up_exits_143_and_writes_nothing(tmp_path, tiny_npz, ranks):
+def test_sigterm_during_set_up_exits_143_and_writes_nothing(tmp_path, tiny_npz):
     run_dir = tmp_path / "run"
-    r = run_train(tiny_run(tiny_npz, run_dir), ranks=ranks, env={"DPBP_FAULT": "termload:0:0"})
+    r = run_train(tiny_run(tiny_npz, run_dir), ranks=2, env={"DPBP_FAULT": "termload:0:0"})
     assert r.returncode == 128 + signal.SIGTERM, r.stderr
     assert "dpbp: stopped by SIGTERM during set-up; nothing was trained" in r.stderr
     assert "Traceback" not in r.stderr and not run_dir.exists()
+
+
+@pytest.mark.parametrize("name,point,entry", [
+    ("SIGINT", "import:numpy", "-m"),                   # dpbp.train's first import
+    ("SIGTERM", "call:dpbp.parallel.comm.init", "-m"),   # before StopSignals is set up
+    ("SIGINT", "import:mpi4py.MPI", "-m"),              # while MPI starts
+    ("SIGINT", "import:numpy", "script"),               # the dpbp-train script's
+])
+def test_a_stop_signal_from_the_first_line_on_ends_set_up_as_documented(tmp_path, tiny_npz,
+                                                                        name, point, entry):
+    """Ctrl-C or SIGTERM at a chosen point of the start (tests/signal_at.py), not by
+    timing: always the one documented line and 128 + the signal's number."""
+    run_dir = tmp_path / "run"
+    r = run_with_timeout([sys.executable, "-m", "tests.signal_at", name, point, entry,
+                          *tiny_run(tiny_npz, run_dir)], 60, env={"PYTHONPATH": str(ROOT)})
+    assert r.returncode == 128 + signal.Signals[name], r.stderr
+    assert r.stderr == f"dpbp: stopped by {name} during set-up; nothing was trained\n"
+    assert r.stdout == "" and not run_dir.exists()
 
 
 def test_sighup_checkpoints_and_resume_is_bitwise(tmp_path, tiny_npz, uninterrupted):

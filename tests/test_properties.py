@@ -72,6 +72,7 @@ VALID = {
     "data.val_fraction": st.floats(0, 1, exclude_max=True),
     "data.shuffle": st.booleans(),
     "data.samples": st.integers(2, INT64),
+    "data.mnist_t10k": choice("data.mnist_t10k"),
     "model.hidden": st.lists(st.integers(1, INT64), max_size=4),
     "model.activation": choice("model.activation"),
     "model.dtype": choice("model.dtype"),
@@ -191,6 +192,11 @@ def valid_settings(draw):
     flat = {key: draw(VALID[key]) for key in keys}
     if flat.get("data.source", "synthetic") != "synthetic" and "data.path" not in flat:
         flat["data.path"] = draw(VALID["data.path"])   # npz and mnist need a path
+    source = flat.get("data.source", "synthetic")      # the other sources' keys: defaults
+    for key, used in (("data.path", source != "synthetic"), ("data.samples", source == "synthetic"),
+                      ("data.mnist_t10k", source == "mnist")):
+        if not used:
+            flat.pop(key, None)
     if flat.get("train.momentum", config.TrainConfig.momentum) == 0:
         flat["train.nesterov"] = False                 # Nesterov needs momentum
     if "train.warmup_epochs" in flat:                  # warmup within the run
@@ -426,6 +432,8 @@ def test_valid_npz_loads_as_given(contents, dtype, val_fraction):
     saved, loss = contents
     with scratch() as tmp:
         np.savez(tmp / "d.npz", **saved)
+        if "x_val" in saved:   # the file's own: another val_fraction would have no effect
+            val_fraction = 0.0
         d = load("npz", tmp / "d.npz", loss, dtype, val_fraction)
     x, y = saved["x"], saved["y"]
     labels = np.issubdtype(y.dtype, np.integer)

@@ -186,6 +186,10 @@ def test_resume_from_a_step_checkpoint_after_a_kill_is_bitwise(tmp_path, tiny_np
     assert r.returncode == 0, r.stderr
     assert "resume: from" in r.stdout and "epoch-0002-batch-000002.npz (epoch 2, batch 2" in r.stdout
     assert_same_run(uninterrupted, run_dir)
+    # the first epoch's line: its loss is the whole epoch's, its time and speed the rest's
+    line = next(line for line in r.stdout.splitlines() if line.startswith("epoch 3/3"))
+    assert line.endswith("samples/s  (resumed after batch 2: time and speed of the rest)")
+    assert [m.get("resumed_after_batch") for m in metrics(run_dir)] == [None, None, 2]
 
 
 def test_resume_at_another_world_size_matches_to_rounding(tmp_path, tiny_npz):

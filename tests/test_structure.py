@@ -7,7 +7,7 @@ The package has floors, and imports only go down (or stay on the same floor):
                                 hostfiles, processes
     parallel   dpbp/parallel/   MPI verbs, sharding, threads, exact sums, the step, evaluation
     nn         dpbp/nn/         the learning math: numpy only, no MPI, files or config
-    base       dpbp/errors.py, dpbp/__init__.py
+    base       dpbp/errors.py, dpbp/entry.py, dpbp/__init__.py
 """
 
 import ast
@@ -26,7 +26,7 @@ def floor_of(module):
     parts = module.split(".")
     if len(parts) > 1 and parts[1] in ("nn", "parallel", "service"):
         return parts[1]
-    if parts[1:] in ([], ["errors"]):
+    if parts[1:] in ([], ["errors"], ["entry"]):
         return "base"
     return "commands"
 

@@ -19,6 +19,7 @@ from tests.conftest import (
     model_arrays,
     mpi_env,
     mpirun,
+    run_module,
     run_train,
     run_with_timeout,
     snapshot,
@@ -82,6 +83,11 @@ def test_console_script_entry_point():
         pytest.skip("dpbp-train not installed beside this Python")
     r = run_with_timeout([exe, "--help"], timeout=60)
     assert r.returncode == 0 and "usage: python -m dpbp.train" in r.stdout
+    from importlib.metadata import entry_points
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts")
+               if e.name.startswith("dpbp-")}
+    assert scripts["dpbp-train"] == "dpbp.entry:train"   # stop signals held from its start
+    assert scripts["dpbp-bench"] == "dpbp.bench:cli"
 
 
 def test_synthetic_data_defeats_a_linear_model(tmp_path):
@@ -147,19 +153,17 @@ def test_print_config_round_trip(tmp_path, tiny_npz):
 def test_quiet_prints_nothing_and_a_terminal_gets_a_progress_bar(tmp_path, tiny_npz):
     r = run_train(tiny_run(tiny_npz, tmp_path / "q", "--quiet"))
     assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
-    import fcntl
     import pty
-    import struct
-    import termios
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))   # 100 columns
+    leader, follower = pty.openpty()   # a fresh pseudo-terminal: it reports 0 columns
     proc = subprocess.Popen([sys.executable, "-m", "dpbp.train",
                              *tiny_run(tiny_npz, tmp_path / "tty")], stdout=follower,
                             stderr=subprocess.PIPE, cwd=ROOT)
     os.close(follower)
     out = read_terminal(leader, proc)
     assert proc.wait(timeout=60) == 0
-    assert b"epoch 1/3:" in out and b"step/s" in out   # tqdm's bar, cleared after each epoch
+    frames = [f for f in out.split(b"\r") if b"step/s" in f]   # tqdm's bar, cleared after
+    assert b"epoch 1/3:" in out and frames, out                  # each epoch
+    assert 60 < max(len(f) for f in frames) <= 80   # DEFAULT_SIZE: 0 columns drew none
     assert b"epoch 3/3  train_loss" in out
 
 
@@ -267,30 +271,52 @@ def read_terminal(leader, proc, seconds=120):
     return out
 
 
-@pytest.mark.parametrize("progress,bar", [("auto", True), ("off", False)])
-def test_under_mpirun_in_a_terminal_the_progress_bar_shows(tmp_path, tiny_npz, progress, bar):
-    """mpirun pipes rank 0's output to itself, but writes to the terminal: the bar goes to
-    the job's terminal, unless --progress off."""
+@pytest.mark.parametrize("tee", [False, True])
+def test_under_mpirun_the_bar_and_the_lines_never_interleave(tmp_path, tiny_npz, tee):
+    """mpirun pipes rank 0's output to itself, and writes it to the terminal: there the
+    bar shows. The launcher passes rank 0's lines on late (forced: tests/held_output.py
+    holds each until the next epoch's bar is drawn), yet on the rendered screen every
+    epoch has a line of its own and no bar is left over. `mpirun ... | tee LOG`: no bar,
+    and the log holds every line."""
     import fcntl
     import pty
+    import shlex
     import struct
     import termios
+
+    import pyte
     leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
 
     def own_terminal():   # the pseudo-terminal becomes the job's controlling terminal
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
-    cmd = mpirun(2) + [sys.executable, "-m", "dpbp.train", *tiny_run(tiny_npz, tmp_path / "r"),
-                       "--progress", progress]
+    cmd = mpirun(2) + [sys.executable, "-m", "tests.held_output",
+                       *tiny_run(tiny_npz, tmp_path / "r")]
+    log = tmp_path / "log"
+    if tee:
+        cmd = ["bash", "-c", f"{shlex.join(cmd)} | tee {log}"]
     proc = subprocess.Popen(cmd, stdin=follower, stdout=follower, stderr=follower, cwd=ROOT,
-                            env=mpi_env(), preexec_fn=own_terminal)
+                            env=mpi_env({"PYTHONPATH": str(ROOT)}), preexec_fn=own_terminal)
     os.close(follower)
     out = read_terminal(leader, proc)
     assert proc.wait(timeout=60) == 0, out
-    assert b"epoch 3/3  train_loss" in out
-    assert (b"epoch 1/3:" in out and b"step/s" in out) == bar, out
+    assert (b"epoch 1/3:" in out and b"step/s" in out) != tee, out
+    screen = pyte.Screen(100, 40)
+    pyte.ByteStream(screen).feed(out)
+    shown = [line.rstrip() for line in screen.display if line.strip()]
+    epochs = [line for line in shown if "train_loss" in line]
+    assert [line[:21] for line in epochs] == [f"epoch {e}/3  train_loss" for e in (1, 2, 3)]
+    assert not any("step/s" in line or "%|" in line for line in shown), "\n".join(shown)
+    if tee:
+        text = log.read_text()
+        assert "\r" not in text and text.count("  train_loss ") == 3 and "done: 3 epochs" in text
+
+
+def test_progress_off_draws_no_bar():
+    from dpbp.service.console import bar_output
+    assert bar_output("off", launched=True) is None
 
 
 def test_progress_on_draws_in_logs_too(tmp_path, tiny_npz):
@@ -357,6 +383,24 @@ def test_a_torchrun_style_launch_without_mpi_is_refused(tmp_path, tiny_npz):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_launcher_that_does_not_match_mpi_is_refused(tmp_path, tiny_npz, run):
+    """srun --mpi=none: N worlds of one rank each. Refused with one line, nothing written
+    (the variables and ranks: test_comm.py); what dpbp runs as one process inside such an
+    allocation (--print-config for dpbp.launch, evaluate, predict) goes on."""
+    slurm = {"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "0"}
+    r = run_train(tiny_run(tiny_npz, tmp_path / "r"), env=slurm)
+    assert_refused(r, "dpbp: error: SLURM_STEP_NUM_TASKS=2: started as one of 2 processes")
+    assert not (tmp_path / "r").exists()
+    assert run_train(tiny_run(tiny_npz, tmp_path / "r", "--print-config"),
+                     env=slurm).returncode == 0
+    run_dir, _ = run
+    np.save(tmp_path / "x.npy", np.zeros((3, 256), np.float32))
+    for module, args in (("dpbp.evaluate", []), ("dpbp.predict", [
+            "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy")])):
+        r = run_module(module, ["--checkpoint", str(run_dir), *args], env=slurm)
+        assert r.returncode == 0, r.stderr
+
+
 def test_steps_are_logged_when_asked_and_every_record_has_a_time(tmp_path, tiny_npz):
     run_dir = tmp_path / "r"
     r = run_train(tiny_run(tiny_npz, run_dir, "--set", "run.log_every_steps=2"), ranks=2)
@@ -368,3 +412,10 @@ def test_steps_are_logged_when_asked_and_every_record_has_a_time(tmp_path, tiny_
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in records] == [5, 10, 15] and all(m["time"] > 1.7e9 for m in records)
     assert not (tmp_path / "plain" / "steps.jsonl").exists()
+
+
+def test_the_epoch_line_shows_the_lr_to_four_digits():
+    from dpbp.train import format_epoch
+    r = dict(epoch=3, train_loss=0.5, val_loss=None, val_accuracy=None, lr=1.00098e-05,
+             seconds=0.1, samples_per_second=1000.0)
+    assert "  lr 1.001e-05  " in format_epoch(r, 10)   # not 1.00098e-05 beside lr 0.1

@@ -23,6 +23,7 @@ import socket
 import sys
 import time
 import traceback
+import warnings
 import zlib
 
 import numpy as np
@@ -30,8 +31,15 @@ import numpy as np
 from dpbp.errors import Stopped, UserError
 from dpbp.parallel.threads import available_cores
 
-# Environment variables through which launchers announce the world size before MPI_Init.
-_LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS")
+# Environment variables through which launchers announce the world before MPI_Init: its
+# size, this process's rank, and who set them. In this order: an mpirun started inside a
+# Slurm allocation sets its own beside those of the Slurm step around it.
+LAUNCHER_VARS = {
+    "PMI_SIZE": ("PMI_RANK", "MPICH's PMI (its mpirun, or srun --mpi=pmi2)"),
+    "OMPI_COMM_WORLD_SIZE": ("OMPI_COMM_WORLD_RANK", "Open MPI's mpirun"),
+    "PMIX_SIZE": ("PMIX_RANK", "PMIx"),
+    "SLURM_STEP_NUM_TASKS": ("SLURM_PROCID", "a Slurm step (srun)"),
+}
 _LAUNCHER_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 # How long a rank waiting for a collective sleeps between progress checks when ranks
 # outnumber cores (see Comm.oversubscribed), for sums of at least YIELD_MIN_BYTES: the
@@ -227,12 +235,33 @@ def launched():
     return any(var in os.environ for var in _LAUNCHER_RANK_VARS)
 
 
-def _launcher_world_size():
-    """World size announced by a launcher (mpirun, mpiexec, srun), or 1 without one."""
-    for var in _LAUNCHER_SIZE_VARS:
+def announced_world():
+    """(size, rank, variable) of the world a launcher (mpirun, mpiexec, srun) announced
+    in the environment, or (1, 0, None) without one."""
+    for var, (rank_var, _) in LAUNCHER_VARS.items():
         if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 1
+            rank = os.environ.get(rank_var, "0")
+            return int(os.environ[var]), int(rank) if rank.isdigit() else 0, var
+    return 1, 0, None
+
+
+def check_launcher(comm):
+    """Stop where a launcher announced a world of N processes and MPI's world is not N:
+    the launcher does not speak to the MPI that mpi4py uses (srun --mpi=none, another
+    MPI's mpirun), so each process would run alone, as a world of its own, and all
+    would write the same files. Every process sees the same, so all stop (exit 2); the
+    one the launcher numbered 0 says so, once."""
+    size, rank, var = announced_world()
+    if var is None or size == comm.size:
+        return
+    if rank == 0:
+        print(f"dpbp: error: {var}={size}: started as one of {size} processes by "
+              f"{LAUNCHER_VARS[var][1]}, but MPI ({comm.library}) has a world of "
+              f"{comm.size}: the launcher does not match the MPI that mpi4py uses, so each "
+              "process would train alone. Under Slurm: srun --mpi=pmi2 (srun --mpi=list "
+              "shows the choices); else the mpirun of mpi4py's MPI (python -m mpi4py "
+              "--mpi-library names it)", file=sys.stderr, flush=True)
+    raise AgreedExit(2)
 
 
 def init():
@@ -245,13 +274,15 @@ def init():
                         f"are started by an MPI launcher: mpirun -n {others} python -m "
                         "dpbp.train (these processes would each train alone)")
     try:
-        from mpi4py import MPI
+        with warnings.catch_warnings():   # mpi4py's own "suspicious MPI execution
+            warnings.simplefilter("ignore", RuntimeWarning)   # environment": check_launcher
+            from mpi4py import MPI
     except (ImportError, RuntimeError, OSError) as e:
-        size = _launcher_world_size()
+        size = announced_world()[0]
         if size > 1:
             raise UserError(
                 f"launched as one of {size} ranks, but MPI could not be loaded ({e}); "
-                "install it with `pip install 'dpbp[mpich]'`, or build mpi4py against your "
+                "install it with `pip install mpich`, or build mpi4py against your "
                 "cluster's MPI: `pip install --no-binary=mpi4py mpi4py`") from None
         return Comm(None)
     library = " ".join(MPI.Get_library_version().splitlines()[0].split())

@@ -40,6 +40,8 @@ class DataConfig:
     val_fraction: float = 0.1      # held out for validation when the source has no val set
     shuffle: bool = True           # one permutation per epoch, from (seed, epoch)
     samples: int = 20000           # synthetic only: samples generated (train + val)
+    mnist_t10k: str = "test"       # mnist only: the t10k pair is the "test" set (evaluate
+                                   # --split test) or, as in runs made before this key, "val"
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,7 @@ MAX_GRAINS = 1024   # train.grains: a grain's float32 gradient keeps 21 - ceil(l
 
 CHOICES = {
     "data.source": ("synthetic", "npz", "npy", "csv", "mnist"),
+    "data.mnist_t10k": ("test", "val"),
     "model.activation": ("relu", "tanh", "sigmoid"),
     "model.dtype": ("float32", "float64"),
     "train.loss": ("cross_entropy", "mse"),
@@ -231,17 +234,35 @@ def from_dict(tree, base=None, check=True, where="config"):
     return base
 
 
-def _check(ok, key, want, value):
+def _check(ok, key, want, value, hint=""):
     if not ok:
-        raise UserError(f"config: {key} must be {want}, got {shown(toml_value(value))}")
+        raise UserError(f"config: {key} must be {want}, got {shown(toml_value(value))}{hint}")
+
+
+def _unused(section, keys, defaults, why):
+    """Keys of `section` (a config section) that have no effect, `why` (e.g. 'with
+    data.source = "npz"'), must keep their `defaults`' values: a value there would be
+    silently ignored. A config that lists every key (--print-config) still loads."""
+    name = {DataConfig: "data", TrainConfig: "train"}[type(section)]
+    for key in keys:
+        default = getattr(defaults, key)
+        _check(getattr(section, key) == default, f"{name}.{key}",
+               f"left at its default {toml_value(default)}: it has no effect {why}",
+               getattr(section, key))
+
+
+def _check_choice(cfg, key, choices):
+    section, name = key.split(".")
+    value = getattr(getattr(cfg, section), name)
+    close = difflib.get_close_matches(str(value).lower(), choices, n=1, cutoff=0.6)
+    _check(value in choices, key, "one of " + ", ".join(f'"{c}"' for c in choices), value,
+           f' (did you mean "{close[0]}"?)' if close else "")
 
 
 def validate(cfg):
     """Range checks that no type can express; each error names the key."""
     for key, choices in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        _check(value in choices, key, "one of " + ", ".join(f'"{c}"' for c in choices), value)
+        _check_choice(cfg, key, choices)
     t, d, m = cfg.train, cfg.data, cfg.model
     _check(cfg.run.dir.strip() != "", "run.dir", "a non-empty path", cfg.run.dir)
     _check(cfg.run.seed >= 0, "run.seed", ">= 0", cfg.run.seed)
@@ -298,24 +319,29 @@ def validate(cfg):
 
 
 def validate_features(cfg):
-    """Range checks of the optimizer's keys, dropout and early stopping. Keys of the
-    optimizer not chosen must keep their defaults: a value there would be ignored."""
+    """Range checks of the optimizer's keys, dropout and early stopping. Keys with no
+    effect must keep their defaults (a value there would be ignored): those of the
+    optimizer not chosen, and those of the data sources not chosen."""
     t, m, defaults = cfg.train, cfg.model, TrainConfig()
     _check(math.isfinite(m.dropout) and 0 <= m.dropout < 1, "model.dropout", "in [0, 1)",
            m.dropout)
     _check(len(t.betas) == 2 and all(math.isfinite(b) and 0 <= b < 1 for b in t.betas),
            "train.betas", "two numbers in [0, 1), [beta1, beta2]", list(t.betas))
     _check(math.isfinite(t.eps) and t.eps > 0, "train.eps", "a number > 0", t.eps)
-    unused = ("momentum", "nesterov") if t.optimizer == "adamw" else ("betas", "eps", "amsgrad")
-    for key in unused:
-        default = getattr(defaults, key)
-        _check(getattr(t, key) == default, f"train.{key}",
-               f'left at its default {toml_value(default)}: it has no effect with '
-               f'train.optimizer = "{t.optimizer}"', getattr(t, key))
+    _unused(t, ("momentum", "nesterov") if t.optimizer == "adamw" else ("betas", "eps", "amsgrad"),
+            defaults, f'with train.optimizer = "{t.optimizer}"')
+    _unused(cfg.data, unused_data_keys(cfg.data.source), DataConfig(),
+            f'with data.source = "{cfg.data.source}"')
     _check(t.early_stopping_patience >= 0, "train.early_stopping_patience", ">= 0 (0 = off)",
            t.early_stopping_patience)
     _check(math.isfinite(t.early_stopping_min_delta) and t.early_stopping_min_delta >= 0,
            "train.early_stopping_min_delta", ">= 0", t.early_stopping_min_delta)
+
+
+def unused_data_keys(source):
+    """The keys of [data] that have no effect with data.source = `source`."""
+    return (["path"] if source == "synthetic" else ["samples"]) + (
+        [] if source == "mnist" else ["mnist_t10k"])
 
 
 def _parse_toml(text, where):
@@ -346,13 +372,20 @@ def parse_override(text):
 def load(path=None, overrides=(), base=None, check=True):
     """The resolved Config: `base` (the defaults unless given), then the TOML file at
     `path`, then each override; its file paths made absolute (resolved_paths). Unknown
-    keys and wrong types are refused at once; ranges are checked unless check=False (a
-    resumed run checks them once the checkpoint's config is the base)."""
+    keys and wrong types are refused at once. Where they change the base's data.source,
+    the base's keys of its old source go back to their defaults (a key that `path` or an
+    override names stays, and is checked). check=False: types only, no ranges (a resumed
+    run checks them once the checkpoint's config is the base)."""
     cfg = base or Config()
     if path:
         cfg = from_dict(_read_file(path), cfg, check=False, where=f"config file {path}")
     for text in overrides:
         cfg = from_dict(parse_override(text), cfg, check=False, where=f"--set {shown(text)}")
+    if base is not None and cfg.data.source != base.data.source:
+        named = named_keys(path, overrides)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **{
+            key: getattr(DataConfig(), key) for key in unused_data_keys(cfg.data.source)
+            if f"data.{key}" not in named}))
     if check:
         validate(cfg)
     return resolved_paths(cfg)
@@ -388,8 +421,25 @@ def resolved_paths(cfg):
 
 
 def from_toml(text, where="config"):
-    """A Config from TOML text, e.g. the one stored in a checkpoint."""
-    return from_dict(_parse_toml(text, where), where=where)
+    """A Config from TOML text that dpbp saved (a checkpoint's, --print-config's). A key
+    that it lacks was added after it was saved: it takes the value that stands for what
+    the run did then (recorded_before), so an earlier run goes on as it was recorded."""
+    return from_dict(recorded_before(_parse_toml(text, where)), where=where)
+
+
+def recorded_before(tree):
+    """`tree` (a saved config's {section: {key: value}}) as the run it was saved by
+    behaved: keys added since then take the value of what the run did (data.mnist_t10k =
+    "val": the mnist source validated on the t10k pair), and keys of the data sources
+    that its run did not use, which had no effect (and are refused now), their defaults."""
+    data = tree.get("data")
+    if isinstance(data, dict):
+        source = data.get("source", DataConfig.source)
+        if source == "mnist" and "mnist_t10k" not in data:
+            data["mnist_t10k"] = "val"
+        for key in unused_data_keys(source) if source in CHOICES["data.source"] else ():
+            data.pop(key, None)
+    return tree
 
 
 def toml_value(value):

@@ -2,11 +2,14 @@
 
 A closed output (`python -m dpbp.train | head -1`) is not a failure of the run: the
 lines stop, training goes on, and the run ends as it would have. The progress bar goes
-where a person can see it: rank 0's stdout when that is a terminal, or, under an MPI
-launcher (which pipes rank 0's output to itself), the terminal that the launcher writes
-to, when it writes to one; never into logs, unless asked for.
+where a person can see it, and always by the same way as the lines, so that the two never
+interleave: rank 0's stdout when that is a terminal, or, under an MPI launcher (which
+pipes rank 0's output to itself), rank 0's stdout too when the launcher writes it to a
+terminal: MPICH's mpiexec passes a partial line ending in a carriage return on at once,
+in order with the lines (measured: docs/operations.md). Never into logs, unless asked for.
 """
 
+import contextlib
 import os
 import sys
 
@@ -58,55 +61,87 @@ class _Bar:
             self._bar = _NoBar()
 
 
+DEFAULT_SIZE = (80, 24)   # for a terminal that reports none: a fresh pseudo-terminal
+
+
 def bar_output(mode, launched):
-    """Where the progress bar is drawn under `mode` ("auto", "on", "off"), or None."""
+    """(file, terminal) for the progress bar under `mode` ("auto", "on", "off"): the file
+    it is written to and the terminal it ends up on (whose width it takes), or None."""
     if mode == "off":
         return None
     if sys.stdout.isatty():
-        return sys.stdout
+        return sys.stdout, sys.stdout
     terminal = launcher_terminal() if launched else None
-    if terminal is not None:
-        return terminal
-    return sys.stderr if mode == "on" else None
+    if terminal is not None:   # through the launcher, like the lines: never between them
+        return sys.stdout, terminal
+    return (sys.stderr, sys.stderr if sys.stderr.isatty() else None) if mode == "on" else None
+
+
+def size(terminal):
+    """(columns, lines) of `terminal` (a file, or None for a log); DEFAULT_SIZE's for
+    those it reports as 0 (tqdm would then draw nothing)."""
+    try:
+        shape = os.get_terminal_size(terminal.fileno())
+    except (AttributeError, OSError, ValueError):
+        return DEFAULT_SIZE
+    return shape.columns or DEFAULT_SIZE[0], shape.lines or DEFAULT_SIZE[1]
 
 
 def launcher_terminal(generations=4):
-    """The terminal that this rank's launcher writes to, opened for writing, or None.
+    """The terminal where this rank's standard output ends up through its launcher,
+    opened (to read its width), or None where it ends up anywhere else (a file, a pipe
+    into `tee`: a log).
 
     A launcher (MPICH's hydra, Open MPI's prte) starts its ranks in sessions of their own,
-    without a controlling terminal, their output piped to it; so look up the process tree
-    (Linux's /proc) for the launcher's own standard output, and use it if it is a
-    terminal this user may write to."""
-    pid = os.getppid()
+    without a controlling terminal, and reads their output from pipes. Follow the output
+    up the process tree (Linux's /proc): while a process's standard output is a pipe that
+    its parent holds too, the parent is the one that passes it on; the first process
+    whose parent does not is the launcher, and its own standard output is where the
+    output goes. Taken when that is a terminal this user may write to."""
+    pid = os.getpid()
     for _ in range(generations):
         try:
             target = os.readlink(f"/proc/{pid}/fd/1")
-            if target.startswith(("/dev/pts/", "/dev/tty")):
+            parent = processes.stat(pid)[0]
+            if pid != os.getpid() and target.startswith(("/dev/pts/", "/dev/tty")):
                 out = open(target, "w")
                 if out.isatty():
                     return out
                 out.close()
-            pid = processes.stat(pid)[0]   # its parent
+            if parent <= 1 or not target.startswith("pipe:") or target not in open_files(parent):
+                return None
+            pid = parent
         except (OSError, ValueError):
             return None
-        if pid <= 1:
-            return None
     return None
+
+
+def open_files(pid):
+    """What the open file descriptors of process `pid` point to (readlink's names)."""
+    folder = f"/proc/{pid}/fd"
+    names = set()
+    for fd in os.listdir(folder):
+        with contextlib.suppress(OSError):   # closed meanwhile
+            names.add(os.readlink(os.path.join(folder, fd)))
+    return names
 
 
 class Progress:
     """The epoch's progress bars, on rank 0, where bar_output puts them."""
 
     def __init__(self, console, mode, launched):
-        self.file = bar_output(mode, launched) if console.speaks else None
+        self.file, self.terminal = (bar_output(mode, launched) if console.speaks else
+                                    None) or (None, None)
 
     def bar(self, total, done, description):
+        """A bar of `total` steps, `done` of them already, as wide as the terminal now is."""
         if self.file is None:
             return _NoBar()
         from tqdm import tqdm
+        columns, lines = size(self.terminal)
         try:
             return _Bar(tqdm(total=total, initial=done, desc=description, unit="step",
-                             leave=False, file=self.file, dynamic_ncols=True))
+                             leave=False, file=self.file, ncols=columns, nrows=lines))
         except OSError:   # the terminal is gone
             self.file = None
             return _NoBar()

@@ -13,11 +13,14 @@ on its own rows of each global batch; see sharding.py. Sources (`data.source`):
     csv        a .csv file: the label (or regression target) in the first column, the
                features after it; a first line whose first field is not a number is a
                header, and skipped
-    mnist      a folder with the four IDX files of MNIST (raw or .gz); pixels scaled to
-               [0, 1]; the t10k pair is the validation set. Fashion-MNIST, KMNIST, ... too.
+    mnist      a folder with the IDX files of MNIST (raw or .gz); pixels scaled to [0, 1];
+               the t10k pair is the test set (or, data.mnist_t10k = "val", the
+               validation set). Fashion-MNIST, KMNIST, ... too.
 
-Without a validation set in the source, `data.val_fraction` of the samples (chosen by
-the seed) are held out; 0 means no validation.
+Without a validation set in the source, `data.val_fraction` of the training samples
+(chosen by the seed) are held out; 0 means no validation. A test set (the t10k pair;
+x_test and y_test of npz and npy) is read only by `load_test`, for
+`dpbp.evaluate --split test`: never while training.
 """
 
 import gzip
@@ -32,12 +35,12 @@ import numpy as np
 
 from dpbp.errors import UserError
 from dpbp.service import synthetic
-from dpbp.service.config import MAX_CLASSES
+from dpbp.service.config import MAX_CLASSES, DataConfig
 from dpbp.service.files import read_npz
 
 MNIST_FILES = {
     "x": "train-images-idx3-ubyte", "y": "train-labels-idx1-ubyte",
-    "x_val": "t10k-images-idx3-ubyte", "y_val": "t10k-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte",
 }
 
 
@@ -94,7 +97,11 @@ def identity(data):
     """What the data are, cheap to compare: every array's name, shape, dtype and CRC-32,
     e.g. "x (1800, 256) float32 crc 5d0f2a1c; y (1800,) int64 crc 0b7e..." (the text
     that checkpoints keep; identity_arrays reads it back)."""
-    arrays = {"x": data.x, "y": data.y, "x_val": data.x_val, "y_val": data.y_val}
+    return arrays_identity({"x": data.x, "y": data.y, "x_val": data.x_val, "y_val": data.y_val})
+
+
+def arrays_identity(arrays):
+    """identity() of the arrays {name: array or None}."""
     return "; ".join(f"{name} {tuple(a.shape)} {a.dtype} crc {crc32(a):08x}"
                      for name, a in arrays.items() if a is not None)
 
@@ -159,52 +166,93 @@ def load(data_cfg, loss, dtype, seed, classes=0):
     Integer labels name classes 0 .. C-1, and C belongs to the network: `classes` (from
     model.classes, or a checkpoint's output width), else the training labels' largest
     plus one. Every label, training and validation, must lie below C."""
-    if data_cfg.source == "synthetic":
+    source, where = data_cfg.source, data_cfg.path
+    if source == "synthetic":
         x, y = synthetic.make_digits(data_cfg.samples, seed)
         arrays, where = {"x": x, "y": y}, "synthetic data"
-    elif data_cfg.source == "npz":
-        arrays, where = _read_npz(data_cfg.path), data_cfg.path
-    elif data_cfg.source == "npy":
-        arrays, where = _open_npy(data_cfg.path), data_cfg.path
-    elif data_cfg.source == "csv":
-        arrays, where = _read_csv(data_cfg.path, loss), data_cfg.path
+    elif source == "npz":
+        arrays = _read_npz(where)
+    elif source == "npy":
+        arrays = _open_npy(where)
+    elif source == "csv":
+        arrays = _read_csv(where, loss)
+    elif data_cfg.mnist_t10k == "val":   # the t10k pair validates (runs made before the key)
+        arrays = _read_mnist(where, MNIST_FILES)
+        arrays["x_val"], arrays["y_val"] = arrays.pop("x_test"), arrays.pop("y_test")
     else:
-        arrays, where = _read_mnist(data_cfg.path), data_cfg.path
+        arrays = _read_mnist(where, ("x", "y"))
     arrays = _check(arrays, where, loss)
+    if source in ("npz", "npy") and "x_val" in arrays and \
+            data_cfg.val_fraction not in (0, DataConfig.val_fraction):
+        raise UserError(f"{where} holds its own validation set (x_val, y_val), so "
+                        f"data.val_fraction = {data_cfg.val_fraction:g} has no effect; leave "
+                        f"it at its default {DataConfig.val_fraction:g}, or 0")
     num_classes = None
     if arrays["y"].ndim == 1:   # before a split: the training file's labels
         num_classes = _classes(arrays, classes, where)
     if "x_val" not in arrays and data_cfg.val_fraction > 0:
         arrays = _split(arrays, data_cfg.val_fraction, seed, where)
     x, y = arrays["x"], arrays["y"]
-    x_val, y_val = arrays.get("x_val"), arrays.get("y_val")
     if num_classes == 1:
         raise UserError(f"{where}: y holds a single class (0); classification needs at "
                         "least two (or model.classes >= 2)")
     num_outputs = num_classes if num_classes else y.shape[1]
+    x_val, y_val = (_cast(arrays.get(k), dtype, where) for k in ("x_val", "y_val"))
+    return Dataset(_cast(x, dtype, where), _cast(y, dtype, where), x_val, y_val,
+                   num_classes, num_outputs)
 
-    def cast(a):   # inputs and float targets take the model's dtype; labels stay int64
-        if a is None or a.ndim == 1:
-            return a
-        if isinstance(a, np.memmap):   # stays on disk; its rows are cast as they are read
-            out = Rows(a, None, dtype)
-        elif isinstance(a, Rows):
-            out = Rows(a.base, a.index, dtype)
-        else:
-            with np.errstate(over="ignore"):   # overflow is reported just below
-                out = np.ascontiguousarray(a, dtype=dtype)
-        if not all_finite(out):
-            raise UserError(f"{where}: values too large for {np.dtype(dtype).name} (beyond "
-                            f"{np.finfo(dtype).max:.3g}); scale the data or use float64")
-        largest = max((float(np.abs(b).max()) for b in row_chunks(out) if b.size), default=0)
-        if largest > math.sqrt(np.finfo(dtype).max):   # their products would overflow
-            raise UserError(f"{where}: values up to {largest:.3g} in magnitude: a network's "
-                            f"products of them overflow {np.dtype(dtype).name} (beyond "
-                            f"{np.finfo(dtype).max:.3g}); scale the data, e.g. standardise "
-                            "the features")
-        return out
 
-    return Dataset(cast(x), cast(y), cast(x_val), cast(y_val), num_classes, num_outputs)
+def load_test(data_cfg, loss, dtype, train):
+    """(x, y): the test set of the data `data_cfg` names, checked as training data are,
+    and against `train` (their Dataset: the features, the classes or outputs). It is the
+    t10k pair for mnist, x_test and y_test of an npz file or npy folder; read only here,
+    for `dpbp.evaluate --split test`. A UserError for data without one."""
+    source, where = data_cfg.source, data_cfg.path
+    if source == "mnist" and data_cfg.mnist_t10k == "val":
+        raise UserError(f"{where}: this run validates on the t10k pair (data.mnist_t10k = "
+                        "\"val\", as runs made before that key did), so it has no test set "
+                        "apart from its validation set; --split val measures on it")
+    arrays = {"mnist": lambda: _read_mnist(where, ("x_test", "y_test")),
+              "npz": lambda: read_npz(where, "data.path", names=("x_test", "y_test")),
+              "npy": lambda: _open_npy(where, ("x_test", "y_test"))}.get(source, dict)()
+    if not arrays:
+        has = ("the t10k pair for mnist; x_test and y_test in an npz file or npy folder")
+        raise UserError(f"the {source} data{f' at {where}' if where else ''} has no test set "
+                        f"({has}); --split val measures on the run's validation set")
+    if len(arrays) != 2:
+        raise UserError(f"{where}: x_test and y_test must come together")
+    x, y = _check_pair(arrays["x_test"], arrays["y_test"], "x_test", "y_test", where, loss)
+    if x.shape[1] != train.num_inputs or (y.ndim == 2 and y.shape[1] != train.num_outputs):
+        raise UserError(f"{where}: x_test {x.shape} and y_test {y.shape} do not fit the "
+                        f"training data's {train.num_inputs} features and "
+                        f"{train.num_outputs} outputs")
+    if y.ndim == 1 and train.num_classes and len(y) and y.max() >= train.num_classes:
+        raise UserError(f"{where}: y_test holds label {int(y.max())}, outside the "
+                        f"network's {train.num_classes} classes")
+    return _cast(x, dtype, where), _cast(y, dtype, where)
+
+
+def _cast(a, dtype, where):
+    """Inputs and float targets in the model's dtype (labels stay int64), checked to fit it."""
+    if a is None or a.ndim == 1:
+        return a
+    if isinstance(a, np.memmap):   # stays on disk; its rows are cast as they are read
+        out = Rows(a, None, dtype)
+    elif isinstance(a, Rows):
+        out = Rows(a.base, a.index, dtype)
+    else:
+        with np.errstate(over="ignore"):   # overflow is reported just below
+            out = np.ascontiguousarray(a, dtype=dtype)
+    if not all_finite(out):
+        raise UserError(f"{where}: values too large for {np.dtype(dtype).name} (beyond "
+                        f"{np.finfo(dtype).max:.3g}); scale the data or use float64")
+    largest = max((float(np.abs(b).max()) for b in row_chunks(out) if b.size), default=0)
+    if largest > math.sqrt(np.finfo(dtype).max):   # their products would overflow
+        raise UserError(f"{where}: values up to {largest:.3g} in magnitude: a network's "
+                        f"products of them overflow {np.dtype(dtype).name} (beyond "
+                        f"{np.finfo(dtype).max:.3g}); scale the data, e.g. standardise "
+                        "the features")
+    return out
 
 
 def _classes(arrays, classes, where):
@@ -229,23 +277,23 @@ def _read_npz(path):
 NPY_FILES = ("x", "y", "x_val", "y_val")
 
 
-def _open_npy(folder):
-    """x.npy, y.npy (and x_val.npy, y_val.npy if present) from `folder`, memory-mapped:
-    nothing is read here beyond the headers. The x arrays stay on disk as Rows; the
-    targets, small next to them, are read into memory."""
+def _open_npy(folder, names=NPY_FILES):
+    """NAME.npy of `names` from `folder` (x and y must be there; x_val, y_val, x_test and
+    y_test may), memory-mapped: nothing is read here beyond the headers. The x arrays
+    stay on disk as Rows; the targets, small next to them, are read into memory."""
     if os.path.isfile(folder):
         raise UserError(f"data.path: {folder} is a file; data.source = \"npy\" reads a "
                         "folder of x.npy and y.npy (for an .npz file: data.source = \"npz\")")
     if not os.path.isdir(folder):
         raise UserError(f"data.path: no such folder {folder} (expected x.npy and y.npy)")
     arrays = {}
-    for key in NPY_FILES:
+    for key in names:
         path = os.path.join(folder, key + ".npy")
         if not os.path.exists(path):
             if key in ("x", "y"):
                 raise UserError(f"{folder}: missing {key}.npy (a data.source = \"npy\" "
                                 "folder holds x.npy and y.npy, optionally x_val.npy and "
-                                "y_val.npy)")
+                                "y_val.npy, x_test.npy and y_test.npy)")
             continue
         try:
             with open(path, "rb") as f:
@@ -297,7 +345,8 @@ def _read_csv(path, loss):
         if len(fractional):
             raise UserError(f"{path}: line {_line_of_row(path, skip, fractional[0])}: label "
                             f"{labels[fractional[0]]:g} is not an integer class label (for "
-                            "train.loss = \"cross_entropy\" the first column holds 0 .. C-1)")
+                            "train.loss = \"cross_entropy\" the first column holds 0 .. C-1; "
+                            "for regression targets set train.loss = \"mse\")")
         if labels.min() < 0:
             row = int(np.argmin(labels))
             raise UserError(f"{path}: line {_line_of_row(path, skip, row)}: negative class "
@@ -373,14 +422,17 @@ def _read_idx(path):
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def _read_mnist(folder):
+def _read_mnist(folder, names):
+    """The arrays `names` (keys of MNIST_FILES) of an MNIST-format folder: images as
+    float32 rows scaled to [0, 1], labels as int64."""
     if not os.path.isdir(folder):
         if os.path.isfile(folder):
             raise UserError(f"data.path: {folder} is a file; data.source = \"mnist\" reads "
-                            "a folder of the four MNIST IDX files")
-        raise UserError(f"data.path: no such folder {folder} (expected the four MNIST IDX files)")
+                            "a folder of MNIST IDX files")
+        raise UserError(f"data.path: no such folder {folder} (expected MNIST IDX files)")
     arrays = {}
-    for key, name in MNIST_FILES.items():
+    for key in names:
+        name = MNIST_FILES[key]
         candidates = [os.path.join(folder, name), os.path.join(folder, name + ".gz")]
         path = next((p for p in candidates if os.path.isfile(p)), None)
         if path is None:
@@ -396,8 +448,8 @@ def _read_mnist(folder):
         else:
             a = a.astype(np.int64)
         arrays[key] = a
-    for x, y in (("x", "y"), ("x_val", "y_val")):
-        if len(arrays[x]) != len(arrays[y]):
+    for x, y in (("x", "y"), ("x_test", "y_test")):
+        if x in arrays and len(arrays[x]) != len(arrays[y]):
             raise UserError(f"{folder}: {MNIST_FILES[x]} has {len(arrays[x])} images but "
                             f"{MNIST_FILES[y]} has {len(arrays[y])} labels")
     return arrays
@@ -437,8 +489,10 @@ def _check_pair(x, y, xn, yn, where, loss):
         raise UserError(f"{where}: {xn} holds NaN or Inf values")
     if loss == "cross_entropy" or (y.ndim == 1 and np.issubdtype(y.dtype, np.integer)):
         if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            hint = ("; for regression targets set train.loss = \"mse\""
+                    if np.issubdtype(y.dtype, np.floating) else "")
             raise UserError(f"{where}: {yn} must be integer class labels of shape (n,) for "
-                            f"train.loss = \"{loss}\", got {y.dtype} {y.shape}")
+                            f"train.loss = \"{loss}\", got {y.dtype} {y.shape}{hint}")
         if y.min() < 0:
             raise UserError(f"{where}: {yn} has negative class label {int(y.min())}")
         if y.max() >= MAX_CLASSES:

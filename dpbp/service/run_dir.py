@@ -34,7 +34,7 @@ from dpbp.service.files import remove_stale_temporaries, write_atomic
 
 # Keys whose change on resume changes which samples train and which validate.
 SPLIT_KEYS = ("run.seed", "data.source", "data.path", "data.val_fraction", "data.samples",
-              "data.shuffle")
+              "data.shuffle", "data.mnist_t10k")
 CONFIG_HEADER = "# dpbp: the resolved config of this run\n"
 # The files dpbp writes in a run directory (besides .lock and checkpoints/): a new run
 # never starts where one of them is without a record.

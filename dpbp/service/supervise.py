@@ -21,12 +21,14 @@ import time
 
 import numpy as np
 
+from dpbp import entry
 from dpbp.errors import Stopped
 
 
 class StopSignals:
     """SIGTERM, SIGINT and SIGHUP as stop requests, from a command's start (a context
-    manager, installed in the main thread).
+    manager, installed in the main thread); one that came earlier, since the command's
+    first line (entry.hold), ends set-up at once.
 
     Before `defer()`, in set-up, a signal raises errors.Stopped at once: nothing is
     trained yet, and the command ends with 128 + its number. After it, a signal only sets
@@ -61,7 +63,10 @@ class StopSignals:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
-                self._previous[s] = signal.signal(s, self._handler)
+                self._previous[s] = entry.handler_before(s, signal.signal(s, self._handler))
+            if entry.noted():   # before these handlers, since the command's first line
+                self.received = entry.noted()
+                raise Stopped(self.received)
             if self._launched:
                 threading.Thread(target=self._watch_launcher, args=(os.getppid(),),
                                  name="dpbp-launcher-watch", daemon=True).start()

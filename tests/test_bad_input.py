@@ -24,11 +24,10 @@ from typing import Callable, NamedTuple
 import numpy as np
 import pytest
 
-from dpbp.nn.model import MLP
 from dpbp.nn.optim import SGD
 from dpbp.service import checkpoint, config
 from dpbp.service.checkpoint import Position
-from tests.conftest import fake_mnist, run_train, write_idx
+from tests.conftest import fake_mnist, mlp, run_train, write_idx
 
 ONE, TWO, BOTH = (None,), (2,), (None, 2)   # ranks to launch with; None: no mpirun
 
@@ -174,7 +173,7 @@ def resume_from(damage, widths=(5, 4, 3)):
     def setup(tmp):
         args = tiny_npz(tmp)
         cfg = config.load(None, (base(tmp) + args)[1::2])   # the --set values
-        model = MLP(list(widths), "relu", np.float32)
+        model = mlp(list(widths), "relu", np.float32)
         model.init_(np.random.default_rng(0))
         path = checkpoint.path_for(cfg.run.dir, 1)
         os.makedirs(os.path.dirname(path))

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from dpbp.errors import UserError
-from dpbp.nn.model import MLP
 from dpbp.nn.optim import SGD
 from dpbp.service import checkpoint, config, run_dir
 from dpbp.service.checkpoint import Position
+from tests.conftest import mlp
 
 
 def test_lock_names_its_holder_and_refuses_a_second_taker(tmp_path):
@@ -73,7 +73,7 @@ def test_a_full_disk_while_creating_the_run_directory_leaves_nothing(tmp_path, m
 def test_metrics_lines_are_durable_before_their_checkpoint(tmp_path, monkeypatch):
     cfg = new_cfg(tmp_path / "run")
     locks, _ = run_dir.prepare(cfg, (0, 0))
-    model = MLP([2, 2], "relu", "float32")
+    model = mlp([2, 2], "relu", "float32")
     synced = []
     real_fsync = run_dir.os.fsync
     monkeypatch.setattr(run_dir.os, "fsync", lambda fd: synced.append(
@@ -116,7 +116,7 @@ def test_a_checkpoints_folder_linked_elsewhere_is_locked_too(tmp_path):
         lock.close()
 def saved(run_dir_path, epoch, name=None):
     """A checkpoint of the end of `epoch` in run_dir_path (as best.npz if name says so)."""
-    model = MLP([3, 2], "relu", np.float32)
+    model = mlp([3, 2], "relu", np.float32)
     model.params[...] = epoch   # weights that tell the epochs apart
     path = checkpoint.best_path(run_dir_path) if name == "best" else \
         checkpoint.path_for(run_dir_path, epoch)

@@ -75,7 +75,7 @@ def outputs(model, x, dtype, probabilities, comm, where="--input", block=BLOCK):
     fixed offsets shared among the ranks (as evaluation does, so each row's output is the
     same at any world size) and gathered. Rows that are not finite in `dtype` stop every
     rank with one line naming the first (and `where`)."""
-    n, C = len(x), model.widths[-1]
+    n, C = len(x), math.prod(model.output_shape)
     mine = sharding.blocks(n, block, comm.rank, comm.size)
     counts = sharding.block_sizes(n, block, comm.size)
 
@@ -86,7 +86,7 @@ def outputs(model, x, dtype, probabilities, comm, where="--input", block=BLOCK):
         if len(bad):
             raise UserError(f"{where}: row {rows.start + bad[0]} holds NaN or Inf (or "
                             f"values beyond {np.dtype(dtype).name})")
-        z = model.infer(xb)
+        z = model.infer(xb).reshape(len(xb), C)
         return softmax(z) if probabilities else z.astype(np.float64)
 
     with mpi.agreement(comm):

@@ -15,6 +15,11 @@ every world size. Both have the same small interface:
     epoch_loss(s)         collective: the epoch's loss sum over all ranks
     saved_loss(s)         what this rank stores of its partial sum in a checkpoint
     resumed_loss(sums, world_size)   this rank's partial sum from a checkpoint's sums
+    batch_sum(partial)    collective: a small array summed over the ranks' parts of the
+                          global batch; handed to every layer (layers.Context), so that
+                          a layer whose statistics span the batch never sees a
+                          communicator. Every rank makes the same calls in the same
+                          order: one per part its forward or backward passes run on
 
 Shapes: B rows in this rank's shard of a global batch of N rows.
 """
@@ -23,6 +28,7 @@ import math
 
 import numpy as np
 
+from dpbp.nn.layers import Context
 from dpbp.parallel import half, sharding
 
 
@@ -49,10 +55,11 @@ def train_step(model, optimizer, loss_fn, x, y, N, summed, clip_norm=0.0, keys=N
     Returns (loss sum, ok): this rank's sum of per-sample losses (GrainSum: the batch's).
     """
     for rows, grads in summed.parts(N):             # the shard, its micro-batches or grains
-        outputs = model.forward(x[rows], None if keys is None else keys[rows])   # forward
+        ctx = Context(None if keys is None else keys[rows], summed.batch_sum)   # DP: the sum
+        outputs = model.forward(x[rows], ctx)                   # forward
         losses, doutputs = loss_fn(outputs, y[rows], N)         # loss, gradient of the GLOBAL mean
         summed.add_loss(losses, doutputs)
-        model.backward(doutputs, grads)                         # backward, into the part's buffer
+        model.backward(doutputs, grads, ctx)                    # backward, into the part's buffer
     loss_sum, ok = summed.sum_()                    # DP: the global batch's gradient, every rank
     norm = clip_grad_norm_(model.grads, clip_norm) if ok else math.inf
     if not math.isfinite(norm):                     # the same verdict on every rank
@@ -120,6 +127,10 @@ class PlainSum:
         else:
             half.allreduce_16_(self.comm, self.grads, self.comm_dtype, self.half)
         return self.loss, True
+
+    def batch_sum(self, partial):
+        return self.comm.allreduce_(np.array(partial))   # DP: over ranks; a copy: the
+                                                         # caller's array stays its own
 
     def epoch_loss(self, loss_sum):
         return self.comm.allreduce_(np.array([loss_sum]))[0]   # DP: every rank's rows

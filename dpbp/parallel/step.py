@@ -15,11 +15,13 @@ every world size. Both have the same small interface:
     epoch_loss(s)         collective: the epoch's loss sum over all ranks
     saved_loss(s)         what this rank stores of its partial sum in a checkpoint
     resumed_loss(sums, world_size)   this rank's partial sum from a checkpoint's sums
-    batch_sum(partial)    collective: a small array summed over the ranks' parts of the
-                          global batch; handed to every layer (layers.Context), so that
-                          a layer whose statistics span the batch never sees a
-                          communicator. Every rank makes the same calls in the same
-                          order: one per part its forward or backward passes run on
+    batch_sum(partial)    collective: a small array summed over every rank's part of the
+                          global batch, in its dtype; handed to every layer (Context), so
+                          that a layer whose statistics span the batch never sees a
+                          communicator. Every rank must call it as often: a layer calling
+                          it once per part does so under PlainSum (k parts on every rank),
+                          under GrainSum only where the grains split evenly over the
+                          ranks. No shipped layer calls it yet
 
 Shapes: B rows in this rank's shard of a global batch of N rows.
 """

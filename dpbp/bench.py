@@ -10,9 +10,11 @@ every timed step is measured on every rank; a step's time is its slowest rank's.
 report: samples/s (global batch / median step time), the step split into compute and
 communication wait (time inside the gradient Allreduce, including waiting for slower
 ranks), achieved FLOP/s (the layers' count of the operations dpbp computes per sample,
-forward and backward, x samples/s), the float32 GEMM peak of the same ranks and threads (1024x1024
-matmuls, all ranks at once, best of short windows before and after the steps), their ratio (MFU), and peak resident memory per rank next
-to what the run needs. `--compare-torch` runs the same network, batch and steps under
+forward and backward, x samples/s), the float32 GEMM peak of the same ranks and threads
+(1024x1024 matmuls, all ranks at once, best of short windows before and after the
+steps), their ratio (MFU), and peak resident memory per rank next to what the run
+needs. `--config` times a training config's network and global batch instead of
+`--layers`. `--compare-torch` runs the same network, batch and steps under
 torch.nn.parallel.DistributedDataParallel (gloo) in the same processes, where PyTorch is
 installed; dpbp never needs it. `--scaling-model` then measures what the model of
 parallel/scaling.py needs (compute per sample and per step, timed alone; the Allreduce at
@@ -46,7 +48,6 @@ import numpy as np  # noqa: E402
 
 from dpbp.errors import ArgumentParser, UserError, plural  # noqa: E402
 from dpbp.nn import noise  # noqa: E402
-from dpbp.nn.layers import Context  # noqa: E402
 from dpbp.nn.losses import cross_entropy  # noqa: E402
 from dpbp.nn.model import mlp_layers, walk  # noqa: E402
 from dpbp.nn.optim import SGD  # noqa: E402

@@ -100,8 +100,10 @@ def test_the_factory_builds_from_specs_and_walks_the_input_shape():
     ([], "the network has no layers"),
     ([{"type": "conv"}], "layer 0: unknown type 'conv'; the types are dropout, linear"),
     ([{"out_features": 3}], "layer 0: expected a table with a type"),
-    ([{"type": "linear"}], "layer 0 (linear): arguments [] do not fit Linear"),
-    ([{"type": "relu", "p": 0.5}], "layer 0 (relu): arguments ['p'] do not fit ReLU"),
+    ([{"type": "linear"}], "layer 0 (linear) takes out_features, got none"),
+    ([{"type": "relu", "p": 0.5}], "layer 0 (relu) takes no arguments, got p"),
+    ([{"type": "dropout", "p": 0.1, "inplace": True}], "layer 0 (dropout) takes p, got "
+                                                       "inplace, p"),
     ([{"type": "linear", "out_features": 0}], "layer 0 (linear): out_features must be an "
                                               "integer >= 1, got 0"),
     ([{"type": "dropout", "p": 1.0}], "layer 0 (dropout): p must be a number in [0, 1)"),

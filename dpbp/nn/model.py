@@ -54,8 +54,10 @@ def make(spec, i):
     try:
         return LAYERS[kind](**arguments)
     except TypeError:   # arguments this layer does not take, or lacks
-        raise ValueError(f"layer {i} ({kind}): arguments {sorted(arguments)} do not fit "
-                         f"{LAYERS[kind].__name__}") from None
+        code = getattr(LAYERS[kind].__init__, "__code__", None)
+        takes = code.co_varnames[1:code.co_argcount] if code else ()
+        raise ValueError(f"layer {i} ({kind}) takes {', '.join(takes) or 'no arguments'}, "
+                         f"got {', '.join(sorted(arguments)) or 'none'}") from None
     except ValueError as e:
         raise ValueError(f"layer {i} ({kind}): {e}") from None
 

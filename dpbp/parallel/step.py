@@ -48,7 +48,8 @@ def train_step(model, optimizer, loss_fn, x, y, N, summed, clip_norm=0.0, keys=N
       the gradient of the global batch's mean loss: what one process computes on the
       whole batch, up to floating-point rounding (PlainSum) or bit for bit (GrainSum).
     - Communicated: the flat gradient, summed over ranks inside summed.sum_(), which is
-      collective: every rank calls it every step, ranks with no rows included.
+      collective: every rank calls it every step, ranks with no rows included; and what
+      a layer sums with ctx.batch_sum (no shipped layer does).
     - A non-finite loss on any rank makes the summed gradient non-finite on every rank
       alike: then no rank updates, and every rank returns ok = False.
     - Never communicated: parameters, activations, per-step losses (but under GrainSum).

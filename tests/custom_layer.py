@@ -25,8 +25,7 @@ class RowCounter(Layer):
     def declare(self, in_shape):
         return Declared(out=tuple(in_shape), buffers=(("seen", (), np.int64), ("rows", (1,), None)))
 
-    def bind(self, params, buffers, *, index, input_grad):
-        super().bind(params, buffers, index=index, input_grad=input_grad)
+    def bind(self, params, buffers):
         self.seen, self.rows = buffers
 
     def forward(self, x, ctx):

@@ -13,7 +13,7 @@ ACTIVATIONS = {"relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid}
 def dropout(p, index, keys):
     """Dropout(p) as layer `index` of a network, and the context of rows with `keys`."""
     layer = Dropout(p)
-    layer.bind([], [], index=index, input_grad=True)
+    layer.place(index, input_grad=True, input_free=False)
     return layer, Context(keys=keys)
 
 
@@ -28,7 +28,8 @@ def test_linear(B, D_in, D_out):
     x, R = rng.normal(size=(B, D_in)), rng.normal(size=(B, D_out))
     layer = Linear(D_out)
     assert layer.declare((D_in,)).params == (("weight", (D_out, D_in)), ("bias", (D_out,)))
-    layer.bind([W, b], [], index=1, input_grad=True)
+    layer.place(1, input_grad=True, input_free=False)
+    layer.bind([W, b], [])
     loss = lambda: float((layer.forward(x, ALONE) * R).sum())   # dloss/dy = R
     layer.forward(x, ALONE)
     dx = layer.backward(R.copy(), [dW, db], ALONE)
@@ -39,14 +40,19 @@ def test_linear(B, D_in, D_out):
 
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("B,D", [(1, 1), (5, 4), (3, 9), (0, 2)])
-def test_activation(name, B, D):
+@pytest.mark.parametrize("free", [False, True])
+def test_activation(name, B, D, free):
+    """Over its input where the model says it is free, into a buffer of its own else."""
     rng = np.random.default_rng(1)
     x, R = rng.normal(size=(B, D)) * 3, rng.normal(size=(B, D))
     if name == "relu":
         x[np.abs(x) < 1e-3] = 0.5   # keep finite differences away from the kink
     act = ACTIVATIONS[name]()
-    loss = lambda: float((act.forward(x, ALONE) * R).sum())
-    act.forward(x, ALONE)
+    act.place(1, input_grad=True, input_free=free)
+    loss = lambda: float((act.forward(x.copy(), ALONE) * R).sum())
+    given = x.copy()
+    y = act.forward(given, ALONE)
+    assert np.shares_memory(y, given) == (free and B > 0)
     assert_close(act.backward(R.copy(), [], ALONE), numeric_grad(loss, x))
 
 

@@ -90,6 +90,10 @@ def test_the_factory_builds_from_specs_and_walks_the_input_shape():
     assert model.shapes == [(6, 5), (6,), (2, 6), (2,)] and model.output_shape == (2,)
     assert model.draws and not mlp([5, 6, 2]).draws
     assert model.describe() == "5 -> dropout 0.2, linear 6, sigmoid, linear 2"
+    # a layer writes over its input only after one whose output nothing reads again
+    assert [layer.input_free for layer in model.layers] == [False, True, True, False]
+    assert [layer.input_free for layer in mlp([5, 6, 2], "tanh", dropout=0.5).layers] == \
+        [False, True, False, True]
     # no gradient for the data: the first Linear computes no dx, dropout before it no backward
     assert model.flops_per_sample == 3 * 5 + (4 * 5 * 6 + 2 * 6) + 7 * 6 + (6 * 6 * 2 + 2 * 2)
     assert mlp([4, 6, 5, 3]).flops_per_sample == (4 * 4 * 6 + 12) + 2 * 6 + (6 * 6 * 5 + 10) \

@@ -10,10 +10,12 @@ Every layer has the methods of `Layer`, with the same signatures, and the model
 
     declare(in_shape)        -> Declared: the output shape for rows of `in_shape`, the
                                 parameters' shapes, the non-trainable buffers' shapes
-    bind(params, buffers, index=, input_grad=)
-                             views into the model's flat parameter buffer and its buffer
-                             arrays, in declare's order; the layer's place in the network;
-                             whether backward must return the input's gradient
+    place(index, input_grad, input_free)
+                             where the model put it (Layer's own method): its index in
+                             the network; whether backward must return the input's
+                             gradient; whether forward may write over its input
+    bind(params, buffers)    views into the model's flat parameter buffer and its buffer
+                             arrays, in declare's order
     init_(rng)               the initial parameters, drawn from rng
     flops(in_shape)          floating-point operations per row, forward and backward
     forward(x, ctx)          training: x (B, *F_in) -> y (B, *F_out), caching for backward
@@ -26,8 +28,9 @@ Every layer has the methods of `Layer`, with the same signatures, and the model
 `ctx` (a Context) carries what a training pass hands every layer alike: each row's key
 for random draws, and the function that sums small arrays over the global batch.
 
-Forward never writes into its input x (a layer before may keep it for its backward, and
-at the first layer it is the data); backward may overwrite dy, which nothing needs after.
+Forward writes into its input x only where the model says it is free (input_free: the
+output of a layer before that declares it `output_free`, which its backward never reads;
+never the data); backward may overwrite dy, which nothing needs after.
 Parameter views are updated in place, never rebound. Each layer writes its output (and
 its input gradient) into a buffer of its own, made on the first call and again only when
 a call brings more rows, so the array a layer returns is overwritten by its next call;
@@ -82,13 +85,24 @@ def rows_of(buf, B, F, dtype):
 class Layer:
     """The interface, with the defaults of a layer that has no parameters and keeps the
     shape of its input."""
-    draws = False   # whether forward draws random numbers (then it needs ctx.keys)
+    draws = False         # forward draws random numbers (then it needs ctx.keys)
+    output_free = False   # forward's output may be overwritten by the next layer: this
+                          # layer's own buffer (or its input, where that was free), which
+                          # its backward never reads
+    index, input_grad, input_free = 0, True, False   # until the model places it
+    out = None            # the buffer output() writes into where x is not free
+
+    def place(self, index, input_grad, input_free):
+        """From the model: this layer's index in the network (its parameters' names,
+        its random draws); whether backward must return its input's gradient (not
+        below the first layer with parameters); whether forward may write over x."""
+        self.index, self.input_grad, self.input_free = index, input_grad, input_free
 
     def declare(self, in_shape):
         return Declared(out=tuple(in_shape))
 
-    def bind(self, params, buffers, *, index, input_grad):
-        self.index, self.input_grad = index, input_grad
+    def bind(self, params, buffers):
+        pass
 
     def init_(self, rng):
         pass
@@ -96,9 +110,18 @@ class Layer:
     def flops(self, in_shape):
         return 0
 
+    def output(self, x):
+        """Where forward writes an output of x's shape and dtype: over x where it is
+        free, else into this layer's own buffer."""
+        if self.input_free:
+            return x
+        self.out = rows_of(self.out, len(x), x.shape[1:], x.dtype)
+        return self.out[:len(x)]
+
 
 class Linear(Layer):
     """y = x W^T + b, with W of shape (D_out, D_in) as in torch.nn.Linear."""
+    output_free = True   # backward reads x and W, never y
 
     def __init__(self, out_features):
         if isinstance(out_features, bool) or not isinstance(out_features, int) \
@@ -114,8 +137,7 @@ class Linear(Layer):
         return Declared(out=(self.D_out,),
                         params=(("weight", (self.D_out, in_shape[0])), ("bias", (self.D_out,))))
 
-    def bind(self, params, buffers, *, index, input_grad):
-        super().bind(params, buffers, index=index, input_grad=input_grad)
+    def bind(self, params, buffers):
         self.W, self.b = params   # views into the flat parameter buffer
 
     def init_(self, rng):
@@ -158,19 +180,20 @@ class Linear(Layer):
 
 
 class ReLU(Layer):
+    output_free = True   # backward reads the mask alone
+
     def __init__(self):
-        self.positive = self.y = None
+        self.positive = None
 
     def flops(self, in_shape):
         return 2 * math.prod(in_shape)   # forward x * (x > 0), backward dy * mask
 
     def forward(self, x, ctx):
-        # x (B, *F) -> y (B, *F)
-        B, F = len(x), x.shape[1:]
-        self.positive = rows_of(self.positive, B, F, np.bool_)
-        self.y = rows_of(self.y, B, F, x.dtype)
+        # x (B, *F) -> y (B, *F), over x where it is free (the output of a Linear)
+        B = len(x)
+        self.positive = rows_of(self.positive, B, x.shape[1:], np.bool_)
         self.mask = np.greater(x, 0, out=self.positive[:B])
-        return np.multiply(x, self.mask, out=self.y[:B])
+        return np.multiply(x, self.mask, out=self.output(x))
 
     def infer(self, x):
         # x (B, *F) -> y (B, *F): forward's arithmetic, caching nothing
@@ -183,16 +206,14 @@ class ReLU(Layer):
 
 class Tanh(Layer):
     def __init__(self):
-        self.scratch = self.out = None
+        self.scratch = None
 
     def flops(self, in_shape):
         return 4 * math.prod(in_shape)   # forward tanh, backward dy * (1 - y^2)
 
     def forward(self, x, ctx):
-        # x (B, *F) -> y (B, *F)
-        B = len(x)
-        self.out = rows_of(self.out, B, x.shape[1:], x.dtype)
-        self.y = np.tanh(x, out=self.out[:B])
+        # x (B, *F) -> y (B, *F), over x where it is free
+        self.y = np.tanh(x, out=self.output(x))
         return self.y
 
     def infer(self, x):
@@ -210,16 +231,14 @@ class Tanh(Layer):
 
 class Sigmoid(Layer):
     def __init__(self):
-        self.scratch = self.out = None
+        self.scratch = None
 
     def flops(self, in_shape):
         return 7 * math.prod(in_shape)   # forward 0.5 (1 + tanh(x/2)), backward dy y (1 - y)
 
     def forward(self, x, ctx):
-        # x (B, *F) -> y (B, *F)
-        B = len(x)
-        self.out = rows_of(self.out, B, x.shape[1:], x.dtype)
-        self.y = self.sigmoid(x, self.out[:B])
+        # x (B, *F) -> y (B, *F), over x where it is free
+        self.y = self.sigmoid(x, self.output(x))
         return self.y
 
     def infer(self, x):
@@ -255,7 +274,7 @@ class Dropout(Layer):
     is the same whichever rank holds it and whatever else that rank holds, and a resumed
     run draws the same masks.
     """
-    draws = True
+    draws, output_free = True, True   # backward reads the mask alone
 
     def __init__(self, p):
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
@@ -269,7 +288,8 @@ class Dropout(Layer):
         return 3 * math.prod(in_shape)   # forward kept * scale, x * mask; backward dy * mask
 
     def forward(self, x, ctx):
-        # x (B, *F), ctx.keys (B,) uint64 -> y (B, *F) = x * mask, mask in {0, scale}
+        # x (B, *F), ctx.keys (B,) uint64 -> y (B, *F) = x * mask, mask in {0, scale};
+        # into a buffer of its own, x free or not
         if ctx.keys is None:
             raise ValueError("Dropout.forward needs each row's key (noise.row_keys)")
         B, F, D = len(x), x.shape[1:], math.prod(x.shape[1:])

@@ -108,9 +108,10 @@ class Model:
         self.arrays = self.split(self.params)   # same order as names
         with_params = [i for i, s in enumerate(owned) if s.stop > s.start]
         self.first = with_params[0] if with_params else len(self.layers)   # backward stops there
-        # layer i returns its input's gradient only where a layer before it has parameters
-        for i, layer in enumerate(self.layers):
-            layer.bind(self.arrays[owned[i]], buffer_views[i], index=i, input_grad=i > self.first)
+        for i, layer in enumerate(self.layers):   # an input's gradient is needed above the
+            layer.place(i, input_grad=i > self.first,   # first parameters, never the data
+                        input_free=i > 0 and self.layers[i - 1].output_free)
+            layer.bind(self.arrays[owned[i]], buffer_views[i])
         self.flops_per_sample = sum(layer.flops(shape) for layer, shape, _ in walked)
         self.draws = any(layer.draws for layer in self.layers)
 

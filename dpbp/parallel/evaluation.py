@@ -82,7 +82,7 @@ def outputs(model, x, dtype, probabilities, comm, where="--input", block=BLOCK):
     def outputs_of(rows):   # on several threads at once: nothing shared is written
         with np.errstate(over="ignore"):   # overflow is reported just below
             xb = np.ascontiguousarray(x[rows], dtype=dtype)
-        bad = np.flatnonzero(~np.isfinite(xb).all(axis=1))
+        bad = np.flatnonzero(~np.isfinite(xb).reshape(len(xb), -1).all(axis=1))
         if len(bad):
             raise UserError(f"{where}: row {rows.start + bad[0]} holds NaN or Inf (or "
                             f"values beyond {np.dtype(dtype).name})")

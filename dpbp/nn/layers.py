@@ -32,9 +32,9 @@ Forward writes into its input x only where the model says it is free (input_free
 output of a layer before that declares it `output_free`, which its backward never reads;
 never the data); backward may overwrite dy, which nothing needs after.
 Parameter views are updated in place, never rebound. Each layer writes its output (and
-its input gradient) into a buffer of its own, made on the first call and again only when
-a call brings more rows, so the array a layer returns is overwritten by its next call;
-`infer` allocates instead.
+its input gradient) over a free input or into a buffer of its own, made on the first
+call and again only when a call brings more rows, so the array a layer returns is
+overwritten by its next call; `infer` allocates instead.
 """
 
 import math

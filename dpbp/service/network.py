@@ -23,8 +23,8 @@ def from_config(model_cfg, outputs):
 
 
 def build(layers, input_shape, dtype, where="model"):
-    """Collective-free. The Model of these specs for rows of `input_shape`; a UserError
-    (naming `where`) for specs that do not make a network, or one too large for memory."""
+    """The Model of these specs for rows of `input_shape`; a UserError (naming `where`)
+    for specs that do not make a network, or one too large for memory."""
     try:
         return Model(layers, input_shape, dtype)
     except ValueError as e:
@@ -106,7 +106,8 @@ def check_unchanged(saved, cfg, layers, path):
     for key in KEYS:
         if old[key] != new[key]:
             raise UserError(f"{key}: the network is the one checkpoint {path} records "
-                            f"({describe(*layers)}); only the data may change")
+                            f"({describe(*layers)}); the command line may change the data, not "
+                            "the network")
 
 
 def check_fits(model, data, where):

@@ -2,16 +2,19 @@
 
     python -m dpbp.bench                              # one process
     mpirun -n 2 python -m dpbp.bench --compare-torch  # two ranks, and PyTorch DDP alike
+    python -m dpbp.bench --config configs/mnist.toml  # a training config's network and batch
 
 Each rank trains on its shard of a global batch of random inputs and labels, with the
 same train_step as `python -m dpbp.train` (no separate fast path). After warm-up steps,
 every timed step is measured on every rank; a step's time is its slowest rank's. The
 report: samples/s (global batch / median step time), the step split into compute and
 communication wait (time inside the gradient Allreduce, including waiting for slower
-ranks), achieved FLOP/s counted as 6 x weights x samples/s (forward 2, backward 4 per
-weight and sample), the float32 GEMM peak of the same ranks and threads (1024x1024
-matmuls, all ranks at once, best of short windows before and after the steps), their ratio (MFU), and peak resident memory per rank next
-to what the run needs. `--compare-torch` runs the same network, batch and steps under
+ranks), achieved FLOP/s (the layers' count of the operations dpbp computes per sample,
+forward and backward, x samples/s), the float32 GEMM peak of the same ranks and threads
+(1024x1024 matmuls, all ranks at once, best of short windows before and after the
+steps), their ratio (MFU), and peak resident memory per rank next to what the run
+needs. `--config` times a training config's network and global batch instead of
+`--layers`. `--compare-torch` runs the same network, batch and steps under
 torch.nn.parallel.DistributedDataParallel (gloo) in the same processes, where PyTorch is
 installed; dpbp never needs it. `--scaling-model` then measures what the model of
 parallel/scaling.py needs (compute per sample and per step, timed alone; the Allreduce at
@@ -46,36 +49,54 @@ import numpy as np  # noqa: E402
 from dpbp.errors import ArgumentParser, UserError, plural  # noqa: E402
 from dpbp.nn import noise  # noqa: E402
 from dpbp.nn.losses import cross_entropy  # noqa: E402
-from dpbp.nn.model import MLP  # noqa: E402
+from dpbp.nn.model import mlp_layers, walk  # noqa: E402
 from dpbp.nn.optim import SGD  # noqa: E402
 from dpbp.parallel import comm as mpi  # noqa: E402
 from dpbp.parallel import half, scaling, sharding  # noqa: E402
 from dpbp.parallel.step import PlainSum, clip_grad_norm_, train_step  # noqa: E402
 from dpbp.parallel.threads import blas_threads, cores_for, limit_blas_threads  # noqa: E402
-from dpbp.service import config  # noqa: E402
+from dpbp.service import config, network  # noqa: E402
+from dpbp.service import data as datasets  # noqa: E402
 from dpbp.service.config import TrainConfig  # noqa: E402
 from dpbp.service.startup import gradient_sum, new_optimizer  # noqa: E402
 
 GEMM_N = 1024
 LR, MOMENTUM = 0.01, 0.9
 MEMORY_SLACK = 1.5   # peak RSS may exceed what the run needs by this factor
+DEFAULT_LAYERS, DEFAULT_BATCH = [784, 1024, 1024, 10], 512
+
+
+class Net:
+    """What is timed: the network (layer specs, one input row's shape) in a dtype."""
+
+    def __init__(self, layers, input_shape, dtype):
+        self.layers, self.input_shape, self.dtype = layers, tuple(input_shape), np.dtype(dtype)
+
+    def build(self):
+        """The model, its weights drawn as a training run draws them."""
+        model = network.build(self.layers, self.input_shape, self.dtype)
+        model.init_(np.random.default_rng([0, 0x1417]))
+        return model
+
+    def batch(self, model, B, seed):
+        """B random input rows and labels for `model`."""
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((B, *self.input_shape), dtype=np.float64).astype(self.dtype)
+        return x, rng.integers(0, model.output_shape[-1], size=B)
 
 
 # ----------------------------------------------------------------------------- dpbp
 
-def bench_dpbp(comm, widths, N, dtype, warmup, steps, tc, dropout):
+def bench_dpbp(comm, net, N, warmup, steps, tc):
     """Collective. Per-rank arrays of step, communication-wait and optimizer-update
-    seconds of the timed steps, the CPU seconds this rank used in them, and the bytes of
-    the model, optimizer state and activations of this rank."""
-    model = MLP(widths, "relu", dtype, dropout)
-    model.init_(np.random.default_rng([0, 0x1417]))
+    seconds of the timed steps, the CPU seconds this rank used in them, the bytes of
+    the model, optimizer state and activations of this rank, and the model."""
+    model = net.build()
     optimizer = new_optimizer(tc, model)
     summed = gradient_sum(tc, comm, model)
     rows = summed.rows(N)
     B = rows.stop - rows.start
-    rng = np.random.default_rng([1, comm.rank])
-    x = rng.standard_normal((B, widths[0]), dtype=np.float64).astype(dtype)
-    y = rng.integers(0, widths[-1], size=B)
+    x, y = net.batch(model, B, [1, comm.rank])
 
     seconds, waits = np.empty(steps), np.empty(steps)
     for k in range(-warmup, steps):
@@ -84,7 +105,7 @@ def bench_dpbp(comm, widths, N, dtype, warmup, steps, tc, dropout):
         comm.wait_seconds = 0.0
         t0 = time.perf_counter()
         keys = noise.row_keys(0, warmup + k, np.arange(rows.start, rows.stop)) \
-            if dropout else None   # as the loop makes them, every step
+            if model.draws else None   # as the loop makes them, every step
         train_step(model, optimizer, cross_entropy, x, y, N, summed, 0.0, keys)
         if k >= 0:
             seconds[k], waits[k] = time.perf_counter() - t0, comm.wait_seconds
@@ -94,21 +115,17 @@ def bench_dpbp(comm, widths, N, dtype, warmup, steps, tc, dropout):
         t0 = time.perf_counter()
         optimizer.step()
         updates[k] = time.perf_counter() - t0
-    state = model.params.nbytes + model.grads.nbytes + summed.scratch_bytes() + optimizer.nbytes()
-    return seconds, waits, updates, cpu, state + activation_bytes(widths, B, dtype, dropout)
+    state = (model.params.nbytes + model.grads.nbytes + summed.scratch_bytes()
+             + optimizer.nbytes() + sum(a.nbytes for a in model.buffers.values()))
+    loss = 3 * model.output_shape[-1] * model.params.itemsize * B   # outputs' gradient, softmax
+    return seconds, waits, updates, cpu, state + x.nbytes + row_buffer_bytes(model) + loss, model
 
 
-def activation_bytes(widths, B, dtype, dropout=0.0):
-    """What one step holds per row batch: the input, every layer's output and (but the
-    first) input gradient, the ReLU masks and the loss gradient; with dropout, its
-    random bits, scratch space, mask and output."""
-    item = np.dtype(dtype).itemsize
-    outputs = sum(widths[1:]) * item
-    input_grads = sum(widths[1:-1]) * item
-    masks = sum(widths[1:-1])
-    loss = 3 * widths[-1] * item
-    dropped = sum(widths[1:-1]) * (8 + 8 + 1 + 2 * item) if dropout else 0
-    return B * (widths[0] * item + outputs + input_grads + masks + loss + dropped)
+def row_buffer_bytes(model):
+    """What the layers hold after a step: the row buffers of their own (outputs, input
+    gradients, masks, random bits, scratch space), not views of other arrays."""
+    return sum(a.nbytes for layer in model.layers for a in vars(layer).values()
+               if isinstance(a, np.ndarray) and a.base is None)
 
 
 def gemm_rates(comm, dtype, windows=3, window_seconds=0.2):
@@ -157,24 +174,22 @@ def timed(comm, fn, reps=SCALING_REPS, window=0.3):
     return float(np.median(gather(comm, seconds).max(axis=0)))
 
 
-def measure_compute(comm, widths, N, dtype):
+def measure_compute(comm, net, N):
     """Collective. Seconds of this host's step without the gradient sum, on a global batch
     of N rows (each rank, at once, runs train_step on its shard in a world of its own), and
     of the part that does not depend on the rows (the update and the gradient norm)."""
-    model = MLP(widths, "relu", dtype)
-    model.init_(np.random.default_rng([0, 0x1417]))
+    model = net.build()
     optimizer = SGD(model.params, model.grads, LR, MOMENTUM)
     B = len(range(N)[sharding.shard(N, comm.rank, comm.size)])
-    rng = np.random.default_rng([2, comm.rank])
-    x = rng.standard_normal((B, widths[0])).astype(dtype)
-    y = rng.integers(0, widths[-1], size=B)
+    x, y = net.batch(model, B, [2, comm.rank])
+    keys = noise.row_keys(0, 0, np.arange(B)) if model.draws else None
     alone = PlainSum(mpi.Comm(None), model.grads)   # the plain sum of a world of one
 
     def update():
         clip_grad_norm_(model.grads, 0.0)
         optimizer.step()
     return (timed(comm, lambda: train_step(model, optimizer, cross_entropy, x, y, max(B, 1),
-                                           alone)),
+                                           alone, 0.0, keys)),
             timed(comm, update))
 
 
@@ -219,11 +234,10 @@ class Alone:
         pass
 
 
-def measure_scaling(comm, args, widths, dtype, step):
+def measure_scaling(comm, args, net, weights, step):
     """Collective. What the scaling model needs, measured here, its predictions, and its
     check against this run's own step (the figures --json adds)."""
-    weights = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
-    alone, update = measure_compute(comm, widths, args.batch_size, dtype)
+    alone, update = measure_compute(comm, net, args.batch_size)
     points, gamma, convert = measure_sums(comm, weights)
     alpha, beta = scaling.fit_alpha_beta(points, gamma) if points else (None, None)
     kind, host_sum = args.comm_dtype, 0.0   # the sum among this host's ranks, as fitted
@@ -271,7 +285,27 @@ def finite(value):
 
 # ----------------------------------------------------------------------------- PyTorch
 
-def bench_torch(torch, comm, widths, N, warmup, steps, threads):
+# dpbp's layer types as torch.nn modules, for --compare-torch: (torch.nn, the shape of an
+# input row, the spec's arguments) -> module
+TORCH_LAYERS = {
+    "linear": lambda nn, shape, out_features: nn.Linear(shape[-1], out_features),
+    "relu": lambda nn, shape: nn.ReLU(),
+    "tanh": lambda nn, shape: nn.Tanh(),
+    "sigmoid": lambda nn, shape: nn.Sigmoid(),
+    "dropout": lambda nn, shape, p: nn.Dropout(p),
+}
+
+
+def torch_network(torch, net):
+    """net's layers as a torch.nn.Sequential in net's dtype (torch's own initial weights)."""
+    modules = []
+    for spec, (_, shape, _) in zip(net.layers, walk(net.layers, net.input_shape)[0]):
+        arguments = {k: v for k, v in spec.items() if k != "type"}
+        modules.append(TORCH_LAYERS[spec["type"]](torch.nn, shape, **arguments))
+    return torch.nn.Sequential(*modules).to(getattr(torch, net.dtype.name))
+
+
+def bench_torch(torch, comm, net, N, warmup, steps, threads):
     """Collective. The same network, batch and steps under DistributedDataParallel (gloo)
     in these processes; per-rank step seconds, and the CPU seconds of the timed steps."""
     import torch.distributed as dist
@@ -292,16 +326,13 @@ def bench_torch(torch, comm, widths, N, warmup, steps, threads):
     dist.init_process_group("gloo", store=store, rank=comm.rank, world_size=comm.size)
     try:
         torch.manual_seed(0)
-        layers = []
-        for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
-            layers += [torch.nn.Linear(d_in, d_out)] + [torch.nn.ReLU()] * (i < len(widths) - 2)
-        model = DistributedDataParallel(torch.nn.Sequential(*layers))
+        model = DistributedDataParallel(torch_network(torch, net))
         optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
         loss_fn = torch.nn.CrossEntropyLoss()
         B = sharding.shard_sizes(N, comm.size)[comm.rank]
         gen = torch.Generator().manual_seed(1 + comm.rank)
-        x = torch.randn(B, widths[0], generator=gen)
-        y = torch.randint(0, widths[-1], (B,), generator=gen)
+        x = torch.randn(B, *net.input_shape, generator=gen).to(getattr(torch, net.dtype.name))
+        y = torch.randint(0, walk(net.layers, net.input_shape)[1][-1], (B,), generator=gen)
         seconds = np.empty(steps)
         for k in range(-warmup, steps):
             if k == 0:
@@ -317,17 +348,20 @@ def bench_torch(torch, comm, widths, N, warmup, steps, threads):
         dist.destroy_process_group()
 
 
-def compare_torch(comm, args, widths, threads, peak_gemm, step):
+def compare_torch(comm, args, net, flops_per_sample, threads, peak_gemm, step):
     """Collective. PyTorch DDP's figures on the same network, batch, steps and threads."""
     with mpi.agreement(comm):
         torch = import_torch()
-    seconds, cpu = bench_torch(torch, comm, widths, args.batch_size, args.warmup, args.steps,
+        missing = sorted({s["type"] for s in net.layers} - set(TORCH_LAYERS))
+        if missing:
+            raise UserError(f"--compare-torch: no PyTorch module stands for {missing[0]} "
+                            "layers here (bench.TORCH_LAYERS)")
+    seconds, cpu = bench_torch(torch, comm, net, args.batch_size, args.warmup, args.steps,
                                threads)
     torch_step = np.median(gather(comm, seconds).max(axis=0))
-    weights = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
     return dict(torch_version=torch.__version__,
                 torch_samples_per_second=args.batch_size / torch_step,
-                torch_mfu=6 * weights * args.batch_size / torch_step / peak_gemm,
+                torch_mfu=flops_per_sample * args.batch_size / torch_step / peak_gemm,
                 torch_cpu_seconds_per_sample=gather(comm, cpu).sum()
                 / (args.steps * args.batch_size),
                 speedup_vs_torch=torch_step / step)
@@ -384,8 +418,8 @@ def peak_rss_bytes():
     return peak if sys.platform == "darwin" else peak * 1024   # bytes on macOS, else KiB
 
 
-def run_bench(args, comm, say):
-    widths, dtype = args.layers, np.dtype(args.dtype)
+def run_bench(args, net, comm, say):
+    dtype = net.dtype
     t0 = time.perf_counter()
     limit_blas_threads(comm.ranks_sharing_cores, args.deterministic, comm.counted)
     threads = blas_threads()
@@ -395,8 +429,8 @@ def run_bench(args, comm, say):
     tc = TrainConfig(batch_size=args.batch_size, comm_dtype=args.comm_dtype,
                      deterministic=args.deterministic, grains=args.grains,
                      optimizer=args.optimizer, lr=LR, momentum=MOMENTUM)
-    seconds, waits, updates, cpu, need = bench_dpbp(
-        comm, widths, args.batch_size, dtype, args.warmup, args.steps, tc, args.dropout)
+    seconds, waits, updates, cpu, need, model = bench_dpbp(
+        comm, net, args.batch_size, args.warmup, args.steps, tc)
     peak_rss = gather(comm, peak_rss_bytes()).max()
     # The peak: the best window, before or after the steps, of all ranks' rates summed
     # (others' work on a shared machine only ever lowers a window's rate).
@@ -405,34 +439,37 @@ def run_bench(args, comm, say):
     need = gather(comm, need).max()
     step = np.median(gather(comm, seconds).max(axis=0))
     comm_fraction = float(np.mean(gather(comm, waits.sum() / seconds.sum())))
-    weights = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+    weights = model.params.size
     samples_per_second = args.batch_size / step
-    flops = 6 * weights * samples_per_second
+    flops = model.flops_per_sample * samples_per_second
     budget = MEMORY_SLACK * (base_rss + need)
     r = dict(world_size=comm.size, threads_per_rank=threads, cores=len(mpi.available_cores()),
              ranks_sharing_cores=comm.ranks_sharing_cores, ranks_on_host=comm.ranks_on_host,
              ranks_counted=comm.counted, mpi=comm.library,
-             layers=widths, weights=weights, batch_size=args.batch_size, dtype=dtype.name,
+             network=model.describe(), layers=net.layers, input_shape=net.input_shape,
+             weights=weights, batch_size=args.batch_size, dtype=dtype.name,
              warmup=args.warmup, steps=args.steps, comm_dtype=args.comm_dtype,
              deterministic=args.deterministic,
              grains=args.grains if args.deterministic else None,
-             optimizer=args.optimizer, dropout=args.dropout,
+             optimizer=args.optimizer,
              update_seconds=float(np.median(gather(comm, updates).max(axis=0))),
              samples_per_second=samples_per_second,
              step_seconds=step, compute_seconds=step * (1 - comm_fraction),
              comm_seconds=step * comm_fraction, comm_fraction=comm_fraction,
              cpu_seconds_per_sample=gather(comm, cpu).sum() / (args.steps * args.batch_size),
-             flops=flops, peak_flops=peak_gemm, mfu=flops / peak_gemm,
+             flops_per_sample=model.flops_per_sample, flops=flops, peak_flops=peak_gemm,
+             mfu=flops / peak_gemm,
              peak_rss_mb=peak_rss / 2**20, memory_budget_mb=budget / 2**20,
              base_rss_mb=base_rss / 2**20, model_and_activations_mb=need / 2**20,
              import_seconds=float(gather(comm, IMPORT_SECONDS).max()))
 
     say(report(r))
     if args.compare_torch:
-        r.update(compare_torch(comm, args, widths, threads, peak_gemm, step))
+        r.update(compare_torch(comm, args, net, model.flops_per_sample, threads, peak_gemm,
+                               step))
         say(report_torch(r))
     if args.scaling_model:
-        r.update(measure_scaling(comm, args, widths, dtype, step))
+        r.update(measure_scaling(comm, args, net, weights, step))
         say(report_scaling(r))
     r["bench_seconds"] = time.perf_counter() - t0
     if args.json:
@@ -450,13 +487,13 @@ def report(r):
         f"dpbp bench: {plural(r['world_size'], 'rank')} ({r['mpi']}), "
         f"{plural(r['threads_per_rank'], 'BLAS thread')} per rank "
         f"({cores_for(r['cores'], r['ranks_sharing_cores'], r['ranks_counted'])})",
-        f"network {'-'.join(map(str, r['layers']))} relu {r['dtype']}, {r['weights']:,} "
+        f"network {r['network']}; {r['dtype']}, {r['weights']:,} "
         f"weights; global batch {r['batch_size']} (per rank {'-'.join(map(str, per_rank))}); "
         f"{r['warmup']} warm-up + {r['steps']} timed steps; gradients summed "
         "after backpropagation"
         + ("" if r["comm_dtype"] == "float32" else f", sent as {r['comm_dtype']}")
         + (f", exactly in {r['grains']} grains (deterministic)" if r["deterministic"] else "")
-        + f"; optimizer {r['optimizer']}" + (f", dropout {r['dropout']:g}" if r["dropout"] else ""),
+        + f"; optimizer {r['optimizer']}",
         f"samples/s        {r['samples_per_second']:,.0f}",
         f"step (median)    {ms(r['step_seconds'])}: compute {ms(r['compute_seconds'])}, "
         f"communication wait {ms(r['comm_seconds'])} ({100 * r['comm_fraction']:.1f} %)",
@@ -464,7 +501,8 @@ def report(r):
         f"({100 * r['update_seconds'] / r['step_seconds']:.1f} % of a step)",
         f"CPU time         {1e6 * r['cpu_seconds_per_sample']:,.1f} us per sample (all ranks "
         "together; waiting ranks that spin count too)",
-        f"achieved         {r['flops'] / 1e9:,.1f} GFLOP/s (6 x weights x samples/s)",
+        f"achieved         {r['flops'] / 1e9:,.1f} GFLOP/s ({r['flops_per_sample']:,} FLOPs "
+        "per sample, as dpbp computes them, x samples/s)",
         f"GEMM peak        {r['peak_flops'] / 1e9:,.1f} GFLOP/s ({r['dtype']} {GEMM_N}x{GEMM_N} "
         f"matmul, all ranks at once)",
         f"MFU              {r['mfu']:.3f}",
@@ -576,16 +614,23 @@ PARSER = ArgumentParser(prog="python -m dpbp.bench", add_help=False,
                              "[options]",
                  formatter_class=argparse.RawDescriptionHelpFormatter)
 PARSER.add_argument("-h", "--help", action="store_true", help="show this help and exit")
-PARSER.add_argument("--layers", type=widths_arg, default=[784, 1024, 1024, 10],
-                    metavar="D_IN,...,D_OUT",
-                    help="layer widths, input to output (default 784,1024,1024,10)")
-PARSER.add_argument("--batch-size", type=positive_int, default=512, metavar="N",
-                    help="global batch, split across ranks (default 512)")
+PARSER.add_argument("--config", metavar="FILE",
+                    help="time the network and global batch of this training config, the "
+                         "input shape and classes read from its data's headers (then "
+                         "--layers, --batch-size, --dropout and --dtype are the config's)")
+PARSER.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[],
+                    help="with --config: override one of its keys, as dpbp.train does "
+                         "(repeatable)")
+PARSER.add_argument("--layers", type=widths_arg, default=None, metavar="D_IN,...,D_OUT",
+                    help="layer widths, input to output, of a multilayer perceptron with "
+                         "ReLU (default 784,1024,1024,10)")
+PARSER.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
+                    help=f"global batch, split across ranks (default {DEFAULT_BATCH})")
 PARSER.add_argument("--steps", type=positive_int, default=30, metavar="K",
                     help="timed steps (default 30)")
 PARSER.add_argument("--warmup", type=count, default=5, metavar="K",
                     help="untimed steps first (default 5)")
-PARSER.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+PARSER.add_argument("--dtype", choices=["float32", "float64"], default=None,
                     help="parameter and data type (default float32)")
 PARSER.add_argument("--comm-dtype", choices=["float32", "float16", "bfloat16"],
                     default="float32", help="send the gradient sum in 16 bits, as "
@@ -597,7 +642,7 @@ PARSER.add_argument("--grains", type=positive_int, default=TrainConfig.grains, m
                     help=f"train.grains under --deterministic (default {TrainConfig.grains})")
 PARSER.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
                     help="train.optimizer: sgd (momentum 0.9) or adamw (default sgd)")
-PARSER.add_argument("--dropout", type=probability, default=0.0, metavar="P",
+PARSER.add_argument("--dropout", type=probability, default=None, metavar="P",
                     help="model.dropout: drop probability after each hidden activation "
                          "(default 0)")
 PARSER.add_argument("--json", action="store_true",
@@ -629,12 +674,36 @@ def main(argv=None):
                             "--deterministic")
         if args.latency_us is not None and not args.scaling_model:
             raise UserError("--latency-us is an input of --scaling-model, which is not given")
+    if PARSER.answered(args, say):
+        return 0
+    with mpi.agreement(comm):
+        net = what_to_time(args)
         if args.deterministic and args.grains > min(args.batch_size, config.MAX_GRAINS):
             raise UserError(f"--grains must be at most --batch-size ({args.batch_size}) and "
                             f"{config.MAX_GRAINS}, got {args.grains}")
-    if PARSER.answered(args, say):
-        return 0
-    return run_bench(args, comm, say)
+    return run_bench(args, net, comm, say)
+
+
+def what_to_time(args):
+    """The Net that the options name: --config's network, dtype and global batch (which
+    also sets args.batch_size), or the multilayer perceptron of --layers."""
+    if not args.config:
+        if args.set:
+            raise UserError("--set changes the keys of a --config FILE, which is not given")
+        args.batch_size = args.batch_size or DEFAULT_BATCH
+        widths = args.layers or DEFAULT_LAYERS
+        return Net(mlp_layers(widths[1:-1], "relu", args.dropout or 0.0, widths[-1]),
+                   (widths[0],), args.dtype or "float32")
+    given = [option for option, value in (("--layers", args.layers), ("--batch-size",
+             args.batch_size), ("--dropout", args.dropout), ("--dtype", args.dtype))
+             if value is not None]
+    if given:
+        raise UserError(f"{given[0]} is the config's beside --config (its model and "
+                        "train.batch_size): change them with --set")
+    cfg = config.load(args.config, args.set)
+    input_shape, outputs = datasets.peek(cfg.data, cfg.train.loss, cfg.model.classes)
+    args.batch_size = cfg.train.batch_size
+    return Net(network.from_config(cfg.model, outputs), input_shape, cfg.model.dtype)
 
 
 def cli():

@@ -24,7 +24,7 @@ from dpbp.errors import ArgumentParser, UserError
 from dpbp.parallel import comm as mpi
 from dpbp.parallel.evaluation import MAX_MATRIX_CLASSES, class_counts, evaluate
 from dpbp.parallel.threads import limit_blas_threads
-from dpbp.service import config, run_dir
+from dpbp.service import config, network, run_dir
 from dpbp.service import data as datasets
 from dpbp.service.restore import load_checkpoint, restore_model
 from dpbp.service.startup import LOSSES, check_same_inputs, load_data
@@ -36,13 +36,14 @@ def main(argv=None):
         args = PARSER.parse_args(argv)
     if PARSER.answered(args, print if comm.rank == 0 else lambda *a: None):
         return 0
-    state, saved_toml, classes, args.checkpoint = load_checkpoint(comm, args.checkpoint)
+    state, saved_toml, layers, args.checkpoint = load_checkpoint(comm, args.checkpoint)
     with mpi.agreement(comm):
         saved = config.from_toml(saved_toml, f"checkpoint {args.checkpoint}")
         cfg = config.load(args.config, args.set, base=saved)
+        network.check_unchanged(saved, cfg, layers, args.checkpoint)
     limit_blas_threads(comm.ranks_sharing_cores, cfg.train.deterministic)   # as the run
     with mpi.agreement(comm):
-        data = load_data(cfg, classes)   # labels: the network's classes
+        data = load_data(cfg, network.output_width(*layers))   # labels: the network's classes
         data_id, notes = datasets.identity(data), []
         if comm.rank == 0:   # the checkpoint's own data, unless the command line names others
             notes = run_dir.check_data(state["data"], data_id,
@@ -50,8 +51,9 @@ def main(argv=None):
             notes += run_dir.unnamed_best(args.checkpoint, state)
         x, y = rows_of(args.split, cfg, data)
     check_same_inputs(comm, cfg, data_id + "; " + datasets.arrays_identity({"x": x, "y": y}))
-    widths = [data.num_inputs, *cfg.model.hidden, data.num_outputs]
-    model = restore_model(comm, state, args.checkpoint, widths, cfg)
+    model = restore_model(comm, state, args.checkpoint, layers, cfg.model.dtype)
+    with mpi.agreement(comm):
+        network.check_fits(model, data, f"checkpoint {args.checkpoint}")
     epoch = comm.bcast_obj(None if state is None else state["epoch"])
 
     loss, accuracy = evaluate(model, LOSSES[cfg.train.loss], x, y, data.num_classes, comm)

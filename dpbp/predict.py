@@ -3,8 +3,8 @@
     python -m dpbp.predict --checkpoint runs/default/checkpoints/epoch-0010.npz \
                            --input x.npy --output probabilities.npy
 
-The input is a .npy of shape (n, features) with the features the network was trained
-on. For a cross-entropy network the output is float64 (n, classes): the softmax of the
+The input is a .npy of shape (n, features): n rows of the shape the network was
+trained on (its checkpoint records it). For a cross-entropy network the output is float64 (n, classes): the softmax of the
 network's outputs, each row summing to 1. For an MSE network it is the outputs
 themselves, float64 (n, outputs) (with integer labels, the per-class scores). Under
 `mpirun -n N` every rank computes its share of the rows, in blocks at fixed offsets (so
@@ -23,12 +23,12 @@ from dpbp.parallel.evaluation import outputs
 from dpbp.parallel.threads import limit_blas_threads
 from dpbp.service import config
 from dpbp.service.files import write_atomic
-from dpbp.service.restore import load_checkpoint, restore_model, widths_of
+from dpbp.service.restore import load_checkpoint, restore_model
 
 
-def open_input(path, num_inputs):
+def open_input(path, input_shape):
     """The input array at `path`, memory-mapped, checked against a network that takes
-    `num_inputs` features; UserError naming the file otherwise."""
+    rows of `input_shape`; UserError naming the file otherwise."""
     if not os.path.isfile(path):
         raise UserError(f"--input: no such file {path}")
     try:
@@ -41,12 +41,13 @@ def open_input(path, num_inputs):
         raise UserError(f"--input {path}: not a readable .npy file ({e})") from None
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise UserError(f"--input {path}: must hold numbers, got dtype {x.dtype}")
-    if x.ndim == 1 and len(x) == num_inputs:
+    takes = f"(n, {', '.join(map(str, input_shape))})"
+    if x.shape == tuple(input_shape):
         raise UserError(f"--input {path}: shape {x.shape} is one sample; the network takes "
-                        f"(n, {num_inputs}): save it as x.reshape(1, -1)")
-    if x.ndim != 2 or x.shape[1] != num_inputs:
+                        f"{takes}: save it as x[None]")
+    if x.shape[1:] != tuple(input_shape) or x.ndim == 0:
         raise UserError(f"--input {path}: shape {x.shape}, but the network takes "
-                        f"(n, {num_inputs}): n samples of {num_inputs} features")
+                        f"{takes}: n samples of {'x'.join(map(str, input_shape))} features")
     return x
 
 
@@ -70,18 +71,15 @@ def main(argv=None):
         args = PARSER.parse_args(argv)
     if PARSER.answered(args, print if comm.rank == 0 else lambda *a: None):
         return 0
-    state, saved_toml, _, args.checkpoint = load_checkpoint(comm, args.checkpoint)
-    widths = None
+    state, saved_toml, layers, args.checkpoint = load_checkpoint(comm, args.checkpoint)
     with mpi.agreement(comm):
         cfg = config.from_toml(saved_toml, f"checkpoint {args.checkpoint}")
         if comm.rank == 0:
-            widths = widths_of(state, args.checkpoint, cfg.model)
             check_output(args.output, args.input)
-    widths = comm.bcast_obj(widths)
     limit_blas_threads(comm.ranks_sharing_cores, cfg.train.deterministic)   # as the run
-    model = restore_model(comm, state, args.checkpoint, widths, cfg)
+    model = restore_model(comm, state, args.checkpoint, layers, cfg.model.dtype)
     with mpi.agreement(comm):
-        x = open_input(args.input, widths[0])
+        x = open_input(args.input, model.input_shape)
     probabilities = cfg.train.loss == "cross_entropy"
     out = outputs(model, x, cfg.model.dtype, probabilities, comm, f"--input {args.input}")
     with mpi.agreement(comm):

@@ -121,8 +121,8 @@ def train(run, comm, say, progress, signals, watchdog):
                 N = len(batches[b])
                 rows = batches[b][run.summed.rows(N)]
                 optimizer.lr = schedule.lr_at(tc, at.step, steps_per_epoch)
-                # dropout's masks: a function of (seed, step, each row's sample index)
-                keys = noise.row_keys(cfg.run.seed, at.step, rows) if model.dropout else None
+                # random draws (dropout's masks): a function of (seed, step, each row's index)
+                keys = noise.row_keys(cfg.run.seed, at.step, rows) if model.draws else None
                 with np.errstate(over="ignore", invalid="ignore"):   # non-finite: caught
                     loss, ok = train_step(model, optimizer, run.loss_fn, data.x[rows],
                                           data.y[rows], N, run.summed, tc.clip_grad_norm, keys)

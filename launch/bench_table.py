@@ -75,7 +75,7 @@ def main():
 
 def heading(results, repeats, loads):
     first = next(iter(results.values()))[0]
-    return (f"Medians of {repeats} runs; network {'-'.join(map(str, first['layers']))} "
+    return (f"Medians of {repeats} runs; network {first['network']}; "
             f"{first['dtype']}, global batch {first['batch_size']}, {first['steps']} timed "
             f"steps after {first['warmup']} warm-up; {first['mpi']}; load average "
             f"{loads[0]:.1f} before, {loads[1]:.1f} after.")

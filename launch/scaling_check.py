@@ -65,7 +65,7 @@ def main():
 def table(runs, repeats, loads):
     med = statistics.median
     first = runs[1][0]
-    lines = [f"Medians of {repeats} runs; network {'-'.join(map(str, first['layers']))} "
+    lines = [f"Medians of {repeats} runs; network {first['network']}; "
              f"{first['dtype']}, global batch {first['batch_size']}, sums in "
              f"{first['comm_dtype']}; {first['mpi']}; load average {loads[0]:.1f} before, "
              f"{loads[1]:.1f} after. One rank runs with one BLAS thread (one core).", "",

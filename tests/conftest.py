@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpbp.nn.model import MLP
+from dpbp.nn.model import Model, mlp_layers
 from dpbp.service.data import MNIST_FILES
 from tests import thread_sensitive
 
@@ -240,8 +240,15 @@ def sensitive():
     thread_sensitive.uninstall()
 
 
+def mlp(widths, activation="relu", dtype=np.float32, dropout=0.0):
+    """The multilayer perceptron of `widths` (inputs, hidden widths..., outputs), as the
+    factory builds it from model.hidden, model.activation and model.dropout."""
+    return Model(mlp_layers(widths[1:-1], activation, dropout, widths[-1]), (widths[0],),
+                 dtype)
+
+
 def small_model(widths=(12, 16, 8, 3), dtype=np.float32):
-    model = MLP(list(widths), "relu", dtype)
+    model = mlp(widths, "relu", dtype)
     model.init_(np.random.default_rng(5))
     return model
 

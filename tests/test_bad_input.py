@@ -24,11 +24,10 @@ from typing import Callable, NamedTuple
 import numpy as np
 import pytest
 
-from dpbp.nn.model import MLP
 from dpbp.nn.optim import SGD
 from dpbp.service import checkpoint, config
 from dpbp.service.checkpoint import Position
-from tests.conftest import fake_mnist, run_train, write_idx
+from tests.conftest import fake_mnist, mlp, run_train, write_idx
 
 ONE, TWO, BOTH = (None,), (2,), (None, 2)   # ranks to launch with; None: no mpirun
 
@@ -177,7 +176,7 @@ def resume_from(damage, widths=(5, 4, 3)):
     def setup(tmp):
         args = tiny_npz(tmp)
         cfg = config.load(None, (base(tmp, args) + args)[1::2])   # the --set values
-        model = MLP(list(widths), "relu", np.float32)
+        model = mlp(list(widths), "relu", np.float32)
         model.init_(np.random.default_rng(0))
         path = checkpoint.path_for(cfg.run.dir, 1)
         os.makedirs(os.path.dirname(path))
@@ -384,7 +383,8 @@ CASES = [
          init_weights(**{"model.0.weight": (4, 5), "model.0.bias": (4,),
                          "model.2.weight": (3, 4), "model.2.bias": (3,),
                          "model.4.weight": (3, 3)}),
-         ("model.init", "w.npz", "has model.4.weight, which the 2-layer network")),
+         ("model.init", "w.npz", "has model.4.weight, which the network (5 -> linear 4, "
+          "relu, linear 3) does not have")),
 
     # the run directory: rank 0 checks it
     Case("run-dir-under-a-file", run_dir(under_a_file),
@@ -406,9 +406,9 @@ CASES = [
          ("checkpoint", "epoch-0001.npz", "not a readable .npz")),
     Case("checkpoint-garbage", resume_from(lambda raw: b"garbage"),
          ("checkpoint", "epoch-0001.npz", "not a zip archive")),
-    Case("checkpoint-of-another-network", resume_from(lambda raw: raw, widths=(5, 6, 3)),
-         ("checkpoint", "epoch-0001.npz",
-          "model.0.weight has shape (6, 5), the network needs (4, 5)")),
+    Case("checkpoint-of-another-network", resume_from(lambda raw: raw, widths=(6, 4, 3)),
+         ("the data's rows have shape (5,), but the network of checkpoint", "epoch-0001.npz",
+          "(6 -> linear 4, relu, linear 3) takes (6,)")),
     Case("resume-switching-optimizer",
          lambda tmp: resume_from(lambda raw: raw)(tmp) + sets('train.optimizer="adamw"'),
          ('--resume: train.optimizer was "sgd"', 'now "adamw"', "keeps its network, global "

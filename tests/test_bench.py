@@ -5,11 +5,16 @@ import importlib.util
 import json
 import sys
 
+import numpy as np
 import pytest
 
-from tests.conftest import mpirun, run_with_timeout
+from tests.conftest import fake_mnist, mpirun, run_with_timeout
 
 TINY = ["--layers", "20,16,4", "--batch-size", "24", "--steps", "3", "--warmup", "1"]
+SHORT = ["--steps", "3", "--warmup", "1"]
+# what dpbp computes per sample of TINY: x W^T + b, then ReLU, then the second Linear,
+# and backward dW, db (and dx but for the first Linear): 2 per multiply-add
+TINY_FLOPS = (4 * 20 * 16 + 2 * 16) + 2 * 16 + (6 * 16 * 4 + 2 * 4)
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 
@@ -27,11 +32,10 @@ def figures(r):
 
 def check_sane(f, world_size):
     assert f["world_size"] == world_size
-    assert f["layers"] == [20, 16, 4] and f["weights"] == 20 * 16 + 16 + 16 * 4 + 4
     assert f["threads_per_rank"] >= 1
     assert f["samples_per_second"] > 0 and f["step_seconds"] > 0
-    assert f["samples_per_second"] == pytest.approx(24 / f["step_seconds"])
-    assert f["flops"] == pytest.approx(6 * f["weights"] * f["samples_per_second"])
+    assert f["samples_per_second"] == pytest.approx(f["batch_size"] / f["step_seconds"])
+    assert f["flops"] == pytest.approx(f["flops_per_sample"] * f["samples_per_second"])
     assert 0 < f["mfu"] and f["mfu"] == pytest.approx(f["flops"] / f["peak_flops"])
     assert 0 <= f["comm_fraction"] <= 1
     assert f["compute_seconds"] + f["comm_seconds"] == pytest.approx(f["step_seconds"])
@@ -44,6 +48,10 @@ def test_one_process():
     r = bench(TINY + ["--json"])
     f = figures(r)
     check_sane(f, 1)
+    assert f["network"] == "20 -> linear 16, relu, linear 4" and f["input_shape"] == [20]
+    assert f["layers"] == [{"type": "linear", "out_features": 16}, {"type": "relu"},
+                           {"type": "linear", "out_features": 4}]
+    assert f["weights"] == 20 * 16 + 16 + 16 * 4 + 4 and f["flops_per_sample"] == TINY_FLOPS
     assert f["comm_fraction"] == 0   # nothing to wait for
     for label in ("samples/s", "communication wait", "GEMM peak", "MFU", "peak memory",
                   "budget", "the training modules (slowest rank)"):
@@ -104,8 +112,10 @@ def test_compare_torch_without_torch_says_so():
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed (never a dependency)")
-def test_compare_torch():
-    r = bench(TINY + ["--json", "--compare-torch"], ranks=2, timeout=300)
+@pytest.mark.parametrize("what", ["layers", "config"])
+def test_compare_torch(tmp_path, what):
+    args = TINY if what == "layers" else ["--config", tiny_config(tmp_path), *SHORT]
+    r = bench(args + ["--json", "--compare-torch"], ranks=2, timeout=300)
     f = figures(r)
     check_sane(f, 2)
     assert f["torch_samples_per_second"] > 0 and f["torch_mfu"] > 0
@@ -138,6 +148,51 @@ def test_adamw_and_dropout():
     r = bench(TINY + ["--json", "--optimizer", "adamw", "--dropout", "0.3"])
     f = figures(r)
     check_sane(f, 1)
-    assert f["optimizer"] == "adamw" and f["dropout"] == 0.3
+    assert f["optimizer"] == "adamw" and f["network"] == "20 -> linear 16, relu, dropout " \
+        "0.3, linear 4" and f["flops_per_sample"] == TINY_FLOPS + 3 * 16
     assert f["update_seconds"] > 0
-    assert "; optimizer adamw, dropout 0.3" in r.stdout and "update (median)" in r.stdout
+    assert "dropout 0.3, linear 4; float32" in r.stdout and "; optimizer adamw" in r.stdout
+
+
+def tiny_config(tmp_path, source="npz"):
+    """A training config of 5 features (or MNIST-format 4x4 images) and 3 classes (10)."""
+    if source == "npz":
+        rng = np.random.default_rng(0)
+        np.savez(tmp_path / "d.npz", x=rng.normal(size=(30, 5)), y=np.arange(30) % 3)
+        path = tmp_path / "d.npz"
+    else:
+        path = fake_mnist(tmp_path / "mnist", gz=True)
+    (tmp_path / "c.toml").write_text(
+        f'[data]\nsource = "{source}"\npath = "{path}"\n[model]\nhidden = [8, 6]\n'
+        'activation = "tanh"\ndropout = 0.25\n[train]\nbatch_size = 12\n')
+    return str(tmp_path / "c.toml")
+
+
+@pytest.mark.parametrize("source,ranks,network", [
+    ("npz", 2, "5 -> linear 8, tanh, dropout 0.25, linear 4, tanh, dropout 0.25, linear 3"),
+    ("mnist", None, "16 -> linear 8, tanh, dropout 0.25, linear 4, tanh, dropout 0.25, "
+                    "linear 10"),
+])
+def test_a_training_configs_network_and_batch(tmp_path, source, ranks, network):
+    """--config: the config's network, dtype and global batch, the data's input shape and
+    classes from their headers; --set changes the config."""
+    f = figures(bench(["--config", tiny_config(tmp_path, source), "--set",
+                       "model.hidden=[8, 4]", "--set", 'model.dtype="float64"', "--json",
+                       *SHORT], ranks=ranks))
+    check_sane(f, ranks or 1)
+    assert f["network"] == network and f["batch_size"] == 12 and f["dtype"] == "float64"
+
+
+def test_config_options_are_refused_one_line(tmp_path):
+    config = tiny_config(tmp_path)
+    for args, words in [
+            (["--config", config, "--layers", "5,3"], "--layers is the config's beside "
+                                                      "--config (its model and "
+                                                      "train.batch_size): change them with --set"),
+            (["--set", "train.batch_size=8"], "--set changes the keys of a --config FILE"),
+            (["--config", config, "--set", f'data.path="{tmp_path / "gone.npz"}"'],
+             "data.path: no such file")]:
+        r = bench(args)
+        assert r.returncode == 2 and r.stdout == "", r.stderr
+        assert r.stderr.startswith("dpbp: error: ") and words in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1

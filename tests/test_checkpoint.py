@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 
 from dpbp.errors import UserError
-from dpbp.nn.model import MLP
+from dpbp.nn.model import mlp_layers
 from dpbp.nn.optim import SGD, AdamW
 from dpbp.service import checkpoint, config, files
 from dpbp.service.checkpoint import Position
+from tests.conftest import mlp
 
 
 def make(widths=(4, 6, 3), momentum=0.9):
-    model = MLP(list(widths), "tanh", np.float64)
+    model = mlp(list(widths), "tanh", np.float64)
     model.init_(np.random.default_rng(0))
     opt = SGD(model.params, model.grads, lr=0.1, momentum=momentum)
     model.grads[...] = 1.0
@@ -97,8 +98,8 @@ def test_damaged_bytes_never_load(tmp_path, damage):
             assert "epoch-0001.npz" in str(e)
             refused += 1
             continue
-        assert state.keys() == intact.keys()
-        for k in state:
+        assert state.keys() == intact.keys() and state["network"] == intact["network"]
+        for k in state.keys() - {"network"}:
             np.testing.assert_array_equal(state[k], intact[k])
     assert refused >= (60 if damage == "truncate" else 50)
 
@@ -125,7 +126,7 @@ def test_state_that_does_not_fit_is_described():
     assert "model.2.weight has shape (6, 6), the network needs (3, 6)" in \
         model.load_state_dict(deeper.state_dict(), "ckpt")
     extra = dict(model.state_dict(), **{"model.4.weight": np.zeros((3, 3))})
-    assert "has model.4.weight, which the 2-layer network (4-6-3) does not have" in \
+    assert "has model.4.weight, which the network (4 -> linear 6, tanh, linear 3) does not have" in \
         model.load_state_dict(extra, "ckpt")
     assert "has no model.2.bias" in model.load_state_dict({"model.0.weight": np.zeros((6, 4)),
                                                             "model.0.bias": np.zeros(6),
@@ -155,8 +156,15 @@ def test_unreadable_checkpoint(tmp_path):
     ({"step": np.array([1, 2])}, "step must be a non-negative integer"),
     ({"world_size": np.float64(2)}, "world_size must be a non-negative integer"),
     ({"config": np.array([1])}, "config must be TOML text"),
-    ({"format_version": np.int64(99)}, "has format 99; this dpbp reads up to 2"),
+    ({"format_version": np.int64(99)}, "has format 99; this dpbp reads up to 3"),
     ({"loss_sums": np.array([np.nan])}, "loss_sums must be world_size finite float64 values"),
+    ({"network": np.str_("[{")}, "network must be JSON text of a list of layers"),
+    ({"network": np.str_('[{"type": "conv"}]')}, "its network does not build .layer 0: "
+                                                 "unknown type 'conv'"),
+    ({"network": np.str_('[{"type": "relu"}]'), "input_shape": np.array([2, 2])},
+     r"its network gives rows of shape \(2, 2\), not one row of outputs"),
+    ({"input_shape": np.array([4.0])}, "input_shape must be positive integers"),
+    ({"input_shape": np.array([4, 1])}, "linear takes rows of features"),
 ])
 def test_malformed_checkpoint_fields(tmp_path, change, message):
     """Fields that are wrong although the digest matches them (as a buggy writer makes)."""
@@ -170,17 +178,33 @@ def test_malformed_checkpoint_fields(tmp_path, change, message):
         checkpoint.load(path)
 
 
-def test_reads_checkpoints_of_format_1(tmp_path):
-    """dpbp 0.1 wrote no digest and no mid-epoch position; such files still resume."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_reads_checkpoints_of_formats_1_and_2(tmp_path, version):
+    """dpbp 0.1 wrote no digest and no mid-epoch position, and neither format recorded
+    the network: such files still load, their network the one their config describes
+    with the input and output widths of their weights, as format 3 records it."""
     model, opt = make()
     path = str(tmp_path / "epoch-0002.npz")
-    checkpoint.save(path, model, opt, Position(2, 0, 8, 0, 0), 1, config.to_toml(config.Config()))
+    toml = config.to_toml(config.load(None, ["model.hidden=[6]", 'model.activation="tanh"']))
+    checkpoint.save(path, model, opt, Position(2, 0, 8, 0, 0), 1, toml)
+    recorded = checkpoint.load(path)["network"]
+    assert recorded == (mlp_layers([6], "tanh", 0.0, 3), (4,)) == (model.specs, (4,))
+    older = ("network", "input_shape", "digest") + (
+        ("batch", "skipped", "counted", "loss_sums") if version == 1 else ())
     with np.load(path) as f:
-        arrays = {k: f[k] for k in f.files
-                  if k not in ("digest", "batch", "skipped", "counted", "loss_sums")}
-    np.savez(path, **dict(arrays, format_version=np.int64(1)))
+        arrays = dict({k: f[k] for k in f.files if k not in older},
+                      format_version=np.int64(version))
+    np.savez(path, **arrays, **({} if version == 1 else
+                                {"digest": np.str_(checkpoint.digest(arrays))}))
     state = checkpoint.load(path)
     assert (state["epoch"], state["batch"], state["step"]) == (2, 0, 8)
+    assert state["network"] == recorded
+    if version == 2:   # weights that do not fit a network: refused by name
+        arrays["model.2.weight"] = np.zeros((3, 6, 1))
+        np.savez(path, **arrays, digest=np.str_(checkpoint.digest(arrays)))
+        with pytest.raises(UserError, match="has no 2-D model.2.weight, which its config "
+                                            r"\(model.hidden = \[6\], model.dropout = 0\)"):
+            checkpoint.load(path)
 
 
 def test_never_writes_non_finite_weights(tmp_path):
@@ -219,7 +243,7 @@ def adamw_config(**train):
 
 
 def test_adamw_state_round_trips_and_lost_moments_are_refused(tmp_path):
-    model = MLP([4, 6, 3], "tanh", np.float64)
+    model = mlp([4, 6, 3], "tanh", np.float64)
     model.init_(np.random.default_rng(0))
     opt = AdamW(model.params, model.grads, lr=0.1, amsgrad=True)
     for _ in range(3):
@@ -232,7 +256,7 @@ def test_adamw_state_round_trips_and_lost_moments_are_refused(tmp_path):
     assert {k for k in state if k.startswith("optimizer.")} == {
         "optimizer.exp_avg", "optimizer.exp_avg_sq", "optimizer.max_exp_avg_sq",
         "optimizer.step"}
-    other = MLP([4, 6, 3], "tanh", np.float64)
+    other = mlp([4, 6, 3], "tanh", np.float64)
     fresh = AdamW(other.params, other.grads, lr=0.1, amsgrad=True)
     checkpoint.restore(state, path, other, fresh)
     for name, a in opt.state().items():
@@ -247,7 +271,7 @@ def test_adamw_state_round_trips_and_lost_moments_are_refused(tmp_path):
 
 def test_a_checkpoint_without_moments_of_a_run_that_had_none_starts_them_afresh(tmp_path):
     """amsgrad switched on at a resume: max_exp_avg_sq starts at 0, as torch's does."""
-    model = MLP([4, 6, 3], "tanh", np.float64)
+    model = mlp([4, 6, 3], "tanh", np.float64)
     opt = AdamW(model.params, model.grads, lr=0.1)
     model.grads[...] = 1.0
     opt.step()

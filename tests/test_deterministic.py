@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from dpbp.nn.losses import cross_entropy, mse
-from dpbp.nn.model import MLP
 from dpbp.nn.optim import SGD
 from dpbp.parallel.comm import Comm
 from dpbp.parallel.step import train_step
 from dpbp.service.config import TrainConfig
 from dpbp.service.startup import gradient_sum
+from tests.conftest import mlp
 
 
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
@@ -27,7 +27,7 @@ def test_deterministic_steps_follow_the_plain_gradient(dtype, tol):
     x, y = rng.normal(size=(64, 7)).astype(dtype), rng.integers(0, 4, size=64)
 
     def run(tc):
-        model = MLP([7, 16, 4], "tanh", dtype)
+        model = mlp([7, 16, 4], "tanh", dtype)
         model.init_(np.random.default_rng(6))
         opt = SGD(model.params, model.grads, lr=0.1, momentum=0.9)
         summed = gradient_sum(tc, Comm(None), model)
@@ -44,7 +44,7 @@ def test_deterministic_steps_follow_the_plain_gradient(dtype, tol):
 def test_grain_losses_whose_sum_overflows_make_a_non_finite_step():
     """Two grains, each with a finite loss near the float64 maximum: their sum is not
     finite, which stops the step as a NaN would, instead of raising."""
-    model = MLP([2, 1], "relu", np.float64)
+    model = mlp([2, 1], "relu", np.float64)
     model.init_(np.random.default_rng(0))
     before = model.params.copy()
     opt = SGD(model.params, model.grads, lr=0.1)

@@ -94,10 +94,13 @@ def test_evaluate_refuses_bad_input(run, tmp_path):
         (None, ["--checkpoint", str(garbage)], "is not a readable .npz file"),
         (None, [], "--checkpoint required"),
         (None, ["--checkpoint", ckpt(run_dir, 1), "--set", "model.hidden=[32]"],
-         "model.0.weight has shape (16, 256), the network needs (32, 256); the checkpoint "
-         "does not fit this config and data"),
+         "model.hidden: the network is the one checkpoint " + ckpt(run_dir, 1) + " records "
+         "(256 -> linear 16, relu, linear 10); the command line may change the data, "
+         "not the network"),
         (2, ["--checkpoint", ckpt(run_dir, 1), "--set", 'data.source="npz"',
-             "--set", f'data.path="{wrong}"'], "the network needs (16, 5)"),
+             "--set", f'data.path="{wrong}"'], "the data's rows have shape (5,), but the "
+         "network of checkpoint " + ckpt(run_dir, 1) + " (256 -> linear 16, relu, linear "
+         "10) takes (256,)"),
         (2, ["--checkpoint", ckpt(run_dir, 1), "--set", "data.val_fraction=0"],
          "has no validation set"),
         (None, ["--checkpoint", ckpt(run_dir, 1), "--split", "test"],

@@ -9,11 +9,10 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 from dpbp.nn.losses import cross_entropy, mse, softmax
-from dpbp.nn.model import MLP
 from dpbp.parallel import comm as mpi
 from dpbp.parallel.comm import Comm
 from dpbp.parallel.evaluation import MAX_MATRIX_CLASSES, class_counts, evaluate, outputs
-from tests.conftest import small_model
+from tests.conftest import mlp, small_model
 
 
 @pytest.mark.parametrize("blas", [1, 2])
@@ -38,13 +37,13 @@ def in_blocks(model, x, block=256):
     """forward over blocks of `block` rows at fixed offsets, on one BLAS thread: the bits
     evaluation promises (those of a product do depend on its rows with some kernels)."""
     with threadpool_limits(1, user_api="blas"):
-        return np.concatenate([np.empty((0, model.widths[-1]))] + [
+        return np.concatenate([np.empty((0, *model.output_shape))] + [
             model.forward(x[i:i + block]).copy() for i in range(0, len(x), block)])
 
 
 def random_model_and_data(n, classes, seed):
     rng = np.random.default_rng(seed)
-    model = MLP([6, 8, classes], "tanh", np.float64)
+    model = mlp([6, 8, classes], "tanh", np.float64)
     model.init_(rng)
     return model, rng.normal(size=(n, 6)), rng.integers(0, classes, size=n)
 
@@ -61,7 +60,7 @@ def test_evaluate_is_the_mean_loss_and_the_accuracy_of_all_rows(n, block):
 
 def test_evaluate_without_classes_gives_the_loss_only():
     rng = np.random.default_rng(1)
-    model = MLP([3, 2], "relu", np.float64)
+    model = mlp([3, 2], "relu", np.float64)
     model.init_(rng)
     x, y = rng.normal(size=(10, 3)), rng.normal(size=(10, 2))
     loss, accuracy = evaluate(model, mse, x, y, None, Comm(None))

@@ -1,11 +1,14 @@
-"""The MLP: whole-model gradients, flat buffers and their views, infer against forward."""
+"""The model: whole-model gradients, flat buffers and their views, the factory's specs,
+buffers, infer against forward."""
 
 import numpy as np
 import pytest
 
+from dpbp.nn import noise
+from dpbp.nn.layers import Context
 from dpbp.nn.losses import cross_entropy, mse
-from dpbp.nn.model import MLP
-from tests.conftest import assert_close, numeric_grad
+from dpbp.nn.model import Model
+from tests.conftest import assert_close, mlp, numeric_grad
 
 ACTIVATIONS = ("relu", "sigmoid", "tanh")
 
@@ -16,7 +19,7 @@ ACTIVATIONS = ("relu", "sigmoid", "tanh")
 def test_whole_model(activation, loss_name, widths):
     """Backward through the flat buffer matches finite differences of every parameter."""
     rng = np.random.default_rng(4)
-    model = MLP(widths, activation, np.float64)
+    model = mlp(widths, activation, np.float64)
     model.init_(rng)
     B = 6
     x = rng.normal(size=(B, widths[0]))
@@ -31,24 +34,23 @@ def test_whole_model(activation, loss_name, widths):
 
 
 def test_params_and_grads_are_one_flat_buffer_each_and_the_layers_views():
-    model = MLP([4, 6, 5, 3], "tanh", np.float32)
+    model = mlp([4, 6, 5, 3], "tanh", np.float32)
     sizes = [6 * 4, 6, 5 * 6, 5, 3 * 5, 3]
     for flat in (model.params, model.grads):
         assert flat.ndim == 1 and flat.size == sum(sizes) and flat.flags.c_contiguous
         assert flat.dtype == np.float32
+    linears = [model.layers[i] for i in (0, 2, 4)]
+    views = model.split(model.grads)   # [dW_0, db_0, dW_1, db_1, dW_2, db_2]
     offset = 0
-    for linear in model.linears:
-        for view, flat in ((linear.W, model.params), (linear.b, model.params),
-                           (linear.dW, model.grads), (linear.db, model.grads)):
-            assert view.base is flat or view.base.base is flat
+    for j, linear in enumerate(linears):
+        for view, flat in ((linear.W, model.params), (views[2 * j], model.grads)):
             assert np.shares_memory(view, flat)
-        for view, flat in ((linear.W, model.params), (linear.dW, model.grads)):
             view[1, 2] = 7.0   # writing through a view changes the flat buffer
             assert flat[offset + 1 * view.shape[1] + 2] == 7.0
             flat[offset] = -3.0   # and the other way round
             assert view[0, 0] == -3.0
         offset += linear.W.size
-        for view, flat in ((linear.b, model.params), (linear.db, model.grads)):
+        for view, flat in ((linear.b, model.params), (views[2 * j + 1], model.grads)):
             view[-1] = 9.0
             assert flat[offset + view.size - 1] == 9.0
         offset += linear.b.size
@@ -58,28 +60,130 @@ def test_params_and_grads_are_one_flat_buffer_each_and_the_layers_views():
         assert np.shares_memory(view, model.params), name
 
 
-def test_backward_writes_the_flat_gradient_and_leaves_the_parameters():
+def test_backward_writes_the_flat_gradient_it_is_given_and_leaves_the_parameters():
+    """Every value of the gradient buffer is overwritten, none accumulated; into a buffer
+    of its own (a grain's, under train.deterministic) the same bits, model.grads
+    untouched."""
     rng = np.random.default_rng(7)
-    model = MLP([3, 4, 2], "relu", np.float64)
+    model = mlp([3, 4, 2], "relu", np.float64)
     model.init_(rng)
     before = model.params.copy()
-    model.grads[...] = np.nan   # every value is overwritten, none accumulated
+    model.grads[...] = np.nan
     x, y = rng.normal(size=(5, 3)), rng.integers(0, 2, size=5)
     _, dout = cross_entropy(model.forward(x), y, 5)
-    model.backward(dout)
+    model.backward(dout.copy())
     assert np.isfinite(model.grads).all() and np.any(model.grads != 0)
     assert model.params.tobytes() == before.tobytes()
-    views = model.split(model.grads)   # [dW_0, db_0, dW_1, db_1]
-    for i, linear in enumerate(model.linears):
-        assert linear.dW.tobytes() == views[2 * i].tobytes()
-        assert linear.db.tobytes() == views[2 * i + 1].tobytes()
+    own, grads = np.full_like(model.grads, np.nan), model.grads.copy()
+    model.forward(x)
+    model.backward(dout.copy(), own)
+    assert own.tobytes() == grads.tobytes() and model.grads.tobytes() == grads.tobytes()
+
+
+def test_the_factory_builds_from_specs_and_walks_the_input_shape():
+    """The spec list is the factory's input: names follow torch.nn.Sequential, shapes
+    come from the input's, FLOPs and random draws from the layers."""
+    layers = [{"type": "dropout", "p": 0.2}, {"type": "linear", "out_features": 6},
+              {"type": "sigmoid"}, {"type": "linear", "out_features": 2}]
+    model = Model(layers, (5,), np.float32)
+    assert model.names == ["model.1.weight", "model.1.bias", "model.3.weight", "model.3.bias"]
+    assert model.shapes == [(6, 5), (6,), (2, 6), (2,)] and model.output_shape == (2,)
+    assert model.draws and not mlp([5, 6, 2]).draws
+    assert model.describe() == "5 -> dropout 0.2, linear 6, sigmoid, linear 2"
+    # a layer writes over its input only after one whose output nothing reads again
+    assert [layer.input_free for layer in model.layers] == [False, True, True, False]
+    assert [layer.input_free for layer in mlp([5, 6, 2], "tanh", dropout=0.5).layers] == \
+        [False, True, False, True]
+    # no gradient for the data: the first Linear computes no dx, dropout before it no backward
+    assert model.flops_per_sample == 3 * 5 + (4 * 5 * 6 + 2 * 6) + 7 * 6 + (6 * 6 * 2 + 2 * 2)
+    assert mlp([4, 6, 5, 3]).flops_per_sample == (4 * 4 * 6 + 12) + 2 * 6 + (6 * 6 * 5 + 10) \
+        + 2 * 5 + (6 * 5 * 3 + 6)
+
+
+@pytest.mark.parametrize("layers,words", [
+    ([], "the network has no layers"),
+    ([{"type": "conv"}], "layer 0: unknown type 'conv'; the types are dropout, linear"),
+    ([{"out_features": 3}], "layer 0: expected a table with a type"),
+    ([{"type": "linear"}], "layer 0 (linear) takes out_features, got none"),
+    ([{"type": "relu", "p": 0.5}], "layer 0 (relu) takes no arguments, got p"),
+    ([{"type": "dropout", "p": 0.1, "inplace": True}], "layer 0 (dropout) takes p, got "
+                                                       "inplace, p"),
+    ([{"type": "linear", "out_features": 0}], "layer 0 (linear): out_features must be an "
+                                              "integer >= 1, got 0"),
+    ([{"type": "dropout", "p": 1.0}], "layer 0 (dropout): p must be a number in [0, 1)"),
+])
+def test_specs_that_make_no_network_are_named(layers, words):
+    with pytest.raises(ValueError) as e:
+        Model(layers, (3,), np.float32)
+    assert words in str(e.value)
+
+
+def test_linear_refuses_rows_that_are_not_vectors():
+    with pytest.raises(ValueError, match=r"layer 0 \(linear\): linear takes rows of "
+                                         r"features \(B, D_in\), got rows of shape \(1, 4, 4\)"):
+        Model([{"type": "linear", "out_features": 3}], (1, 4, 4), np.float32)
+
+
+def test_activations_keep_any_row_shape_and_never_write_into_their_input():
+    """(B, C, H, W) rows pass through activations and dropout with their shape, and their
+    gradients match finite differences; neither forward nor infer writes into the array
+    it is given (the data, or what the layer before keeps for its backward)."""
+    rng = np.random.default_rng(3)
+    layers = [{"type": "relu"}, {"type": "tanh"}, {"type": "dropout", "p": 0.5},
+              {"type": "sigmoid"}]
+    model = Model(layers, (2, 3, 3), np.float64)
+    x = rng.normal(size=(4, 2, 3, 3))
+    x[np.abs(x) < 1e-3] = 0.5   # finite differences away from ReLU's kink
+    before = x.copy()
+    ctx = Context(keys=noise.row_keys(0, 1, np.arange(4)))
+    y = model.forward(x, ctx)
+    assert y.shape == (4, 2, 3, 3) and x.tobytes() == before.tobytes()
+    assert model.infer(x).shape == (4, 2, 3, 3) and x.tobytes() == before.tobytes()
+    R = rng.normal(size=y.shape)
+    loss = lambda: float((model.forward(x, ctx) * R).sum())
+    model.forward(x, ctx)
+    dy = R.copy()
+    for layer in reversed(model.layers):   # the model's backward stops at its first
+        dy = layer.backward(dy, [], ctx)   # parameters, which this one lacks
+    assert_close(dy, numeric_grad(loss, x))
+
+
+def test_buffers_are_flat_per_dtype_and_go_where_the_parameters_go(monkeypatch):
+    """A layer's non-trainable buffers: one flat array per dtype, named beside the
+    parameters in the state dict (so checkpoints hold them), loaded and checked like
+    them, and never touched by the optimizer or its weight decay."""
+    from dpbp.nn import model as factory
+    from dpbp.nn.optim import AdamW
+    from tests.custom_layer import RowCounter
+    monkeypatch.setitem(factory.LAYERS, "rowcounter", RowCounter)
+    model = Model([{"type": "linear", "out_features": 4}, {"type": "rowcounter"},
+                   {"type": "linear", "out_features": 2}], (3,), np.float32)
+    assert [(d.name, a.size) for d, a in model.buffers.items()] == [("int64", 1), ("float32", 1)]
+    assert list(model.state_dict())[-2:] == ["model.1.seen", "model.1.rows"]
+    assert model.names[-1] == "model.2.bias" and model.params.size == 4 * 3 + 4 + 2 * 4 + 2
+    model.init_(np.random.default_rng(0))
+    x, y = np.ones((5, 3), np.float32), np.arange(5) % 2
+    _, dout = cross_entropy(model.forward(x), y, 5)
+    model.backward(dout)
+    opt = AdamW(model.params, model.grads, 0.1, (0.9, 0.999), 1e-8, 0.5, False)
+    opt.step()
+    state = {k: v.copy() for k, v in model.state_dict().items()}
+    assert state["model.1.seen"] == 5 and state["model.1.rows"] == 5.0   # no decay
+    fresh = Model(model.specs, (3,), np.float32)
+    assert fresh.load_state_dict(state, "ckpt") is None
+    assert fresh.buffers[np.dtype(np.int64)][0] == 5
+    assert fresh.params.tobytes() == model.params.tobytes()
+    assert fresh.load_state_dict(dict(state, **{"model.1.seen": np.float64(2.5)}), "ckpt") \
+        == "ckpt: model.1.seen has dtype float64, expected integers"
+    del state["model.1.rows"]
+    assert "ckpt has no model.1.rows" in fresh.load_state_dict(state, "ckpt")
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("B", [0, 1, 9])
 def test_infer_equals_forward_bit_for_bit(activation, dtype, B):
-    model = MLP([5, 7, 6, 3], activation, dtype)
+    model = mlp([5, 7, 6, 3], activation, dtype)
     model.init_(np.random.default_rng(8))
     x = (np.random.default_rng(9).normal(size=(B, 5)) * 3).astype(dtype)
     x_before = x.copy()
@@ -95,19 +199,18 @@ def test_whole_model_with_dropout(activation):
     """With the rows' keys fixed, the masks are too: backward through the flat buffer
     matches finite differences, and the layers are numbered as torch.nn.Sequential with
     an nn.Dropout after each activation."""
-    from dpbp.nn import noise
     rng = np.random.default_rng(6)
-    model = MLP([4, 7, 6, 3], activation, np.float64, dropout=0.3)
+    model = mlp([4, 7, 6, 3], activation, np.float64, dropout=0.3)
     model.init_(rng)
     assert model.names == ["model.0.weight", "model.0.bias", "model.3.weight", "model.3.bias",
                            "model.6.weight", "model.6.bias"]
     B = 6
     x, y = rng.normal(size=(B, 4)), rng.integers(0, 3, size=B)
-    keys = noise.row_keys(0, 3, np.arange(B))
-    loss = lambda: cross_entropy(model.forward(x, keys), y, B)[0].sum() / B
-    _, dout = cross_entropy(model.forward(x, keys), y, B)
-    model.backward(dout)
+    ctx = Context(keys=noise.row_keys(0, 3, np.arange(B)))
+    loss = lambda: cross_entropy(model.forward(x, ctx), y, B)[0].sum() / B
+    _, dout = cross_entropy(model.forward(x, ctx), y, B)
+    model.backward(dout, ctx=ctx)
     assert_close(model.grads, numeric_grad(loss, model.params))
-    plain = MLP(model.widths, activation, np.float64)   # evaluation: no dropout
+    plain = mlp([4, 7, 6, 3], activation, np.float64)   # evaluation: no dropout
     plain.params[...] = model.params
     assert model.infer(x).tobytes() == plain.infer(x).tobytes()

@@ -100,7 +100,7 @@ def test_predict_checks_the_input(tmp_path, name, array, message):
     elif array is not None:
         np.save(path, array)
     with pytest.raises(UserError, match=re.escape(message)):
-        predict.open_input(str(path), 256)
+        predict.open_input(str(path), (256,))
 
 
 @pytest.mark.parametrize("output,message", [

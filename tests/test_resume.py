@@ -233,16 +233,22 @@ def test_resume_from_a_chosen_checkpoint(tmp_path, tiny_npz, uninterrupted):
     assert snapshot(run_dir) == before
 
 
-def test_resume_of_a_format_1_checkpoint_at_the_same_world_size(tmp_path, tiny_npz):
-    """dpbp 0.1's checkpoints (no digest, no partial loss sums) resume under mpirun."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_resume_of_a_format_1_or_2_checkpoint_at_the_same_world_size(tmp_path, tiny_npz,
+                                                                     version):
+    """dpbp 0.1's checkpoints (no digest, no partial loss sums) and those of format 2
+    (which do not record the network: it comes from their config) resume under mpirun."""
     run_dir = tmp_path / "run"
     assert run_train(tiny_run(tiny_npz, run_dir, "--set", "train.epochs=1"), ranks=2
                      ).returncode == 0
     path = run_dir / "checkpoints" / "epoch-0001.npz"
+    dropped = ("network", "input_shape", "digest") + (
+        ("batch", "skipped", "counted", "loss_sums") if version == 1 else ())
     with np.load(path) as f:
-        old = {k: f[k] for k in f.files
-               if k not in ("digest", "batch", "skipped", "counted", "loss_sums")}
-    np.savez(path, **dict(old, format_version=np.int64(1)))
+        old = dict({k: f[k] for k in f.files if k not in dropped},
+                   format_version=np.int64(version))
+    np.savez(path, **old, **({"digest": np.str_(checkpoint.digest(old))} if version == 2
+                             else {}))
     r = run_train(tiny_run(tiny_npz, run_dir, "--resume", "--set", "train.epochs=2"), ranks=2)
     assert r.returncode == 0, r.stderr
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from dpbp.errors import UserError
-from dpbp.nn.model import MLP
 from dpbp.nn.optim import SGD
 from dpbp.service import checkpoint, config, resume, run_dir
 from dpbp.service.checkpoint import Position
+from tests.conftest import mlp
 
 
 def test_lock_names_its_holder_and_refuses_a_second_taker(tmp_path):
@@ -81,7 +81,7 @@ def test_a_full_disk_while_creating_the_run_directory_leaves_nothing(tmp_path, m
 def test_metrics_lines_are_durable_before_their_checkpoint(tmp_path, monkeypatch):
     cfg = new_cfg(tmp_path / "run")
     files = started(cfg)
-    model = MLP([2, 2], "relu", "float32")
+    model = mlp([2, 2], "relu", "float32")
     synced = []
     real_fsync = run_dir.os.fsync
     monkeypatch.setattr(run_dir.os, "fsync", lambda fd: synced.append(
@@ -145,7 +145,7 @@ def test_a_lock_file_removed_by_its_holder_is_taken_anew(tmp_path, monkeypatch):
 
 def saved(run_dir_path, epoch, name=None):
     """A checkpoint of the end of `epoch` in run_dir_path (as best.npz if name says so)."""
-    model = MLP([3, 2], "relu", np.float32)
+    model = mlp([3, 2], "relu", np.float32)
     model.params[...] = epoch   # weights that tell the epochs apart
     path = checkpoint.best_path(run_dir_path) if name == "best" else \
         checkpoint.path_for(run_dir_path, epoch)
@@ -197,7 +197,7 @@ def test_a_best_checkpoint_that_is_not_the_runs_own_is_set_aside(tmp_path):
     for epoch in (1, 2):
         saved(here, epoch)
     own = {"epoch": 1, "digest": checkpoint.load(checkpoint.path_for(here, 1))["digest"]}
-    model = MLP([3, 2], "relu", np.float32)
+    model = mlp([3, 2], "relu", np.float32)
     model.params[...] = 7   # another run's weights, at the same epoch
     foreign = checkpoint.best_path(there)
     os.makedirs(os.path.dirname(foreign))

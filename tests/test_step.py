@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from dpbp.nn.losses import cross_entropy, mse
-from dpbp.nn.model import MLP
 from dpbp.nn.optim import SGD
 from dpbp.parallel.comm import Comm
 from dpbp.parallel.step import PlainSum, clip_grad_norm_, train_step
+from tests.conftest import mlp
 
 
 def make(widths=(5, 7, 3), activation="tanh", dtype=np.float64, momentum=0.9):
-    model = MLP(list(widths), activation, dtype)
+    model = mlp(list(widths), activation, dtype)
     model.init_(np.random.default_rng(1))
     return model, SGD(model.params, model.grads, lr=0.1, momentum=momentum)
 
@@ -27,7 +27,7 @@ def test_one_step_is_sgd_written_by_hand():
     with dW and db of the batch's mean loss computed here with numpy."""
     rng = np.random.default_rng(2)
     model, opt = make((4, 3), momentum=0.0)
-    W, b = model.linears[0].W.copy(), model.linears[0].b.copy()
+    W, b = model.layers[0].W.copy(), model.layers[0].b.copy()
     x, y = rng.normal(size=(6, 4)), np.array([0, 2, 1, 1, 0, 2])
     loss, ok = train_step(model, opt, cross_entropy, x, y, 6, PlainSum(Comm(None), model.grads))
     z = x @ W.T + b
@@ -36,8 +36,8 @@ def test_one_step_is_sgd_written_by_hand():
     dz = (p - np.eye(3)[y]) / 6
     assert ok
     assert loss == pytest.approx(-np.log(p[np.arange(6), y]).sum(), rel=1e-12)
-    np.testing.assert_allclose(model.linears[0].W, W - 0.1 * dz.T @ x, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(model.linears[0].b, b - 0.1 * dz.sum(axis=0), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(model.layers[0].W, W - 0.1 * dz.T @ x, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(model.layers[0].b, b - 0.1 * dz.sum(axis=0), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("k", [2, 3])

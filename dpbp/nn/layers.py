@@ -1,41 +1,161 @@
-"""Layers, each with its forward and backward side by side.
+"""Layers, each with its forward and backward side by side, all with the same methods.
 
 Shapes use one vocabulary throughout dpbp:
     B     rows in this rank's shard of the global batch (may be 0)
-    D_in  input width of a layer, D_out its output width
-Backward reuses what forward cached, and writes weight gradients in place into views of
-the model's flat gradient buffer (`dW`, `db`), never rebinding them.
+    F     the shape of one row's features: activations are (B, *F), never assumed 2-D
+    D_in  input width of a Linear, D_out its output width
 
-The layers allocate nothing after their first call: each writes its output (and its
-input gradient) into a buffer of its own, made on the first call and again only when a
-call brings more rows, so the array a layer returns is overwritten by its next call.
-(`infer`, for evaluation, allocates instead, so that several threads may run it.)
+Every layer has the methods of `Layer`, with the same signatures, and the model
+(model.py) is a loop over them that never asks which layer it holds:
+
+    declare(in_shape)        -> Declared: the output shape for rows of `in_shape`, the
+                                parameters' shapes, the non-trainable buffers' shapes
+    place(index, input_grad, input_free)
+                             where the model put it (Layer's own method): its index in
+                             the network; whether backward must return the input's
+                             gradient; whether forward may write over its input
+    bind(params, buffers)    views into the model's flat parameter buffer and its buffer
+                             arrays, in declare's order
+    init_(rng)               the initial parameters, drawn from rng
+    flops(in_shape)          floating-point operations per row, forward and backward
+    forward(x, ctx)          training: x (B, *F_in) -> y (B, *F_out), caching for backward
+    infer(x)                 evaluation: forward's arithmetic, caching nothing, so that
+                             several threads may run it at once
+    backward(dy, grads, ctx) dy (B, *F_out) -> dx (B, *F_in); writes the parameters'
+                             gradients into `grads`, views into a flat buffer laid out
+                             like the parameters (the model's, or a grain's own)
+
+`ctx` (a Context) carries what a training pass hands every layer alike: each row's key
+for random draws, and the function that sums small arrays over the global batch.
+
+Forward writes into its input x only where the model says it is free (input_free: the
+output of a layer before that declares it `output_free`, which its backward never reads;
+never the data); backward may overwrite dy, which nothing needs after.
+Parameter views are updated in place, never rebound. Each layer writes its output (and
+its input gradient) over a free input or into a buffer of its own, made on the first
+call and again only when a call brings more rows, so the array a layer returns is
+overwritten by its next call; `infer` allocates instead.
 """
+
+import math
 
 import numpy as np
 
 from dpbp.nn import noise
 
 
-def rows_of(buf, B, D, dtype):
-    """A buffer with room for (B, D) of dtype: `buf` itself when it is big enough."""
-    if buf is None or buf.shape[0] < B or buf.shape[1] != D or buf.dtype != dtype:
-        buf = np.empty((B, D), dtype=dtype)
+def alone(partial):
+    """The sum over the global batch in one process: this shard is the whole batch."""
+    return partial
+
+
+class Context:
+    """What a training pass hands every layer beside its input (the same for all layers):
+    keys        (B,) uint64, each row's key for random draws (noise.row_keys), or None
+    batch_sum   partial (a small array) -> its sum over the global batch, every rank's
+                rows; collective (parallel/step.py), the identity in one process
+    """
+
+    def __init__(self, keys=None, batch_sum=alone):
+        self.keys, self.batch_sum = keys, batch_sum
+
+
+ALONE = Context()   # one process, no random draws: the default
+
+
+class Declared:
+    """What a layer needs for rows of a given shape:
+    out         the shape of one output row
+    params      ((name, shape), ...): trainable, views into the flat parameter buffer
+    buffers     ((name, shape, dtype), ...): non-trainable, views into the buffer array
+                of their dtype (None: the parameters' dtype)
+    """
+
+    def __init__(self, out, params=(), buffers=()):
+        self.out, self.params, self.buffers = tuple(out), tuple(params), tuple(buffers)
+
+
+def rows_of(buf, B, F, dtype):
+    """A buffer with room for (B, *F) of dtype: `buf` itself when it is big enough."""
+    if buf is None or buf.shape[0] < B or buf.shape[1:] != tuple(F) or buf.dtype != dtype:
+        buf = np.empty((B, *F), dtype=dtype)
     return buf
 
 
-class Linear:
+class Layer:
+    """The interface, with the defaults of a layer that has no parameters and keeps the
+    shape of its input."""
+    draws = False         # forward draws random numbers (then it needs ctx.keys)
+    output_free = False   # forward's output may be overwritten by the next layer: this
+                          # layer's own buffer (or its input, where that was free), which
+                          # its backward never reads
+    index, input_grad, input_free = 0, True, False   # until the model places it
+    out = None            # the buffer output() writes into where x is not free
+
+    def place(self, index, input_grad, input_free):
+        """From the model: this layer's index in the network (its parameters' names,
+        its random draws); whether backward must return its input's gradient (not
+        below the first layer with parameters); whether forward may write over x."""
+        self.index, self.input_grad, self.input_free = index, input_grad, input_free
+
+    def declare(self, in_shape):
+        return Declared(out=tuple(in_shape))
+
+    def bind(self, params, buffers):
+        pass
+
+    def init_(self, rng):
+        pass
+
+    def flops(self, in_shape):
+        return 0
+
+    def output(self, x):
+        """Where forward writes an output of x's shape and dtype: over x where it is
+        free, else into this layer's own buffer."""
+        if self.input_free:
+            return x
+        self.out = rows_of(self.out, len(x), x.shape[1:], x.dtype)
+        return self.out[:len(x)]
+
+
+class Linear(Layer):
     """y = x W^T + b, with W of shape (D_out, D_in) as in torch.nn.Linear."""
+    output_free = True   # backward reads x and W, never y
 
-    def __init__(self, W, b, dW, db):
-        self.W, self.b, self.dW, self.db = W, b, dW, db   # views into flat buffers
-        self.y = self.dx = None                           # this layer's own row buffers
+    def __init__(self, out_features):
+        if isinstance(out_features, bool) or not isinstance(out_features, int) \
+                or out_features < 1:
+            raise ValueError(f"out_features must be an integer >= 1, got {out_features!r}")
+        self.D_out = out_features
+        self.y = self.dx = None   # this layer's own row buffers
 
-    def forward(self, x):
+    def declare(self, in_shape):
+        if len(in_shape) != 1:
+            raise ValueError(f"linear takes rows of features (B, D_in), got rows of shape "
+                             f"{tuple(in_shape)}")
+        return Declared(out=(self.D_out,),
+                        params=(("weight", (self.D_out, in_shape[0])), ("bias", (self.D_out,))))
+
+    def bind(self, params, buffers):
+        self.W, self.b = params   # views into the flat parameter buffer
+
+    def init_(self, rng):
+        """torch.nn.Linear's default init: W and b uniform in +-1/sqrt(D_in)."""
+        bound = 1.0 / np.sqrt(self.W.shape[1])
+        self.W[...] = rng.uniform(-bound, bound, size=self.W.shape)
+        self.b[...] = rng.uniform(-bound, bound, size=self.b.shape)
+
+    def flops(self, in_shape):
+        # forward x W^T + b; backward dW, db, and dx unless no layer before needs it
+        D_out, D_in = self.W.shape
+        return (2 + 2 + 2 * self.input_grad) * D_in * D_out + 2 * D_out
+
+    def forward(self, x, ctx):
         # x (B, D_in) -> y (B, D_out)
         self.x = x
         B, D_out = len(x), self.W.shape[0]
-        self.y = rows_of(self.y, B, D_out, self.W.dtype)
+        self.y = rows_of(self.y, B, (D_out,), self.W.dtype)
         y = np.matmul(x, self.W.T, out=self.y[:B])
         y += self.b
         return y
@@ -46,128 +166,145 @@ class Linear:
         y += self.b
         return y
 
-    def backward(self, dy, need_dx=True, into=None):
-        # dy (B, D_out) -> dx (B, D_in); sets dW (D_out, D_in) and db (D_out,), or the
-        # pair of arrays `into` (train.deterministic: one gradient per grain)
-        dW, db = (self.dW, self.db) if into is None else into
+    def backward(self, dy, grads, ctx):
+        # dy (B, D_out) -> dx (B, D_in), or None where no layer before needs it;
+        # grads = (dW (D_out, D_in), db (D_out,)), overwritten
+        dW, db = grads
         np.matmul(dy.T, self.x, out=dW)
         np.sum(dy, axis=0, out=db)
-        if not need_dx:   # the first layer: nobody needs the gradient of the data
+        if not self.input_grad:   # e.g. the first layer: nobody needs the data's gradient
             return None
         B, D_in = len(dy), self.W.shape[1]
-        self.dx = rows_of(self.dx, B, D_in, self.W.dtype)
+        self.dx = rows_of(self.dx, B, (D_in,), self.W.dtype)
         return np.matmul(dy, self.W, out=self.dx[:B])
 
 
-class ReLU:
+class ReLU(Layer):
+    output_free = True   # backward reads the mask alone
+
     def __init__(self):
         self.positive = None
 
-    def forward(self, x):
-        # x (B, D) -> y (B, D), in place: x is the fresh output of a Linear
-        B, D = x.shape
-        self.positive = rows_of(self.positive, B, D, np.bool_)
+    def flops(self, in_shape):
+        return 2 * math.prod(in_shape)   # forward x * (x > 0), backward dy * mask
+
+    def forward(self, x, ctx):
+        # x (B, *F) -> y (B, *F), over x where it is free (the output of a Linear)
+        B = len(x)
+        self.positive = rows_of(self.positive, B, x.shape[1:], np.bool_)
         self.mask = np.greater(x, 0, out=self.positive[:B])
-        return np.multiply(x, self.mask, out=x)
+        return np.multiply(x, self.mask, out=self.output(x))
 
-    @staticmethod
-    def infer(x):
-        # x (B, D) -> y (B, D), in place: forward's arithmetic, caching nothing
-        return np.multiply(x, np.greater(x, 0), out=x)
+    def infer(self, x):
+        # x (B, *F) -> y (B, *F): forward's arithmetic, caching nothing
+        return np.multiply(x, np.greater(x, 0))
 
-    def backward(self, dy):
-        # dy (B, D) -> dx (B, D)
+    def backward(self, dy, grads, ctx):
+        # dy (B, *F) -> dx (B, *F), in place
         return np.multiply(dy, self.mask, out=dy)
 
 
-class Tanh:
+class Tanh(Layer):
     def __init__(self):
         self.scratch = None
 
-    def forward(self, x):
-        # x (B, D) -> y (B, D), in place
-        self.y = self.infer(x)
+    def flops(self, in_shape):
+        return 4 * math.prod(in_shape)   # forward tanh, backward dy * (1 - y^2)
+
+    def forward(self, x, ctx):
+        # x (B, *F) -> y (B, *F), over x where it is free
+        self.y = np.tanh(x, out=self.output(x))
         return self.y
 
-    @staticmethod
-    def infer(x):
-        # x (B, D) -> y (B, D), in place, caching nothing
-        return np.tanh(x, out=x)
+    def infer(self, x):
+        # x (B, *F) -> y (B, *F), caching nothing
+        return np.tanh(x)
 
-    def backward(self, dy):
-        # dy (B, D) -> dx (B, D), in place: dtanh/dx = 1 - y^2
-        B, D = dy.shape
-        self.scratch = rows_of(self.scratch, B, D, dy.dtype)
+    def backward(self, dy, grads, ctx):
+        # dy (B, *F) -> dx (B, *F), in place: dtanh/dx = 1 - y^2
+        B = len(dy)
+        self.scratch = rows_of(self.scratch, B, dy.shape[1:], dy.dtype)
         d = np.multiply(self.y, self.y, out=self.scratch[:B])
         np.subtract(1, d, out=d)
         return np.multiply(dy, d, out=dy)
 
 
-class Sigmoid:
+class Sigmoid(Layer):
     def __init__(self):
         self.scratch = None
 
-    def forward(self, x):
-        # x (B, D) -> y (B, D), in place
-        self.y = self.infer(x)
+    def flops(self, in_shape):
+        return 7 * math.prod(in_shape)   # forward 0.5 (1 + tanh(x/2)), backward dy y (1 - y)
+
+    def forward(self, x, ctx):
+        # x (B, *F) -> y (B, *F), over x where it is free
+        self.y = self.sigmoid(x, self.output(x))
         return self.y
 
+    def infer(self, x):
+        # x (B, *F) -> y (B, *F), caching nothing
+        return self.sigmoid(x, np.empty_like(x))
+
     @staticmethod
-    def infer(x):
-        # x (B, D) -> y (B, D), in place, caching nothing; 0.5 (1 + tanh(x/2)) never
-        # overflows, unlike 1/(1+exp(-x))
-        y = np.multiply(x, 0.5, out=x)
+    def sigmoid(x, out):
+        # 0.5 (1 + tanh(x/2)) never overflows, unlike 1/(1+exp(-x))
+        y = np.multiply(x, 0.5, out=out)
         np.tanh(y, out=y)
         y += 1
         y *= 0.5
         return y
 
-    def backward(self, dy):
-        # dy (B, D) -> dx (B, D), in place: dsigmoid/dx = y (1 - y)
-        B, D = dy.shape
-        self.scratch = rows_of(self.scratch, B, D, dy.dtype)
+    def backward(self, dy, grads, ctx):
+        # dy (B, *F) -> dx (B, *F), in place: dsigmoid/dx = y (1 - y)
+        B = len(dy)
+        self.scratch = rows_of(self.scratch, B, dy.shape[1:], dy.dtype)
         d = np.subtract(1, self.y, out=self.scratch[:B])
         d *= self.y
         return np.multiply(dy, d, out=dy)
 
 
-
-class Dropout:
+class Dropout(Layer):
     """Inverted dropout, as torch.nn.Dropout in training: each unit is zeroed with
     probability p and the others are scaled by 1 / (1 - p); `infer` passes x through.
 
-    The mask is not drawn from a generator with a state: unit u of a row is kept when
-    noise.bits of the row's key (noise.row_keys: the run's seed, the optimizer step, the
-    row's index in the training set), this layer's `index` in the network and u is at
-    least p * 2^64. So a row's mask is the same whichever rank holds it and whatever else
-    that rank holds, and a resumed run draws the same masks.
+    The mask is not drawn from a generator with a state: unit u of a row (its index in
+    the row's features, flattened) is kept when noise.bits of the row's key
+    (noise.row_keys: the run's seed, the optimizer step, the row's index in the training
+    set), this layer's index in the network and u is at least p * 2^64. So a row's mask
+    is the same whichever rank holds it and whatever else that rank holds, and a resumed
+    run draws the same masks.
     """
+    draws, output_free = True, True   # backward reads the mask alone
 
-    def __init__(self, p, index):
-        self.p, self.index = p, index
+    def __init__(self, p):
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+            raise ValueError(f"p must be a number in [0, 1), got {p!r}")
+        self.p = p
         self.threshold = np.uint64(int(p * 2.0**64))   # kept: bits >= threshold, 1 - p of them
         self.scale = 1.0 / (1.0 - p)
         self.bits = self.tmp = self.kept = self.mask = self.y = None   # row buffers
 
-    def forward(self, x, keys):
-        # x (B, D), keys (B,) uint64 -> y (B, D) = x * mask, mask in {0, scale}; not in
-        # place: x is the activation's output, which Tanh and Sigmoid keep for backward
-        if keys is None:
+    def flops(self, in_shape):
+        return 3 * math.prod(in_shape)   # forward kept * scale, x * mask; backward dy * mask
+
+    def forward(self, x, ctx):
+        # x (B, *F), ctx.keys (B,) uint64 -> y (B, *F) = x * mask, mask in {0, scale};
+        # into a buffer of its own, x free or not
+        if ctx.keys is None:
             raise ValueError("Dropout.forward needs each row's key (noise.row_keys)")
-        B, D = x.shape
-        self.bits, self.tmp = (rows_of(a, B, D, np.uint64) for a in (self.bits, self.tmp))
-        self.kept = rows_of(self.kept, B, D, np.bool_)
-        self.mask, self.y = (rows_of(a, B, D, x.dtype) for a in (self.mask, self.y))
-        bits = noise.bits(keys, self.index, self.bits[:B], self.tmp[:B])
-        kept = np.greater_equal(bits, self.threshold, out=self.kept[:B])
+        B, F, D = len(x), x.shape[1:], math.prod(x.shape[1:])
+        self.bits, self.tmp = (rows_of(a, B, (D,), np.uint64) for a in (self.bits, self.tmp))
+        self.kept = rows_of(self.kept, B, F, np.bool_)
+        self.mask, self.y = (rows_of(a, B, F, x.dtype) for a in (self.mask, self.y))
+        bits = noise.bits(ctx.keys, self.index, self.bits[:B], self.tmp[:B])
+        kept = np.greater_equal(bits.reshape(B, *F), self.threshold, out=self.kept[:B])
         self.m = np.multiply(kept, x.dtype.type(self.scale), out=self.mask[:B])
         return np.multiply(x, self.m, out=self.y[:B])
 
-    @staticmethod
-    def infer(x):
-        # x (B, D) -> x: no dropout in evaluation
+    def infer(self, x):
+        # x (B, *F) -> x: no dropout in evaluation
         return x
 
-    def backward(self, dy):
-        # dy (B, D) -> dx (B, D), in place: the same mask
+    def backward(self, dy, grads, ctx):
+        # dy (B, *F) -> dx (B, *F), in place: the same mask
         return np.multiply(dy, self.m, out=dy)

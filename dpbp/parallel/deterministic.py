@@ -75,6 +75,19 @@ class GrainSum:
         self.comm.allreduce_(grads)             # DP: exact, the same bits in any order
         return loss, True
 
+    def batch_sum(self, partial):
+        """Exact, so the result does not depend on the ranks' order: integers summed as
+        they are; floats gathered from every rank and added with math.fsum, which rounds
+        once (to float64, then to partial's dtype)."""
+        partial = np.asarray(partial)
+        if partial.dtype.kind in "iu":
+            return self.comm.allreduce_(partial.copy())            # DP: exact in any order
+        mine = partial.astype(np.float64).reshape(-1)
+        size = self.comm.size
+        every = self.comm.allgatherv_(mine, np.empty(size * mine.size), [mine.size] * size)
+        total = [math.fsum(column) for column in every.reshape(size, mine.size).T]   # DP
+        return np.array(total, dtype=partial.dtype).reshape(partial.shape)
+
     def epoch_loss(self, loss_sum):
         return loss_sum                         # every rank holds the whole batch's sums
 

@@ -75,18 +75,18 @@ def outputs(model, x, dtype, probabilities, comm, where="--input", block=BLOCK):
     fixed offsets shared among the ranks (as evaluation does, so each row's output is the
     same at any world size) and gathered. Rows that are not finite in `dtype` stop every
     rank with one line naming the first (and `where`)."""
-    n, C = len(x), model.widths[-1]
+    n, C = len(x), math.prod(model.output_shape)
     mine = sharding.blocks(n, block, comm.rank, comm.size)
     counts = sharding.block_sizes(n, block, comm.size)
 
     def outputs_of(rows):   # on several threads at once: nothing shared is written
         with np.errstate(over="ignore"):   # overflow is reported just below
             xb = np.ascontiguousarray(x[rows], dtype=dtype)
-        bad = np.flatnonzero(~np.isfinite(xb).all(axis=1))
+        bad = np.flatnonzero(~np.isfinite(xb).reshape(len(xb), -1).all(axis=1))
         if len(bad):
             raise UserError(f"{where}: row {rows.start + bad[0]} holds NaN or Inf (or "
                             f"values beyond {np.dtype(dtype).name})")
-        z = model.infer(xb)
+        z = model.infer(xb).reshape(len(xb), C)
         return softmax(z) if probabilities else z.astype(np.float64)
 
     with mpi.agreement(comm):

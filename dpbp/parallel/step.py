@@ -15,6 +15,13 @@ every world size. Both have the same small interface:
     epoch_loss(s)         collective: the epoch's loss sum over all ranks
     saved_loss(s)         what this rank stores of its partial sum in a checkpoint
     resumed_loss(sums, world_size)   this rank's partial sum from a checkpoint's sums
+    batch_sum(partial)    collective: a small array summed over every rank's part of the
+                          global batch, in its dtype; handed to every layer (Context), so
+                          that a layer whose statistics span the batch never sees a
+                          communicator. Every rank must call it as often: a layer calling
+                          it once per part does so under PlainSum (k parts on every rank),
+                          under GrainSum only where the grains split evenly over the
+                          ranks. No shipped layer calls it yet
 
 Shapes: B rows in this rank's shard of a global batch of N rows.
 """
@@ -23,6 +30,7 @@ import math
 
 import numpy as np
 
+from dpbp.nn.layers import Context
 from dpbp.parallel import half, sharding
 
 
@@ -40,7 +48,8 @@ def train_step(model, optimizer, loss_fn, x, y, N, summed, clip_norm=0.0, keys=N
       the gradient of the global batch's mean loss: what one process computes on the
       whole batch, up to floating-point rounding (PlainSum) or bit for bit (GrainSum).
     - Communicated: the flat gradient, summed over ranks inside summed.sum_(), which is
-      collective: every rank calls it every step, ranks with no rows included.
+      collective: every rank calls it every step, ranks with no rows included; and what
+      a layer sums with ctx.batch_sum (no shipped layer does).
     - A non-finite loss on any rank makes the summed gradient non-finite on every rank
       alike: then no rank updates, and every rank returns ok = False.
     - Never communicated: parameters, activations, per-step losses (but under GrainSum).
@@ -49,10 +58,11 @@ def train_step(model, optimizer, loss_fn, x, y, N, summed, clip_norm=0.0, keys=N
     Returns (loss sum, ok): this rank's sum of per-sample losses (GrainSum: the batch's).
     """
     for rows, grads in summed.parts(N):             # the shard, its micro-batches or grains
-        outputs = model.forward(x[rows], None if keys is None else keys[rows])   # forward
+        ctx = Context(None if keys is None else keys[rows], summed.batch_sum)   # DP: the sum
+        outputs = model.forward(x[rows], ctx)                   # forward
         losses, doutputs = loss_fn(outputs, y[rows], N)         # loss, gradient of the GLOBAL mean
         summed.add_loss(losses, doutputs)
-        model.backward(doutputs, grads)                         # backward, into the part's buffer
+        model.backward(doutputs, grads, ctx)                    # backward, into the part's buffer
     loss_sum, ok = summed.sum_()                    # DP: the global batch's gradient, every rank
     norm = clip_grad_norm_(model.grads, clip_norm) if ok else math.inf
     if not math.isfinite(norm):                     # the same verdict on every rank
@@ -120,6 +130,10 @@ class PlainSum:
         else:
             half.allreduce_16_(self.comm, self.grads, self.comm_dtype, self.half)
         return self.loss, True
+
+    def batch_sum(self, partial):
+        return self.comm.allreduce_(np.array(partial))   # DP: over ranks; a copy: the
+                                                         # caller's array stays its own
 
     def epoch_loss(self, loss_sum):
         return self.comm.allreduce_(np.array([loss_sum]))[0]   # DP: every rank's rows

@@ -74,7 +74,7 @@ def blockwise(fn, blocks, threads):
     product depend on how BLAS splits it between threads, never on which thread runs a
     single-threaded product: so each block has the same bits whatever `threads` is, and
     the rank still uses its cores. fn must be safe to run on several threads at once
-    (MLP.infer is; MLP.forward, which caches for backward, is not)."""
+    (Model.infer is; Model.forward, which caches for backward, is not)."""
     with _blas().limit(limits=1):
         if threads <= 1 or len(blocks) <= 1:
             return [fn(b) for b in blocks]

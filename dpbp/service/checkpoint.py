@@ -3,7 +3,11 @@ done), and epoch-EEEE-batch-BBBBBB.npz mid-epoch (BBBBBB more batches of the nex
 with run.keep_best, best.npz is a copy of the best epoch's.
 
 Entries (all plain arrays, readable with numpy.load(path, allow_pickle=False)):
-    model.<i>.weight, model.<i>.bias   the torch.nn.Sequential state-dict layout
+    model.<i>.<name>                   the torch.nn.Sequential state-dict layout: each
+                                       layer's parameters (model.0.weight, model.0.bias,
+                                       ...) and non-trainable buffers
+    network, input_shape               the network: its layer specs as JSON text, and
+                                       the shape of one input row (service/network.py)
     optimizer.<name>                   the optimizer's state (optimizer.state()): SGD's
                                        momentum_buffer (if any); AdamW's exp_avg, exp_avg_sq,
                                        max_exp_avg_sq (amsgrad) flat in the layout of the
@@ -33,10 +37,10 @@ import numpy as np
 
 from dpbp.errors import UserError
 from dpbp.nn.optim import SGD, AdamW
-from dpbp.service import config
+from dpbp.service import config, network
 from dpbp.service.files import read_npz, write_atomic
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3   # 3 records the network; 2 and 1 still load
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +85,7 @@ def save(path, model, optimizer, position, world_size, config_toml, loss_sums=No
     its digest."""
     if not np.isfinite(model.params).all():   # never write NaN or Inf weights
         raise UserError(f"refusing to write {path}: the weights are not finite")
-    arrays = dict(model.state_dict())
+    arrays = dict(model.state_dict(), **network.entries(model))
     arrays.update({f"optimizer.{name}": a for name, a in optimizer.state().items()})
     sums = np.zeros(world_size) if loss_sums is None else np.asarray(loss_sums, np.float64)
     arrays.update({k: np.int64(v) for k, v in dataclasses.asdict(position).items()})
@@ -114,8 +118,9 @@ def list_all(run_dir):
 
 
 def load(path):
-    """A checkpoint's arrays as a dict, its counters as ints, its config and data as text
-    and its digest as a hex string (None for format 1); UserError if it is damaged (its
+    """A checkpoint's arrays as a dict, its counters as ints, its config and data as text,
+    its digest as a hex string (None for format 1) and its network as state["network"] =
+    (layer specs, input shape); UserError if it is damaged (its
     digest does not match) or not a well-formed dpbp checkpoint."""
     state = read_npz(path, "checkpoint")
     if "format_version" in state and state["format_version"].shape == () \
@@ -151,6 +156,7 @@ def load(path):
             or not np.isfinite(sums).all():
         raise UserError(f"checkpoint {path}: loss_sums must be world_size finite float64 "
                         "values")
+    state["network"] = network.of_checkpoint(state, path)
     return state
 
 
@@ -160,7 +166,7 @@ def restore(state, path, model, optimizer):
     wrote the checkpoint had it (then the file was altered: refused)."""
     problem = model.load_state_dict(state, f"checkpoint {path}")
     if problem:
-        raise UserError(problem + "; it does not fit the configured network")
+        raise UserError(problem + "; the checkpoint's weights do not fit its network")
     names = optimizer.state()
     found = {name: state[f"optimizer.{name}"] for name in names if f"optimizer.{name}" in state}
     missing = [name for name in names if name not in found]
@@ -174,16 +180,6 @@ def restore(state, path, model, optimizer):
     problem = optimizer.load_state(found, f"checkpoint {path}")
     if problem:
         raise UserError(problem)
-
-
-def output_width(state):
-    """The output width of the network whose weights a loaded checkpoint holds: the rows
-    of its last Linear's weight (its classes, for a classifier); None without weights."""
-    weights = [k for k in state if k.startswith("model.") and k.endswith(".weight")]
-    if not weights:
-        return None
-    last = max(weights, key=lambda k: int(k.split(".")[1]) if k.split(".")[1].isdigit() else -1)
-    return int(state[last].shape[0]) if state[last].ndim == 2 else None
 
 
 def optimizer_state_names(tc):

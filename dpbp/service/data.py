@@ -28,6 +28,7 @@ import math
 import os
 import re
 import warnings
+import zipfile
 import zlib
 from dataclasses import dataclass
 
@@ -524,3 +525,79 @@ def _split(arrays, fraction, seed, where):
         return {"x": Rows(x, train, x.dtype), "y": arrays["y"][train],
                 "x_val": Rows(x, val, x.dtype), "y_val": arrays["y"][val]}
     return {"x": x[train], "y": arrays["y"][train], "x_val": x[val], "y_val": arrays["y"][val]}
+
+
+# ----------------------------------------------------------------------------- shapes alone
+
+def peek(data_cfg, loss, classes=0):
+    """(input shape, outputs) of the data that `data_cfg` names, without loading its
+    inputs: one row's shape from the x array's header (a csv file, small by nature, is
+    read whole), and the outputs from the targets (`classes` if given, for labels), so
+    a network can be built for them (dpbp.bench --config)."""
+    if data_cfg.source == "synthetic":
+        return (synthetic.IMAGE_SIDE ** 2,), classes or synthetic.NUM_CLASSES
+    if data_cfg.source == "csv":
+        arrays = _read_csv(data_cfg.path, loss)
+        x_shape, y = arrays["x"].shape, arrays["y"]
+    elif data_cfg.source == "npy":
+        arrays = _open_npy(data_cfg.path)   # x memory-mapped: its header alone is read
+        x_shape, y = arrays["x"].shape, arrays["y"]
+    elif data_cfg.source == "npz":
+        y = read_npz(data_cfg.path, "data.path", names=("y",)).get("y")
+        x_shape = _npz_shape(data_cfg.path, "x")
+    else:
+        x_shape, y = _mnist_shapes(data_cfg.path)
+    if len(x_shape) < 2 or y is None or y.ndim not in (1, 2) or len(y) == 0:
+        raise UserError(f"data.path {data_cfg.path}: expected x (n, features ...) and y "
+                        "(n,) or (n, outputs)")
+    if y.ndim == 2:
+        return tuple(x_shape[1:]), y.shape[1]
+    is_labels = np.issubdtype(y.dtype, np.integer)
+    return tuple(x_shape[1:]), (classes or int(y.max()) + 1) if is_labels else 1
+
+
+def _npz_shape(path, name):
+    """The shape in the header of array `name` of the .npz at `path` (read_npz checked
+    that it is one); nothing else of it is read."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open(name + ".npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            return read(f)[0]
+    except KeyError:
+        raise UserError(f"{path}: missing array {name!r} (needs x (n, features) and y)"
+                        ) from None
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise UserError(f"data.path: {path} is not a readable .npz file ({e})") from None
+
+
+def _mnist_shapes(folder):
+    """(shape of the training images as load gives them, the training labels) of an
+    MNIST-format folder: the images' IDX header alone is read."""
+    arrays = {}
+    for key in ("x", "y"):
+        name = MNIST_FILES[key]
+        found = [p for p in (os.path.join(folder, name), os.path.join(folder, name + ".gz"))
+                 if os.path.isfile(p)]
+        if not found:
+            raise UserError(f"data.path: {folder} has no {name} (or {name}.gz); an "
+                            "MNIST-format folder holds the four IDX files")
+        arrays[key] = _idx_shape(found[0]) if key == "x" else _read_idx(found[0])
+    shape = arrays["x"]
+    return (shape[0], math.prod(shape[1:])), arrays["y"].astype(np.int64)
+
+
+def _idx_shape(path):
+    """The shape in an IDX file's header (raw or .gz)."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            head = f.read(4)
+            if len(head) < 4 or head[:3] != b"\x00\x00\x08":
+                raise UserError(f"{path}: not an IDX file of unsigned bytes (bad magic number)")
+            dims = f.read(4 * head[3])
+    except (OSError, EOFError, zlib.error) as e:
+        raise UserError(f"{path}: cannot read ({e}); the file is corrupt or truncated") from None
+    if len(dims) < 4 * head[3] or head[3] < 2:
+        raise UserError(f"{path}: truncated IDX header, or not images (n, rows, cols)")
+    return tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))

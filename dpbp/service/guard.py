@@ -141,8 +141,10 @@ def stop_on_nonfinite(comm, policy, position):
 
 def check_replicas(comm, model, when):
     """Collective. Stop every rank, before anything more is saved, if the ranks'
-    parameters differ; `when` says where in the run (for the message)."""
-    identical = comm.replicas_identical(model.params)
+    parameters (or the layers' buffers) differ; `when` says where in the run (for the
+    message)."""
+    identical = all([comm.replicas_identical(a) for a in (model.params,
+                                                          *model.buffers.values())])
     with mpi.agreement(comm, code=EXIT_DIVERGED):
         if not identical:
             raise UserError(f"replicas diverged {when}: the ranks' parameters differ (a "

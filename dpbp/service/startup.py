@@ -16,7 +16,7 @@ import numpy as np
 from dpbp import __version__
 from dpbp.errors import UserError, plural
 from dpbp.nn.losses import cross_entropy, mse
-from dpbp.nn.model import MLP
+from dpbp.nn.model import Model
 from dpbp.nn.optim import SGD, AdamW
 from dpbp.nn.schedule import base_lr
 from dpbp.parallel import comm as mpi
@@ -29,7 +29,7 @@ from dpbp.parallel.threads import (
     limit_blas_threads,
     set_by_user,
 )
-from dpbp.service import checkpoint, config, history, record, resume, run_dir
+from dpbp.service import checkpoint, config, history, network, record, resume, run_dir
 from dpbp.service import data as datasets
 from dpbp.service.checkpoint import Position
 
@@ -43,7 +43,7 @@ class Run:
     cfg: config.Config
     data: datasets.Dataset
     data_id: str                    # what the data are (datasets.identity), kept in checkpoints
-    model: MLP
+    model: Model
     optimizer: SGD | AdamW          # as train.optimizer says
     summed: PlainSum | GrainSum     # the gradient sum over ranks, chosen from the config
     loss_fn: object                 # nn.losses.cross_entropy or mse
@@ -98,15 +98,15 @@ def set_up(args, comm, say, watchdog):
 
 def _set_up_in(args, comm, say, watchdog, files, plan, restart):
     """set_up, once rank 0 holds the run directory and made its `plan` (None elsewhere)."""
-    how, cfg, classes = comm.bcast_obj(None if plan is None else (
-        plan.how, plan.cfg, checkpoint.output_width(plan.state) if plan.state else 0))
+    how, cfg, layers, source = comm.bcast_obj(None if plan is None else (
+        plan.how, plan.cfg, plan.state["network"] if plan.state else None, plan.checkpoint))
     watchdog.set_seconds(cfg.run.watchdog_seconds)
     notes = list(plan.notes) if plan else []
     with mpi.agreement(comm):
-        data = load_data(cfg, classes or 0)
+        data = load_data(cfg, network.output_width(*layers) if layers else 0)
         check_validation_needed(cfg, data)
         data_id = datasets.identity(data)
-        model, optimizer = build(cfg, data, fresh=how == "start")
+        model, optimizer = build(cfg, data, layers, source)
         change = None
         if comm.rank == 0:
             change = resume.check_data(plan, data_id, args.allow_data_change, restart)
@@ -119,7 +119,8 @@ def _set_up_in(args, comm, say, watchdog, files, plan, restart):
                                        comm.counted)
     check_same_inputs(comm, cfg, data_id)
     arith = check_arithmetic(comm) if cfg.train.deterministic else None
-    comm.bcast_(model.params)                   # DP: the replicas start identical
+    for array in (model.params, *model.buffers.values()):
+        comm.bcast_(array)                      # DP: the replicas start identical
     for array in optimizer.state().values():    # DP: and so do the optimizers
         comm.bcast_(array)
     summed = gradient_sum(cfg.train, comm, model)
@@ -174,13 +175,20 @@ def load_data(cfg, classes=0):
         raise UserError(f"the {cfg.data.source} data does not fit in memory") from None
 
 
-def build(cfg, data, fresh=True):
-    """(model, optimizer) for the config and data: torch.nn.Linear's initial weights
-    from run.seed, or model.init's for a `fresh` run (a resumed one has its own)."""
-    widths = [data.num_inputs, *cfg.model.hidden, data.num_outputs]
-    model = new_model(widths, cfg)
+def build(cfg, data, layers=None, source=None):
+    """(model, optimizer): for a new run, the network the config describes for the
+    data, with the layers' initial weights from run.seed (torch.nn.Linear's), or
+    model.init's; for a resumed one, the network `layers` ((specs, input shape)) of its
+    checkpoint `source`, which must fit the data (its weights come from the checkpoint)."""
+    if layers is None:
+        model = network.build(network.from_config(cfg.model, data.num_outputs),
+                              data.x.shape[1:], cfg.model.dtype)
+    else:
+        where = f"checkpoint {source}"
+        model = network.build(*layers, cfg.model.dtype, where)
+        network.check_fits(model, data, where)
     model.init_(np.random.default_rng([cfg.run.seed, 0x1417]))
-    if cfg.model.init and fresh:
+    if cfg.model.init and layers is None:
         checkpoint.load_weights(model, cfg.model.init)
     return model, new_optimizer(cfg.train, model)
 
@@ -192,15 +200,6 @@ def new_optimizer(tc, model):
                      tc.weight_decay, tc.amsgrad)
     return SGD(model.params, model.grads, base_lr(tc), tc.momentum, tc.nesterov,
                tc.weight_decay)
-
-
-def new_model(widths, cfg):
-    """An MLP of `widths` as the config says, or a UserError where it does not fit in memory."""
-    try:
-        return MLP(widths, cfg.model.activation, cfg.model.dtype, cfg.model.dropout)
-    except MemoryError:
-        raise UserError(f"the network {'-'.join(map(str, widths))} does not fit in "
-                        "memory; check model.hidden and the number of classes") from None
 
 
 def check_same_inputs(comm, cfg, data_id=""):
@@ -283,9 +282,8 @@ def describe_run(comm, threads, why, cfg, data, model, summed, arith):
         f"dpbp {__version__}: {plural(comm.size, 'rank')} ({comm.library}), "
         f"{plural(threads, 'BLAS thread')} per rank ({why})",
         f"data: {cfg.data.source}, {data.describe()}",
-        f"model: {'-'.join(map(str, model.widths))} {cfg.model.activation} "
-        f"{cfg.model.dtype}" + (f", dropout {model.dropout:g}" if model.dropout else "")
-        + f", {model.params.size:,} parameters; loss {tc.loss}",
+        f"model: {model.describe()}; {cfg.model.dtype}, {model.params.size:,} parameters; "
+        f"loss {tc.loss}",
         f"{summed.describe(tc.batch_size)}; {plural(steps, 'step')} per epoch; run dir "
         f"{cfg.run.dir}"]
     if arith is not None:

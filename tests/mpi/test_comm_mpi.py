@@ -10,12 +10,12 @@ import pytest
 
 from dpbp.errors import UserError
 from dpbp.nn.losses import cross_entropy
-from dpbp.nn.model import MLP
 from dpbp.nn.optim import SGD
 from dpbp.parallel import comm as mpi
 from dpbp.parallel import half, sharding
 from dpbp.parallel.evaluation import evaluate
 from dpbp.parallel.step import PlainSum, train_step
+from tests.conftest import mlp
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -89,7 +89,7 @@ def test_train_step_matches_one_process_and_replicas_stay_identical(comm):
     serial, world = mpi.Comm(None), comm
 
     def run(c):
-        model = MLP([6, 7, 4], "relu", np.float64)
+        model = mlp([6, 7, 4], "relu", np.float64)
         model.init_(np.random.default_rng(1))
         opt = SGD(model.params, model.grads, lr=0.3, momentum=0.9, nesterov=True,
                   weight_decay=0.01)
@@ -121,7 +121,7 @@ def test_evaluate_gives_the_same_numbers_at_any_world_size(comm, rows):
     """Validation at N ranks equals validation in one process, bit for bit."""
     rng = np.random.default_rng(3)
     x, y = rng.normal(size=(rows, 8)), rng.integers(0, 5, size=rows)
-    model = MLP([8, 16, 5], "tanh", np.float64)
+    model = mlp([8, 16, 5], "tanh", np.float64)
     model.init_(np.random.default_rng(4))
     one = evaluate(model, cross_entropy, x, y, 5, mpi.Comm(None), block=64)
     many = evaluate(model, cross_entropy, x, y, 5, comm, block=64)

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from dpbp.nn.losses import cross_entropy, mse
-from dpbp.nn.model import MLP
 from dpbp.nn.optim import SGD
 from dpbp.parallel import comm as mpi
 from dpbp.parallel import sharding
 from dpbp.parallel.deterministic import GrainSum
 from dpbp.parallel.step import train_step
 from dpbp.parallel.threads import limit_blas_threads
+from tests.conftest import mlp
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -29,7 +29,7 @@ def comm():
 def run(comm, dtype, loss_fn, grains, batches, x, y):
     """Steps over `batches` (arrays of row indices) under train.deterministic; returns the
     parameters and every step's loss sum."""
-    model = MLP([x.shape[1], 12, 8, 5], "tanh", dtype)
+    model = mlp([x.shape[1], 12, 8, 5], "tanh", dtype)
     model.init_(np.random.default_rng(1))
     opt = SGD(model.params, model.grads, lr=0.2, momentum=0.9, weight_decay=0.01)
     summed = GrainSum(comm, model, grains)
@@ -59,7 +59,7 @@ def test_every_step_has_the_bits_of_one_process(comm, dtype, grains, loss_fn):
 
 
 def test_a_nan_in_one_grain_stops_the_step_on_every_rank(comm):
-    model = MLP([3, 4, 2], "relu", np.float32)
+    model = mlp([3, 4, 2], "relu", np.float32)
     model.init_(np.random.default_rng(2))
     before = model.params.copy()
     opt = SGD(model.params, model.grads, lr=0.1)
@@ -71,3 +71,17 @@ def test_a_nan_in_one_grain_stops_the_step_on_every_rank(comm):
                               GrainSum(comm, model, 4))
     assert not ok and math.isinf(loss)
     assert model.params.tobytes() == before.tobytes()   # no rank updated
+
+
+def test_the_batch_sum_is_exact_and_alike_on_every_rank(comm):
+    """GrainSum.batch_sum, which layers receive: floats add up to math.fsum of every
+    rank's values (one rounding, whatever the ranks' order: at 3 ranks, any order of
+    plain additions misses 1e16 + 2 in one of the first two), integers as integers."""
+    parts = [np.array([[1e16, 1.0, 1.0][r % 3], [1.0, 1.0, 1e16][r % 3], -(r + 0.5)])
+             for r in range(comm.size)]
+    summed = GrainSum(comm, mlp([2, 2]), 2 * comm.size)
+    total = summed.batch_sum(parts[comm.rank])
+    assert total.tolist() == [math.fsum(p[i] for p in parts) for i in range(3)]
+    assert comm.replicas_identical(total)
+    counts = summed.batch_sum(np.array([comm.rank + 1], dtype=np.int64))
+    assert counts.dtype == np.int64 and counts[0] == comm.size * (comm.size + 1) // 2

@@ -1,0 +1,122 @@
+"""The network: what a config describes, what a checkpoint holds, and the model built from it.
+
+A network is a list of layer specs and the shape of one input row (nn/model.py). Every
+command builds its model here: train from the config and the data's shape (a fresh run)
+or from the checkpoint (a resumed one), evaluate and predict from the checkpoint alone,
+bench from its options or a config. The checkpoint records the network (`network`: the
+specs as JSON text; `input_shape`); checkpoints of format 1 and 2, which predate that,
+give it from their config and the shapes of their weights.
+"""
+
+import json
+
+import numpy as np
+
+from dpbp.errors import UserError
+from dpbp.nn.model import Model, describe, mlp_layers, walk
+from dpbp.service import config
+
+
+def from_config(model_cfg, outputs):
+    """The layer specs a config's [model] describes, for `outputs` outputs per row."""
+    return mlp_layers(model_cfg.hidden, model_cfg.activation, model_cfg.dropout, outputs)
+
+
+def build(layers, input_shape, dtype, where="model"):
+    """The Model of these specs for rows of `input_shape`; a UserError (naming `where`)
+    for specs that do not make a network, or one too large for memory."""
+    try:
+        return Model(layers, input_shape, dtype)
+    except ValueError as e:
+        raise UserError(f"{where}: {e}") from None
+    except MemoryError:
+        raise UserError(f"the network {describe(layers, input_shape)} does not fit in "
+                        "memory; check model.hidden and the number of classes") from None
+
+
+def output_width(layers, input_shape):
+    """The outputs per row of a checked network (a classifier's classes)."""
+    return walk(layers, input_shape)[1][-1]
+
+
+def entries(model):
+    """The checkpoint entries that record the model's network."""
+    return {"network": np.str_(json.dumps(model.specs)),
+            "input_shape": np.array(model.input_shape, dtype=np.int64)}
+
+
+def of_checkpoint(state, path):
+    """(specs, input shape) of the network whose weights a loaded checkpoint holds,
+    checked; a UserError naming the checkpoint where they do not make a network of
+    one output row, as every checkpoint's must."""
+    if state["format_version"] >= 3:
+        layers, input_shape = recorded(state, path)
+    else:
+        layers, input_shape = from_weights(state, path)
+    try:
+        _, out = walk(layers, input_shape)
+    except ValueError as e:
+        raise UserError(f"checkpoint {path}: its network does not build ({e})") from None
+    if len(out) != 1:
+        raise UserError(f"checkpoint {path}: its network gives rows of shape {out}, not "
+                        "one row of outputs")
+    return layers, input_shape
+
+
+def recorded(state, path):
+    """The network a checkpoint of format 3 or later records."""
+    missing = [k for k in ("network", "input_shape") if k not in state]
+    if missing:
+        raise UserError(f"checkpoint {path} lacks {', '.join(missing)}: not a dpbp checkpoint")
+    text, shape = state["network"], state["input_shape"]
+    try:
+        layers = json.loads(str(text)) if text.shape == () and text.dtype.kind == "U" else None
+    except ValueError:
+        layers = None
+    if not isinstance(layers, list) or not all(isinstance(s, dict) for s in layers):
+        raise UserError(f"checkpoint {path}: network must be JSON text of a list of layers")
+    if shape.ndim != 1 or shape.dtype.kind not in "iu" or not (shape >= 1).all():
+        raise UserError(f"checkpoint {path}: input_shape must be positive integers")
+    return layers, tuple(int(d) for d in shape)
+
+
+def from_weights(state, path):
+    """The network of a checkpoint of format 1 or 2: the multilayer perceptron that its
+    config describes, with the input width and outputs of its first and last weights."""
+    cfg = config.from_toml(state["config"], f"checkpoint {path}").model
+    layers = from_config(cfg, 1)
+    last = f"model.{len(layers) - 1}.weight"
+    for key in ("model.0.weight", last):
+        if key not in state or state[key].ndim != 2:
+            raise UserError(f"checkpoint {path} has no 2-D {key}, which its config "
+                            f"(model.hidden = {list(cfg.hidden)}, model.dropout = "
+                            f"{cfg.dropout:g}) needs: it is damaged")
+    outputs = int(state[last].shape[0])
+    return from_config(cfg, outputs), (int(state["model.0.weight"].shape[1]),)
+
+
+KEYS = ("model.hidden", "model.activation", "model.dropout")   # what from_config reads
+
+
+def check_unchanged(saved, cfg, layers, path):
+    """A command that applies checkpoint `path` (saved config `saved`) uses the network it
+    records (`layers`: specs, input shape): a config `cfg` that changes the keys that
+    describe a network is refused, rather than ignored."""
+    old, new = config.flat(saved), config.flat(cfg)
+    for key in KEYS:
+        if old[key] != new[key]:
+            raise UserError(f"{key}: the network is the one checkpoint {path} records "
+                            f"({describe(*layers)}); the command line may change the data, not "
+                            "the network")
+
+
+def check_fits(model, data, where):
+    """The data's rows fit the model's input and its outputs the data's targets; else a
+    UserError naming `where` (the network's origin: a checkpoint)."""
+    if tuple(data.x.shape[1:]) != model.input_shape:
+        raise UserError(f"the data's rows have shape {tuple(data.x.shape[1:])}, but the "
+                        f"network of {where} ({model.describe()}) takes "
+                        f"{model.input_shape}")
+    if model.output_shape != (data.num_outputs,):
+        raise UserError(f"the data have {data.num_outputs} targets per row, but the network "
+                        f"of {where} ({model.describe()}) gives {model.output_shape[-1]}")

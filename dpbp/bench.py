@@ -293,6 +293,10 @@ TORCH_LAYERS = {
     "tanh": lambda nn, shape: nn.Tanh(),
     "sigmoid": lambda nn, shape: nn.Sigmoid(),
     "dropout": lambda nn, shape, p: nn.Dropout(p),
+    "conv2d": lambda nn, shape, out_channels, **kw: nn.Conv2d(shape[0], out_channels, **kw),
+    "maxpool2d": lambda nn, shape, **kw: nn.MaxPool2d(**kw),
+    "avgpool2d": lambda nn, shape, **kw: nn.AvgPool2d(**kw),
+    "flatten": lambda nn, shape: nn.Flatten(),
 }
 
 
@@ -701,7 +705,8 @@ def what_to_time(args):
         raise UserError(f"{given[0]} is the config's beside --config (its model and "
                         "train.batch_size): change them with --set")
     cfg = config.load(args.config, args.set)
-    input_shape, outputs = datasets.peek(cfg.data, cfg.train.loss, cfg.model.classes)
+    input_shape, outputs = datasets.peek(cfg.data, cfg.train.loss, cfg.model.classes,
+                                         images=bool(cfg.model.layers))
     args.batch_size = cfg.train.batch_size
     return Net(network.from_config(cfg.model, outputs), input_shape, cfg.model.dtype)
 

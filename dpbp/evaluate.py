@@ -73,7 +73,8 @@ def rows_of(split, cfg, data):
     """(x, y) of the `split` ("val" or "test") of the run's data (`data`, as loaded for
     `cfg`); a UserError where it has none."""
     if split == "test":
-        return datasets.load_test(cfg.data, cfg.train.loss, cfg.model.dtype, data)
+        return datasets.load_test(cfg.data, cfg.train.loss, cfg.model.dtype, data,
+                                  images=bool(cfg.model.layers))
     if data.x_val is None:
         raise UserError(f"the {cfg.data.source} data of this config has no validation set "
                         "(data.val_fraction = 0 and no x_val); nothing to evaluate on")

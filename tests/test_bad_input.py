@@ -219,6 +219,10 @@ CASES = [
     Case("epochs-negative", given("train.epochs=-3"), ("train.epochs must be >= 1, got -3",)),
     Case("hidden-width-0", given("model.hidden=[8, 0]"), ("model.hidden", "widths >= 1")),
     # (model.hidden = [] is not bad input: it is a linear model)
+    Case("layers-linear-on-images",   # checked against the data's shape: every rank
+         given("model.hidden=[256, 128]", 'model.layers=[{type = "linear", out_features = 10}]'),
+         ("model.layers: layer 0 (linear)", "got rows of shape (1, 16, 16); put a flatten "
+          "before it"), TWO),
     Case("unknown-activation", given('model.activation="gelu"'),
          ("model.activation must be one of", '"relu"')),
     Case("unknown-loss", given('train.loss="l1"'), ("train.loss must be one of", '"mse"')),

@@ -32,7 +32,7 @@ AUTO = "auto"
 # Keys a resumed run may not change: they define the network, the global batch or the
 # optimizer (whose state the checkpoint holds).
 FIXED_ON_RESUME = ("model.hidden", "model.activation", "model.classes", "model.dropout",
-                   "train.loss", "train.batch_size", "train.optimizer")
+                   "model.layers", "train.loss", "train.batch_size", "train.optimizer")
 
 
 @dataclasses.dataclass

@@ -118,14 +118,28 @@ def bench_dpbp(comm, net, N, warmup, steps, tc):
     state = (model.params.nbytes + model.grads.nbytes + summed.scratch_bytes()
              + optimizer.nbytes() + sum(a.nbytes for a in model.buffers.values()))
     loss = 3 * model.output_shape[-1] * model.params.itemsize * B   # outputs' gradient, softmax
-    return seconds, waits, updates, cpu, state + x.nbytes + row_buffer_bytes(model) + loss, model
+    return seconds, waits, updates, cpu, state + x.nbytes + row_buffer_bytes(model, x) + loss, \
+        model
 
 
-def row_buffer_bytes(model):
-    """What the layers hold after a step: the row buffers of their own (outputs, input
-    gradients, masks, random bits, scratch space), not views of other arrays."""
-    return sum(a.nbytes for layer in model.layers for a in vars(layer).values()
-               if isinstance(a, np.ndarray) and a.base is None)
+def row_buffer_bytes(model, x):
+    """What the layers hold after a step: the memory of their row buffers (outputs, input
+    gradients, masks, random bits, scratch space), each counted once however many views
+    of it they hold (a channels-last buffer is a transposed view), but not the model's
+    flat buffers nor the batch `x`."""
+    def root(a):
+        while a.base is not None:
+            a = a.base
+        return a
+    held = {}
+    for layer in model.layers:
+        for value in vars(layer).values():
+            for a in value if isinstance(value, tuple) else (value,):
+                if isinstance(a, np.ndarray):
+                    held[id(root(a))] = root(a)
+    for a in (model.params, model.grads, *model.buffers.values(), x):
+        held.pop(id(root(a)), None)
+    return sum(a.nbytes for a in held.values())
 
 
 def gemm_rates(comm, dtype, windows=3, window_seconds=0.2):

@@ -208,6 +208,14 @@ def test_layers_in_a_file_or_one_set_and_the_printed_config_loads(tmp_path, trai
     assert config.load(tmp_path / "printed.toml") == from_file
 
 
+@pytest.mark.parametrize("name,shape", [("mnist-cnn", (1, 28, 28)), ("synthetic-cnn", (1, 16, 16))])
+def test_the_cnn_recipes_build_for_their_images(name, shape):
+    from dpbp.nn.model import Model
+    from tests.conftest import ROOT
+    cfg = config.load(ROOT / "configs" / f"{name}.toml")
+    assert Model(cfg.model.layers, shape, np.float32).output_shape == (10,)
+
+
 @pytest.mark.parametrize("overrides,words", [
     (["model.hidden=[64]"], "model.hidden must be left at its default [256, 128]: it has no "
                             "effect beside model.layers, which gives the whole network, got [64]"),
@@ -269,14 +277,16 @@ def test_networks_that_do_not_fit_the_data_are_refused_naming_layer_and_shapes(
             "3 outputs per row, but the data have targets of width 2", run_dir)
 
 
-def test_resume_keeps_the_layers(tmp_path, tiny_images, train):
+def test_resume_and_evaluate_keep_the_layers(tmp_path, tiny_images, train, command):
     run_dir = tmp_path / "run"
     code, _, err = train(cnn_run(tiny_images, run_dir, epochs=1))
     assert code == 0, err
-    other = LAYERS[:5] + LAYERS[6:]
-    code, _, err = train(cnn_run(tiny_images, run_dir, layers=other) + ["--resume"])
+    other = f"model.layers={toml(LAYERS[:5] + LAYERS[6:])}"
+    code, _, err = train(cnn_run(tiny_images, run_dir) + ["--set", other, "--resume"])
     assert code == 2 and "--resume: model.layers was [{type = \"conv2d\"" in err, err
     assert "a resumed run keeps its network" in err
+    code, _, err = command(dpbp.evaluate, ["--checkpoint", run_dir, "--set", other])
+    assert code == 2 and "model.layers: the network is the one checkpoint" in err, err
 
 
 # ----------------------------------------------------------------------------- image data

@@ -101,25 +101,25 @@ class Window:
                      zip((H, W), self.kernel, self.stride, self.padding))
 
     def pad(self, x, buf):
-        """x (n, C, H, W) as channels-last (n, H + 2 ph, W + 2 pw, C): copied into `buf`,
-        whose border holds the padding already (padded_buffer); without padding, a view
-        of x."""
-        (ph, pw), (H, W) = self.padding, x.shape[2:]
+        """x (n, C, H, W) as channels-last (n, H + 2 ph, W + 2 pw, C): copied into the
+        first n rows of `buf`, whose border holds the padding already (padded_buffer);
+        without padding, a view of x."""
+        (ph, pw), (n, H, W) = self.padding, (len(x), *x.shape[2:])
         if not any(self.padding):
             return channels_last(x)
-        buf[:, ph:ph + H, pw:pw + W, :] = channels_last(x)
-        return buf
+        buf[:n, ph:ph + H, pw:pw + W, :] = channels_last(x)
+        return buf[:n]
 
     def padded_buffer(self, buf, x, fill):
-        """A buffer for x padded, (B, H + 2 ph, W + 2 pw, C), its border `fill`: `buf`
-        where it has the room (as rows_of), None without padding."""
+        """A buffer with room for x padded, (B, H + 2 ph, W + 2 pw, C), its border
+        `fill`: `buf` where it has the room (as rows_of), None without padding."""
         B, C, H, W = x.shape
         shape = (H + 2 * self.padding[0], W + 2 * self.padding[1], C)
         if not any(self.padding):
             return None
         if buf is None or buf.shape[0] < B or buf.shape[1:] != shape or buf.dtype != x.dtype:
             buf = np.full((B, *shape), fill, x.dtype)
-        return buf[:B]
+        return buf
 
 
 class Conv2d(Window, Layer):
@@ -318,14 +318,15 @@ class MaxPool2d(Pool):
         (ph, pw), (B, Hp, Wp, C) = self.padding, x_last.shape
         self.dx = rows_of(self.dx, B, (Hp, Wp, C), dy.dtype)
         self.taken, self.hit = (rows_of(a, B, y.shape[1:], np.bool_) for a in (self.taken, self.hit))
-        dx, taken, hit, dy_last = self.dx[:B], self.taken[:B], self.hit[:B], channels_last(dy)
+        self.share = rows_of(self.share, B, y.shape[1:], dy.dtype)
+        dx, taken, hit, dy_hit = self.dx[:B], self.taken[:B], self.hit[:B], self.share[:B]
         dx[...], taken[...] = 0, False
         for v, d in zip(offsets(x_last, y.shape[1:3], self.kernel, self.stride),
                         offsets(dx, y.shape[1:3], self.kernel, self.stride)):
             np.equal(v, y, out=hit)
             hit &= ~taken                       # not where an earlier element was largest
             taken |= hit
-            np.add(d, dy_last, out=d, where=hit)
+            d += np.multiply(channels_last(dy), hit, out=dy_hit)
         return images(dx[:, ph:Hp - ph, pw:Wp - pw])
 
 

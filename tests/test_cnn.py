@@ -208,7 +208,8 @@ def test_layers_in_a_file_or_one_set_and_the_printed_config_loads(tmp_path, trai
     assert config.load(tmp_path / "printed.toml") == from_file
 
 
-@pytest.mark.parametrize("name,shape", [("mnist-cnn", (1, 28, 28)), ("synthetic-cnn", (1, 16, 16))])
+@pytest.mark.parametrize("name,shape", [("mnist-cnn", (1, 28, 28)),
+                                        ("synthetic-cnn", (1, 16, 16))])
 def test_the_cnn_recipes_build_for_their_images(name, shape):
     from dpbp.nn.model import Model
     from tests.conftest import ROOT
@@ -221,7 +222,7 @@ def test_the_cnn_recipes_build_for_their_images(name, shape):
                             "effect beside model.layers, which gives the whole network, got [64]"),
     (['model.activation="tanh"'], "model.activation must be left at its default"),
     (["model.dropout=0.5"], "model.dropout must be left at its default 0.0"),
-    ([f"model.layers={toml([{'type': 'conv2d', 'out_channels': 2, 'kernel_size': 3, 'dilation': 2}])}"],
+    ([f"model.layers={toml([LAYERS[0] | {'dilation': 2}])}"],
      "model.layers: layer 0 (conv2d): unknown key 'dilation'; conv2d takes out_channels, "
      "kernel_size, stride, padding, bias (out_channels, kernel_size required)"),
     ([f"model.layers={toml([{'type': 'relu'}, {'type': 'batchnorm2d'}])}"],
@@ -236,7 +237,7 @@ def test_layers_that_make_no_network_are_refused_by_name(overrides, words):
     assert words in str(e.value)
 
 
-# ----------------------------------------------------------------------------- refusals at start-up
+# ----------------------------------------------------------------------------- at start-up
 
 def refused(result, words, run_dir):
     code, out, err = result

@@ -12,7 +12,7 @@ from dpbp.nn.layers import ALONE, Context, Dropout, is_channels_last
 from dpbp.nn.model import Model
 from tests.conftest import assert_close, numeric_grad
 
-# ----------------------------------------------------------------------------- references
+# ----------------------------------------------------------------------------- references, in loops
 
 
 def padded(x, padding, fill=0.0):
@@ -81,7 +81,7 @@ CONVS = [   # (C, C_out, kernel_size, stride, padding, bias)
     (2, 2, 3, 2, 2, True)]
 
 
-# ----------------------------------------------------------------------------- against the references
+# ----------------------------------------------------------------------------- against them
 
 @pytest.mark.parametrize("C,C_out,kernel,stride,padding,bias", CONVS)
 @pytest.mark.parametrize("B", [0, 1, 3, conv.BLOCK + 3])   # across a block's end too

@@ -170,7 +170,8 @@ class Conv2d(Window, Layer):
         C), and its windows as rows, (BLOCK Ho Wo, K); `scratch` where it fits x."""
         C, H, W = x.shape[1:]
         (ph, pw), (Ho, Wo) = self.padding, self.out_hw(x.shape[1:], "conv2d")
-        shapes = ((BLOCK, H + 2 * ph, W + 2 * pw, C), (BLOCK * Ho * Wo, C * math.prod(self.kernel)))
+        shapes = ((BLOCK, H + 2 * ph, W + 2 * pw, C),
+                  (BLOCK * Ho * Wo, C * self.kernel[0] * self.kernel[1]))
         if scratch is None or scratch[0].dtype != x.dtype or \
                 tuple(a.shape for a in scratch) != shapes:
             scratch = np.zeros(shapes[0], x.dtype), np.empty(shapes[1], x.dtype)
@@ -222,8 +223,9 @@ class Conv2d(Window, Layer):
         x, Wk = self.x, self.matrix()
         B, out_hw = len(x), dy.shape[2:]
         per_image = out_hw[0] * out_hw[1]
-        rows = np.ascontiguousarray(channels_last(dy)).reshape(-1, self.C_out)   # a view
-        if self.b is not None:                  # where dy is channels-last, as from pooling
+        # (B Ho Wo, C_out): a view where dy is channels-last (as from pooling), else a copy
+        rows = np.ascontiguousarray(channels_last(dy)).reshape(-1, self.C_out)
+        if self.b is not None:
             np.sum(rows, axis=0, out=grads[1])
         self.part = rows_of(self.part, 2, Wk.shape, Wk.dtype)
         dWk, part = self.part[0], self.part[1]   # dW in the window's order, one block's
@@ -317,7 +319,8 @@ class MaxPool2d(Pool):
         x_last, y = self.x_last, self.y[:len(dy)]
         (ph, pw), (B, Hp, Wp, C) = self.padding, x_last.shape
         self.dx = rows_of(self.dx, B, (Hp, Wp, C), dy.dtype)
-        self.taken, self.hit = (rows_of(a, B, y.shape[1:], np.bool_) for a in (self.taken, self.hit))
+        self.taken, self.hit = (rows_of(a, B, y.shape[1:], np.bool_)
+                                for a in (self.taken, self.hit))
         self.share = rows_of(self.share, B, y.shape[1:], dy.dtype)
         dx, taken, hit, dy_hit = self.dx[:B], self.taken[:B], self.hit[:B], self.share[:B]
         dx[...], taken[...] = 0, False

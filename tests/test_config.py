@@ -87,6 +87,17 @@ def test_config_is_frozen():
     (["train.batchsize=8"], "unknown key train.batchsize (did you mean train.batch_size?)"),
     (["model.classes=1"], "model.classes must be 0 (from the labels) or in [2, 65536], got 1"),
     (["run.log_every_steps=-1"], "run.log_every_steps must be >= 0 (0 = off), got -1"),
+    (["run.best_metric=\"val_acc\""], 'run.best_metric must be one of "val_loss", '
+                                       '"val_accuracy"'),
+    (["run.best_metric=val_accuracy", "train.loss=mse"],
+     'run.best_metric must be "val_loss" when train.loss = "mse"'),
+    (["train.plateau_patience=3"], 'train.plateau_patience must be left at its default 10: '
+                                   'it has no effect with train.schedule = "constant"'),
+    (["train.schedule=cosine", "train.min_lr=0.001"], "train.min_lr must be left at its"),
+    (["train.schedule=plateau", "train.plateau_factor=1"],
+     "train.plateau_factor must be in (0, 1), got 1.0"),
+    (["train.schedule=plateau", "train.plateau_cooldown=-1"], "train.plateau_cooldown must be"),
+    (["train.factor=0.5"], "unknown key train.factor (did you mean train.plateau_factor?)"),
 ])
 def test_bad_overrides_name_the_key(overrides, message):
     with pytest.raises(UserError, match=".*" + __import__("re").escape(message)):

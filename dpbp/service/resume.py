@@ -30,9 +30,10 @@ from dpbp.service import data as datasets
 
 AUTO = "auto"
 # Keys a resumed run may not change: they define the network, the global batch or the
-# optimizer (whose state the checkpoint holds).
+# optimizer (whose state the checkpoint holds), or the metric that its best checkpoint,
+# early stopping and plateau schedule have watched from its first epoch.
 FIXED_ON_RESUME = ("model.hidden", "model.activation", "model.classes", "model.dropout",
-                   "train.loss", "train.batch_size", "train.optimizer")
+                   "train.loss", "train.batch_size", "train.optimizer", "run.best_metric")
 
 
 @dataclasses.dataclass
@@ -128,7 +129,7 @@ def _before_first_checkpoint(args, cmd, target, found, restart):
 def _from_path(args, cmd, target, found, ckpts):
     """--resume PATH: continue this run from PATH (its newest checkpoint), or branch off
     from it into `target`, another run directory."""
-    path = args.resume
+    path = checkpoint.resolved(args.resume)   # last.npz: the checkpoint it names
     state = run_dir.checked(path)
     home = run_dir.home_of(path)
     if home is not None and os.path.realpath(home) == os.path.realpath(target):
@@ -208,10 +209,13 @@ def resumed_config(saved_toml, path, config_file, overrides, target):
     changed = [k for k in old if old[k] != new[k] and k != "run.dir"]
     for key in changed:
         if key in FIXED_ON_RESUME:
+            what = ("the metric its best checkpoint, early stopping and plateau schedule "
+                    "watch (start a new run to change it)" if key == "run.best_metric" else
+                    "network, global batch and optimizer (start a new run to change it, "
+                    "with model.init for the weights)")
             raise UserError(f"--resume: {key} was {config.toml_value(old[key])} in {path}, "
                             f"now {config.toml_value(new[key])}; a resumed run keeps its "
-                            "network, global batch and optimizer (start a new run to change "
-                            "it, with model.init for the weights)")
+                            + what)
     notes = []
     for k in changed:
         why = {"model.init": " (ignored: the checkpoint has the weights)"}.get(

@@ -253,6 +253,8 @@ def test_last_npz_names_the_newest_checkpoint(tmp_path, tiny_npz, train, in_proc
     assert state(branch)["parent"]["checkpoint"] == str(last.with_name("epoch-0003.npz"))
     os.unlink(last)   # another run's checkpoint copied in as last.npz: not this run's
     shutil.copy(branch / "checkpoints" / "epoch-0004.npz", last)
+    refused(train(tiny_run(tiny_npz, run_dir, "--set", "train.epochs=5", "--resume", last)),
+            f"--resume {last}: it is not a copy of this run's checkpoint of its position")
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")

@@ -133,6 +133,7 @@ def _from_path(args, cmd, target, found, ckpts):
     state = run_dir.checked(path)
     home = run_dir.home_of(path)
     if home is not None and os.path.realpath(home) == os.path.realpath(target):
+        path = own_checkpoint(path, state, home)
         newer = [p for pos, p in ckpts if pos > (state["epoch"], state["batch"])]
         if newer:
             raise UserError(
@@ -160,6 +161,21 @@ def _from_path(args, cmd, target, found, ckpts):
         check_no_stray_files(target, restart=False)
     cfg, more = resumed_config(state["config"], path, args.config, args.set, target)
     return Plan("resume", cfg, found, path, state, (), parent, state["data"], notes + more)
+
+
+def own_checkpoint(path, state, home):
+    """PATH, a loaded checkpoint `state` in the checkpoints folder of the run in `home`,
+    as that run's checkpoint of its position: best.npz or a copied last.npz stands for it
+    only where it is a copy of it (the same digest), never another run's copied in."""
+    if checkpoint.position_of(path) is not None:
+        return path
+    named = checkpoint.path_for(home, state["epoch"], state["batch"])
+    same = run_dir.verified(named)
+    if same is None or same["digest"] != state["digest"]:
+        raise UserError(f"--resume {path}: it is not a copy of this run's checkpoint of its "
+                        f"position ({named} is missing or differs); continue the run with "
+                        "--resume, or branch from it into another run.dir")
+    return named
 
 
 def continued_config(args, found, state, path, target, restart):

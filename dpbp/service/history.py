@@ -41,14 +41,14 @@ def improves(score, best, mode, min_delta=0.0):
     return score < best - min_delta if mode == "min" else score > best + min_delta
 
 
-def start(mode):
+def worst(mode):
     """The best score before any epoch: every score improves on it."""
     return math.inf if mode == "min" else -math.inf
 
 
 def best_epoch(scores, mode):
     """The epoch (from 1) of the best score, the earlier on ties; None when none has one."""
-    best, at = start(mode), None
+    best, at = worst(mode), None
     for epoch, score in enumerate(scores, start=1):
         if improves(score, best, mode):
             best, at = score, epoch
@@ -58,7 +58,7 @@ def best_epoch(scores, mode):
 def epochs_without_improvement(scores, min_delta, mode):
     """Epochs at the end of `scores` since the last one that improved on the best so far
     by more than min_delta (the first epoch with a score always improves)."""
-    best, waited = start(mode), 0
+    best, waited = worst(mode), 0
     for score in scores:
         if improves(score, best, mode, min_delta):
             best, waited = score, 0

@@ -527,9 +527,8 @@ def sign(lock):
 def settle_best(run_dir, source, scores, recorded, metric="val_loss"):
     """run.keep_best at a (re)start: make RUN_DIR/checkpoints/best.npz hold the best epoch
     of the history the run continues (`scores`: `metric`, run.best_metric, of every
-    epoch so far), taken
-    from `source`, the run directory resumed from (this one, or the one a branch
-    leaves): its own best.npz or that epoch's checkpoint. A best.npz that is not the
+    epoch so far), taken from `source`, the run directory resumed from (this one, or the
+    one a branch leaves): its own best.npz or that epoch's checkpoint. A best.npz that is not the
     run's own (`recorded`: the record's best; or a copy of its own checkpoint) is set
     aside as best.npz.foreign (.damaged where it does not verify). Returns (the record's
     best, notes)."""

@@ -1,9 +1,11 @@
 """Unattended training: run dpbp.train under an MPI launcher, and when the job fails,
 restart it from its newest checkpoint, on the ranks that are left.
 
-    python -m dpbp.launch -n 4 -- --config my.toml
+    python -m dpbp.launch -n 4 -- --config my.toml                     # a workstation
     python -m dpbp.launch --hostfile hosts --max-restarts 5 --min-ranks 8 -- --config my.toml
+    python -m dpbp.launch -H node01:16,node02:16 -- --config my.toml   # fixed hosts
     python -m dpbp.launch --launcher srun -- --config my.toml          # inside sbatch/salloc
+    python -m dpbp.launch -n 4 --launcher-args "-bind-to core" -- --config my.toml
 
 The first start adds --resume auto (the run starts, or continues where it stopped). A
 failed job (a rank that crashed or was killed, a lost node, the watchdog ending a hang)
@@ -16,7 +18,9 @@ job continues on the slots left (down to --min-ranks) with the same global batch
 under train.deterministic with the same bits. Each restart is one line on stdout and one
 JSON record in RUN_DIR/restarts.jsonl. SIGTERM, SIGINT and SIGHUP stop the job with a
 checkpoint and no restart. No rank outlives the supervisor (dpbp/service/processes.py).
-See docs/recovery.md.
+Hosts given inline (-H) are fixed for the whole run: shrinking needs a hostfile.
+--launcher-args go to mpirun or srun as given, but for what dpbp.launch sets itself
+(the rank count, the hosts). See docs/recovery.md.
 """
 
 import argparse
@@ -24,6 +28,7 @@ import datetime
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -59,10 +64,11 @@ def note(text):
 # ----------------------------------------------------------------------------- the job
 
 class Launcher:
-    """How to start N ranks of `python -m MODULE ARGS`, and how to ask them to stop."""
+    """How to start N ranks of `python -m MODULE ARGS`, and how to ask them to stop;
+    `extra`: the user's own options for the launcher (--launcher-args, split)."""
 
-    def __init__(self, kind, module):
-        self.kind, self.module = kind, module
+    def __init__(self, kind, module, extra=()):
+        self.kind, self.module, self.extra = kind, module, list(extra)
         self.env = dict(os.environ)
         if kind == "srun":
             self.exe, self.flavour = shutil.which("srun"), "srun"
@@ -83,10 +89,11 @@ class Launcher:
         rank_cmd = [sys.executable, "-m", self.module, *train_args]
         if self.flavour == "srun":
             plugin = os.environ.get("DPBP_SRUN_MPI", "pmi2")
-            return [self.exe, f"--mpi={plugin}", "--kill-on-bad-exit=1", "-n", str(n),
-                    *rank_cmd]
-        cmd = [self.exe, "-n", str(n)]
-        oversubscribed = hosts_path is None and n > len(available_cores())
+            return [self.exe, f"--mpi={plugin}", "--kill-on-bad-exit=1", *self.extra,
+                    "-n", str(n), *rank_cmd]
+        cmd = [self.exe, *self.extra, "-n", str(n)]
+        oversubscribed = hosts_path is None and n > len(available_cores()) and \
+            "--oversubscribe" not in self.extra
         if self.flavour == "openmpi":
             cmd += ["--hostfile", hosts_path] if hosts_path else (
                 ["--oversubscribe"] if oversubscribed else [])
@@ -270,11 +277,13 @@ def resolve(args):
 
 
 def world_size(args):
-    """(ranks, hosts or None): the hostfile's slots, read now; else -n; else the tasks
-    of the Slurm allocation we are in; else this machine's cores."""
+    """(ranks, hosts or None): the hostfile's slots, read now; else those of -H; else
+    -n; else the tasks of the Slurm allocation we are in; else this machine's cores."""
     if args.hostfile:
         hosts = hostfile.read(args.hostfile)
         return hostfile.total(hosts), hosts
+    if args.hosts:   # -H: the same hosts at every start
+        return hostfile.total(args.hosts), args.hosts
     if args.n:
         return args.n, None
     if os.environ.get("SLURM_NTASKS", "").isdigit():
@@ -413,6 +422,35 @@ def restart_args(train_args, cfg):
             "--resume", "auto", "--restart"]
 
 
+# The launchers' options for what dpbp.launch sets itself: {what: (options, instead)}.
+OWN_OPTIONS = {
+    "mpirun": {"the rank count": (("-n", "-np", "--n", "--np", "-c"),
+                                  "give -n, or the slots of --hostfile or -H"),
+               "the hosts": (("-f", "-hostfile", "--hostfile", "-machinefile", "--machinefile",
+                              "-host", "--host", "-hosts", "--hosts", "-H",
+                              "--default-hostfile"), "give --hostfile or -H")},
+    "srun": {"the rank count": (("-n", "--ntasks"), "give -n, or leave it to the allocation"),
+             "the MPI plugin": (("--mpi",), "set DPBP_SRUN_MPI")},
+}
+
+
+def launcher_args(text, kind):
+    """--launcher-args split as a shell would, refused where an option sets what
+    dpbp.launch sets itself."""
+    try:
+        extra = shlex.split(text)
+    except ValueError as e:
+        raise UserError(f"--launcher-args {text!r}: cannot split it ({e})") from None
+    for word in extra:
+        name = "-n" if kind == "srun" and re.fullmatch(r"-n\d+", word) else \
+            word.split("=", 1)[0]
+        for what, (names, instead) in OWN_OPTIONS[kind].items():
+            if name in names:
+                raise UserError(f"--launcher-args: {word} sets {what}, which dpbp.launch "
+                                f"sets itself: {instead}")
+    return extra
+
+
 def check_slots(world, min_ranks):
     if world < min_ranks:
         raise UserError(f"{plural(world, 'slot')}, fewer than --min-ranks {min_ranks}")
@@ -426,7 +464,7 @@ def main(argv=None):
     if {"-h", "--help", "--print-config"} & set(args.train_args):   # nothing to supervise
         return subprocess.run([sys.executable, "-m", "dpbp.train", *args.train_args]
                               ).returncode
-    launcher = Launcher(args.launcher, args.module)
+    launcher = Launcher(args.launcher, args.module, args.launcher_args)
     check_slots(world_size(args)[0], args.min_ranks)
     processes.become_subreaper()   # ranks that lose their launcher come to us, not init
     with StopRequests() as stops:
@@ -441,13 +479,27 @@ def parse(argv):
         own, train_args = argv[:at], argv[at + 1:]
     else:
         own, train_args = argv, []
-    args = PARSER.parse_args(own)
+    for i in range(len(own) - 1):   # its value may start with a dash: "--map-by core"
+        if own[i] == "--launcher-args":
+            own = [*own[:i], f"--launcher-args={own[i + 1]}", *own[i + 2:]]
+            break
+    args, unknown = PARSER.parse_known_args(own)
+    if unknown:
+        hint = "" if "--" in argv else (
+            f"; dpbp.train's options go after --: python -m dpbp.launch [options] -- "
+            f"{shlex.join(unknown)}")
+        raise UserError(f"unrecognized arguments: {shlex.join(unknown)}{hint} (see "
+                        f"{PARSER.prog} --help)")
     args.train_args = train_args
-    if args.n is not None and args.hostfile:
-        raise UserError("give -n or --hostfile, not both (with a hostfile, its slots are "
-                        "the ranks)")
-    if args.hostfile and args.launcher == "srun":
-        raise UserError("--hostfile is for mpirun; under srun the allocation decides the "
+    args.hosts = hostfile.parse_list(args.hosts) if args.hosts is not None else None
+    args.launcher_args = launcher_args(args.launcher_args or "", args.launcher)
+    given = [name for name, on in (("-n", args.n is not None), ("--hostfile", args.hostfile),
+                                   ("-H", args.hosts is not None)) if on]
+    if len(given) > 1:
+        raise UserError(f"give one of -n, --hostfile and -H, not {' and '.join(given)} (with "
+                        "hosts, their slots are the ranks)")
+    if given and given[0] != "-n" and args.launcher == "srun":
+        raise UserError(f"{given[0]} is for mpirun; under srun the allocation decides the "
                         "hosts")
     for name, low in (("n", 1), ("max_restarts", 0), ("min_ranks", 1)):
         value = getattr(args, name)
@@ -460,9 +512,9 @@ def parse(argv):
 PARSER = ArgumentParser(
     prog="python -m dpbp.launch", add_help=False,
     formatter_class=argparse.RawDescriptionHelpFormatter,
-    usage="python -m dpbp.launch [-n N | --hostfile FILE] [--max-restarts K] "
-          "[--min-ranks M]\n       [--launcher mpirun|srun] [--module MODULE] -- "
-          "[arguments of dpbp.train]",
+    usage="python -m dpbp.launch [-n N | --hostfile FILE | -H HOST:SLOTS,...] "
+          "[--max-restarts K]\n       [--min-ranks M] [--launcher mpirun|srun] "
+          "[--launcher-args ARGS] [--module MODULE]\n       -- [arguments of dpbp.train]",
     description="Run dpbp.train under an MPI launcher and restart it from its newest "
                 "checkpoint when it\nfails, on the ranks that are left (docs/recovery.md).",
     epilog="\n".join([
@@ -482,11 +534,19 @@ PARSER = ArgumentParser(
         "  any other code: the job's own, when it ended so while stopping."]))
 PARSER.add_argument("-h", "--help", action="store_true", help="show this help and exit")
 PARSER.add_argument("-n", type=int, metavar="N",
-                    help="ranks, when no hostfile gives them (default: the tasks of the "
-                         "Slurm allocation, else this machine's cores)")
+                    help="ranks, when no hostfile or -H gives them (default: the tasks of "
+                         "the Slurm allocation, else this machine's cores)")
 PARSER.add_argument("--hostfile", metavar="FILE",
                     help="hosts and their slots (host:slots or host slots=N lines), read "
                          "again before every restart; the ranks are its total slots")
+PARSER.add_argument("-H", "--hosts", metavar="HOST:SLOTS,...",
+                    help="hosts and their slots inline, e.g. -H node01:4,node02:4 (a HOST "
+                         "alone has 1 slot); fixed for the whole run: to leave a host out "
+                         "at a restart, give a --hostfile instead")
+PARSER.add_argument("--launcher-args", metavar="ARGS",
+                    help="options for mpirun or srun, passed as given, e.g. "
+                         "--launcher-args \"-bind-to core -genv FOO 1\"; not the rank "
+                         "count or the hosts, which dpbp.launch sets")
 PARSER.add_argument("--max-restarts", type=int, default=3, metavar="K",
                     help="restart a failed job at most K times (default 3)")
 PARSER.add_argument("--min-ranks", type=int, default=1, metavar="M",

@@ -84,7 +84,7 @@ def end_state(cfg, code):
     if code is None:
         return "completed", None
     if code == 0:
-        return "early_stopped", history.why_stopped(cfg.train)
+        return "early_stopped", history.why_stopped(cfg)
     return "stopped", signal.Signals(code - 128).name
 
 
@@ -92,7 +92,7 @@ def done_line(run, at, seconds):
     """The last line of a run that ended well at position `at`, after `seconds`."""
     cfg, epochs = run.cfg, at.epoch
     weights = hashlib.sha256(run.model.params.tobytes()).hexdigest()[:16]   # to compare runs
-    early = (f" of {cfg.train.epochs}, stopped early ({history.why_stopped(cfg.train)})"
+    early = (f" of {cfg.train.epochs}, stopped early ({history.why_stopped(cfg)})"
              if epochs < cfg.train.epochs else "")
     best = f", best {checkpoint.best_path(cfg.run.dir)}" if cfg.run.keep_best else ""
     return (f"done: {plural(epochs, 'epoch')}{early}, {plural(at.step, 'step')} in "
@@ -111,6 +111,7 @@ def train(run, comm, say, progress, signals, watchdog):
     with Guard(comm, run, say, signals, watchdog) as guard:
         for epoch in range(at.epoch, tc.epochs):
             t0 = time.perf_counter()
+            plateau = history.plateau_lr(cfg, guard.scores, steps_per_epoch)   # set per epoch
             order = sharding.epoch_order(len(data.x), cfg.run.seed, epoch, cfg.data.shuffle)
             batches = sharding.global_batches(order, tc.batch_size)
             first = at.batch                                 # > 0 on a mid-epoch resume
@@ -120,7 +121,7 @@ def train(run, comm, say, progress, signals, watchdog):
                 # every rank: train on its shard of global batch b
                 N = len(batches[b])
                 rows = batches[b][run.summed.rows(N)]
-                optimizer.lr = schedule.lr_at(tc, at.step, steps_per_epoch)
+                optimizer.lr = schedule.lr_at(tc, at.step, steps_per_epoch, plateau)
                 # random draws (dropout's masks): a function of (seed, step, each row's index)
                 keys = noise.row_keys(cfg.run.seed, at.step, rows) if model.draws else None
                 with np.errstate(over="ignore", invalid="ignore"):   # non-finite: caught

@@ -210,6 +210,28 @@ def uninterrupted(tmp_path, tiny_npz):
     return run_dir
 
 
+@pytest.fixture
+def in_process(monkeypatch, capsys):
+    """in_process(module, args) -> (exit code, stdout, stderr) of a command's main() (the
+    module dpbp.train, dpbp.evaluate, ...) run in this process as a world of one
+    (mpi.init stubbed to no MPI, as a process without a launcher gets it): the same code
+    as `python -m MODULE`, in a fraction of the time."""
+    from threadpoolctl import threadpool_limits
+
+    from dpbp.parallel import comm as mpi
+    monkeypatch.setattr(mpi, "init", lambda: mpi.Comm(None))
+
+    def run(module, args):
+        with threadpool_limits(limits=None):   # the command's BLAS threads end with it
+            try:
+                code = module.main([str(a) for a in args])
+            except mpi.AgreedExit as e:
+                code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
+
+
 # ----------------------------------------------------------------------------- evaluate and predict
 
 @pytest.fixture(scope="session")

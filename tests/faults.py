@@ -124,9 +124,9 @@ def install(plans, once=None):
                                               startup.arithmetic)
     real_load_data = startup.load_data
 
-    def lr_at(tc, s, steps_per_epoch):
+    def lr_at(tc, s, steps_per_epoch, *more):
         now["step"] = s
-        return real_lr_at(tc, s, steps_per_epoch)
+        return real_lr_at(tc, s, steps_per_epoch, *more)
 
     def planned(kinds, rank, step):
         """The first fault of `kinds` planned for (rank, step) and not yet carried out."""

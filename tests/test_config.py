@@ -95,6 +95,17 @@ def test_config_is_frozen():
      'its default 20000: it has no effect with data.source = "mnist", got 500'),
     (["data.source=npz", "data.path=d.npz", "data.mnist_t10k=val"], "data.mnist_t10k must be "
      'left at its default "test": it has no effect with data.source = "npz"'),
+    (["run.best_metric=\"val_acc\""], 'run.best_metric must be one of "val_loss", '
+                                       '"val_accuracy"'),
+    (["run.best_metric=val_accuracy", "train.loss=mse"],
+     'run.best_metric must be "val_loss" when train.loss = "mse"'),
+    (["train.plateau_patience=3"], 'train.plateau_patience must be left at its default 10: '
+                                   'it has no effect with train.schedule = "constant"'),
+    (["train.schedule=cosine", "train.min_lr=0.001"], "train.min_lr must be left at its"),
+    (["train.schedule=plateau", "train.plateau_factor=1"],
+     "train.plateau_factor must be in (0, 1), got 1.0"),
+    (["train.schedule=plateau", "train.plateau_cooldown=-1"], "train.plateau_cooldown must be"),
+    (["train.factor=0.5"], "unknown key train.factor (did you mean train.plateau_factor?)"),
 ])
 def test_bad_overrides_name_the_key(overrides, message):
     with pytest.raises(UserError, match=".*" + __import__("re").escape(message)):

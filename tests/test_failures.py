@@ -118,7 +118,7 @@ def test_a_nan_on_one_rank_is_caught_on_every_rank_in_the_same_step(tmp_path, ti
     ckpts = sorted(os.listdir(run_dir / "checkpoints"))
     if policy == "stop":
         assert_refused(r, "non-finite loss or gradient in epoch 2, batch 2 (step 7)", code=3)
-        assert ckpts == ["epoch-0001.npz"]
+        assert ckpts == ["epoch-0001.npz", "last.npz"]
     else:   # the step is dropped on every rank alike, so replicas stay identical
         assert r.returncode == 0, r.stderr
         assert [m["skipped_steps"] for m in metrics(run_dir)] == [0, 1, 0]
@@ -133,7 +133,7 @@ def test_replicas_that_drift_apart_are_caught(tmp_path, tiny_npz):
     r = run_train(tiny_run(tiny_npz, run_dir, "--set", "run.sync_check_steps=2"), ranks=2,
                   env={"DPBP_FAULT": "perturb:1:6"})
     assert_refused(r, "replicas diverged by step 8", code=3)
-    assert sorted(os.listdir(run_dir / "checkpoints")) == ["epoch-0001.npz"]
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["epoch-0001.npz", "last.npz"]
 
 
 def test_watchdog_ends_a_hung_job_with_every_rank_stack(tmp_path, tiny_npz):
@@ -169,7 +169,7 @@ def test_a_full_disk_stops_cleanly_and_keeps_earlier_checkpoints(tmp_path, tiny_
     r = run_train(tiny_run(tiny_npz, run_dir), ranks=2, env={"DPBP_FAULT": "nospace:0:10"})
     assert_refused(r, "epoch-0002.npz (No space left on device); earlier checkpoints are "
                       "intact, --resume continues from the newest")
-    assert sorted(os.listdir(run_dir / "checkpoints")) == ["epoch-0001.npz"]
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["epoch-0001.npz", "last.npz"]
     checkpoint.load(run_dir / "checkpoints" / "epoch-0001.npz")
 
 
@@ -179,7 +179,7 @@ def test_old_checkpoints_are_pruned_after_a_newer_one_is_safe(tmp_path, tiny_npz
                            "--set", "train.checkpoint_every_steps=2"))
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["epoch-0002-batch-000004.npz",
-                                                           "epoch-0003.npz"]
+                                                           "epoch-0003.npz", "last.npz"]
 
 
 # ----------------------------------------------------------------------------- hardening

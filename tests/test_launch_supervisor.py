@@ -8,6 +8,7 @@ command line)."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import time
 import numpy as np
 import pytest
 
+from dpbp import launch as launch_module
 from dpbp.errors import EXIT_RESTARTS_EXHAUSTED, UserError
 from dpbp.service import checkpoint, hostfile, processes
 from tests.conftest import ROOT, model_arrays, mpi_env, run_train, run_with_timeout, tiny_run
@@ -153,7 +155,7 @@ def test_help_and_bad_arguments(tmp_path):
     for options, message in (
             (["-n", "0"], "-n must be at least 1"),
             (["--max-restarts", "-1"], "--max-restarts must be at least 0"),
-            (["-n", "2", "--hostfile", str(tmp_path / "hosts")], "not both"),
+            (["-n", "2", "--hostfile", str(tmp_path / "hosts")], "not -n and --hostfile"),
             (["--hostfile", str(tmp_path / "bad")], "line 1: cannot read 'localhost:one'"),
             (["--hostfile", str(tmp_path / "hosts"), "--min-ranks", "2"],
              "1 slot, fewer than --min-ranks 2"),
@@ -165,6 +167,37 @@ def test_help_and_bad_arguments(tmp_path):
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("dpbp: error: "), r.stderr
         assert message in r.stderr, (options, r.stderr)
     assert not (tmp_path / "run").exists()
+
+
+def test_hosts_inline_and_options_for_the_launcher(tmp_path):
+    """-H gives the hosts as a hostfile does, fixed for the run; --launcher-args reach
+    mpirun as given (here a variable that every rank sees), unless they set what
+    dpbp.launch sets; the trainer's options before `--` are pointed after it."""
+    args = launch_module.parse(["-H", "node01:2,node02,node01:1", "--launcher-args",
+                                "-bind-to core -genv A 'b c'", "--", "--quiet"])
+    assert args.hosts == [("node01", 3), ("node02", 1)] and args.train_args == ["--quiet"]
+    assert launch_module.world_size(args) == (4, args.hosts)
+    assert args.launcher_args == ["-bind-to", "core", "-genv", "A", "b c"]
+    for argv, message in (
+            (["-n", "2", "--config", "my.toml"], "unrecognized arguments: --config my.toml; "
+             "dpbp.train's options go after --: python -m dpbp.launch [options] -- --config"),
+            (["-H", "a:2", "-n", "2"], "not -n and -H"),
+            (["-H", "a:two"], "-H a:two: cannot read 'a:two'; expected HOST:SLOTS"),
+            (["-H", "a:1", "--launcher", "srun"], "-H is for mpirun"),
+            (["--launcher-args", "-np 4"], "-np sets the rank count, which dpbp.launch sets"),
+            (["--launcher-args=--host=a,b"], "--host=a,b sets the hosts"),
+            (["--launcher", "srun", "--launcher-args", "-n4 --exclusive"], "-n4 sets the rank "
+             "count, which dpbp.launch sets itself: give -n, or leave it to the allocation")):
+        with pytest.raises(UserError, match=re.escape(message)):
+            launch_module.parse(argv)
+    run = tmp_path / "run"
+    mpirun = launch_module.Launcher("mpirun", "dpbp.train")
+    env_flag = "-genv OPENBLAS_NUM_THREADS 1" if mpirun.flavour == "mpich" else \
+        "-x OPENBLAS_NUM_THREADS=1"
+    r = launch(["-H", "localhost:2", "--launcher-args", env_flag],
+               [*TINY, "--set", "train.epochs=1", "--set", f'run.dir="{run}"'])
+    assert r.returncode == 0, r.stderr
+    assert "2 ranks" in r.stdout and "OPENBLAS_NUM_THREADS=1 set by the user" in r.stdout
 
 
 def test_bad_input_ends_it_at_once(tmp_path):

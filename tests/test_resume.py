@@ -77,7 +77,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_npz):
     args = tiny_run(tiny_npz, tmp_path / "crash")
     crashed = run_train(args, ranks=2, env={"DPBP_FAULT": "kill:1:7"})   # 5 steps per epoch
     assert crashed.returncode != 0
-    assert sorted(os.listdir(tmp_path / "crash" / "checkpoints")) == ["epoch-0001.npz"]
+    assert sorted(os.listdir(tmp_path / "crash" / "checkpoints")) == ["epoch-0001.npz",
+                                                                      "last.npz"]
     resumed = run_train(args + ["--resume"], ranks=2)
     assert resumed.returncode == 0, resumed.stderr
     a = model_arrays(tmp_path / "full" / "checkpoints" / "epoch-0003.npz")
@@ -140,7 +141,8 @@ def test_stale_temporaries_are_cleaned_and_damaged_checkpoints_set_aside(tmp_pat
     assert "epoch-0003.npz is damaged (checkpoint" in r.stdout and "not a readable .npz" in r.stdout
     assert f"resume: from {ckpts / 'epoch-0002.npz'} (epoch 2" in r.stdout
     assert sorted(os.listdir(ckpts)) == ["epoch-0001.npz", "epoch-0002.npz", "epoch-0003.npz",
-                                         "epoch-0003.npz.damaged", "epoch-0004.npz.damaged"]
+                                         "epoch-0003.npz.damaged", "epoch-0004.npz.damaged",
+                                         "last.npz"]
     for name in os.listdir(ckpts):
         if name.endswith(".npz"):
             (ckpts / name).write_bytes(b"garbage")
@@ -227,7 +229,8 @@ def test_resume_from_a_chosen_checkpoint(tmp_path, tiny_npz, uninterrupted):
     branch = tmp_path / "branch"
     r = run_train(["--resume", str(older), "--set", f'run.dir="{branch}"'], ranks=2)
     assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(branch / "checkpoints")) == ["epoch-0002.npz", "epoch-0003.npz"]
+    assert sorted(os.listdir(branch / "checkpoints")) == ["epoch-0002.npz", "epoch-0003.npz",
+                                                          "last.npz"]
     a, b = model_arrays(uninterrupted / "checkpoints" / FULL), model_arrays(branch / "checkpoints" / FULL)
     assert all(a[k].tobytes() == b[k].tobytes() for k in a)
     assert snapshot(run_dir) == before

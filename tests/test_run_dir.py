@@ -214,3 +214,22 @@ def test_a_best_checkpoint_that_is_not_the_runs_own_is_set_aside(tmp_path):
     best, notes = run_dir.settle_best(here, here, [0.5, 0.6], own)
     assert best == own and "does not verify" in notes[0]
     assert os.path.exists(checkpoint.best_path(here) + ".damaged")
+
+
+def test_last_npz_is_a_copy_where_the_filesystem_has_no_links(tmp_path, monkeypatch):
+    here = str(tmp_path / "run")
+    first, second = saved(here, 1), saved(here, 2)
+    last = checkpoint.last_path(here)
+
+    def no_links(*args):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    with monkeypatch.context() as m:
+        m.setattr(os, "symlink", no_links)
+        run_dir.link_last(here, first)
+    assert not os.path.islink(last) and open(last, "rb").read() == open(first, "rb").read()
+    assert checkpoint.resolved(last) == last
+    run_dir.link_last(here, second)   # links again where it can, over the copy
+    assert os.readlink(last) == "epoch-0002.npz" and checkpoint.resolved(last) == second
+    run_dir.link_last(here, None)
+    assert not os.path.lexists(last)
+    assert sorted(os.listdir(os.path.dirname(last))) == ["epoch-0001.npz", "epoch-0002.npz"]

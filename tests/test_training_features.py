@@ -111,7 +111,8 @@ def test_early_stopping_ends_the_run_and_keeps_the_best_checkpoint(tmp_path, tin
     assert "; weights sha256 " in lines[-1]
     best = losses.index(min(losses)) + 1   # the earlier of equal ones
     folder = run_dir / "checkpoints"
-    assert sorted(p.name for p in folder.iterdir()) == ["best.npz", f"epoch-{E:04d}.npz"]
+    assert sorted(p.name for p in folder.iterdir()) == ["best.npz", f"epoch-{E:04d}.npz",
+                                                        "last.npz"]
     assert best < E - 2   # so keep_checkpoints = 1 pruned its epoch checkpoint, not best.npz
     r = run_module("dpbp.evaluate", ["--checkpoint", str(folder / "best.npz"), "--json"])
     assert r.returncode == 0, r.stderr

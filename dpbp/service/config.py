@@ -30,7 +30,9 @@ class RunConfig:
     sync_check_steps: int = 100    # compare a checksum of every rank's parameters (0 = off)
     watchdog_seconds: float = 600.0  # no step ends for this long: dump stacks, end (0 = off)
     log_every_steps: int = 0       # also log every this many steps to steps.jsonl (0 = off)
-    keep_best: bool = False        # keep checkpoints/best.npz: the epoch of lowest val_loss
+    keep_best: bool = False        # keep checkpoints/best.npz: the epoch of the best best_metric
+    best_metric: str = "val_loss"  # "val_loss" (lower is better) | "val_accuracy" (higher):
+                                   # what keep_best, early stopping and plateau watch
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,14 @@ class TrainConfig:
     eps: float = 1e-8              # adamw only: added to the root of the second moment
     amsgrad: bool = False          # adamw only: use the largest second moment so far
     schedule: str = "constant"     # "constant" | "step" | "cosine" (to 0 at the last epoch)
+                                   # | "plateau" (torch's ReduceLROnPlateau on run.best_metric)
     milestones: tuple[int, ...] = ()   # step schedule: epochs after which lr *= gamma
     gamma: float = 0.1             # step schedule: the factor at each milestone
+    plateau_factor: float = 0.1    # plateau: lr *= factor after a plateau
+    plateau_patience: int = 10     # plateau: epochs without improvement that are a plateau
+    plateau_threshold: float = 1e-4   # plateau: an improvement beats the best by this (relative)
+    plateau_cooldown: int = 0      # plateau: epochs after a reduction that are not counted
+    min_lr: float = 0.0            # plateau: the lr is never reduced below this
     warmup_epochs: float = 0.0     # linear warmup from 0, ramped per step
     lr_scaling: str = "none"       # "none" | "linear": lr * batch_size / base_batch_size
     base_batch_size: int = 256     # the batch size that lr was tuned for (linear scaling)
@@ -82,7 +90,8 @@ class TrainConfig:
     deterministic: bool = False    # the same bits at every world size (see README)
     grains: int = 4                # deterministic: equal parts of each batch, shared by ranks
     early_stopping_patience: int = 0   # stop after this many epochs without improvement (0 = off)
-    early_stopping_min_delta: float = 0.0   # an improvement: val_loss below the best by more
+    early_stopping_min_delta: float = 0.0   # an improvement: beats the best run.best_metric by
+                                            # more than this (in its unit: accuracy a fraction)
 
 
 @dataclass(frozen=True)
@@ -93,17 +102,20 @@ class Config:
     train: TrainConfig = TrainConfig()
 
 
+PLATEAU_KEYS = ("plateau_factor", "plateau_patience", "plateau_threshold", "plateau_cooldown",
+                "min_lr")
 MAX_CLASSES = 1 << 16   # a larger label is a mistake, not a network to build
 MAX_GRAINS = 1024   # train.grains: a grain's float32 gradient keeps 21 - ceil(log2 grains) bits
 
 CHOICES = {
+    "run.best_metric": ("val_loss", "val_accuracy"),
     "data.source": ("synthetic", "npz", "npy", "csv", "mnist"),
     "data.mnist_t10k": ("test", "val"),
     "model.activation": ("relu", "tanh", "sigmoid"),
     "model.dtype": ("float32", "float64"),
     "train.loss": ("cross_entropy", "mse"),
     "train.optimizer": ("sgd", "adamw"),
-    "train.schedule": ("constant", "step", "cosine"),
+    "train.schedule": ("constant", "step", "cosine", "plateau"),
     "train.lr_scaling": ("none", "linear"),
     "train.comm_dtype": ("float32", "float16", "bfloat16"),
     "train.on_nonfinite": ("stop", "skip"),
@@ -175,6 +187,9 @@ SYNONYMS = {
     "adam_epsilon": "train.eps", "patience": "train.early_stopping_patience",
     "min_delta": "train.early_stopping_min_delta", "dropout_rate": "model.dropout",
     "drop_rate": "model.dropout", "save_best": "run.keep_best", "save_best_only": "run.keep_best",
+    "monitor": "run.best_metric", "metric": "run.best_metric", "factor": "train.plateau_factor",
+    "cooldown": "train.plateau_cooldown", "threshold": "train.plateau_threshold",
+    "eta_min": "train.min_lr",
 }
 
 
@@ -336,6 +351,29 @@ def validate_features(cfg):
            t.early_stopping_patience)
     _check(math.isfinite(t.early_stopping_min_delta) and t.early_stopping_min_delta >= 0,
            "train.early_stopping_min_delta", ">= 0", t.early_stopping_min_delta)
+    _check(cfg.run.best_metric != "val_accuracy" or t.loss == "cross_entropy", "run.best_metric",
+           '"val_loss" when train.loss = "mse" (val_accuracy is a classifier\'s)',
+           cfg.run.best_metric)
+    validate_plateau(t, defaults)
+
+
+def validate_plateau(t, defaults):
+    """The plateau schedule's keys: in range, and at their defaults under another
+    schedule, where they would have no effect."""
+    _check(math.isfinite(t.plateau_factor) and 0 < t.plateau_factor < 1,
+           "train.plateau_factor", "in (0, 1)", t.plateau_factor)
+    _check(t.plateau_patience >= 0, "train.plateau_patience", ">= 0", t.plateau_patience)
+    _check(math.isfinite(t.plateau_threshold) and t.plateau_threshold >= 0,
+           "train.plateau_threshold", ">= 0", t.plateau_threshold)
+    _check(t.plateau_cooldown >= 0, "train.plateau_cooldown", ">= 0", t.plateau_cooldown)
+    _check(math.isfinite(t.min_lr) and t.min_lr >= 0, "train.min_lr", ">= 0", t.min_lr)
+    if t.schedule != "plateau":
+        for key in PLATEAU_KEYS:
+            default = getattr(defaults, key)
+            _check(getattr(t, key) == default, f"train.{key}",
+                   f'left at its default {toml_value(default)}: it has no effect with '
+                   f'train.schedule = "{t.schedule}" (it is the plateau schedule\'s)',
+                   getattr(t, key))
 
 
 def unused_data_keys(source):

@@ -35,7 +35,7 @@ class Guard:
         self.signals, self.watchdog = signals, watchdog
         self.batches = sharding.num_batches(len(run.data.x), run.cfg.train.batch_size)
         self.stop = 0   # a signal the ranks agreed to stop for, at the last step
-        self.val_losses = list(run.val_losses)   # of every epoch so far, from the first
+        self.scores = list(run.scores)   # run.best_metric of every epoch so far, from the first
 
     def __enter__(self):
         self.signals.defer()
@@ -74,13 +74,14 @@ class Guard:
         self.watchdog.feed()
         stop_unless_finite(self.comm, position.epoch, loss_total, record["val_loss"])
         check_replicas(self.comm, self.model, f"in epoch {position.epoch}")
-        self.val_losses.append(record["val_loss"])
-        best = self.cfg.run.keep_best and history.best_epoch(self.val_losses) == position.epoch
-        tc, last = self.cfg.train, position.epoch == self.cfg.train.epochs
-        early = not last and history.stop_early(tc, self.val_losses)
+        cfg, last = self.cfg, position.epoch == self.cfg.train.epochs
+        self.scores.append(record[cfg.run.best_metric])
+        best = cfg.run.keep_best and history.best_epoch(
+            self.scores, history.MODES[cfg.run.best_metric]) == position.epoch
+        early = not last and history.stop_early(cfg, self.scores)
         if early:
             record["stopped"] = "early_stopping"
-            line += f"  stopped: {history.why_stopped(tc)} (early stopping)"
+            line += f"  stopped: {history.why_stopped(cfg)} (early stopping)"
         path = self.save(position, 0.0, record, best)
         self.say(line)
         self.watchdog.feed()

@@ -7,7 +7,8 @@ Both launchers' forms are read, one host a line, with `#` comments and blank lin
     node03             one slot
 
 and written back in the form of the launcher at hand, so one file serves either MPI.
-A host named twice has the sum of its slots.
+A host named twice has the sum of its slots. `parse_list` reads the same hosts given
+inline, node01:16,node02:16 (dpbp.launch -H).
 """
 
 import re
@@ -58,3 +59,17 @@ def render(hosts, flavour):
     """The hostfile's text for `flavour` "mpich" (host:slots) or "openmpi" (host slots=N)."""
     form = "{}:{}" if flavour == "mpich" else "{} slots={}"
     return "".join(form.format(host, n) + "\n" for host, n in hosts)
+
+
+def parse_list(text):
+    """[(host, slots), ...] of an inline host list, HOST[:SLOTS][,HOST[:SLOTS]...] (as
+    horovodrun -H and mpirun --host take it), each host once; UserError where an item
+    is malformed. Hosts with 0 slots are left out."""
+    slots = {}
+    for item in text.split(","):
+        m = _MPICH.match(item.strip())
+        if not m:
+            raise UserError(f"-H {text}: cannot read {item.strip()!r}; expected "
+                            "HOST:SLOTS[,HOST:SLOTS...], e.g. -H node01:4,node02:4")
+        slots[m.group(1)] = slots.get(m.group(1), 0) + int(m.group(2) or 1)
+    return [(host, n) for host, n in slots.items() if n > 0]

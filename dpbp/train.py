@@ -26,6 +26,7 @@ from dpbp.parallel import sharding
 from dpbp.parallel.evaluation import evaluate
 from dpbp.parallel.step import train_step
 from dpbp.service import checkpoint, config, history, run_dir
+from dpbp.service import data as datasets
 from dpbp.service.checkpoint import Position
 from dpbp.service.config import RunConfig
 from dpbp.service.console import Console, Progress
@@ -117,9 +118,10 @@ def train(run, comm, say, progress, signals, watchdog):
                 optimizer.lr = schedule.lr_at(tc, at.step, steps_per_epoch)
                 # dropout's masks: a function of (seed, step, each row's sample index)
                 keys = noise.row_keys(cfg.run.seed, at.step, rows) if model.dropout else None
+                x = datasets.read_rows(comm, data.x, rows)   # from disk: verified
                 with np.errstate(over="ignore", invalid="ignore"):   # non-finite: caught
-                    loss, ok = train_step(model, optimizer, run.loss_fn, data.x[rows],
-                                          data.y[rows], N, run.summed, tc.clip_grad_norm, keys)
+                    loss, ok = train_step(model, optimizer, run.loss_fn, x, data.y[rows], N,
+                                          run.summed, tc.clip_grad_norm, keys)
                 if ok:
                     loss_sum += loss
                 at = Position(epoch, b + 1, at.step + 1, at.skipped + (0 if ok else 1),

@@ -15,28 +15,9 @@ import shutil
 
 import numpy as np
 import pytest
-from threadpoolctl import threadpool_limits
 
-import dpbp.train
-from dpbp.parallel import comm as mpi
 from dpbp.service import checkpoint, record
 from tests.conftest import ROOT, metrics, run_module, run_train, snapshot, tiny_run
-
-
-@pytest.fixture
-def train(monkeypatch, capsys):
-    """train(args) -> (exit code, stdout, stderr) of dpbp.train's main() in this process."""
-    monkeypatch.setattr(mpi, "init", lambda: mpi.Comm(None))
-
-    def run(args):
-        with threadpool_limits(limits=None):   # the run's BLAS threads end with it
-            try:
-                code = dpbp.train.main([str(a) for a in args])
-            except mpi.AgreedExit as e:
-                code = e.code
-        out, err = capsys.readouterr()
-        return code, out, err
-    return run
 
 
 def state(run_dir):

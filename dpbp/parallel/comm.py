@@ -63,8 +63,8 @@ class _Done:
 
 
 class AgreedExit(Exception):
-    """Every rank agreed to stop with this exit code; the reason was printed once, by
-    the rank whose `message` holds it (None on the others)."""
+    """Every rank agreed to stop with this exit code; the reason, `message` on every
+    rank, was printed once, by the lowest rank that found it."""
 
     def __init__(self, code, message=None):
         super().__init__(code)
@@ -203,9 +203,10 @@ def agreement(comm, code=2):
     """Collective. Run a block on every rank; if it raised a UserError on any rank, stop all.
 
     The lowest failing rank prints its message, once; every rank then raises
-    AgreedExit(code), which `run()` turns into a plain exit with that code: no traceback,
-    no MPI_Abort. The block itself must not call collectives (a failing rank would never
-    reach them). Other exceptions pass through to `run()`, which aborts the job.
+    AgreedExit(code, message), which `run()` turns into a plain exit with that code: no
+    traceback, no MPI_Abort. The block itself must not call collectives (a failing rank
+    would never reach them). Other exceptions pass through to `run()`, which aborts the
+    job.
     """
     error = None
     try:
@@ -218,8 +219,8 @@ def agreement(comm, code=2):
     if comm.rank == first:
         where = f" (rank {first})" if first > 0 else ""
         print(f"dpbp: error{where}: {error}", file=sys.stderr, flush=True)
-        raise AgreedExit(code, str(error))
-    raise AgreedExit(code)
+    message = comm.bcast_obj(str(error) if comm.rank == first else None, root=first)
+    raise AgreedExit(code, message)   # rank 0 records it (the run record's cause)
 
 
 def launched():

@@ -1,0 +1,83 @@
+"""Limits a hostile or careless user hits: data that change under a run, evaluate and
+predict asked to run another network or given inputs that overflow it, config files and
+values beyond bounds, optimizer states that cannot occur, a full disk. Each ends with one
+line naming the real cause, and loses nothing.
+
+The commands run in this process as a world of one (conftest.in_process); the
+supervisor's side is in test_launch_supervisor.py."""
+
+import json
+
+import numpy as np
+import pytest
+
+import dpbp.train
+from tests.conftest import tiny_run
+
+
+def refused(result, message, code=2):
+    """Ended with `code` and one dpbp line, which holds `message`; no traceback."""
+    got, _, err = result
+    lines = [line for line in err.splitlines() if line.startswith("dpbp")]
+    assert got == code and len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def npy_folder(tmp_path, npz):
+    """The tiny dataset (conftest.tiny_npz) as a data.source = "npy" folder."""
+    folder = tmp_path / "npy"
+    folder.mkdir()
+    with np.load(npz) as f:
+        for name in f.files:
+            np.save(folder / f"{name}.npy", f[name])
+    return folder
+
+
+def npy_run(folder, run_dir, *extra):
+    return tiny_run(folder, run_dir, "--set", 'data.source="npy"', *extra)
+
+
+def after_steps(monkeypatch, steps, act):
+    """Call act() once, after `steps` training steps of dpbp.train (as a user's script
+    would, at some moment of the run)."""
+    real, done = dpbp.train.train_step, []
+
+    def step(*args, **kwargs):
+        result = real(*args, **kwargs)
+        done.append(1)
+        if len(done) == steps:
+            act()
+        return result
+    monkeypatch.setattr(dpbp.train, "train_step", step)
+
+
+def rewrite_in_place(path):
+    live = np.load(path, mmap_mode="r+")
+    live[:] = 0
+    live.flush()
+    del live
+
+
+def truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(200)
+
+
+@pytest.mark.parametrize("change, words", [(rewrite_in_place, "changed on disk"),
+                                           (truncate, "was truncated")])
+def test_data_changed_under_a_run_stops_it_before_anything_is_saved(
+        tmp_path, tiny_npz, train, monkeypatch, change, words):
+    """npy inputs rewritten in place (or cut short) in epoch 2 of 3: exit 2 at the next
+    read, one line naming the array, no checkpoint or metrics line after the change, the
+    record `failed` with that cause; --resume then sees the changed data and says so."""
+    folder, run_dir = npy_folder(tmp_path, tiny_npz), tmp_path / "run"
+    after_steps(monkeypatch, 7, lambda: change(folder / "x.npy"))   # 5 steps an epoch
+    line = refused(train(npy_run(folder, run_dir)), f"{folder / 'x.npy'} {words} while this "
+                                                    "command read it")
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["epoch-0001.npz"]
+    assert [json.loads(m)["epoch"] for m in open(run_dir / "metrics.jsonl")] == [1]
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["state"] == "failed" and record["cause"] in line
+    if change is rewrite_in_place:
+        refused(train(npy_run(folder, run_dir, "--resume")), "the data differ from what")

@@ -4,8 +4,9 @@ confusion matrix, in one process or sharded over many under MPI.
     python -m dpbp.evaluate --checkpoint runs/default/checkpoints/epoch-0010.npz
     mpirun -n 4 python -m dpbp.evaluate --checkpoint ... --json
 
-The data is the run's own (the config saved in the checkpoint) unless --config or --set
-change it. Loss and accuracy come from the same function, on the same rows, that the
+The network is the checkpoint's own (--config and --set may not change it, but for
+model.dtype), and so is the data (the config saved in the checkpoint) unless --config or
+--set change it. Loss and accuracy come from the same function, on the same rows, that the
 training run used for its metrics line, so they equal that epoch's `val_loss` and
 `val_accuracy`. The rows are cut into blocks at fixed offsets and every rank evaluates
 its share of the blocks; the per-class counts are summed with one int64 Allreduce, so
@@ -22,7 +23,7 @@ from dpbp.parallel.evaluation import MAX_MATRIX_CLASSES, class_counts, evaluate
 from dpbp.parallel.threads import limit_blas_threads
 from dpbp.service import config, run_dir
 from dpbp.service import data as datasets
-from dpbp.service.restore import load_checkpoint, restore_model
+from dpbp.service.restore import load_checkpoint, network, restore_model, same_network
 from dpbp.service.startup import LOSSES, check_same_inputs, load_data
 
 
@@ -38,16 +39,20 @@ def main(argv=None):
     with mpi.agreement(comm):
         saved = config.from_toml(saved_toml, f"checkpoint {args.checkpoint}")
         cfg = config.load(args.config, args.set, base=saved)
+        notes = same_network(saved, cfg, args.checkpoint, classes)   # its own network
     limit_blas_threads(comm.ranks_sharing_cores, cfg.train.deterministic)   # as the run
     with mpi.agreement(comm):
         data = load_data(cfg, classes)   # labels: the network's classes
         if data.x_val is None:
             raise UserError(f"the {cfg.data.source} data of this config has no validation "
                             "set (data.val_fraction = 0 and no x_val); nothing to evaluate on")
-        data_id, notes = datasets.identity(data), []
+        data_id = datasets.identity(data)
         if comm.rank == 0:   # the checkpoint's own data, unless the command line names others
-            notes = run_dir.check_data(state["data"], data_id,
-                                       config.named_keys(args.config, args.set), args.checkpoint)
+            as_saved = data_id if cfg.model.dtype == saved.model.dtype else \
+                datasets.identity(data, saved.model.dtype)   # as the run loaded them
+            notes += run_dir.check_data(state["data"], as_saved,
+                                        config.named_keys(args.config, args.set),
+                                        args.checkpoint)
             notes += run_dir.unnamed_best(args.checkpoint, state)
     check_same_inputs(comm, cfg, data_id)
     widths = [data.num_inputs, *cfg.model.hidden, data.num_outputs]
@@ -65,6 +70,7 @@ def main(argv=None):
             print(f"dpbp: note: {note}", file=sys.stderr)
         result = summary(args.checkpoint, epoch, cfg, len(data.x_val), loss, accuracy,
                          per_class, confusion)
+        result["network"] = network(cfg, widths)
         print(json.dumps(result) if args.json else report(result))
     return 0
 
@@ -91,8 +97,12 @@ def summary(path, epoch, cfg, n, loss, accuracy, per_class, confusion):
 
 def report(r):
     """The summary as text for people: a few lines, the matrix only where it fits."""
+    net = r["network"]
     lines = [f"checkpoint {r['checkpoint']} (epoch {r['epoch']}): {r['data']} validation "
              f"set, {r['samples']} samples",
+             f"network {'-'.join(map(str, net['widths']))} {net['model.activation']} "
+             f"{net['model.dtype']}" + (f", dropout {net['model.dropout']:g}"
+                                        if net["model.dropout"] else ""),
              f"loss {r['loss']:.6f} ({r['loss_function']})"]
     if r["accuracy"] is None:
         lines.append(r["note"])

@@ -94,8 +94,8 @@ def test_evaluate_refuses_bad_input(run, tmp_path):
         (None, ["--checkpoint", str(garbage)], "is not a readable .npz file"),
         (None, [], "--checkpoint PATH is required"),
         (None, ["--checkpoint", ckpt(run_dir, 1), "--set", "model.hidden=[32]"],
-         "model.0.weight has shape (16, 256), the network needs (32, 256); the checkpoint "
-         "does not fit this config and data"),
+         f"model.hidden = [32] would change the network of {ckpt(run_dir, 1)} (model.hidden "
+         "= [16]): it runs its own network"),
         (2, ["--checkpoint", ckpt(run_dir, 1), "--set", 'data.source="npz"',
              "--set", f'data.path="{wrong}"'], "the network needs (16, 5)"),
         (2, ["--checkpoint", ckpt(run_dir, 1), "--set", "data.val_fraction=0"],

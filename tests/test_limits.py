@@ -81,3 +81,41 @@ def test_data_changed_under_a_run_stops_it_before_anything_is_saved(
     assert record["state"] == "failed" and record["cause"] in line
     if change is rewrite_in_place:
         refused(train(npy_run(folder, run_dir, "--resume")), "the data differ from what")
+
+
+def test_evaluate_and_predict_run_the_checkpoints_network(tmp_path, tiny_npz, train,
+                                                         in_process):
+    """Keys that would change the network (on the command line or in another
+    experiment's config file) are refused; model.dtype is allowed and said; the JSON
+    names the network; inputs that overflow it get one line, never NaN."""
+    import dpbp.evaluate
+    import dpbp.predict
+    run_dir = tmp_path / "run"
+    assert train(tiny_run(tiny_npz, run_dir))[0] == 0
+    ck = str(run_dir / "checkpoints" / "epoch-0003.npz")
+    logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    (tmp_path / "other.toml").write_text("[model]\nhidden = [4]\n")
+    evaluate = lambda *args: in_process(dpbp.evaluate.main, ["--checkpoint", ck, *args])  # noqa
+    for args, message in ((["--set", 'model.activation="tanh"'], 'model.activation = "tanh" '
+                           f'would change the network of {ck} (model.activation = "relu")'),
+                          (["--config", tmp_path / "other.toml"], "model.hidden = [4] would"),
+                          (["--set", 'train.loss="mse"'], 'train.loss = "mse" would'),
+                          (["--set", "model.classes=5"], "model.classes = 5 would")):
+        refused(evaluate(*args), message)
+    code, out, err = evaluate("--json", "--set", "model.classes=3")   # its own width
+    net = json.loads(out)["network"]
+    assert code == 0 and json.loads(out)["loss"] == logged["val_loss"], err
+    assert net == {"widths": [5, 8, 3], "model.hidden": [8], "model.activation": "relu",
+                   "model.dropout": 0.0, "model.dtype": "float32",
+                   "train.loss": "cross_entropy"}
+    code, out, err = evaluate("--json", "--set", 'model.dtype="float64"')
+    assert code == 0 and json.loads(out)["network"]["model.dtype"] == "float64", err
+    assert err == f"dpbp: note: model.dtype: the float32 network of {ck} runs in float64, " \
+                  "as the command line asks (its weights cast)\n"   # not "the data differ"
+    assert json.loads(out)["loss"] == pytest.approx(logged["val_loss"], rel=1e-5)
+    np.save(tmp_path / "x.npy", np.full((3, 5), 3e38, dtype=np.float32))   # finite float32
+    refused(in_process(dpbp.predict.main, ["--checkpoint", ck, "--input", tmp_path / "x.npy",
+                                           "--output", tmp_path / "p.npy"]),
+            "x.npy: row 0 holds 3e+38: beyond 1.84e+19 a network's products of inputs "
+            "overflow float32")
+    assert not (tmp_path / "p.npy").exists()

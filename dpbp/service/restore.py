@@ -10,7 +10,7 @@ import sys
 from dpbp.errors import UserError
 from dpbp.nn.model import sequential_index
 from dpbp.parallel import comm as mpi
-from dpbp.service import checkpoint, run_dir
+from dpbp.service import checkpoint, config, run_dir
 from dpbp.service.startup import new_model
 
 
@@ -57,3 +57,33 @@ def widths_of(state, path, model_cfg):
                             f"(model.hidden = {list(hidden)}, model.dropout = "
                             f"{model_cfg.dropout:g}) needs: it is damaged")
     return [state[first].shape[1], *hidden, state[last].shape[0]]
+
+
+# The keys that define a network and how its outputs are read: evaluate and predict run
+# the checkpoint's own (model.dtype aside: the weights are cast).
+NETWORK_KEYS = ("model.hidden", "model.activation", "model.dropout", "model.classes",
+                "train.loss")
+
+
+def same_network(saved, cfg, path, width):
+    """Notes, once `cfg` (the checkpoint's config `saved` with the command line's --config
+    and --set on top) is found to run the checkpoint's own network: a UserError names
+    the first of NETWORK_KEYS that would change it (model.classes may name the
+    checkpoint's output `width`). model.dtype may change: a note says so."""
+    old, new = config.flat(saved), config.flat(cfg)
+    for key in NETWORK_KEYS:
+        if old[key] != new[key] and not (key == "model.classes" and new[key] == width):
+            raise UserError(f"{key} = {config.toml_value(new[key])} would change the network "
+                            f"of {path} ({key} = {config.toml_value(old[key])}): it runs its "
+                            f"own network; leave {key} out of --config and --set")
+    if old["model.dtype"] == new["model.dtype"]:
+        return []
+    return [f"model.dtype: the {old['model.dtype']} network of {path} runs in "
+            f"{new['model.dtype']}, as the command line asks (its weights cast)"]
+
+
+def network(cfg, widths):
+    """The network that `cfg` and `widths` define, as config keys (for JSON output)."""
+    keys = config.flat(cfg)
+    return {"widths": list(widths), **{k: keys[k] for k in ("model.hidden",
+            "model.activation", "model.dropout", "model.dtype", "train.loss")}}

@@ -119,3 +119,22 @@ def test_evaluate_and_predict_run_the_checkpoints_network(tmp_path, tiny_npz, tr
             "x.npy: row 0 holds 3e+38: beyond 1.84e+19 a network's products of inputs "
             "overflow float32")
     assert not (tmp_path / "p.npy").exists()
+
+
+def test_a_full_disk_after_a_checkpoint_was_saved_says_so(tmp_path, tiny_npz, train,
+                                                         monkeypatch):
+    """The disk fills while best.npz is copied: the line names the copy, not the
+    checkpoint, which was saved and verifies."""
+    import errno
+
+    from dpbp.service import checkpoint, run_dir
+
+    def full(source, target):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(run_dir, "copy_atomic", full)
+    run = tmp_path / "run"
+    saved = run / "checkpoints" / "epoch-0001.npz"
+    refused(train(tiny_run(tiny_npz, run, "--set", "run.keep_best=true")),
+            f"saved {saved}, but cannot copy it to {run / 'checkpoints' / 'best.npz'} (No "
+            "space left on device); earlier checkpoints are intact")
+    assert checkpoint.load(saved)["epoch"] == 1

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import dpbp.train
-from tests.conftest import tiny_run
+from tests.conftest import assert_refused, run_train, tiny_run
 
 
 def refused(result, message, code=2):
@@ -81,6 +81,18 @@ def test_data_changed_under_a_run_stops_it_before_anything_is_saved(
     assert record["state"] == "failed" and record["cause"] in line
     if change is rewrite_in_place:
         refused(train(npy_run(folder, run_dir, "--resume")), "the data differ from what")
+
+
+def test_data_changed_under_two_ranks_stops_both_at_the_same_step(tmp_path, tiny_npz):
+    """Under mpirun the ranks that find the change stop every rank together, before the
+    step (an agreement): one line, exit 2, nothing saved after it, the record failed."""
+    folder, run_dir = npy_folder(tmp_path, tiny_npz), tmp_path / "run"
+    np.save(tmp_path / "other.npy", np.load(folder / "x.npy") * 2)
+    r = run_train(npy_run(folder, run_dir), ranks=2, env={
+        "DPBP_FAULT": "swap:1:7", "DPBP_FAULT_SWAP": f"{tmp_path / 'other.npy'}|{folder / 'x.npy'}"})
+    assert_refused(r, f"{folder / 'x.npy'} ")   # changed, or truncated while it was copied
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["epoch-0001.npz"]
+    assert json.loads((run_dir / "run.json").read_text())["state"] == "failed"
 
 
 def test_evaluate_and_predict_run_the_checkpoints_network(tmp_path, tiny_npz, train,

@@ -5,7 +5,8 @@ counted by host name, whose cores overlap this rank's; `counted` says so for the
 start-up line), and has a few verbs:
 in-place `allreduce_` on a flat array, `allreduce_max_`, `allreduce_min`/`allreduce_max`
 of an integer, the non-blocking `start_allreduce_max_`, `allgatherv_`, `alltoallv_`,
-`allgatherv_in_place_`, `bcast_`, `bcast_obj`, `barrier` and `replicas_identical`. The
+`allgatherv_in_place_`, `bcast_`, `bcast_obj`, `barrier`, `replicas_identical` and
+`wait` (of a non-blocking one). The
 seconds spent in the gradient sums add up in `wait_seconds`, which the benchmark reads as
 the communication share of a step. `agreement(comm)` is the collective check that turns
 bad input seen on some ranks into one message and a clean stop on all of them. The hot
@@ -196,6 +197,13 @@ class Comm:
         """Collective. `buf` holds this rank's counts[rank] values at starts[rank]; fill in
         every other rank's at theirs."""
         self._comm.Allgatherv(self._MPI.IN_PLACE, [buf, (list(counts), list(starts))])
+
+
+def wait(request):
+    """Complete a non-blocking collective (a request from start_allreduce_max_). Every
+    wait for other ranks happens in this module, which is how a watchdog tells a rank
+    that waits for another from one that is stuck (supervise.Watchdog)."""
+    request.Wait()
 
 
 @contextlib.contextmanager

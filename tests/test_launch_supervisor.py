@@ -282,82 +282,6 @@ def test_a_killed_rank_is_restarted_and_the_run_ends_as_if_nothing_happened(tmp_
     assert all(np.array_equal(ours[k], theirs[k]) for k in theirs)   # same world size: bitwise
 
 
-def test_a_closed_stdout_ends_the_lines_not_the_run_and_the_frozen_rank_is_named(tmp_path):
-    """Piped into `head -1`, the supervisor's stdout closes: its lines stop, the job,
-    restarts and records go on. Rank 1 freezes (outside MPI) and every rank's watchdog
-    fires, rank 0's first: the record names rank 1. The hostfile the launcher reads has
-    no name in the temporary folder."""
-    run, hosts, tmp = tmp_path / "run", tmp_path / "hosts", tmp_path / "tmp"
-    hosts.write_text("localhost:2\n")
-    tmp.mkdir()
-    reader, writer = os.pipe()
-    os.close(reader)   # the reader is gone before the first line
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dpbp.launch", "--hostfile", str(hosts), "--module",
-         "tests.faults", "--", *TINY, "--set", "train.epochs=3", "--set",
-         "run.watchdog_seconds=2", "--set", f'run.dir="{run}"'], stdout=writer,
-        stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
-        env=mpi_env({**fault_env(tmp_path, "hang:1:4"), "TMPDIR": str(tmp)}))
-    os.close(writer)
-    try:
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0 and "Traceback" not in err, err
-    assert "stuck outside MPI (in faults.py" in err and "waiting in MPI" in err
-    [entry] = restarts(run)
-    assert entry["cause"] == {"exit_code": 4, "signal": None, "rank": 1}
-    assert json.loads((run / "run.json").read_text())["state"] == "completed"
-    assert not [name for name in os.listdir(tmp) if name.startswith("dpbp-hosts")]
-
-
-STOPPER = """
-import atexit, os, signal, sys
-import dpbp.train
-
-def stop_the_launcher():   # mpirun stopped once the ranks are done: it never exits
-    if os.environ.get("PMI_RANK") == "0":
-        with open(f"/proc/{os.getppid()}/stat") as f:   # the rank's proxy; its parent:
-            os.kill(int(f.read().rsplit(")", 1)[1].split()[1]), signal.SIGSTOP)
-
-atexit.register(stop_the_launcher)
-dpbp.train.cli()
-"""
-
-
-def test_a_launcher_that_outlives_its_ranks_is_ended_but_a_suspended_job_is_not(tmp_path):
-    """A job stopped whole (SIGSTOP to mpirun and its ranks) for longer than the grace is
-    left alone, and goes on when continued; a launcher that never exits after its ranks
-    have all ended (the job finished) is ended after the grace: exit 0, no restart."""
-    (tmp_path / "stopper.py").write_text(STOPPER)
-    run = tmp_path / "run"
-    grace = "import sys, dpbp.launch as l; l.LAUNCHER_GRACE = 1.0; sys.exit(l.main())"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", grace, "-n", "2", "--module", "stopper", "--", *TINY,
-         "--set", "train.epochs=40", "--set", f'run.dir="{run}"'], stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
-        env=mpi_env({"PYTHONPATH": f"{tmp_path}:{ROOT}"}))
-    try:
-        wait_for(lambda: [p for p, _ in checkpoint.list_all(run) if p >= (2, 0)], proc,
-                 "second epoch")
-        job = [pid for pid in job_processes(str(run)) if pid != proc.pid]   # mpirun, ranks
-        for pid in job:
-            os.kill(pid, signal.SIGSTOP)
-        time.sleep(2.5)
-        assert proc.poll() is None
-        for pid in job:
-            os.kill(pid, signal.SIGCONT)
-        out, err = finish(proc)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, out + err
-    assert "did not exit in 1 s after all its ranks ended; ended it" in err, err
-    assert json.loads((run / "run.json").read_text())["state"] == "completed"
-    assert restarts(run) == [] and checkpoint.list_all(run)[-1][0] == (40, 0)
-
-
 @pytest.mark.parametrize("fault, code, why", [
     ("nan:0:4", 3, "which a restart cannot heal"),
     ("sigterm:1:4", 143, "the job stopped on SIGTERM from outside this supervisor"),
@@ -378,13 +302,22 @@ def test_what_a_retry_cannot_heal_is_not_retried(tmp_path, fault, code, why):
         assert [e["cause"]["rank"] for e in restarts(run)] == [1]
 
 
-def test_restarts_exhausted(tmp_path):
+def test_restarts_exhausted_with_stdout_closed(tmp_path):
+    """Piped into `head -1`, the supervisor's stdout closes before its first line: its
+    lines stop there, and the job, its restarts and their records go on."""
     run = tmp_path / "run"
     env = {"DPBP_FAULT": "kill:1:4", "PYTHONPATH": str(ROOT)}   # every attempt: no ONCE
-    r = launch(["-n", "2", "--max-restarts", "2", "--module", "tests.faults"],
-               [*TINY, "--set", "train.epochs=3", "--set", f'run.dir="{run}"'], env=env)
-    assert r.returncode == EXIT_RESTARTS_EXHAUSTED, r.stderr
-    assert "after 2 restarts: giving up" in r.stderr
+    reader, writer = os.pipe()
+    os.close(reader)   # the reader is gone
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dpbp.launch", "-n", "2", "--max-restarts", "2", "--module",
+         "tests.faults", "--", *TINY, "--set", "train.epochs=3", "--set",
+         f'run.dir="{run}"'], stdout=writer, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env=mpi_env(env), start_new_session=True)
+    os.close(writer)
+    _, err = finish(proc)
+    assert proc.returncode == EXIT_RESTARTS_EXHAUSTED and "Traceback" not in err, err
+    assert "after 2 restarts: giving up" in err
     assert [e["restart"] for e in restarts(run)] == [1, 2]
     assert [e["resume_step"] for e in restarts(run)] == [3, 3]
 

@@ -141,10 +141,12 @@ PARSER.add_argument("--checkpoint", metavar="PATH",
                     help="a checkpoint, e.g. runs/default/checkpoints/epoch-0010.npz, or a "
                          "run directory (runs/default): its newest valid checkpoint")
 PARSER.add_argument("--config", metavar="PATH",
-                    help="TOML file applied over the checkpoint's own config (e.g. other data)")
+                    help="TOML file applied over the checkpoint's own config (e.g. other "
+                         "data); keys that would change its network are refused")
 PARSER.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[],
                     help="override one key of the checkpoint's config (repeatable), e.g. "
-                         "--set 'data.path=\"other.npz\"'")
+                         "--set 'data.path=\"other.npz\"'; not its network (model.hidden, "
+                         "activation, dropout, classes, train.loss): model.dtype may change")
 PARSER.add_argument("--json", action="store_true",
                     help="print one JSON object (loss, accuracy, per_class_accuracy, "
                          "confusion_matrix, ...) instead of text")

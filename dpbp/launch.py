@@ -15,8 +15,9 @@ each start the hostfile is read again, so a host whose line was removed is left 
 job continues on the slots left (down to --min-ranks) with the same global batches, and
 under train.deterministic with the same bits. Each restart is one line on stdout and one
 JSON record in RUN_DIR/restarts.jsonl. SIGTERM, SIGINT and SIGHUP stop the job with a
-checkpoint and no restart. No rank outlives the supervisor (dpbp/service/processes.py).
-See docs/recovery.md.
+checkpoint and no restart. No rank outlives the supervisor (dpbp/service/processes.py),
+and a launcher that outlives all its ranks is ended. A closed stdout ends its lines, not
+the run. See docs/recovery.md.
 """
 
 import argparse
@@ -439,8 +440,12 @@ def unnamed_hostfile(hosts, flavour):
         except (AttributeError, OSError):   # no O_TMPFILE here (or on that filesystem)
             fd, path = tempfile.mkstemp(prefix="dpbp-hosts-")
             os.unlink(path)
-        with os.fdopen(os.dup(fd), "wb") as f:
-            f.write(text)
+        try:
+            with os.fdopen(os.dup(fd), "wb") as f:
+                f.write(text)
+        except OSError:
+            os.close(fd)
+            raise
         return fd
     except OSError as e:
         raise UserError(f"cannot write the launcher's hostfile in {folder} "

@@ -251,7 +251,7 @@ def test_npy_rows_come_in_whole_verified_blocks(tmp_path, shape, dtype):
                  np.array([], dtype=np.int64)):
         assert np.array_equal(a[rows], x[rows])
     for rows in (slice(None), slice(3, n - 1), slice(n - 2, None), slice(4, 4), slice(0, n, 3)):
-        assert np.array_equal(a[rows], x[rows])
+        assert np.array_equal(a[rows], x[rows]) and a[rows].flags.writeable
 
 
 def test_npy_changed_or_truncated_under_a_reader_is_an_error_when_read(tmp_path):

@@ -80,7 +80,7 @@ class NpyFile:
                         "opened): stopped before using them; restore the file, or rerun "
                         "the command on the new data")
             parts.append(data)
-        return parts[0] if len(parts) == 1 else b"".join(parts)   # b"": no blocks
+        return bytearray().join(parts)   # writable, as an array read from memory is
 
     def _read(self, start, stop):
         """The bytes of rows start .. stop - 1; a UserError where the file ends before

@@ -118,7 +118,7 @@ def train(run, comm, say, progress, signals, watchdog):
                 optimizer.lr = schedule.lr_at(tc, at.step, steps_per_epoch)
                 # dropout's masks: a function of (seed, step, each row's sample index)
                 keys = noise.row_keys(cfg.run.seed, at.step, rows) if model.dropout else None
-                x = datasets.read_rows(comm, data.x, rows)   # from disk: verified
+                x, unread = datasets.read_rows(data.x, rows)   # from disk: verified
                 with np.errstate(over="ignore", invalid="ignore"):   # non-finite: caught
                     loss, ok = train_step(model, optimizer, run.loss_fn, x, data.y[rows], N,
                                           run.summed, tc.clip_grad_norm, keys)
@@ -127,7 +127,8 @@ def train(run, comm, say, progress, signals, watchdog):
                 at = Position(epoch, b + 1, at.step + 1, at.skipped + (0 if ok else 1),
                               at.counted + (N if ok else 0))
                 bar.update()
-                code = guard.after_step(ok, at, loss_sum, b + 1 == len(batches), loss, N)
+                code = guard.after_step(ok, at, loss_sum, b + 1 == len(batches), loss, N,
+                                        unread)
                 if code is not None:
                     return code, at
             bar.close()

@@ -64,17 +64,18 @@ def truncate(path):
         f.truncate(200)
 
 
-@pytest.mark.parametrize("change, words", [(rewrite_in_place, "changed on disk"),
-                                           (truncate, "was truncated")])
+@pytest.mark.parametrize("change, words, policy", [
+    (rewrite_in_place, "changed on disk", "stop"), (truncate, "was truncated", "skip")])
 def test_data_changed_under_a_run_stops_it_before_anything_is_saved(
-        tmp_path, tiny_npz, train, monkeypatch, change, words):
+        tmp_path, tiny_npz, train, monkeypatch, change, words, policy):
     """npy inputs rewritten in place (or cut short) in epoch 2 of 3: exit 2 at the next
     read, one line naming the array, no checkpoint or metrics line after the change, the
-    record `failed` with that cause; --resume then sees the changed data and says so."""
+    record `failed` with that cause, whatever train.on_nonfinite says (the unread rows
+    are NaN for the step); --resume then sees the changed data and says so."""
     folder, run_dir = npy_folder(tmp_path, tiny_npz), tmp_path / "run"
     after_steps(monkeypatch, 7, lambda: change(folder / "x.npy"))   # 5 steps an epoch
-    line = refused(train(npy_run(folder, run_dir)), f"{folder / 'x.npy'} {words} while this "
-                                                    "command read it")
+    line = refused(train(npy_run(folder, run_dir, "--set", f"train.on_nonfinite={policy}")),
+                   f"{folder / 'x.npy'} {words} while this command read it")
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["epoch-0001.npz"]
     assert [json.loads(m)["epoch"] for m in open(run_dir / "metrics.jsonl")] == [1]
     record = json.loads((run_dir / "run.json").read_text())

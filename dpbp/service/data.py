@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from dpbp.errors import UserError
-from dpbp.parallel import comm as mpi
 from dpbp.parallel.evaluation import input_limit
 from dpbp.service import synthetic
 from dpbp.service.config import MAX_CLASSES
@@ -69,15 +68,19 @@ class Rows:
         return self[:] if dtype is None else self[:].astype(dtype, copy=False)
 
 
-def read_rows(comm, a, rows):
-    """Collective where `a` is read from disk (Rows): its rows `rows`. A change to its
-    file (or a truncation) that any rank finds stops every rank, before any uses the
-    rows (comm.agreement); the others' reads are not wasted, the step is not taken. An
-    array in memory is indexed, with no collective."""
+def read_rows(a, rows):
+    """(x, None): the rows `rows` of `a`, an array in memory or Rows read from disk. Where
+    a's file changed or was cut short since it was opened: (rows of NaN in their place,
+    the UserError). A step on NaN rows is not finite on every rank alike (train_step),
+    so no rank updates, and the guard then stops every rank with the problem
+    (guard.after_step): reading adds no collective to a step."""
     if not isinstance(a, Rows):
-        return a[rows]
-    with mpi.agreement(comm):   # DP: one rank's view of a changed file stops them all
-        return a[rows]
+        return a[rows], None
+    try:
+        return a[rows], None
+    except UserError as e:   # DP: the NaN tells every rank, in the gradient sum
+        count = len(np.arange(len(a))[rows])
+        return np.full((count, *a.shape[1:]), np.nan, dtype=a.dtype), e
 
 
 def row_chunks(a, nbytes=1 << 24):

@@ -218,6 +218,8 @@ def test_bad_npy_folder_names_the_file(tmp_path):
         (lambda f: np.save(f / "x.npy", np.zeros((4, 2))), "x has 4 samples but y has 3"),
         (lambda f: np.save(f / "x.npy", np.array([[1.0, np.nan]] * 3)), "x holds NaN or Inf"),
         (lambda f: np.save(f / "x.npy", np.full((3, 2), 1e300)), "too large for float32"),
+        (lambda f: np.save(f / "x.npy", np.array([[1, -3e19]] * 3)), "values up to 3e+19 in "
+                                                                    "magnitude"),
         (lambda f: (np.save(f / "x.npy", np.zeros((3, 2))),
                     np.save(f / "x_val.npy", np.zeros((1, 2)))), "x_val and y_val must come"),
     ]:
@@ -232,6 +234,9 @@ def test_bad_npy_folder_names_the_file(tmp_path):
     with pytest.raises(UserError, match="missing y.npy"):
         load("npy", folder)
     np.save(folder / "y.npy", np.arange(3) % 2)
+    (folder / "x_val.npy").unlink(missing_ok=True)
+    np.save(folder / "x.npy", np.array([[1, -128]] * 3, np.int8))   # abs(-128) = -128 in int8
+    assert np.asarray(load("npy", folder).x).min() == -128
     np.save(folder / "x.npy", np.asfortranarray(np.zeros((3, 2))))
     with pytest.raises(UserError, match="x.npy: saved in Fortran order"):
         load("npy", folder)

@@ -83,9 +83,9 @@ def read_rows(a, rows):
         return np.full((count, *a.shape[1:]), np.nan, dtype=a.dtype), e
 
 
-def row_chunks(a, nbytes=1 << 24):
+def row_chunks(a, nbytes=1 << 22):
     """The rows of `a` (an array or Rows) in consecutive blocks of about `nbytes`, so a
-    pass over a large memory-mapped array never holds more than one block in memory."""
+    pass over a large array on disk never holds more than one block in memory."""
     row_bytes = max(1, math.prod(a.shape[1:]) * np.dtype(a.dtype).itemsize)
     step = max(1, nbytes // row_bytes)
     for start in range(0, len(a), step):
@@ -93,10 +93,25 @@ def row_chunks(a, nbytes=1 << 24):
 
 
 def all_finite(a):
-    """No NaN or Inf in `a` (an array or Rows); checked block by block."""
+    """No NaN or Inf in `a` (an array, NpyFile or Rows); checked block by block (an
+    NpyFile knows from its opening pass)."""
+    if isinstance(a, NpyFile):
+        return a.finite
     if not np.issubdtype(a.dtype, np.floating):
         return True
     return all(np.isfinite(block).all() for block in row_chunks(a))
+
+
+def largest(a):
+    """The largest magnitude of the values of `a` (an array or Rows, whose values
+    all_finite found finite; Inf where the cast to its dtype overflowed), block by
+    block. For Rows, that of its whole file (from its opening pass, npy.NpyFile), cast
+    to the Rows' dtype: casting keeps the order, so the largest cast value is the cast
+    largest, and a split is checked with its file."""
+    if isinstance(a, Rows):
+        with np.errstate(over="ignore"):
+            return float(np.float64(a.base.largest).astype(a.dtype))   # float64: exact
+    return max((float(np.abs(b).max()) for b in row_chunks(a) if b.size), default=0)
 
 
 def crc32(a, dtype=None):
@@ -216,13 +231,12 @@ def load(data_cfg, loss, dtype, seed, classes=0):
         else:
             with np.errstate(over="ignore"):   # overflow is reported just below
                 out = np.ascontiguousarray(a, dtype=dtype)
-        # one pass (the rows may come from disk); _check_pair refused NaN: inf is overflow
-        largest = max((float(np.abs(b).max()) for b in row_chunks(out) if b.size), default=0)
-        if not math.isfinite(largest):
+        biggest = largest(out)   # _check_pair refused NaN: an Inf here is overflow
+        if not math.isfinite(biggest):
             raise UserError(f"{where}: values too large for {np.dtype(dtype).name} (beyond "
                             f"{np.finfo(dtype).max:.3g}); scale the data or use float64")
-        if largest > input_limit(dtype):   # their products would overflow
-            raise UserError(f"{where}: values up to {largest:.3g} in magnitude: a network's "
+        if biggest > input_limit(dtype):   # their products would overflow
+            raise UserError(f"{where}: values up to {biggest:.3g} in magnitude: a network's "
                             f"products of them overflow {np.dtype(dtype).name} (beyond "
                             f"{np.finfo(dtype).max:.3g}); scale the data, e.g. standardise "
                             "the features")

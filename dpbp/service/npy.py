@@ -1,6 +1,7 @@
 """.npy arrays on disk, read by rows with positioned reads and verified block by block.
 
     a = NpyFile(path)     # the header, then one pass over the data: a CRC-32 per block
+    a.finite, a.largest   # found in that pass: no NaN or Inf; the largest magnitude
     a[rows]               # rows (a slice, or an array of row numbers): a new array
 
 No memory map: a mapped file that is truncated under the process ends it with SIGBUS,
@@ -23,7 +24,7 @@ import numpy as np
 from dpbp.errors import UserError
 
 BLOCK_BYTES = 4096       # a page: a random row costs one page read either way
-PASS_BYTES = 1 << 24     # the pass at opening reads this much at a time
+PASS_BYTES = 1 << 22     # the pass at opening reads this much at a time
 
 
 class NpyFile:
@@ -47,13 +48,22 @@ class NpyFile:
         return self.shape[0]
 
     def _checksums(self):
-        """The CRC-32 of every block, from one pass over the file."""
+        """The CRC-32 of every block, from one pass over the file, which also finds
+        `finite` (no NaN or Inf in the array) and `largest` (the largest magnitude of its
+        values, where they are finite), for the checks of its values."""
         n_blocks = -(-len(self) // self.rows_per_block)
         crcs = np.empty(n_blocks, dtype=np.uint32)
         step = max(1, PASS_BYTES // (self.rows_per_block * max(1, self.row_bytes)))
+        self.finite, self.largest = True, 0
         for first in range(0, n_blocks, step):
-            blocks = np.arange(first, min(first + step, n_blocks))
-            self._read_blocks(blocks, crcs, check=False)
+            data = self._read_blocks(np.arange(first, min(first + step, n_blocks)), crcs,
+                                     check=False)
+            values = np.frombuffer(data, dtype=self.dtype)
+            if values.size and self.dtype.kind == "f":
+                self.largest = max(self.largest, float(np.abs(values).max()))
+                self.finite = self.finite and bool(np.isfinite(values).all())
+            elif values.size and self.dtype.kind in "iu":   # abs(-128) is -128 in int8
+                self.largest = max(self.largest, int(values.max()), -int(values.min()))
         return crcs
 
     def _read_blocks(self, blocks, crcs, check=True):
@@ -80,6 +90,8 @@ class NpyFile:
                         "opened): stopped before using them; restore the file, or rerun "
                         "the command on the new data")
             parts.append(data)
+        if not check:   # the pass at opening: looked at, not kept
+            return parts[0] if len(parts) == 1 else b"".join(parts)
         return bytearray().join(parts)   # writable, as an array read from memory is
 
     def _read(self, start, stop):

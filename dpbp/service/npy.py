@@ -56,8 +56,11 @@ class NpyFile:
         step = max(1, PASS_BYTES // (self.rows_per_block * max(1, self.row_bytes)))
         self.finite, self.largest = True, 0
         for first in range(0, n_blocks, step):
-            data = self._read_blocks(np.arange(first, min(first + step, n_blocks)), crcs,
-                                     check=False)
+            try:
+                data = self._read_blocks(np.arange(first, min(first + step, n_blocks)), crcs,
+                                         check=False)
+            except OSError as e:
+                raise UserError(f"{self.path}: cannot read it ({e.strerror})") from None
             values = np.frombuffer(data, dtype=self.dtype)
             if values.size and self.dtype.kind == "f":
                 self.largest = max(self.largest, float(np.abs(values).max()))
@@ -71,16 +74,17 @@ class NpyFile:
         once), in that order. Each block's CRC-32 is checked against crcs[block] (or,
         without `check`, stored there)."""
         rpb, row_bytes, n = self.rows_per_block, self.row_bytes, len(self)
-        size, parts, blocks, i = rpb * row_bytes, [], blocks.tolist(), 0
-        while i < len(blocks):   # a run of consecutive blocks: one read
-            first, i = blocks[i], i + 1
-            while i < len(blocks) and blocks[i] == blocks[i - 1] + 1:
-                i += 1
-            end = blocks[i - 1] + 1
-            data = self._read(first * rpb, min(end * rpb, n))
+        size, parts, crc32, fd = rpb * row_bytes, [], zlib.crc32, self._file.fileno()
+        starts = np.flatnonzero(np.diff(blocks, prepend=-2) != 1)   # runs of consecutive
+        ends = np.append(blocks[starts[1:] - 1] + 1, blocks[-1] + 1) if len(blocks) else []
+        for first, end in zip(blocks[starts].tolist(), np.asarray(ends).tolist()):
+            want = (min(end * rpb, n) - first * rpb) * row_bytes   # a run: one read
+            data = os.pread(fd, want, self.offset + first * size)
+            if len(data) < want:
+                data = self._read_on(data, want, first * size)
             view = memoryview(data)
             for b in range(first, end):
-                crc = zlib.crc32(view[(b - first) * size:(b - first + 1) * size])
+                crc = crc32(view[(b - first) * size:(b - first + 1) * size])
                 if not check:
                     crcs[b] = crc
                 elif crc != crcs[b]:
@@ -94,31 +98,28 @@ class NpyFile:
             return parts[0] if len(parts) == 1 else b"".join(parts)
         return bytearray().join(parts)   # writable, as an array read from memory is
 
-    def _read(self, start, stop):
-        """The bytes of rows start .. stop - 1; a UserError where the file ends before
-        them (it was truncated) or cannot be read."""
-        want, fd = (stop - start) * self.row_bytes, self._file.fileno()
-        try:
-            data = os.pread(fd, want, self.offset + start * self.row_bytes)
-            while len(data) < want:   # a read cut short: read on
-                more = os.pread(fd, want - len(data),
-                                self.offset + start * self.row_bytes + len(data))
-                if not more:
-                    raise UserError(
-                        f"{self.path} was truncated while this command read it "
-                        f"({os.fstat(fd).st_size:,} bytes, its array needs "
-                        f"{self.offset + len(self) * self.row_bytes:,}): stopped before "
-                        "using its rows; restore the file, or rerun the command on the "
-                        "new data")
-                data += more
-        except OSError as e:
-            raise UserError(f"{self.path}: cannot read it ({e.strerror})") from None
+    def _read_on(self, data, want, start):
+        """`data`, read from byte `start` of the array but cut short, completed to `want`
+        bytes; a UserError where the file ends before (it was truncated)."""
+        fd = self._file.fileno()
+        while len(data) < want:
+            more = os.pread(fd, want - len(data), self.offset + start + len(data))
+            if not more:
+                raise UserError(
+                    f"{self.path} was truncated while this command read it "
+                    f"({os.fstat(fd).st_size:,} bytes, its array needs "
+                    f"{self.offset + len(self) * self.row_bytes:,}): stopped before using "
+                    "its rows; restore the file, or rerun the command on the new data")
+            data += more
         return data
 
     def _verified(self, blocks):
         """The rows of `blocks` (sorted block numbers) as one array, in that order, each
         block checked against its checksum."""
-        data = self._read_blocks(blocks, self.crcs)
+        try:
+            data = self._read_blocks(blocks, self.crcs)
+        except OSError as e:
+            raise UserError(f"{self.path}: cannot read it ({e.strerror})") from None
         return np.frombuffer(data, dtype=self.dtype).reshape(-1, *self.shape[1:])
 
     def __getitem__(self, rows):
@@ -134,9 +135,8 @@ class NpyFile:
         rows = np.arange(len(self))[rows] if isinstance(rows, slice) else \
             np.asarray(rows, dtype=np.int64)
         rows = np.where(rows < 0, rows + len(self), rows)
-        blocks = np.unique(rows // rpb)
-        held = self._verified(blocks)
-        return held[np.searchsorted(blocks, rows // rpb) * rpb + rows % rpb]
+        blocks, where = np.unique(rows // rpb, return_inverse=True)
+        return self._verified(blocks)[where * rpb + rows % rpb]
 
 
 def _header(f, path):

@@ -282,6 +282,52 @@ def test_a_killed_rank_is_restarted_and_the_run_ends_as_if_nothing_happened(tmp_
     assert all(np.array_equal(ours[k], theirs[k]) for k in theirs)   # same world size: bitwise
 
 
+STOPPER = """
+import atexit, os, signal, sys
+import dpbp.train
+
+def stop_the_launcher():   # mpirun stopped once the ranks are done: it never exits
+    if os.environ.get("PMI_RANK") == "0":
+        with open(f"/proc/{os.getppid()}/stat") as f:   # the rank's proxy; its parent:
+            os.kill(int(f.read().rsplit(")", 1)[1].split()[1]), signal.SIGSTOP)
+
+atexit.register(stop_the_launcher)
+dpbp.train.cli()
+"""
+
+
+def test_a_launcher_that_outlives_its_ranks_is_ended_but_a_suspended_job_is_not(tmp_path):
+    """A job stopped whole (SIGSTOP to mpirun and its ranks) for longer than the grace is
+    left alone, and goes on when continued; a launcher that never exits after its ranks
+    have all ended (the job finished) is ended after the grace: exit 0, no restart."""
+    (tmp_path / "stopper.py").write_text(STOPPER)
+    run = tmp_path / "run"
+    grace = "import sys, dpbp.launch as l; l.LAUNCHER_GRACE = 1.0; sys.exit(l.main())"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", grace, "-n", "2", "--module", "stopper", "--", *TINY,
+         "--set", "train.epochs=40", "--set", f'run.dir="{run}"'], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
+        env=mpi_env({"PYTHONPATH": f"{tmp_path}:{ROOT}"}))
+    try:
+        wait_for(lambda: [p for p, _ in checkpoint.list_all(run) if p >= (2, 0)], proc,
+                 "second epoch")
+        job = [pid for pid in job_processes(str(run)) if pid != proc.pid]   # mpirun, ranks
+        for pid in job:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(2.0)   # twice the grace, and more: stopped ranks have not ended
+        assert proc.poll() is None
+        for pid in job:
+            os.kill(pid, signal.SIGCONT)
+        out, err = finish(proc)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out + err
+    assert "did not exit in 1 s after all its ranks ended; ended it" in err, err
+    assert json.loads((run / "run.json").read_text())["state"] == "completed"
+    assert restarts(run) == [] and checkpoint.list_all(run)[-1][0] == (40, 0)
+
+
 @pytest.mark.parametrize("fault, code, why", [
     ("nan:0:4", 3, "which a restart cannot heal"),
     ("sigterm:1:4", 143, "the job stopped on SIGTERM from outside this supervisor"),

@@ -30,6 +30,7 @@ from dpbp.parallel import sharding  # noqa: E402
 from dpbp.parallel.evaluation import evaluate  # noqa: E402
 from dpbp.parallel.step import train_step  # noqa: E402
 from dpbp.service import checkpoint, config, history, run_dir  # noqa: E402
+from dpbp.service import data as datasets  # noqa: E402
 from dpbp.service.checkpoint import Position  # noqa: E402
 from dpbp.service.config import RunConfig  # noqa: E402
 from dpbp.service.console import Console, Progress  # noqa: E402
@@ -124,15 +125,17 @@ def train(run, comm, say, progress, signals, watchdog):
                 optimizer.lr = schedule.lr_at(tc, at.step, steps_per_epoch, plateau)
                 # random draws (dropout's masks): a function of (seed, step, each row's index)
                 keys = noise.row_keys(cfg.run.seed, at.step, rows) if model.draws else None
+                x, unread = datasets.read_rows(data.x, rows)   # from disk: verified
                 with np.errstate(over="ignore", invalid="ignore"):   # non-finite: caught
-                    loss, ok = train_step(model, optimizer, run.loss_fn, data.x[rows],
-                                          data.y[rows], N, run.summed, tc.clip_grad_norm, keys)
+                    loss, ok = train_step(model, optimizer, run.loss_fn, x, data.y[rows], N,
+                                          run.summed, tc.clip_grad_norm, keys)
                 if ok:
                     loss_sum += loss
                 at = Position(epoch, b + 1, at.step + 1, at.skipped + (0 if ok else 1),
                               at.counted + (N if ok else 0))
                 bar.update()
-                code = guard.after_step(ok, at, loss_sum, b + 1 == len(batches), loss, N)
+                code = guard.after_step(ok, at, loss_sum, b + 1 == len(batches), loss, N,
+                                        unread)
                 if code is not None:
                     return code, at
             bar.close()

@@ -118,6 +118,35 @@ def uneven_npz(tmp_path):
     return path
 
 
+@pytest.fixture
+def in_process(monkeypatch, capsys):
+    """in_process(main, args) -> (exit code, stdout, stderr) of a dpbp command's main()
+    (dpbp.train.main, dpbp.evaluate.main, ...) in this process, as a world of one
+    (mpi.init stubbed to no MPI, which is what a process without a launcher gets): the
+    same code as `python -m dpbp.train`, in a twentieth of the time."""
+    from threadpoolctl import threadpool_limits
+
+    from dpbp.parallel import comm as mpi
+    monkeypatch.setattr(mpi, "init", lambda: mpi.Comm(None))
+
+    def run(main, args):
+        with threadpool_limits(limits=None):   # the run's BLAS threads end with it
+            try:
+                code = main([str(a) for a in args])
+            except mpi.AgreedExit as e:
+                code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
+
+
+@pytest.fixture
+def train(in_process):
+    """train(args) -> (exit code, stdout, stderr) of dpbp.train's main() in this process."""
+    import dpbp.train
+    return lambda args: in_process(dpbp.train.main, args)
+
+
 def relative_run(run_dir, *extra):
     """A tiny run on data/d.npz, a path relative to the working directory."""
     return ["--set", 'data.source="npz"', "--set", 'data.path="data/d.npz"',
@@ -208,28 +237,6 @@ def uninterrupted(tmp_path, tiny_npz):
     r = run_train(tiny_run(tiny_npz, run_dir), ranks=2)
     assert r.returncode == 0, r.stderr
     return run_dir
-
-
-@pytest.fixture
-def in_process(monkeypatch, capsys):
-    """in_process(module, args) -> (exit code, stdout, stderr) of a command's main() (the
-    module dpbp.train, dpbp.evaluate, ...) run in this process as a world of one
-    (mpi.init stubbed to no MPI, as a process without a launcher gets it): the same code
-    as `python -m MODULE`, in a fraction of the time."""
-    from threadpoolctl import threadpool_limits
-
-    from dpbp.parallel import comm as mpi
-    monkeypatch.setattr(mpi, "init", lambda: mpi.Comm(None))
-
-    def run(module, args):
-        with threadpool_limits(limits=None):   # the command's BLAS threads end with it
-            try:
-                code = module.main([str(a) for a in args])
-            except mpi.AgreedExit as e:
-                code = e.code
-        out, err = capsys.readouterr()
-        return code, out, err
-    return run
 
 
 # ----------------------------------------------------------------------------- evaluate and predict

@@ -16,8 +16,9 @@ planned fault, or several separated by commas. Just before optimizer step STEP
     sigterm    sends itself SIGTERM (as Slurm does before preempting a job)
     sigint     sends itself SIGINT (as Ctrl-C does)
     sighup     sends itself SIGHUP (as a closed terminal or ssh session does)
-    swapkill   copies the file SRC over DST (DPBP_FAULT_SWAP=SRC|DST: the run's data
-               replaced under it), then kills itself with SIGKILL
+    swap       copies the file SRC over DST, in place (DPBP_FAULT_SWAP=SRC|DST: the
+               run's data changed under it)
+    swapkill   as swap, then kills itself with SIGKILL
 and, while rank 0 writes the checkpoint taken when STEP steps are done (RANK must be 0),
     killsave   kills itself with SIGKILL half-way through the file
     nospace    fails as a full disk does (OSError ENOSPC)
@@ -48,7 +49,7 @@ import sys
 import time
 
 STEP_KINDS = ("raise", "exit", "kill", "hang", "nan", "perturb", "sigterm", "sigint", "sighup",
-              "swapkill")
+              "swap", "swapkill")
 KINDS = STEP_KINDS + ("killsave", "nospace", "othercpu", "hangload", "termload")
 SIGNALS = {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT, "sighup": signal.SIGHUP}
 
@@ -87,7 +88,7 @@ def inject(kind, step, x, params):
         raise RuntimeError(f"injected fault at step {step}")
     if kind == "exit":
         sys.exit(5)
-    if kind == "swapkill":
+    if kind in ("swap", "swapkill"):
         source, target = os.environ["DPBP_FAULT_SWAP"].split("|")
         shutil.copyfile(source, target)
     if kind in ("kill", "swapkill"):

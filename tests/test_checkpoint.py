@@ -267,6 +267,18 @@ def test_adamw_state_round_trips_and_lost_moments_are_refused(tmp_path):
         with pytest.raises(UserError, match=f"has no {lost}, though it was written with "
                                             'train.optimizer = "adamw": it was altered'):
             checkpoint.restore(altered, path, other, AdamW(other.params, other.grads, lr=0.1))
+    # states no update writes (the digest recomputed, as a careful forger would): refused
+    # on load, not blamed later on the learning rate
+    for name, change, message in (
+            ("optimizer.exp_avg_sq", lambda v: -v, "exp_avg_sq holds negative values"),
+            ("optimizer.max_exp_avg_sq", lambda v: v / 2, "max_exp_avg_sq is below optimizer."
+                                                         "exp_avg_sq"),
+            ("optimizer.step", lambda t: t + 1, "optimizer.step = 4 updates, more than its 3 "
+                                                "steps")):
+        altered = dict(state, **{name: change(state[name])})
+        with pytest.raises(UserError, match=f"{message}.*altered; resume from another"):
+            checkpoint.restore(altered, path, other, AdamW(other.params, other.grads, lr=0.1,
+                                                           amsgrad=True))
 
 
 def test_a_checkpoint_without_moments_of_a_run_that_had_none_starts_them_afresh(tmp_path):

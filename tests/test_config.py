@@ -106,10 +106,33 @@ def test_config_is_frozen():
      "train.plateau_factor must be in (0, 1), got 1.0"),
     (["train.schedule=plateau", "train.plateau_cooldown=-1"], "train.plateau_cooldown must be"),
     (["train.factor=0.5"], "unknown key train.factor (did you mean train.plateau_factor?)"),
+    (["run.seed=9223372036854775808"], "run.seed must be an integer of 64 bits"),
+    (["run.seed=-1"], "run.seed must be in [0, 9223372036854775807] (2**63 - 1), got -1"),
+    (["train.epochs=99999999999999999999"], "train.epochs must be an integer of 64 bits"),
+    (["train.lr=0.1\nx = 2"], r"--set train.lr=0.1\nx = 2: the value holds more than one "
+                               "TOML value (a line x = ... after it)"),
+    (["train.lr=1\n[run]\nseed = 3"], "holds more than one TOML value (a line run = ..."),
+    (['run.dir=a\nb'], r"--set run.dir=a\nb: the value spans lines but is not one TOML value"),
 ])
 def test_bad_overrides_name_the_key(overrides, message):
     with pytest.raises(UserError, match=".*" + __import__("re").escape(message)):
         config.load(None, overrides)
+
+
+def test_multi_line_values_that_are_one_value_are_taken_whole():
+    cfg = config.load(None, ["model.hidden=[16,\n 8]", "train.lr=0.5  # a comment"])
+    assert cfg.model.hidden == (16, 8) and cfg.train.lr == 0.5
+
+
+def test_a_config_file_is_a_regular_file_of_bounded_size(tmp_path):
+    """/dev/zero would be read until memory ran out; a pipe would wait for a writer."""
+    os.mkfifo(tmp_path / "pipe")
+    for path in ("/dev/zero", tmp_path / "pipe", tmp_path):
+        with pytest.raises(UserError, match="not a regular file"):
+            config.load(path)
+    (tmp_path / "big.toml").write_text("# padding\n" * 200_000)
+    with pytest.raises(UserError, match=r"big.toml: larger than 1,048,576 bytes"):
+        config.load(tmp_path / "big.toml")
 
 
 def test_missing_config_file(tmp_path):

@@ -94,9 +94,8 @@ def test_evaluate_refuses_bad_input(run, tmp_path):
         (None, ["--checkpoint", str(garbage)], "is not a readable .npz file"),
         (None, [], "--checkpoint required"),
         (None, ["--checkpoint", ckpt(run_dir, 1), "--set", "model.hidden=[32]"],
-         "model.hidden: the network is the one checkpoint " + ckpt(run_dir, 1) + " records "
-         "(256 -> linear 16, relu, linear 10); the command line may change the data, "
-         "not the network"),
+         f"model.hidden = [32] would change the network of checkpoint {ckpt(run_dir, 1)} "
+         "(256 -> linear 16, relu, linear 10; model.hidden = [16]): it runs its own network"),
         (2, ["--checkpoint", ckpt(run_dir, 1), "--set", 'data.source="npz"',
              "--set", f'data.path="{wrong}"'], "the data's rows have shape (5,), but the "
          "network of checkpoint " + ckpt(run_dir, 1) + " (256 -> linear 16, relu, linear "

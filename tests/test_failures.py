@@ -146,6 +146,10 @@ def test_watchdog_ends_a_hung_job_with_every_rank_stack(tmp_path, tiny_npz):
     for rank in (0, 1):
         assert f"dpbp: rank {rank}: no training step finished in 2 s" in r.stderr, r.stderr
     assert 'faults.py", line' in r.stderr and "in inject" in r.stderr   # the hung rank's place
+    assert "dpbp: rank 0: no training step finished in 2 s (run.watchdog_seconds), waiting " \
+        "in MPI for another rank;" in r.stderr   # which one froze, for people and dpbp.launch
+    assert "dpbp: rank 1: no training step finished in 2 s (run.watchdog_seconds), stuck " \
+        "outside MPI (in faults.py:" in r.stderr
 
 
 def test_a_save_killed_half_way_damages_nothing(tmp_path, tiny_npz, uninterrupted):

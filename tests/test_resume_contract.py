@@ -16,15 +16,8 @@ import shutil
 import numpy as np
 import pytest
 
-import dpbp.train
 from dpbp.service import checkpoint, record
 from tests.conftest import ROOT, metrics, run_module, run_train, snapshot, tiny_run
-
-
-@pytest.fixture
-def train(in_process):
-    """train(args) -> (exit code, stdout, stderr) of dpbp.train's main() in this process."""
-    return lambda args: in_process(dpbp.train, args)
 
 
 def state(run_dir):
@@ -243,10 +236,10 @@ def test_last_npz_names_the_newest_checkpoint(tmp_path, tiny_npz, train, in_proc
     assert state(run_dir)["run_id"] == run_id
     assert [m["epoch"] for m in metrics(run_dir)] == [1, 2, 3]
     assert os.readlink(last) == "epoch-0003.npz"
-    code, out, _ = in_process(dpbp.evaluate, ["--checkpoint", last, "--json"])
+    code, out, _ = in_process(dpbp.evaluate.main, ["--checkpoint", last, "--json"])
     assert code == 0 and json.loads(out)["loss"] == metrics(run_dir)[-1]["val_loss"]
     np.save(tmp_path / "x.npy", np.ones((2, 5)))
-    assert in_process(dpbp.predict, ["--checkpoint", last, "--input", tmp_path / "x.npy",
+    assert in_process(dpbp.predict.main, ["--checkpoint", last, "--input", tmp_path / "x.npy",
                                      "--output", tmp_path / "p.npy"])[0] == 0
     assert np.load(tmp_path / "p.npy").shape == (2, 3)
     assert train(tiny_run(tiny_npz, branch, "--resume", last, "--set", "train.epochs=4"))[0] == 0

@@ -30,7 +30,7 @@ def watched_run(npz, run_dir, *more):
 def test_the_best_checkpoint_early_stopping_and_the_lr_follow_val_accuracy(
         tmp_path, tiny_npz, in_process):
     run_dir = tmp_path / "run"
-    code, out, _ = in_process(dpbp.train, watched_run(tiny_npz, run_dir))
+    code, out, _ = in_process(dpbp.train.main, watched_run(tiny_npz, run_dir))
     assert code == 0, out
     m = metrics(run_dir)
     accuracy, losses, E = [e["val_accuracy"] for e in m], [e["val_loss"] for e in m], len(m)
@@ -44,10 +44,10 @@ def test_the_best_checkpoint_early_stopping_and_the_lr_follow_val_accuracy(
     reference = PlateauReference(0.05, "max", 0.5, 0, 1e-4, 0, 0.0)   # watches epochs 2 on
     lrs = [0.05, 0.05] + [reference.step(a) for a in accuracy[1:E - 1]]
     assert [e["lr"] for e in m] == lrs and len(set(lrs)) >= 3   # cut twice, as torch would
-    code, _, err = in_process(dpbp.train, watched_run(tiny_npz, run_dir, "--resume", "--set",
+    code, _, err = in_process(dpbp.train.main, watched_run(tiny_npz, run_dir, "--resume", "--set",
                                                       "run.best_metric=val_loss"))
     assert code == 2 and "run.best_metric was \"val_accuracy\"" in err, err
-    code, _, err = in_process(dpbp.train, ["--set", "data.samples=40", "--set",
+    code, _, err = in_process(dpbp.train.main, ["--set", "data.samples=40", "--set",
                                            "data.val_fraction=0", "--set",
                                            "train.schedule=plateau", "--set",
                                            f'run.dir="{tmp_path / "noval"}"'])
@@ -59,9 +59,9 @@ def test_a_branch_mid_epoch_and_two_ranks_decide_as_one_uninterrupted_process(
     """The plateau's rate, the best checkpoint and early stopping come from the metric
     history in metrics.jsonl, the same bits at any world size (train.deterministic)."""
     one, branch, two = tmp_path / "one", tmp_path / "branch", tmp_path / "two"
-    assert in_process(dpbp.train, watched_run(tiny_npz, one))[0] == 0
+    assert in_process(dpbp.train.main, watched_run(tiny_npz, one))[0] == 0
     mid = one / "checkpoints" / "epoch-0003-batch-000003.npz"   # epoch 4 trains at a cut lr
-    code, out, _ = in_process(dpbp.train, watched_run(tiny_npz, branch, "--resume", mid))
+    code, out, _ = in_process(dpbp.train.main, watched_run(tiny_npz, branch, "--resume", mid))
     assert code == 0 and f"resume: from {mid}" in out
     r = run_train(watched_run(tiny_npz, two), ranks=2)
     assert r.returncode == 0, r.stderr

@@ -194,6 +194,10 @@ def restore(state, path, model, optimizer):
             raise UserError(f"checkpoint {path} has no optimizer.{lost[0]}, though it was "
                             f"written with {setting}: it was altered; resume from another "
                             "checkpoint")
+    if "step" in found and found["step"].shape == () and found["step"] > state["step"]:
+        raise UserError(f"checkpoint {path}: optimizer.step = {int(found['step'])} updates, "
+                        f"more than its {state['step']} steps: it was altered; resume from "
+                        "another checkpoint")
     problem = optimizer.load_state(found, f"checkpoint {path}")
     if problem:
         raise UserError(problem)

@@ -11,6 +11,7 @@ import difflib
 import json
 import math
 import os
+import stat
 import typing
 from dataclasses import dataclass
 
@@ -105,6 +106,8 @@ class Config:
 PLATEAU_KEYS = ("plateau_factor", "plateau_patience", "plateau_threshold", "plateau_cooldown",
                 "min_lr")
 MAX_CLASSES = 1 << 16   # a larger label is a mistake, not a network to build
+MAX_INT = 2 ** 63 - 1   # integers are int64 where they are saved (checkpoints) and used
+MAX_CONFIG_BYTES = 1 << 20   # a config file is a few hundred bytes: a larger one is a mistake
 MAX_GRAINS = 1024   # train.grains: a grain's float32 gradient keeps 21 - ceil(log2 grains) bits
 
 CHOICES = {
@@ -155,6 +158,9 @@ def _convert(key, value, t, where):
     if not ok:
         raise UserError(f"{where}: {key} must be {_type_name(t)}, got "
                         f"{shown(toml_value(value))}")
+    if t is int and not -MAX_INT - 1 <= value <= MAX_INT:   # TOML's own bound, too
+        raise UserError(f"{where}: {key} must be an integer of 64 bits (at most {MAX_INT} "
+                        f"in magnitude), got {shown(value)}")
     if t is str and not _utf8(value):
         raise UserError(f"{where}: {key} must be UTF-8 text, got {ascii(value)} (a path "
                         "with bytes that are not UTF-8 cannot be saved in config.toml)")
@@ -280,7 +286,8 @@ def validate(cfg):
         _check_choice(cfg, key, choices)
     t, d, m = cfg.train, cfg.data, cfg.model
     _check(cfg.run.dir.strip() != "", "run.dir", "a non-empty path", cfg.run.dir)
-    _check(cfg.run.seed >= 0, "run.seed", ">= 0", cfg.run.seed)
+    _check(0 <= cfg.run.seed <= MAX_INT, "run.seed", f"in [0, {MAX_INT}] (2**63 - 1)",
+           cfg.run.seed)
     _check(d.source == "synthetic" or d.path != "", "data.path",
            f'set for data.source = "{d.source}"', d.path)
     _check(0 <= d.val_fraction < 1, "data.val_fraction", "in [0, 1)", d.val_fraction)
@@ -391,20 +398,34 @@ def _parse_toml(text, where):
         raise UserError(f"{where}: invalid TOML: arrays or tables nested too deeply") from None
 
 
+def named_set(text):
+    """'--set TEXT' for a message, on one line (a value that spans lines, escaped)."""
+    return f"--set {shown(text if chr(10) not in text else ascii(text)[1:-1])}"
+
+
 def parse_override(text):
-    """'section.key=VALUE' as {section: {key: value}}. VALUE is TOML (0.05, true,
-    [256, 128], "npz"); what is not TOML is taken as a bare string (npz, ~/data/x.npz),
-    which the key's type then accepts or refuses."""
+    """'section.key=VALUE' as {section: {key: value}}. VALUE is one TOML value (0.05,
+    true, [256, 128], "npz"; an array may span lines); what is not TOML is taken as a
+    bare string (npz, ~/data/x.npz), which the key's type then accepts or refuses. A
+    value that spans lines must be one TOML value: text that parses as more than one
+    (`0.1` and a line `x = 2` after it) is refused, never cut short."""
     name, sep, value = text.partition("=")
     parts = name.strip().split(".")
+    where = named_set(text)
     if not sep or len(parts) != 2 or not all(parts):
-        raise UserError(f"--set {shown(text)}: expected section.key=VALUE, e.g. --set "
-                        "train.lr=0.05")
+        raise UserError(f"{where}: expected section.key=VALUE, e.g. --set train.lr=0.05")
     try:
-        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+        parsed = tomllib.loads(f"v = {value.strip()}")
     except (tomllib.TOMLDecodeError, RecursionError):
-        parsed = value.strip()
-    return {parts[0]: {parts[1]: parsed}}
+        parsed = None
+    if parsed is not None and list(parsed) != ["v"]:
+        raise UserError(f"{where}: the value holds more than one TOML value (a line "
+                        f"{shown(', '.join(k for k in parsed if k != 'v'))} = ... after it); "
+                        "give one value per --set")
+    if parsed is None and "\n" in value.strip():
+        raise UserError(f"{where}: the value spans lines but is not one TOML value; a bare "
+                        "word (a string without quotes) is one line")
+    return {parts[0]: {parts[1]: value.strip() if parsed is None else parsed["v"]}}
 
 
 def load(path=None, overrides=(), base=None, check=True):
@@ -418,7 +439,7 @@ def load(path=None, overrides=(), base=None, check=True):
     if path:
         cfg = from_dict(_read_file(path), cfg, check=False, where=f"config file {path}")
     for text in overrides:
-        cfg = from_dict(parse_override(text), cfg, check=False, where=f"--set {shown(text)}")
+        cfg = from_dict(parse_override(text), cfg, check=False, where=named_set(text))
     if base is not None and cfg.data.source != base.data.source:
         named = named_keys(path, overrides)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **{
@@ -430,12 +451,23 @@ def load(path=None, overrides=(), base=None, check=True):
 
 
 def _read_file(path):
-    """The TOML file at `path` as nested dicts."""
+    """The TOML file at `path` as nested dicts: a regular file of at most
+    MAX_CONFIG_BYTES (a device, a pipe or a folder is refused before anything is read)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)   # a pipe: no wait for a writer
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UserError(f"config file {path}: not a regular file (a device, a pipe or "
+                            "a folder); give a TOML file")
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise UserError(f"config file {path}: {e.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise UserError(f"config file {path}: larger than {MAX_CONFIG_BYTES:,} bytes; a dpbp "
+                        "config is a few hundred bytes of TOML: is it the right file?")
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise UserError(f"config file {path}: not UTF-8 text (TOML files are UTF-8)") from None
     return _parse_toml(text, f"config file {path}")

@@ -15,7 +15,7 @@ import re
 
 from dpbp.errors import UserError
 
-_MPICH = re.compile(r"^([^\s:#]+)(?::(\d+))?$")
+_MPICH = re.compile(r"^([^\s:#]+)(?::([0-9]+))?$")   # ASCII digits: int() takes others
 _OPEN_MPI = re.compile(r"^([^\s:#]+)((?:\s+[a-z_]+=\S+)+)$")
 
 
@@ -27,7 +27,7 @@ def parse_line(line, where):
     m = _OPEN_MPI.match(line)
     if m:
         fields = dict(item.split("=", 1) for item in m.group(2).split())
-        if fields.get("slots", "1").isdigit():
+        if re.fullmatch("[0-9]+", fields.get("slots", "1")):
             return m.group(1), int(fields.get("slots", 1))
     raise UserError(f"{where}: cannot read {line!r}; expected HOST, HOST:SLOTS (MPICH) or "
                     "HOST slots=SLOTS (Open MPI)")
@@ -37,7 +37,7 @@ def read(path):
     """[(host, slots), ...] in the file's order, each host once; UserError if the file
     cannot be read or a line is malformed. Hosts with 0 slots are left out."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:   # a byte-order mark is no host
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"hostfile {path}: cannot read it ({getattr(e, 'strerror', e)})"

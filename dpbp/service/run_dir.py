@@ -405,6 +405,7 @@ class RunFiles:
         delete checkpoints beyond the newest run.keep_checkpoints, this one being durable
         by now. Returns the path."""
         path = checkpoint.path_for(cfg.run.dir, position.epoch, position.batch)
+        doing = f"cannot append to {metrics_path(cfg.run.dir)}"   # for a message
         try:
             if metrics is not None:
                 if self._first_on_other_data(position.step):
@@ -413,22 +414,26 @@ class RunFiles:
                     f.write(json.dumps(metrics, allow_nan=False) + "\n")
                     f.flush()
                     os.fsync(f.fileno())   # durable before the checkpoint that follows it
+            doing = f"cannot save {path}"
             digest = checkpoint.save(path, model, optimizer, position, world_size,
                                      config.to_toml(cfg), loss_sums, data_id)
             if best:
+                doing = f"saved {path}, but cannot copy it to {checkpoint.best_path(self.dir)}"
                 copy_atomic(path, checkpoint.best_path(cfg.run.dir))
+                doing = f"saved {path}, but cannot name it the best in {record.path(self.dir)}"
                 self.record = record.write(self.dir, dataclasses.replace(
                     self.record, best={"epoch": position.epoch, "digest": digest}))
             link_last(cfg.run.dir, path)
             keep = cfg.run.keep_checkpoints
             if keep:
                 for _, old in checkpoint.list_all(cfg.run.dir)[:-keep]:
+                    doing = f"saved {path}, but cannot delete the older {old}"
                     os.unlink(old)
         except OSError as e:
             hint = ("earlier checkpoints are intact, --resume continues from the newest"
                     if checkpoint.list_all(cfg.run.dir) else "rerun the same command to "
                     "start afresh")
-            raise UserError(f"cannot save {path} ({e.strerror}); {hint}") from None
+            raise UserError(f"{doing} ({e.strerror}); {hint}") from None
         return path
 
     def _first_on_other_data(self, end_step):

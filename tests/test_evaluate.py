@@ -176,7 +176,7 @@ def as_recorded_before_mnist_t10k(run_dir):
     data.mnist_t10k existed: the same, without that key (digests made again)."""
     from dpbp.service import checkpoint
     drop = 'mnist_t10k = "val"\n'
-    for path in (run_dir / "checkpoints").glob("*.npz"):
+    for path in (run_dir / "checkpoints").glob("epoch-*.npz"):
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files if k != "digest"}
         assert drop in str(arrays["config"])

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import dpbp.train
+from dpbp.service import checkpoint
 from tests.conftest import assert_refused, run_train, tiny_run
 
 
@@ -76,7 +77,7 @@ def test_data_changed_under_a_run_stops_it_before_anything_is_saved(
     after_steps(monkeypatch, 7, lambda: change(folder / "x.npy"))   # 5 steps an epoch
     line = refused(train(npy_run(folder, run_dir, "--set", f"train.on_nonfinite={policy}")),
                    f"{folder / 'x.npy'} {words} while this command read it")
-    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["epoch-0001.npz"]
+    assert [p for p, _ in checkpoint.list_all(run_dir)] == [(1, 0)]
     assert [json.loads(m)["epoch"] for m in open(run_dir / "metrics.jsonl")] == [1]
     record = json.loads((run_dir / "run.json").read_text())
     assert record["state"] == "failed" and record["cause"] in line
@@ -92,7 +93,7 @@ def test_data_changed_under_two_ranks_stops_both_at_the_same_step(tmp_path, tiny
     r = run_train(npy_run(folder, run_dir), ranks=2, env={
         "DPBP_FAULT": "swap:1:7", "DPBP_FAULT_SWAP": f"{tmp_path / 'other.npy'}|{folder / 'x.npy'}"})
     assert_refused(r, f"{folder / 'x.npy'} ")   # changed, or truncated while it was copied
-    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["epoch-0001.npz"]
+    assert [p for p, _ in checkpoint.list_all(run_dir)] == [(1, 0)]
     assert json.loads((run_dir / "run.json").read_text())["state"] == "failed"
 
 
@@ -110,7 +111,8 @@ def test_evaluate_and_predict_run_the_checkpoints_network(tmp_path, tiny_npz, tr
     (tmp_path / "other.toml").write_text("[model]\nhidden = [4]\n")
     evaluate = lambda *args: in_process(dpbp.evaluate.main, ["--checkpoint", ck, *args])  # noqa
     for args, message in ((["--set", 'model.activation="tanh"'], 'model.activation = "tanh" '
-                           f'would change the network of {ck} (model.activation = "relu")'),
+                           f'would change the network of checkpoint {ck} (5 -> linear 8, '
+                           'relu, linear 3; model.activation = "relu")'),
                           (["--config", tmp_path / "other.toml"], "model.hidden = [4] would"),
                           (["--set", 'train.loss="mse"'], 'train.loss = "mse" would'),
                           (["--set", "model.classes=5"], "model.classes = 5 would")):
@@ -118,11 +120,12 @@ def test_evaluate_and_predict_run_the_checkpoints_network(tmp_path, tiny_npz, tr
     code, out, err = evaluate("--json", "--set", "model.classes=3")   # its own width
     net = json.loads(out)["network"]
     assert code == 0 and json.loads(out)["loss"] == logged["val_loss"], err
-    assert net == {"widths": [5, 8, 3], "model.hidden": [8], "model.activation": "relu",
-                   "model.dropout": 0.0, "model.dtype": "float32",
-                   "train.loss": "cross_entropy"}
+    assert net == {"network": "5 -> linear 8, relu, linear 3",
+                   "layers": [{"type": "linear", "out_features": 8}, {"type": "relu"},
+                              {"type": "linear", "out_features": 3}],
+                   "input_shape": [5], "dtype": "float32", "loss": "cross_entropy"}
     code, out, err = evaluate("--json", "--set", 'model.dtype="float64"')
-    assert code == 0 and json.loads(out)["network"]["model.dtype"] == "float64", err
+    assert code == 0 and json.loads(out)["network"]["dtype"] == "float64", err
     assert err == f"dpbp: note: model.dtype: the float32 network of {ck} runs in float64, " \
                   "as the command line asks (its weights cast)\n"   # not "the data differ"
     assert json.loads(out)["loss"] == pytest.approx(logged["val_loss"], rel=1e-5)

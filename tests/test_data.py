@@ -39,6 +39,21 @@ def test_npz_with_validation_arrays(tmp_path):
     assert d.x.dtype == np.float64 and d.y.dtype == np.int64
 
 
+@pytest.mark.parametrize("changed", ["x", "y", "x_val", "y_val"])
+def test_the_identity_covers_every_array(tmp_path, changed):
+    """One value of any array changed, the shapes and dtypes kept (relabelled data, say):
+    the identity differs, so a resume or an evaluation on such data is refused."""
+    rng = np.random.default_rng(0)
+    arrays = dict(x=rng.normal(size=(10, 3)), y=np.arange(10) % 4,
+                  x_val=rng.normal(size=(5, 3)), y_val=np.array([0, 1, 2, 3, 3]))
+    before = data.identity(load(path=write_npz(tmp_path, **arrays)))
+    arrays[changed] = arrays[changed].copy()
+    arrays[changed][1] = arrays[changed][0] if changed.startswith("y") else 0.5
+    after = data.identity(load(path=write_npz(tmp_path, **arrays)))
+    assert after != before
+    assert after.split("; ")[0].startswith("x (10, 3) float64 crc ")
+
+
 def test_val_fraction_split_is_seeded_and_disjoint(tmp_path):
     x = np.arange(40, dtype=float).reshape(20, 2)
     path = write_npz(tmp_path, x=x, y=np.arange(20) % 2)

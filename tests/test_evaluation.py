@@ -1,7 +1,9 @@
 """dpbp/parallel/evaluation.py in one process: evaluate, class_counts and outputs.
 
-Their bits do not depend on the BLAS thread count; the confusion matrix agrees with the
-accuracy; rows that are not finite stop with one line.
+Their bits do not depend on the BLAS thread count, nor on the world size (2 to 4 ranks
+as threads, tests/thread_ranks.py, with products whose bits depend on their rows,
+tests/sensitive.py); the confusion matrix agrees with the accuracy; rows that are not
+finite stop with one line.
 """
 
 import numpy as np
@@ -14,6 +16,7 @@ from dpbp.parallel import comm as mpi
 from dpbp.parallel.comm import Comm
 from dpbp.parallel.evaluation import MAX_MATRIX_CLASSES, class_counts, evaluate, outputs
 from tests.conftest import small_model
+from tests.thread_ranks import run_ranks
 
 
 @pytest.mark.parametrize("blas", [1, 2])
@@ -32,6 +35,31 @@ def test_evaluate_and_predict_do_not_depend_on_the_thread_count(sensitive, blas)
                              for i, o in enumerate(want)])
     assert loss == pytest.approx(losses.mean(), rel=1e-15)
     assert accuracy == np.mean(np.concatenate(want).argmax(axis=1) == y)
+
+
+def everything(model, x, y, comm):
+    """evaluate, class_counts and outputs (raw and probabilities) on this rank."""
+    return (evaluate(model, cross_entropy, x, y, 4, comm),
+            class_counts(model, x, y, 4, comm),
+            outputs(model, x, np.float32, False, comm).tobytes(),
+            outputs(model, x, np.float32, True, comm).tobytes())
+
+
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_evaluation_has_the_bits_of_one_process_at_any_world_size(sensitive, size):
+    """1000 rows (4 blocks, the last short) shared by 2, 3 or 4 ranks: every rank gets
+    the bits of one process, under products whose bits depend on their rows as some
+    CPUs' kernels' do: so each row must go through the network in the same block at
+    every world size."""
+    model = small_model((12, 16, 4))
+    rng = np.random.default_rng(size)
+    x, y = rng.normal(size=(1000, 12)).astype(np.float32), rng.integers(0, 4, size=1000)
+    with threadpool_limits(1, user_api="blas"):   # the ranks' threads share the BLAS
+        one = everything(model, x, y, Comm(None))
+        many, _ = run_ranks(size, lambda comm: everything(model, x, y, comm))
+    for got in many:
+        assert got[0] == one[0] and got[2:] == one[2:]
+        assert all(np.array_equal(a, b) for a, b in zip(got[1], one[1]))
 
 
 def in_blocks(model, x, block=256):

@@ -1,6 +1,6 @@
 """The run directory, directly: its lock (who holds it, filesystems without locks), one
 run per checkpoint folder, a full disk, durable metrics, and the best checkpoint settled
-on resume."""
+on resume; and, through the commands, every file written atomically and durably."""
 
 import errno
 import fcntl
@@ -14,6 +14,8 @@ from dpbp.nn.model import MLP
 from dpbp.nn.optim import SGD
 from dpbp.service import checkpoint, config, run_dir
 from dpbp.service.checkpoint import Position
+from tests import fsync_spy
+from tests.conftest import ROOT, run_module, tiny_run
 
 
 def test_lock_names_its_holder_and_refuses_a_second_taker(tmp_path):
@@ -156,3 +158,43 @@ def test_resume_settles_the_best_checkpoint(tmp_path):
     assert len(notes) == 1 and "no checkpoint of epoch 2 (val_loss 0.6" in notes[0]
     assert best_epoch_on_disk(here) is None
     assert run_dir.settle_best(here, here, []) == []
+
+
+# ----------------------------------------------------------------------------- durability
+
+# Every file the commands write atomically (files.write_atomic), relative to the run
+# directory (predict's output apart): a new one goes on this list.
+ATOMIC = ["config.toml", "metrics.jsonl", "steps.jsonl", "checkpoints/epoch-0001.npz",
+          "checkpoints/epoch-0002.npz", "checkpoints/epoch-0003.npz", "checkpoints/best.npz"]
+
+
+def spied(tmp_path, module, args):
+    """python -m MODULE ARGS with its fsyncs and renames recorded (tests/fsync_spy.py)."""
+    env = {"DPBP_FSYNC_LOG": str(tmp_path / "fsync.log"), "PYTHONPATH": str(ROOT)}
+    r = run_module("tests.fsync_spy", [module, *args], env=env)
+    assert r.returncode == 0, r.stderr
+
+
+def test_every_file_is_written_durably(tmp_path, tiny_npz):
+    """A run of two epochs (the best checkpoint kept, every step logged), resumed for a
+    third, and a prediction: each file was synced, renamed into place, its folder synced,
+    every time it was written; each epoch's metrics line was synced before its
+    checkpoint was renamed into place. A crash at any moment leaves the old file or the
+    new one, and never a checkpoint whose metrics line is lost."""
+    run = tmp_path / "run"
+    args = tiny_run(tiny_npz, run, "--set", "run.keep_best=true", "--set", "run.log_every_steps=1")
+    spied(tmp_path, "dpbp.train", args + ["--set", "train.epochs=2"])
+    spied(tmp_path, "dpbp.train", args + ["--resume"])
+    np.save(tmp_path / "x.npy", np.zeros((3, 5)))
+    spied(tmp_path, "dpbp.predict", ["--checkpoint", str(run / "checkpoints" / "best.npz"),
+                                     "--input", str(tmp_path / "x.npy"),
+                                     "--output", str(tmp_path / "y.npy")])
+    events = fsync_spy.read(tmp_path / "fsync.log")
+    for name in ATOMIC:
+        fsync_spy.check_durable(events, run / name)
+    fsync_spy.check_durable(events, tmp_path / "y.npy")
+    lines = (run / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    for epoch in (1, 2, 3):
+        i = fsync_spy.check_durable(events, run / "checkpoints" / f"epoch-{epoch:04d}.npz")[0]
+        assert fsync_spy.synced_before(events, run / "metrics.jsonl",
+                                       len(b"".join(lines[:epoch])), i), epoch

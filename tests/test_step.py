@@ -1,7 +1,8 @@
 """dpbp/parallel/step.py in one process: train_step, accumulation, clipping, bad losses.
 
 train_step against an SGD step written by hand, accumulation against one pass,
-clip_grad_norm_, and non-finite losses that leave the parameters unchanged.
+clip_grad_norm_, non-finite losses that leave the parameters unchanged, and 16-bit
+gradient sums that send 16-bit values (two ranks as threads: tests/thread_ranks.py).
 """
 
 import math
@@ -14,6 +15,10 @@ from dpbp.nn.model import MLP
 from dpbp.nn.optim import SGD
 from dpbp.parallel.comm import Comm
 from dpbp.parallel.step import PlainSum, clip_grad_norm_, train_step
+from dpbp.service.config import TrainConfig
+from dpbp.service.startup import gradient_sum
+from tests.conftest import small_model
+from tests.thread_ranks import run_ranks
 
 
 def make(widths=(5, 7, 3), activation="tanh", dtype=np.float64, momentum=0.9):
@@ -123,3 +128,36 @@ def test_a_non_finite_loss_in_one_part_leaves_the_parameters(part, cause):
     assert not ok and not math.isfinite(loss)
     assert model.params.tobytes() == params.tobytes()
     assert opt.momentum_buffer.tobytes() == momentum.tobytes()
+
+
+def summed_at_two_ranks(comm_dtype):
+    """One step's summed gradient at two ranks, as train.comm_dtype asks, and what went
+    over the wire: [(verb, dtype, values), ...] of the arrays larger than a few values."""
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(10, 12)).astype(np.float32), rng.integers(0, 3, size=10)
+
+    def rank(comm):
+        model = small_model()
+        summed = gradient_sum(TrainConfig(comm_dtype=comm_dtype), comm, model)
+        rows = summed.rows(10)
+        train_step(model, SGD(model.params, model.grads, lr=0.0), cross_entropy, x[rows],
+                   y[rows], 10, summed)
+        return model.grads.copy()
+
+    (first, second), world = run_ranks(2, rank)
+    assert first.tobytes() == second.tobytes()   # every rank ends with the same bits
+    return first, [(verb, dtype, n) for verb, _, dtype, n in world.sent if n > 8]
+
+
+@pytest.mark.parametrize("comm_dtype", ["float16", "bfloat16"])
+def test_16_bit_sums_send_16_bit_values(comm_dtype):
+    """train.comm_dtype = float16 or bfloat16: the gradient crosses the wire in 16-bit
+    values, at least once in full, and nothing larger than a few values goes in 32 or
+    64 bits; the sum is float32's to 16-bit rounding, and not bit for bit."""
+    exact, wide = summed_at_two_ranks("float32")
+    assert wide and {np.dtype(dtype) for _, dtype, _ in wide} == {np.dtype(np.float32)}
+    summed, sent = summed_at_two_ranks(comm_dtype)
+    assert sent and all(np.dtype(dtype).itemsize == 2 for _, dtype, _ in sent), sent
+    assert sum(n for _, _, n in sent) >= exact.size
+    np.testing.assert_allclose(summed, exact, rtol=0, atol=1e-2 * np.abs(exact).max())
+    assert summed.tobytes() != exact.tobytes()

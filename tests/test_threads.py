@@ -1,12 +1,12 @@
-"""BLAS threads and bits in one process: the thread-sensitive stand-in, blockwise, infer.
+"""BLAS threads and bits in one process: the kernel-sensitive stand-in, blockwise, infer.
 
-On CPUs with AVX-512, OpenBLAS's kernels give the same bits at any thread count, and a
-test that only compares runs would pass there even where the code depends on the
-thread count. So the bitwise tests (test_evaluation.py, test_reproducibility.py) run
-dpbp with tests/thread_sensitive.py, a matrix product whose bits change with the
-thread count, as OpenBLAS's Haswell kernels' do; here it is checked that it really
-does, that blockwise computes every block on one BLAS thread, and that infer is
-forward's arithmetic.
+On CPUs with AVX-512, OpenBLAS's kernels give the same bits at any thread count and for
+any grouping of rows into products, and a test that only compares runs would pass there
+even where the code depends on them. So the bitwise tests (test_evaluation.py,
+test_reproducibility.py) run dpbp with tests/sensitive.py, matrix products whose bits
+change with the thread count and with their rows, as OpenBLAS's Haswell kernels' do;
+here it is checked that they really do, that blockwise computes every block on one BLAS
+thread, and that infer is forward's arithmetic.
 """
 
 import numpy as np
@@ -26,6 +26,20 @@ def test_the_stand_in_really_depends_on_the_thread_count(sensitive):
     with threadpool_limits(2, user_api="blas"):
         two = model.forward(x).copy()
     assert one.tobytes() != two.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_stand_in_really_depends_on_the_rows(sensitive, dtype):
+    """The same rows computed in products of other row counts (in one block, in blocks
+    of 256, in a world size's share) get other bits: without this, the tests of
+    evaluation's fixed blocks could not fail on a CPU whose kernels do not care."""
+    model = small_model(dtype=dtype)
+    x = np.random.default_rng(1).normal(size=(1000, 12)).astype(dtype)
+    with threadpool_limits(1, user_api="blas"):
+        whole = model.forward(x)[:250].copy()
+        for rows in (256, 500, 334, 251):
+            assert model.forward(x[:rows])[:250].tobytes() != whole.tobytes(), rows
+        assert model.forward(x[:256])[:250].tobytes() == model.forward(x[:256])[:250].tobytes()
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])

@@ -160,6 +160,32 @@ def test_resume_settles_the_best_checkpoint(tmp_path):
     assert run_dir.settle_best(here, here, []) == []
 
 
+# ----------------------------------------------------------------------------- the run's data
+
+SAVED = "x (10, 3) float64 crc 0000000a; y (10,) int64 crc 0000000b"
+
+
+@pytest.mark.parametrize("now,first", [
+    (SAVED.replace("0b", "0c"), "y (10,) int64 crc 0000000c now, y (10,) int64 crc 0000000b then"),
+    (SAVED + "; x_val (2, 3) float64 crc 1", "3 arrays now, 2 then"),
+])
+def test_data_that_differ_from_the_checkpoints_are_named_and_refused(now, first):
+    """The first array that differs (or the count), and the way on: name the data on the
+    command line; then it is a note. The same data, or a checkpoint that recorded none
+    (dpbp 0.1), pass."""
+    assert run_dir.check_data(SAVED, SAVED, set(), "c.npz") == []
+    assert run_dir.check_data(None, now, set(), "c.npz") == []
+    for named in (set(), {"train.lr", "model.init"}):
+        with pytest.raises(UserError) as refused:
+            run_dir.check_data(SAVED, now, named, "c.npz")
+        assert str(refused.value).startswith(f"the data differ from what c.npz was trained "
+                                             f"on ({first}): the files at data.path were")
+    for key in run_dir.SPLIT_KEYS:
+        assert run_dir.check_data(SAVED, now, {key}, "c.npz") == [
+            f"the data differ from what c.npz was trained on ({first}), as the command "
+            "line asks"]
+
+
 # ----------------------------------------------------------------------------- durability
 
 # Every file the commands write atomically (files.write_atomic), relative to the run

@@ -180,9 +180,9 @@ def bench(args, ranks=None):
     return r.stdout, json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("ranks", [None, 2])
-def test_bench_scaling_model(ranks):
-    out, f = bench(TINY + ["--scaling-model", "--json"], ranks)
+def check_scaling_model(out, f, size):
+    """The output `out` and figures `f` of `dpbp.bench --scaling-model --json` at `size`
+    ranks: the records, the self-check line, the Allreduce fit (none at one rank)."""
     records = f["scaling_model"]
     assert records and all(RECORD_KEYS <= set(r) for r in records)
     assert {r["link_gbps"] for r in records} >= {10, 25, 100, 200}
@@ -190,12 +190,11 @@ def test_bench_scaling_model(ranks):
     assert max(r["nodes"] for r in records) >= 1024
     assert all(r["efficiency"] == pytest.approx(1) for r in records if r["nodes"] == 1)
     check = f["scaling_check"]
-    size = 1 if ranks is None else ranks
     assert check["world_size"] == size and check["measured_step_ms"] > 0
     assert f"check            {size} rank{'s' * (size > 1)} on this host: predicted" in out
     assert f"measured {check['measured_step_ms']:.2f} ms: error " in out
     assert "weak scaling" in out and "90 % at 64 nodes" in out and "90 % at 256 nodes" in out
-    if ranks is None:   # one rank sends nothing: no fit, an assumed latency between nodes
+    if size == 1:   # one rank sends nothing: no fit, an assumed latency between nodes
         assert f["allreduce_latency_us"] is None and f["allreduce_gbps"] is None
         assert "Allreduce not measured (one rank)" in out
     else:
@@ -222,12 +221,16 @@ def test_bench_scaling_options_refused(args, words):
     assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
 
 
-def test_the_check_script():
-    """launch/scaling_check.py runs the bench at 1, 2 and 4 ranks and tabulates the
-    model's predictions next to the measured steps."""
-    r = run_with_timeout([sys.executable, "launch/scaling_check.py", "--repeats", "1", *TINY],
-                         600)
+def test_the_check_script_and_the_scaling_model_at_1_2_and_4_ranks(tmp_path):
+    """launch/scaling_check.py runs `dpbp.bench --scaling-model` at 1, 2 and 4 ranks and
+    tabulates the model's predictions next to the measured steps; each run's output
+    (kept with --keep) has the records, the self-check line and the fit."""
+    r = run_with_timeout([sys.executable, "launch/scaling_check.py", "--repeats", "1",
+                          "--keep", str(tmp_path), *TINY], 600)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "ms" in line]
     assert [row.split("|")[1].strip() for row in rows] == ["1", "2", "4"]
     assert all(row.count(" %") == 2 for row in rows)
+    for size in (1, 2, 4):
+        out = (tmp_path / f"bench-{size}-ranks-1.txt").read_text()
+        check_scaling_model(out, json.loads(out.strip().splitlines()[-1]), size)

@@ -18,6 +18,7 @@ import pytest
 
 from dpbp.nn.model import MLP
 from dpbp.service.data import MNIST_FILES
+from tests import forked
 from tests import sensitive as kernel_sensitive
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,6 +74,20 @@ def run_module(module, args, ranks=None, timeout=120, env=None, cwd=None,
 def run_train(args, ranks=None, timeout=120, env=None, cwd=None, thread_sensitive=False):
     """Run `python -m dpbp.train ARGS` as run_module does."""
     return run_module("dpbp.train", args, ranks, timeout, env, cwd, thread_sensitive)
+
+
+@pytest.fixture(scope="session")
+def forks():
+    """dpbp's commands run in forks of one process that imported them (tests/forked.py):
+    forks.run(module, args, cwd=..., timeout=...) for many short runs."""
+    with forked.Forks(["dpbp.train", "dpbp.evaluate", "dpbp.predict", "dpbp.bench"],
+                      ROOT) as server:
+        yield server
+
+
+def run_forked(forks, module, args, cwd, timeout=60, env=None):
+    """`python -m MODULE ARGS` as run_module runs it, in a fork of the session's server."""
+    return forks.run(module, args, cwd=cwd, env=mpi_env(env), timeout=timeout)
 
 
 def run_with_timeout(cmd, timeout, env=None, cwd=None):

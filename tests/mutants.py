@@ -91,7 +91,9 @@ MUTANTS = [
     Mutant("resume-other-world-loss", "dpbp/parallel/step.py",
            "        return math.fsum(sums) if self.comm.rank == 0 else 0.0   # rank 0 carries it all",
            "        return float(sums[self.comm.rank]) if self.comm.rank < len(sums) else 0.0",
-           ("tests/test_resume.py::test_resume_at_another_world_size_matches_to_rounding",)),
+           ("tests/test_resume.py::test_resume_at_another_world_size_matches_to_rounding",
+            "tests/test_resume.py::"
+            "test_adamw_and_dropout_resume_at_another_world_size_matches_to_rounding")),
     Mutant("predict-blocks-by-world", "dpbp/parallel/evaluation.py",
            "    n, C = len(x), model.widths[-1]\n",
            "    n, C = len(x), model.widths[-1]\n    block = -(-n // comm.size) or 1\n",
@@ -130,7 +132,7 @@ MUTANTS = [
            "        print(f\"dpbp: rank {_rank()} failed: {what}; ending the job\", file=sys.stderr,\n"
            "              flush=True)\n        abort(code)",
            "        print(f\"dpbp: rank {_rank()} failed: {what}; ending the job\", file=sys.stderr,\n"
-           "              flush=True)\n        os._exit(code)",
+           "              flush=True)\n        sys.exit(code)",
            ("tests/test_failures.py::test_one_failing_rank_ends_the_whole_job",)),
     Mutant("nan-not-passed-on", "dpbp/parallel/step.py",
            "            doutputs[...] = np.nan   # NaN reaches every gradient, then every rank's sum",
@@ -169,7 +171,8 @@ MUTANTS = [
     Mutant("lock-shared", "dpbp/service/run_dir.py",
            "fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)",
            "fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)",
-           ("tests/test_train.py::test_two_runs_into_one_directory_at_once",)),
+           ("tests/test_run_dir.py::test_lock_names_its_holder_and_refuses_a_second_taker",
+            "tests/test_train.py::test_two_runs_into_one_directory_at_once")),
     Mutant("link-into-another-run", "dpbp/service/run_dir.py",
            "        if is_run_dir(owner):", "        if False:",
            ("tests/test_run_dir.py::test_a_checkpoints_folder_linked_into_another_run_is_refused",)),
@@ -227,11 +230,13 @@ MUTANTS = [
     Mutant("malformed-metrics-accepted", "dpbp/service/run_dir.py",
            "        return [(int(json.loads(line)[\"epoch\"]), line) for line in lines]",
            "        return [(int(json.loads(line).get(\"epoch\", 0)), line) for line in lines]",
-           ("tests/test_resume.py::test_resume_with_malformed_metrics_is_refused",)),
+           ("tests/test_run_dir.py::test_metrics_lines_that_are_not_an_epochs_record_are_refused",
+            "tests/test_resume.py::test_resume_with_malformed_metrics_is_refused")),
     Mutant("negative-watchdog-accepted", "dpbp/service/config.py",
            "    _check(math.isfinite(r.watchdog_seconds) and r.watchdog_seconds >= 0,",
            "    _check(math.isfinite(r.watchdog_seconds),",
-           ("tests/test_config.py", "tests/test_properties.py")),
+           ("tests/test_config.py::test_bad_overrides_name_the_key",
+            "tests/test_properties.py")),
 ]
 
 

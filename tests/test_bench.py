@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import mpirun, run_with_timeout
+from tests.conftest import ROOT, mpirun, run_forked, run_with_timeout
 
 TINY = ["--layers", "20,16,4", "--batch-size", "24", "--steps", "3", "--warmup", "1"]
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -62,8 +62,8 @@ def test_deterministic_option_under_mpirun():
     (["--dropout", "1"], "expected a probability in [0, 1), got '1'"),
     (["--frobnicate"], "unrecognized arguments"),
 ])
-def test_bad_options_one_line(args, words):
-    r = bench(args)
+def test_bad_options_one_line(forks, args, words):
+    r = run_forked(forks, "dpbp.bench", args, cwd=ROOT)
     assert r.returncode == 2
     assert r.stderr.startswith("dpbp: error: ") and words in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""

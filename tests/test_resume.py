@@ -349,14 +349,16 @@ def test_adamw_and_dropout_resume_bitwise(tmp_path, tiny_npz):
 
 def test_adamw_and_dropout_resume_at_another_world_size_matches_to_rounding(tmp_path,
                                                                            tiny_npz):
-    """A row's dropout mask does not depend on which rank holds it, so a run stopped at 2
-    ranks and resumed at 3 continues as the uninterrupted one, to rounding (float64)."""
+    """A row's dropout mask does not depend on which rank holds it, so a run stopped at 3
+    ranks and resumed at 2 continues as the uninterrupted one, to rounding (float64), and
+    the resumed epoch's loss still counts every rank's part of it (fewer ranks now than
+    partial sums saved)."""
     more = ADAMW_DROPOUT + ("--set", 'model.dtype="float64"')
     full, run_dir = tmp_path / "full", tmp_path / "run"
     assert run_train(tiny_run(tiny_npz, full, *more), ranks=2).returncode == 0
-    r = run_train(tiny_run(tiny_npz, run_dir, *more), ranks=2, env={"DPBP_FAULT": "sigterm:0:7"})
+    r = run_train(tiny_run(tiny_npz, run_dir, *more), ranks=3, env={"DPBP_FAULT": "sigterm:0:7"})
     assert r.returncode == 128 + signal.SIGTERM, r.stderr
-    r = run_train(tiny_run(tiny_npz, run_dir, *more, "--resume"), ranks=3)
+    r = run_train(tiny_run(tiny_npz, run_dir, *more, "--resume"), ranks=2)
     assert r.returncode == 0, r.stderr
     with np.load(full / "checkpoints" / FULL) as f, np.load(run_dir / "checkpoints" / FULL) as g:
         for name in f.files:

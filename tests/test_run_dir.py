@@ -26,6 +26,8 @@ def test_lock_names_its_holder_and_refuses_a_second_taker(tmp_path):
     with open(tmp_path / ".lock", "a+") as other:   # another process's open file
         with pytest.raises(BlockingIOError):
             fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with pytest.raises(UserError, match="is in use by another dpbp run"):
+        run_dir._lock(str(tmp_path))                # another run, as it takes the lock
     lock.close()
 
 
@@ -184,6 +186,15 @@ def test_data_that_differ_from_the_checkpoints_are_named_and_refused(now, first)
         assert run_dir.check_data(SAVED, now, {key}, "c.npz") == [
             f"the data differ from what c.npz was trained on ({first}), as the command "
             "line asks"]
+
+
+@pytest.mark.parametrize("line", ['{not json', '{"loss": 1.0}', '[1, 2]', '{"epoch": "one"}'])
+def test_metrics_lines_that_are_not_an_epochs_record_are_refused(tmp_path, line):
+    """A line that is not JSON, or not an object with an epoch, cannot be a record of an
+    epoch: resuming over it would lose or mix epochs, so it is refused, naming the file."""
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "val_loss": 0.5}\n' + line + "\n")
+    with pytest.raises(UserError, match="metrics.jsonl is malformed"):
+        run_dir.read_metrics(str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- durability

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dpbp.parallel import scaling
-from tests.conftest import mpirun, run_with_timeout
+from tests.conftest import ROOT, mpirun, run_forked, run_with_timeout
 
 MB = 1 << 20
 TINY = ["--layers", "20,16,4", "--batch-size", "24", "--steps", "3", "--warmup", "1"]
@@ -215,8 +215,8 @@ def test_bench_latency_option():
     (["--scaling-model", "--latency-us", "0"], "expected a positive number"),
     (["--scaling-model", "--deterministic"], "it excludes --deterministic"),
 ])
-def test_bench_scaling_options_refused(args, words):
-    r = run_with_timeout([sys.executable, "-m", "dpbp.bench", *args], 60)
+def test_bench_scaling_options_refused(forks, args, words):
+    r = run_forked(forks, "dpbp.bench", args, cwd=ROOT)
     assert r.returncode == 2 and words in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
 

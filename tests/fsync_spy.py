@@ -36,7 +36,7 @@ def install(log_path):
 
     def moved(real):
         def move(src, dst, **kwargs):
-            record(call="replace", src=os.path.abspath(src), dst=os.path.abspath(dst),
+            record(call="replace", src=os.path.realpath(src), dst=os.path.realpath(dst),
                    size=os.stat(src).st_size if os.path.isfile(src) else None)
             return real(src, dst, **kwargs)
         return move
@@ -54,7 +54,7 @@ def check_durable(events, path):
     a temporary file's data synced (at the size it is renamed with), renamed to `path`,
     then the folder synced; and that it was written at least once. Returns the indexes of
     its renames in `events`."""
-    path = os.path.abspath(path)
+    path = os.path.realpath(path)   # as /proc names the files synced
     renames = [i for i, e in enumerate(events) if e["call"] == "replace" and e["dst"] == path]
     assert renames, f"{path} was never renamed into place"
     folder = os.path.dirname(path)
@@ -71,7 +71,7 @@ def check_durable(events, path):
 
 def synced_before(events, path, size, i):
     """Whether `path` was synced at `size` bytes or more before event i."""
-    path = os.path.abspath(path)
+    path = os.path.realpath(path)
     return any(e["call"] == "fsync" and e["path"] == path and e["size"] >= size
                for e in events[:i])
 

@@ -1,15 +1,16 @@
 """dpbp's commands, each run in a fork of one process that imported them already.
 
-    with Forks(["dpbp.train"]) as forks:
+    with Forks(["dpbp.train"], ROOT) as forks:
         r = forks.run("dpbp.train", args, cwd=..., env=..., timeout=60)   # CompletedProcess
 
 is `python -m dpbp.train ARGS` (the module run as `__main__`, as `python -m` runs it)
-without starting Python and importing numpy and dpbp again for every run: a short run that stops at bad input costs a few
-tens of milliseconds instead of half a second. A server process (`python -m
-tests.forked`, started once, single-threaded) imports the modules, then forks one child
-per run: the child takes the run's working directory, environment and arguments, writes
-its stdout and stderr to files, and ends with the command's exit code (or its signal).
-MPI is not started before the fork; each child starts its own, as a fresh process does.
+without starting Python and importing numpy and dpbp again for every run: a short run
+that stops at bad input costs a few tens of milliseconds instead of half a second. A
+server process (`python -m tests.forked MODULE...`, started once, single-threaded)
+imports the modules, then forks one child per run: the child takes the run's working
+directory, environment and arguments, writes its stdout and stderr to files, and ends
+with the command's exit code (or its signal). MPI is not started before the fork; each
+child starts its own, as a fresh process does.
 
 A run that outlives its timeout is killed and fails the test; the server ends when the
 test session closes its pipe. Test code only: dpbp never imports it.

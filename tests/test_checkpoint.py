@@ -34,12 +34,13 @@ def test_round_trip(tmp_path):
     path = checkpoint.path_for(tmp_path, 3)
     os.makedirs(os.path.dirname(path))
     checkpoint.save(path, model, opt, Position(3, 0, 42, 0, 0), world_size=4,
-                    config_toml=config.to_toml(config.Config()))
+                    config_toml=config.to_toml(config.Config()), data_id="x (2, 3) float32 crc 1")
     assert os.path.basename(path) == "epoch-0003.npz"
     assert os.listdir(os.path.dirname(path)) == ["epoch-0003.npz"]   # no temporary left
     state = checkpoint.load(path)
     assert (state["epoch"], state["batch"], state["step"], state["world_size"]) == (3, 0, 42, 4)
     assert config.from_toml(state["config"]) == config.Config()
+    assert state["data"] == "x (2, 3) float32 crc 1"   # what a resume compares its data with
     np.testing.assert_array_equal(state["optimizer.momentum_buffer"], opt.momentum_buffer)
     other, _ = make()
     other.params[...] = 0
@@ -155,6 +156,11 @@ def test_unreadable_checkpoint(tmp_path):
     ({"step": np.array([1, 2])}, "step must be a non-negative integer"),
     ({"world_size": np.float64(2)}, "world_size must be a non-negative integer"),
     ({"config": np.array([1])}, "config must be TOML text"),
+    ({"config": np.array(["a", "b"])}, "config must be TOML text"),
+    ({"data": np.int64(3)}, "data must be text"),
+    ({"data": np.array(["a", "b"])}, "data must be text"),
+    ({"loss_sums": np.zeros(1, np.float32)}, "loss_sums must be world_size finite float64"),
+    ({"loss_sums": np.zeros(2)}, "loss_sums must be world_size finite float64"),
     ({"format_version": np.int64(99)}, "has format 99; this dpbp reads up to 2"),
     ({"loss_sums": np.array([np.nan])}, "loss_sums must be world_size finite float64 values"),
 ])
@@ -181,6 +187,8 @@ def test_reads_checkpoints_of_format_1(tmp_path):
     np.savez(path, **dict(arrays, format_version=np.int64(1)))
     state = checkpoint.load(path)
     assert (state["epoch"], state["batch"], state["step"]) == (2, 0, 8)
+    assert (state["skipped"], state["counted"]) == (0, 0)
+    assert state["loss_sums"].tolist() == [0.0]
 
 
 def test_never_writes_non_finite_weights(tmp_path):

@@ -51,7 +51,18 @@ def test_the_identity_covers_every_array(tmp_path, changed):
     arrays[changed][1] = arrays[changed][0] if changed.startswith("y") else 0.5
     after = data.identity(load(path=write_npz(tmp_path, **arrays)))
     assert after != before
-    assert after.split("; ")[0].startswith("x (10, 3) float64 crc ")
+    assert [part.split(" crc ")[0] for part in after.split("; ")] == [
+        "x (10, 3) float64", "y (10,) int64", "x_val (5, 3) float64", "y_val (5,) int64"]
+
+
+def test_the_crc_covers_every_block_of_a_large_array():
+    """Large arrays (and inputs read from disk) are checked block by block: a change in
+    any block changes the CRC, as it changes zlib's CRC of the whole."""
+    a = np.arange(3 * (1 << 21), dtype=np.float64).reshape(-1, 3)   # 48 MiB: 3 blocks
+    whole = zlib.crc32(a.view(np.uint8))
+    assert data.crc32(a) == whole
+    a[1, 0] = -1.0                                                   # in the first block
+    assert data.crc32(a) == zlib.crc32(a.view(np.uint8)) != whole
 
 
 def test_val_fraction_split_is_seeded_and_disjoint(tmp_path):

@@ -116,3 +116,19 @@ def test_steps_at_any_world_size_have_the_bits_of_one_process(size):
             one = steps(Comm(None), grains, batches, x, y)
             many, _ = run_ranks(size, lambda comm: steps(comm, grains, batches, x, y))
             assert all(m == one for m in many), (grains, size)
+
+
+def test_a_gradient_too_large_for_any_grid_stops_the_step():
+    """float32, finite losses (float64) but a gradient of 1e38, near float32's largest:
+    no grid lets the grains add up exactly, so the step stops as on a NaN, changing
+    nothing."""
+    model = small_model((2, 1))
+    model.params[...] = 0                       # outputs 0, whatever the inputs
+    before = model.params.copy()
+    opt = SGD(model.params, model.grads, lr=0.1)
+    x, targets = np.full((2, 2), 1e21, np.float32), np.full((2, 1), 1e17, np.float32)
+    tc = TrainConfig(deterministic=True, grains=2, loss="mse")
+    with np.errstate(over="ignore"):
+        loss, ok = train_step(model, opt, mse, x, targets, 2, gradient_sum(tc, Comm(None), model))
+    assert not ok and loss == math.inf
+    assert model.params.tobytes() == before.tobytes()

@@ -113,12 +113,30 @@ def test_the_fit_recovers_alpha_and_beta(p):
     assert fitted == pytest.approx((alpha, beta), rel=0.25)
 
 
-def test_the_fit_keeps_alpha_and_beta_non_negative():
+def relative_error(points, alpha, beta):
+    """The sum of squared relative errors that the fit minimises (gamma = 0)."""
+    total = 0.0
+    for p, n, seconds in points:
+        a, b, _ = scaling.ALGORITHMS[scaling.mpich_algorithm(p, n)](p, n)
+        total += (1 - (alpha * a + beta * b) / seconds) ** 2
+    return total
+
+
+@pytest.mark.parametrize("points,fitted", [
+    ([(2, 4096, 1e-6), (2, 2 * MB, 1e-3), (2, 8 * MB, 2e-3)], "beta"),   # alpha < 0, free
+    ([(2, 4096, 50e-6), (2, 8 * MB, 40e-6)], "alpha"),                   # beta < 0, free
+])
+def test_the_fit_keeps_alpha_and_beta_non_negative(points, fitted):
     """Timings that grow slower than the bytes (cache effects, noise) would fit a negative
-    latency; the fit keeps it at 0 and fits the bandwidth alone."""
-    points = [(2, 4096, 1e-6), (2, 8 * MB, 2e-3)]
+    latency, or faster bytes than no bytes a negative bandwidth term; the fit keeps that
+    one at 0 and fits the other alone: the best it can be, with the first at 0."""
     alpha, beta = scaling.fit_alpha_beta(points)
-    assert alpha >= 0 and beta > 0
+    found = {"alpha": alpha, "beta": beta}
+    assert found[fitted] > 0 and found[{"alpha": "beta", "beta": "alpha"}[fitted]] == 0.0
+    best = relative_error(points, alpha, beta)
+    for f in (0.99, 1.01):
+        other = dict(found, **{fitted: found[fitted] * f})
+        assert relative_error(points, other["alpha"], other["beta"]) > best
 
 
 # ----------------------------------------------------------------------------- the step
@@ -151,10 +169,17 @@ def test_records():
                for r in weak)
     strong = [r for r in records if r["scaling"] == "strong"]
     assert all(r["global_batch"] == pytest.approx(512) for r in strong)
+    assert {(r["link_gbps"], r["comm_dtype"]) for r in records} == {
+        (link, kind) for link in scaling.LINKS_GBPS for kind in scaling.COMM_DTYPES}
     for r in records:
         assert r["step_ms"] == pytest.approx(r["compute_ms"] + r["comm_ms"])
         assert r["samples_per_second"] == pytest.approx(1e3 * r["global_batch"] / r["step_ms"])
         assert (r["algorithm"] == "none") == (r["nodes"] == 1)
+        assert r["efficiency"] == scaling.efficiency(node(), r["nodes"], 512, r["link_gbps"],
+                                                     r["comm_dtype"], r["scaling"])
+        if r["nodes"] > 1:
+            assert (r["algorithm"] == "alltoallv + allgatherv of 16-bit values") == (
+                r["comm_dtype"] != "float32")
 
 
 @pytest.mark.parametrize("nodes", [64, 256])
@@ -166,6 +191,11 @@ def test_batch_and_link_for_ninety_percent(nodes):
         assert b == 1 or scaling.efficiency(n, nodes, b - 1, link) < 0.9
     link = scaling.link_for_efficiency(n, nodes, 512)
     assert scaling.efficiency(n, nodes, 512, link) == pytest.approx(0.9)
+    assert scaling.link_for_efficiency(n, 1, 512) == 0.0   # one node sends nothing
+    for kind in ("float16", "bfloat16"):   # the 16-bit sums' own costs
+        b = scaling.batch_for_efficiency(n, nodes, 25, comm_dtype=kind)
+        assert scaling.efficiency(n, nodes, b, 25, kind) >= 0.9
+        assert b == 1 or scaling.efficiency(n, nodes, b - 1, 25, kind) < 0.9
     # the default network's 128 rows: latency alone breaks 90 % at 10 us
     small = node(seconds_per_sample=8e-6, update_seconds=0.3e-3, weights=99978)
     assert scaling.link_for_efficiency(small, nodes, 128) == math.inf

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 
+from dpbp.nn import noise
 from dpbp.nn.losses import cross_entropy, mse
 from dpbp.nn.model import MLP
 from dpbp.nn.optim import SGD
@@ -47,19 +48,25 @@ def test_one_step_is_sgd_written_by_hand():
 
 @pytest.mark.parametrize("k", [2, 3])
 @pytest.mark.parametrize("loss_fn", [cross_entropy, mse])
-def test_accumulation_equals_one_pass(k, loss_fn):
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_accumulation_equals_one_pass(k, loss_fn, dropout):
     """k micro-batches of a shard of 11 rows (which k does not divide): the same steps
-    as the whole shard at once, to rounding in float64."""
+    as the whole shard at once, to rounding in float64; with dropout, each micro-batch
+    gets its own rows' keys, so every row keeps its mask."""
     rng = np.random.default_rng(3)
     x, y = rng.normal(size=(44, 5)), rng.integers(0, 3, size=44)
+    keys = noise.row_keys(1, 0, np.arange(44))
 
     def run(steps):
-        model, opt = make()
+        model = MLP([5, 7, 3], "tanh", np.float64, dropout)
+        model.init_(np.random.default_rng(1))
+        opt = SGD(model.params, model.grads, lr=0.1, momentum=0.9)
         summed = PlainSum(Comm(None), model.grads, accumulation_steps=steps)
         losses = []
         for start in range(0, 44, 11):
             loss, ok = train_step(model, opt, loss_fn, x[start:start + 11],
-                                  y[start:start + 11], 11, summed)
+                                  y[start:start + 11], 11, summed,
+                                  keys=keys[start:start + 11] if dropout else None)
             assert ok
             losses.append(loss)
         return model.params, opt.momentum_buffer, losses
@@ -149,15 +156,57 @@ def summed_at_two_ranks(comm_dtype):
     return first, [(verb, dtype, n) for verb, _, dtype, n in world.sent if n > 8]
 
 
-@pytest.mark.parametrize("comm_dtype", ["float16", "bfloat16"])
-def test_16_bit_sums_send_16_bit_values(comm_dtype):
+def test_16_bit_sums_send_16_bit_values():
     """train.comm_dtype = float16 or bfloat16: the gradient crosses the wire in 16-bit
     values, at least once in full, and nothing larger than a few values goes in 32 or
-    64 bits; the sum is float32's to 16-bit rounding, and not bit for bit."""
+    64 bits; the sum is float32's to 16-bit rounding, and not bit for bit; float16's
+    11 bits of mantissa round less than bfloat16's 8."""
     exact, wide = summed_at_two_ranks("float32")
     assert wide and {np.dtype(dtype) for _, dtype, _ in wide} == {np.dtype(np.float32)}
-    summed, sent = summed_at_two_ranks(comm_dtype)
-    assert sent and all(np.dtype(dtype).itemsize == 2 for _, dtype, _ in sent), sent
-    assert sum(n for _, _, n in sent) >= exact.size
-    np.testing.assert_allclose(summed, exact, rtol=0, atol=1e-2 * np.abs(exact).max())
-    assert summed.tobytes() != exact.tobytes()
+    error = {}
+    for comm_dtype in ("float16", "bfloat16"):
+        summed, sent = summed_at_two_ranks(comm_dtype)
+        assert sent and all(np.dtype(dtype).itemsize == 2 for _, dtype, _ in sent), sent
+        assert sum(n for _, _, n in sent) >= exact.size
+        np.testing.assert_allclose(summed, exact, rtol=0, atol=1e-2 * np.abs(exact).max())
+        assert summed.tobytes() != exact.tobytes()
+        error[comm_dtype] = np.abs(summed - exact).mean()
+    assert error["float16"] < error["bfloat16"] / 4, error
+
+
+def test_train_step_clips_the_summed_gradient():
+    """clip_norm: the update is the summed gradient scaled down to that norm (SGD, lr 1,
+    no momentum: the parameters move by exactly the clipped gradient)."""
+    model, opt = make(momentum=0.0)
+    opt.lr = 1.0
+    rng = np.random.default_rng(6)
+    x, y = rng.normal(size=(8, 5)) * 10, rng.integers(0, 3, size=8)
+    before = model.params.copy()
+    _, ok = train_step(model, opt, cross_entropy, x, y, 8, PlainSum(Comm(None), model.grads),
+                       clip_norm=1e-3)
+    assert ok
+    assert np.linalg.norm(model.params - before) == pytest.approx(1e-3, rel=1e-5)
+
+
+@pytest.mark.parametrize("size,k", [(2, 3), (3, 2)])
+def test_steps_at_two_and_three_ranks_are_one_processs_to_rounding(size, k):
+    """PlainSum at 2 and 3 ranks (threads), each shard in k micro-batches, uneven shards
+    and a last batch with fewer rows than ranks: the parameters of one process's steps
+    on the same global batches, to rounding in float64."""
+    rng = np.random.default_rng(size)
+    x, y = rng.normal(size=(37, 5)), rng.integers(0, 3, size=37)
+    batches = [np.arange(0, 16), np.arange(16, 35), np.arange(35, 37)]
+
+    def steps(comm, k):
+        model, opt = make()
+        summed = PlainSum(comm, model.grads, accumulation_steps=k)
+        for batch in batches:   # a rank's shard may have fewer rows than k, or none
+            rows = batch[summed.rows(len(batch))]
+            assert train_step(model, opt, cross_entropy, x[rows], y[rows], len(batch), summed)[1]
+        return model.params.copy()
+
+    one = steps(Comm(None), 1)
+    many, _ = run_ranks(size, lambda comm: steps(comm, k))
+    for params in many:
+        np.testing.assert_allclose(params, one, rtol=0, atol=1e-12)
+        assert params.tobytes() == many[0].tobytes()   # replicas identical

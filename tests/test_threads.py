@@ -61,3 +61,17 @@ def test_infer_is_forward_without_caches(sensitive):
     x = np.random.default_rng(2).normal(size=(9, 12))
     with threadpool_limits(1, user_api="blas"):
         assert model.infer(x).tobytes() == model.forward(x).tobytes()
+
+
+def test_the_arithmetic_names_numpy_its_cpu_code_and_the_blas_kernels():
+    """What train.deterministic compares across ranks: numpy's version and the CPU code
+    it dispatches to, and each BLAS with its version and kernels, as threadpoolctl and
+    numpy report them here; two CPUs that differ in any of these compute other bits."""
+    from threadpoolctl import threadpool_info
+    said = threads.arithmetic()
+    umath = np._core._multiarray_umath
+    code = [t for t in umath.__cpu_dispatch__ if umath.__cpu_features__.get(t)]
+    assert said.startswith(f"numpy {np.__version__} ({' '.join(code) or 'baseline'} code), ")
+    for lib in threadpool_info():
+        if lib["user_api"] == "blas":
+            assert f"{lib['internal_api']} {lib['version']} ({lib['architecture']} kernels)" in said

@@ -134,6 +134,8 @@ def test_state_that_does_not_fit_is_described():
                                                            "ckpt")
     bad = dict(model.state_dict(), **{"model.0.bias": np.full(6, np.nan)})
     assert "holds NaN or Inf" in model.load_state_dict(bad, "ckpt")
+    ints = dict(model.state_dict(), **{"model.0.bias": np.zeros(6, np.int64)})
+    assert "model.0.bias has dtype int64, expected floats" in model.load_state_dict(ints, "ckpt")
 
 
 def test_unreadable_checkpoint(tmp_path):
@@ -183,11 +185,11 @@ def test_reads_checkpoints_of_format_1(tmp_path):
     checkpoint.save(path, model, opt, Position(2, 0, 8, 0, 0), 1, config.to_toml(config.Config()))
     with np.load(path) as f:
         arrays = {k: f[k] for k in f.files
-                  if k not in ("digest", "batch", "skipped", "counted", "loss_sums")}
+                  if k not in ("digest", "batch", "skipped", "counted", "loss_sums", "data")}
     np.savez(path, **dict(arrays, format_version=np.int64(1)))
     state = checkpoint.load(path)
     assert (state["epoch"], state["batch"], state["step"]) == (2, 0, 8)
-    assert (state["skipped"], state["counted"]) == (0, 0)
+    assert (state["skipped"], state["counted"], state["data"]) == (0, 0, None)   # any data
     assert state["loss_sums"].tolist() == [0.0]
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dpbp.errors import UserError
-from dpbp.parallel.comm import AgreedExit, Comm, agreement
+from dpbp.parallel.comm import AgreedExit, Comm, agreement, count_sharing
 from tests.conftest import ROOT
 
 LAUNCHER_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS")
@@ -123,3 +123,14 @@ def test_init_without_mpi4py_and_without_a_launcher_is_a_world_of_one(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["0", "1", "True"]
 
+
+def test_the_ranks_sharing_cores_are_counted_by_host_and_affinity():
+    """(ranks sharing this rank's cores, ranks on its host, how they were counted), from
+    every rank's (host, cores): ranks on other hosts never count; a rank bound to cores
+    of its own shares them with no one."""
+    same = [("a", [0, 1])] * 3 + [("b", [0, 1])]
+    assert count_sharing(same, "a", [0, 1]) == (3, 3, "on this host, counted by host name")
+    assert count_sharing(same, "b", [0, 1]) == (1, 1, "on this host, counted by host name")
+    bound = [("a", [0]), ("a", [1]), ("a", [0, 1])]
+    assert count_sharing(bound, "a", [0]) == (
+        2, 3, "of 3 on this host, counted by host name and CPU affinity")

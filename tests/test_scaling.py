@@ -62,6 +62,11 @@ def test_allreduce_seconds_by_hand():
     assert scaling.allreduce_seconds(1, n, alpha, beta, gamma) == 0
 
 
+def test_a_link_of_g_gbits_sends_a_byte_in_8_over_g_nanoseconds():
+    assert scaling.beta_of(100) == pytest.approx(8 / 100e9, rel=1e-15, abs=0)
+    assert scaling.beta_of(10) == pytest.approx(0.8e-9, rel=1e-15, abs=0)
+
+
 def test_mpich_chooses_by_size_and_ranks():
     assert scaling.mpich_algorithm(2, 8) == "recursive doubling"       # <= 8 bytes
     assert scaling.mpich_algorithm(2, 12) == "reduce-scatter + allgather"

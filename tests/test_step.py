@@ -15,11 +15,12 @@ from dpbp.nn.losses import cross_entropy, mse
 from dpbp.nn.model import MLP
 from dpbp.nn.optim import SGD
 from dpbp.parallel.comm import Comm
+from dpbp.parallel.deterministic import GrainSum
 from dpbp.parallel.step import PlainSum, clip_grad_norm_, train_step
 from dpbp.service.config import TrainConfig
 from dpbp.service.startup import gradient_sum
 from tests.conftest import small_model
-from tests.thread_ranks import run_ranks
+from tests.thread_ranks import ThreadComm, World, run_ranks
 
 
 def make(widths=(5, 7, 3), activation="tanh", dtype=np.float64, momentum=0.9):
@@ -210,3 +211,50 @@ def test_steps_at_two_and_three_ranks_are_one_processs_to_rounding(size, k):
     for params in many:
         np.testing.assert_allclose(params, one, rtol=0, atol=1e-12)
         assert params.tobytes() == many[0].tobytes()   # replicas identical
+
+
+@pytest.mark.parametrize("saved,world", [(3, 2), (2, 3), (2, 2), (1, 4), (3, 1)])
+def test_a_resumed_epoch_counts_every_ranks_partial_loss(saved, world):
+    """A mid-epoch checkpoint keeps each rank's partial loss sum of the epoch; resumed at
+    any world size, the ranks' sums still add up to the whole (at the same world size,
+    each rank its own); the epoch's loss sums them over the ranks. Under GrainSum every
+    rank holds the whole, and rank 0 saves it."""
+    sums = [1.5, 2.25, 4.0][:saved]
+
+    def rank(comm):
+        plain = PlainSum(comm, np.zeros(3))
+        mine = plain.resumed_loss(sums, saved)
+        grains = GrainSum(comm, small_model(), 4)
+        return (mine, plain.epoch_loss(mine), grains.resumed_loss(sums, saved),
+                grains.saved_loss(7.0), grains.epoch_loss(7.0))
+
+    out, _ = run_ranks(world, rank)
+    assert math.fsum(o[0] for o in out) == pytest.approx(sum(sums), rel=1e-15)
+    if saved == world:
+        assert [o[0] for o in out] == sums
+    assert all(o[1] == pytest.approx(sum(sums), rel=1e-15) for o in out)
+    assert all(o[2] == math.fsum(sums) and o[4] == 7.0 for o in out)
+    assert [o[3] for o in out] == [7.0] + [0.0] * (world - 1)
+
+
+def test_the_batch_line_says_how_the_ranks_share_each_batch():
+    """The start-up line of each gradient sum: rows per rank, or grains of how many rows
+    and how many grains per rank (some ranks none when ranks outnumber grains)."""
+    def lines(size):
+        comm = ThreadComm(World(size), 0)
+        return [PlainSum(comm, np.zeros(3)).describe(12),
+                GrainSum(comm, small_model(), 5).describe(12),
+                GrainSum(comm, small_model(), 1).describe(12)]
+
+    assert lines(1) == ["batch: global 12, per rank 12",
+                        "batch: global 12 in 5 grains of 2-3 rows, 5 grains per rank "
+                        "(deterministic)",
+                        "batch: global 12 in 1 grain of 12 rows, 1 grain per rank "
+                        "(deterministic)"]
+    assert lines(3) == ["batch: global 12, per rank 4",
+                        "batch: global 12 in 5 grains of 2-3 rows, 1-2 grains per rank "
+                        "(deterministic)",
+                        "batch: global 12 in 1 grain of 12 rows, 0-1 grains per rank "
+                        "(deterministic)"]
+    assert PlainSum(ThreadComm(World(5), 0), np.zeros(3)).describe(12) == \
+        "batch: global 12, per rank 2-3"

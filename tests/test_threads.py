@@ -75,3 +75,18 @@ def test_the_arithmetic_names_numpy_its_cpu_code_and_the_blas_kernels():
     for lib in threadpool_info():
         if lib["user_api"] == "blas":
             assert f"{lib['internal_api']} {lib['version']} ({lib['architecture']} kernels)" in said
+
+
+def test_the_threads_the_user_chose_and_the_cores_line(monkeypatch):
+    """A count in OMP_NUM_THREADS or its friends is the user's choice (a non-number is
+    not); the start-up line names the cores and the ranks that share them."""
+    for var in threads.USER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert threads.set_by_user() is None
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "auto")
+    assert threads.set_by_user() is None
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")
+    assert threads.set_by_user() == "MKL_NUM_THREADS"
+    assert threads.cores_for(2, 4, "on this host, counted by host name") == \
+        "2 cores for 4 ranks on this host, counted by host name"
+    assert threads.cores_for(8, 1) == "8 cores for 1 rank"

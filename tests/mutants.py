@@ -1,7 +1,8 @@
 """Bugs put into dpbp on purpose, each with the tests that must catch it.
 
     python -m tests.mutants                 # every mutant: killed, survived or stale
-    python -m tests.mutants grains-own      # those named
+    python -m tests.mutants grains-own-shard  # those named
+    python -m tests.mutants --baseline ...  # first, their tests must pass without a mutant
     python -m tests.mutants --list          # name, file, tests
 
 Each mutant replaces one piece of text in one file of dpbp (it must occur exactly once)
@@ -271,6 +272,8 @@ def main(argv):
         for m in MUTANTS:
             print(f"{m.name:28} {m.file:34} {' '.join(m.tests)}")
         return 0
+    baseline = "--baseline" in argv
+    argv = [a for a in argv if a != "--baseline"]
     chosen = [m for m in MUTANTS if not argv or m.name in argv]
     unknown = set(argv) - {m.name for m in MUTANTS}
     if unknown:
@@ -280,6 +283,13 @@ def main(argv):
     with tempfile.TemporaryDirectory(prefix="dpbp-mutants-") as tmp:
         copy = Path(tmp)
         copy_checkout(copy)
+        if baseline:   # a mutant is only killed by tests that pass without it
+            for m in chosen:
+                outcome, seconds, failed, tail = run_tests(copy, m.tests, timeout=900)
+                if outcome != "SURVIVED":
+                    print(f"{m.name}: its tests fail without the mutant:\n{tail}")
+                    return 2
+            print(f"baseline: the tests of {len(chosen)} mutants pass without them", flush=True)
         for m in chosen:
             path = copy / m.file
             original = path.read_text()

@@ -18,7 +18,8 @@ import pytest
 
 from dpbp.nn.model import Model, mlp_layers
 from dpbp.service.data import MNIST_FILES
-from tests import thread_sensitive
+from tests import forked
+from tests import sensitive as kernel_sensitive
 
 ROOT = Path(__file__).resolve().parent.parent
 MNIST = Path(os.environ.get("DPBP_TEST_MNIST", ROOT.parent / "shared" / "data" / "mnist"))
@@ -54,15 +55,15 @@ def run_module(module, args, ranks=None, timeout=120, env=None, cwd=None,
                thread_sensitive=False):
     """Run `python -m MODULE ARGS`, under `mpirun -n ranks` unless ranks is None; with
     DPBP_FAULT in `env`, through tests/faults.py (the fault it plans); with
-    thread_sensitive, through tests/thread_sensitive.py (a matrix product whose bits
-    depend on the BLAS thread count, on any CPU).
+    thread_sensitive, through tests/sensitive.py (matrix products whose bits depend on
+    the BLAS thread count and on their rows, on any CPU).
 
     A hung job is killed at `timeout` and fails the test rather than the suite."""
     cmd = [sys.executable, "-m", module, *args]
     if env and "DPBP_FAULT" in env:
         cmd[2:2] = ["tests.faults"]
     if thread_sensitive:
-        cmd[2:2] = ["tests.thread_sensitive"]
+        cmd[2:2] = ["tests.sensitive"]
     if thread_sensitive or (env and "DPBP_FAULT" in env):
         env = dict(env or {}, PYTHONPATH=str(ROOT))
     if ranks is not None:
@@ -73,6 +74,20 @@ def run_module(module, args, ranks=None, timeout=120, env=None, cwd=None,
 def run_train(args, ranks=None, timeout=120, env=None, cwd=None, thread_sensitive=False):
     """Run `python -m dpbp.train ARGS` as run_module does."""
     return run_module("dpbp.train", args, ranks, timeout, env, cwd, thread_sensitive)
+
+
+@pytest.fixture(scope="session")
+def forks():
+    """dpbp's commands run in forks of one process that imported them (tests/forked.py):
+    forks.run(module, args, cwd=..., timeout=...) for many short runs."""
+    with forked.Forks(["dpbp.train", "dpbp.evaluate", "dpbp.predict", "dpbp.bench"],
+                      ROOT) as server:
+        yield server
+
+
+def run_forked(forks, module, args, cwd, timeout=60, env=None):
+    """`python -m MODULE ARGS` as run_module runs it, in a fork of the session's server."""
+    return forks.run(module, args, cwd=cwd, env=mpi_env(env), timeout=timeout)
 
 
 def run_with_timeout(cmd, timeout, env=None, cwd=None):
@@ -264,9 +279,9 @@ def ckpt(run_dir, epoch):
 
 @pytest.fixture
 def sensitive():
-    thread_sensitive.install()
+    kernel_sensitive.install()
     yield
-    thread_sensitive.uninstall()
+    kernel_sensitive.uninstall()
 
 
 def mlp(widths, activation="relu", dtype=np.float32, dropout=0.0):

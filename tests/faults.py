@@ -2,6 +2,7 @@
 
     DPBP_FAULT=KIND:RANK:STEP python -m tests.faults MODULE [ARGS...]   # e.g. dpbp.train
     DPBP_FAULT=KIND:RANK:STEP python -m tests.faults [ARGS...]          # dpbp.train
+    DPBP_FAULT_WATCHDOG=SECONDS ...   # the watchdog's limit before the config is read
 
 runs `python -m MODULE ARGS` (dpbp.train when the first argument is an option, as when
 the supervisor runs `python -m dpbp.launch --module tests.faults -- ARGS`) with one
@@ -27,6 +28,10 @@ and at start-up (STEP 0), rank RANK
                train.deterministic compares them)
     hangload   freezes while it loads the data (sleeps for an hour)
     termload   receives SIGTERM while it loads the data
+    hangconfig freezes while it reads the config (sleeps for an hour), before the
+               config's run.watchdog_seconds is known: the watchdog then has the limit
+               the command starts it with, the default of run.watchdog_seconds, which
+               DPBP_FAULT_WATCHDOG=SECONDS lowers (the default is 600 s)
 
 With DPBP_FAULT_ONCE=DIR, each planned fault happens at most once over all the runs that
 share DIR (the restarts of a supervised job): the rank about to carry it out first
@@ -36,8 +41,11 @@ passes over the fault.
 dpbp itself knows nothing of this: the faults wrap its functions from outside, the
 training step (dpbp.train.train_step), the schedule that the loop asks for every step's
 learning rate just before the step (which tells the step's number), the checkpoint
-writer (dpbp.service.checkpoint.save and its write_atomic) and the arithmetic check
-(dpbp.service.startup.arithmetic).
+writer (dpbp.service.checkpoint.save and its write_atomic), the arithmetic check
+(dpbp.service.startup.arithmetic), the data loader (dpbp.service.startup.load_data) and
+the config reader (dpbp.service.config.load); DPBP_FAULT_WATCHDOG sets the default of
+run.watchdog_seconds on its class (RunConfig), which the commands start their watchdog
+with.
 """
 
 import errno
@@ -50,7 +58,7 @@ import time
 
 STEP_KINDS = ("raise", "exit", "kill", "hang", "nan", "perturb", "sigterm", "sigint", "sighup",
               "swap", "swapkill")
-KINDS = STEP_KINDS + ("killsave", "nospace", "othercpu", "hangload", "termload")
+KINDS = STEP_KINDS + ("killsave", "nospace", "othercpu", "hangload", "termload", "hangconfig")
 SIGNALS = {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT, "sighup": signal.SIGHUP}
 
 
@@ -118,12 +126,12 @@ def install(plans, once=None):
     planned (once only, with `once`, a folder: see DPBP_FAULT_ONCE)."""
     import dpbp.train
     from dpbp.nn import schedule
-    from dpbp.service import checkpoint, startup
+    from dpbp.service import checkpoint, config, startup
     now = {"step": None, "saving": None}
     real_lr_at, real_step = schedule.lr_at, dpbp.train.train_step
     real_save, real_write, real_arithmetic = (checkpoint.save, checkpoint.write_atomic,
                                               startup.arithmetic)
-    real_load_data = startup.load_data
+    real_load_data, real_load_config = startup.load_data, config.load
 
     def lr_at(tc, s, steps_per_epoch, *more):
         now["step"] = s
@@ -167,7 +175,13 @@ def install(plans, once=None):
             inject("hang", 0, None, None)
         return real_load_data(*args, **kwargs)
 
+    def load_config(*args, **kwargs):
+        if planned(("hangconfig",), rank_now(), 0):
+            inject("hang", 0, None, None)
+        return real_load_config(*args, **kwargs)
+
     schedule.lr_at, dpbp.train.train_step, startup.load_data = lr_at, train_step, load_data
+    config.load = load_config
     checkpoint.save, checkpoint.write_atomic, startup.arithmetic = save, write_atomic, arithmetic
 
 
@@ -177,8 +191,16 @@ def rank_now():
     return MPI.COMM_WORLD.Get_rank()
 
 
+def set_up_watchdog(seconds):
+    """The commands start their watchdog with `seconds` until the config gives its own."""
+    from dpbp.service.config import RunConfig
+    RunConfig.watchdog_seconds = float(seconds)
+
+
 if __name__ == "__main__":
     install(parse(os.environ["DPBP_FAULT"]), os.environ.get("DPBP_FAULT_ONCE"))
+    if os.environ.get("DPBP_FAULT_WATCHDOG"):
+        set_up_watchdog(os.environ["DPBP_FAULT_WATCHDOG"])
     if len(sys.argv) > 1 and not sys.argv[1].startswith("-"):
         module, sys.argv = sys.argv[1], sys.argv[1:]
     else:   # python -m tests.faults [ARGS]: the trainer

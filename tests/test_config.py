@@ -113,6 +113,16 @@ def test_config_is_frozen():
                                "TOML value (a line x = ... after it)"),
     (["train.lr=1\n[run]\nseed = 3"], "holds more than one TOML value (a line run = ..."),
     (['run.dir=a\nb'], r"--set run.dir=a\nb: the value spans lines but is not one TOML value"),
+    (["run.watchdog_seconds=-1"], "run.watchdog_seconds must be >= 0 (0 = off), got -1.0"),
+    (["run.watchdog_seconds=inf"], "run.watchdog_seconds must be >= 0 (0 = off), got inf"),
+    (["run.keep_checkpoints=-1"], "run.keep_checkpoints must be >= 0 (0 keeps all), got -1"),
+    (["run.sync_check_steps=-1"], "run.sync_check_steps must be >= 0 (0 = off), got -1"),
+    (["data.samples=1"], "data.samples must be >= 2, got 1"),
+    (["train.base_batch_size=0"], "train.base_batch_size must be >= 1, got 0"),
+    (["train.checkpoint_every_steps=-1"],
+     "train.checkpoint_every_steps must be >= 0 (0 = off), got -1"),
+    (["train.clip_grad_norm=-1"], "train.clip_grad_norm must be >= 0 (0 = off), got -1.0"),
+    (["train.gamma=0"], "train.gamma must be a number > 0, got 0.0"),
 ])
 def test_bad_overrides_name_the_key(overrides, message):
     with pytest.raises(UserError, match=".*" + __import__("re").escape(message)):

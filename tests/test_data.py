@@ -49,6 +49,32 @@ def test_npz_with_validation_arrays(tmp_path):
         load(path=path, val_fraction=0.5)
 
 
+@pytest.mark.parametrize("changed", ["x", "y", "x_val", "y_val"])
+def test_the_identity_covers_every_array(tmp_path, changed):
+    """One value of any array changed, the shapes and dtypes kept (relabelled data, say):
+    the identity differs, so a resume or an evaluation on such data is refused."""
+    rng = np.random.default_rng(0)
+    arrays = dict(x=rng.normal(size=(10, 3)), y=np.arange(10) % 4,
+                  x_val=rng.normal(size=(5, 3)), y_val=np.array([0, 1, 2, 3, 3]))
+    before = data.identity(load(path=write_npz(tmp_path, **arrays)))
+    arrays[changed] = arrays[changed].copy()
+    arrays[changed][1] = arrays[changed][0] if changed.startswith("y") else 0.5
+    after = data.identity(load(path=write_npz(tmp_path, **arrays)))
+    assert after != before
+    assert [part.split(" crc ")[0] for part in after.split("; ")] == [
+        "x (10, 3) float64", "y (10,) int64", "x_val (5, 3) float64", "y_val (5,) int64"]
+
+
+def test_the_crc_covers_every_block_of_a_large_array():
+    """Large arrays (and inputs read from disk) are checked block by block: a change in
+    any block changes the CRC, as it changes zlib's CRC of the whole."""
+    a = np.arange(3 * (1 << 21), dtype=np.float64).reshape(-1, 3)   # 48 MiB: 3 blocks
+    whole = zlib.crc32(a.view(np.uint8))
+    assert data.crc32(a) == whole
+    a[1, 0] = -1.0                                                   # in the first block
+    assert data.crc32(a) == zlib.crc32(a.view(np.uint8)) != whole
+
+
 def test_val_fraction_split_is_seeded_and_disjoint(tmp_path):
     x = np.arange(40, dtype=float).reshape(20, 2)
     path = write_npz(tmp_path, x=x, y=np.arange(20) % 2)

@@ -2,7 +2,8 @@
 
 A failing rank ends the job, divergence, ranks that loaded different data, Ctrl-C to the
 whole job, non-finite steps, replicas that drift, a hung rank, a save killed half-way,
-a full disk, old checkpoints pruned; a rank frozen in set-up, SIGTERM in set-up, SIGHUP,
+a full disk, old checkpoints pruned; a rank frozen in set-up (also before the config is
+read), SIGTERM in set-up, SIGHUP,
 a launcher that is gone.
 
 The tiny dataset has 17 training samples: at batch_size 4, five steps per epoch (the
@@ -198,6 +199,19 @@ def test_a_rank_frozen_while_loading_the_data_is_ended_by_the_watchdog(tmp_path,
     assert r.returncode != 0
     assert "dpbp: rank 0: set-up did not finish in 2 s (run.watchdog_seconds)" in r.stderr
     assert not run_dir.exists()   # made only once set-up is done
+
+
+def test_the_watchdog_watches_before_the_config_is_read(tmp_path):
+    """From the command's start: a process that freezes while it reads the config (a
+    stalled filesystem under the config file, or under the checkpoint a resume reads)
+    is ended by the watchdog at the limit the command starts it with, the default of
+    run.watchdog_seconds (lowered from the test side to 1 s), with its stack."""
+    r = run_train(["--set", f'run.dir="{tmp_path / "run"}"'], timeout=60,
+                  env={"DPBP_FAULT": "hangconfig:0:0", "DPBP_FAULT_WATCHDOG": "1"})
+    assert r.returncode == 4, r.stderr
+    assert "dpbp: rank 0: set-up did not finish in 1 s (run.watchdog_seconds)" in r.stderr
+    assert "in load_config" in r.stderr   # the frozen place, in the stack
+    assert not (tmp_path / "run").exists()
 
 
 def test_sigterm_during_set_up_exits_143_and_writes_nothing(tmp_path, tiny_npz):

@@ -5,15 +5,16 @@ many under MPI.
     python -m dpbp.evaluate --checkpoint runs/default/checkpoints/epoch-0010.npz
     mpirun -n 4 python -m dpbp.evaluate --checkpoint ... --split test --json
 
-The data is the run's own (the config saved in the checkpoint) unless --config or --set
-change it. On the validation set (--split val, the default), loss and accuracy come from
-the same function, on the same rows, that the training run used for its metrics line,
-so they equal that epoch's `val_loss` and `val_accuracy`. The test set (the t10k pair
-of mnist, x_test and y_test of npz and npy) is read only here, with --split test, so no
-choice of the run (the best checkpoint, early stopping) ever looked at it. The rows are
-cut into blocks at fixed offsets and every rank evaluates its share of the blocks; the
-per-class counts are summed with one int64 Allreduce, so they are exact at any world
-size.
+The network is the checkpoint's own (--config and --set may not change it, but for
+model.dtype), and so is the data (the config saved in the checkpoint) unless --config or
+--set change it. On the validation set (--split val, the default), loss and accuracy
+come from the same function, on the same rows, that the training run used for its
+metrics line, so they equal that epoch's `val_loss` and `val_accuracy`. The test set (the
+t10k pair of mnist, x_test and y_test of npz and npy) is read only here, with --split
+test, so no choice of the run (the best checkpoint, early stopping) ever looked at it.
+The rows are cut into blocks at fixed offsets and every rank evaluates its share of the
+blocks; the per-class counts are summed with one int64 Allreduce, so they are exact at
+any world size.
 """
 
 import argparse
@@ -40,14 +41,17 @@ def main(argv=None):
     with mpi.agreement(comm):
         saved = config.from_toml(saved_toml, f"checkpoint {args.checkpoint}")
         cfg = config.load(args.config, args.set, base=saved)
-        network.check_unchanged(saved, cfg, layers, args.checkpoint)
+        notes = network.check_unchanged(saved, cfg, layers, args.checkpoint)   # its own
     limit_blas_threads(comm.ranks_sharing_cores, cfg.train.deterministic)   # as the run
     with mpi.agreement(comm):
         data = load_data(cfg, network.output_width(*layers))   # labels: the network's classes
-        data_id, notes = datasets.identity(data), []
+        data_id = datasets.identity(data)
         if comm.rank == 0:   # the checkpoint's own data, unless the command line names others
-            notes = run_dir.check_data(state["data"], data_id,
-                                       config.named_keys(args.config, args.set), args.checkpoint)
+            as_saved = data_id if cfg.model.dtype == saved.model.dtype else \
+                datasets.identity(data, saved.model.dtype)   # as the run loaded them
+            notes += run_dir.check_data(state["data"], as_saved,
+                                        config.named_keys(args.config, args.set),
+                                        args.checkpoint)
             notes += run_dir.unnamed_best(args.checkpoint, state)
         x, y = rows_of(args.split, cfg, data)
     check_same_inputs(comm, cfg, data_id + "; " + datasets.arrays_identity({"x": x, "y": y}))
@@ -65,6 +69,7 @@ def main(argv=None):
             print(f"dpbp: note: {note}", file=sys.stderr)
         result = summary(args.checkpoint, epoch, cfg, args.split, len(x), loss, accuracy,
                          per_class, confusion)
+        result["network"] = network.summary(layers, cfg)
         print(json.dumps(result) if args.json else report(result))
     return 0
 
@@ -105,8 +110,10 @@ def summary(path, epoch, cfg, split, n, loss, accuracy, per_class, confusion):
 def report(r):
     """The summary as text for people: a few lines, the matrix only where it fits."""
     split = {"val": "validation", "test": "test"}[r["split"]]
+    net = r["network"]
     lines = [f"checkpoint {r['checkpoint']} (epoch {r['epoch']}): {r['data']} {split} "
              f"set, {r['samples']} samples",
+             f"network {net['network']}; {net['dtype']}",
              f"loss {r['loss']:.6f} ({r['loss_function']})"]
     if r["accuracy"] is None:
         lines.append(r["note"])
@@ -149,10 +156,13 @@ PARSER.add_argument("--split", choices=("val", "test"), default="val",
                          "measured it; test: the data's test set (mnist's t10k pair, npz "
                          "and npy x_test and y_test), which training never reads")
 PARSER.add_argument("--config", metavar="PATH",
-                    help="TOML file applied over the checkpoint's own config (e.g. other data)")
+                    help="TOML file applied over the checkpoint's own config (e.g. other "
+                         "data); keys that would change its network are refused")
 PARSER.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[],
                     help="override one key of the checkpoint's config (repeatable), e.g. "
-                         "--set 'data.path=\"other.npz\"'")
+                         "--set 'data.path=\"other.npz\"'; not its network (model.hidden, "
+                         "activation, dropout, layers, classes, train.loss): model.dtype "
+                         "may change")
 PARSER.add_argument("--json", action="store_true",
                     help="print one JSON object (loss, accuracy, per_class_accuracy, "
                          "confusion_matrix, ...) instead of text")

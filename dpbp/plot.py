@@ -1,13 +1,14 @@
-"""Plot a run's learning curves from RUN_DIR/metrics.jsonl into a PNG.
+"""Plot a run's learning curves from RUN_DIR/metrics.jsonl into a PNG, PDF or SVG.
 
     python -m dpbp.plot runs/default                 # writes runs/default/curves.png
-    python -m dpbp.plot runs/default -o curves.png
+    python -m dpbp.plot runs/default -o curves.pdf   # the format by the suffix
 
 Panels against epoch: training and validation loss (and the loss of single steps where
 run.log_every_steps logged them), validation accuracy, and the learning rate at every
-step, from the run's config, where it is not constant. Needs matplotlib (`pip install
-matplotlib`; from a checkout, `pip install -e '.[plot]'`); it draws with the Agg backend,
-so no display is needed. One process: under mpirun every rank would draw the same picture.
+step where it is not constant: from the run's config, and for the plateau schedule the
+rate each epoch logged. Needs matplotlib (`pip install matplotlib`; from a checkout,
+`pip install -e '.[plot]'`); it draws with the Agg backend, so no display is needed. One
+process: under mpirun every rank would draw the same picture.
 """
 
 import argparse
@@ -22,6 +23,7 @@ from dpbp.service.files import write_atomic
 from dpbp.service.run_dir import config_path, metrics_path, read_metrics, read_steps
 
 SIZE_INCHES, DPI = (13.0, 4.0), 100   # 1300 x 400 pixels
+FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}   # -o FILE: by its suffix
 
 
 def load_curves(run_dir):
@@ -39,20 +41,24 @@ def load_curves(run_dir):
     keys = ("epoch", "train_loss", "val_loss", "val_accuracy", "lr")
     curves = {k: [r.get(k) for r in records] for k in keys}
     curves["steps"] = [r for r in read_steps(run_dir) if r.get("loss") is not None]
-    curves["schedule"] = schedule_of(run_dir, records[-1])
+    curves["schedule"] = schedule_of(run_dir, records)
     return curves
 
 
-def schedule_of(run_dir, last):
+def schedule_of(run_dir, records):
     """(epochs, lr) at the end of every step of the run so far, from its config: the
     metrics hold only each epoch's last lr, which would draw a warmup or a cosine as
-    straight lines."""
+    straight lines. The plateau schedule's rate after warmup is the one each epoch
+    logged (it follows from the validation metrics, not from the config alone)."""
+    last = records[-1]
     if not last.get("step") or not os.path.exists(config_path(run_dir)):
         return None   # written before dpbp recorded steps
     tc = config.load(config_path(run_dir)).train
     per_epoch = last["step"] // last["epoch"]   # every epoch has as many steps
+    logged = {r["epoch"]: r.get("lr") for r in records}
     steps = range(last["step"])
-    return ([(s + 1) / per_epoch for s in steps], [lr_at(tc, s, per_epoch) for s in steps])
+    return ([(s + 1) / per_epoch for s in steps],
+            [lr_at(tc, s, per_epoch, logged.get(s // per_epoch + 1)) for s in steps])
 
 
 def draw(curves, name):
@@ -131,12 +137,13 @@ def main(argv=None):
     if not args.run_dir:
         raise UserError("RUN_DIR is required (see python -m dpbp.plot --help)")
     out = args.output or os.path.join(args.run_dir, "curves.png")
-    if not out.lower().endswith(".png"):
-        raise UserError(f"-o {out}: must name a .png file")
+    kind = FORMATS.get(os.path.splitext(out)[1].lower())
+    if kind is None:
+        raise UserError(f"-o {out}: must name a .png, .pdf or .svg file")
     curves = load_curves(args.run_dir)
     fig = draw(curves, os.path.basename(os.path.normpath(args.run_dir)))
     try:
-        write_atomic(out, lambda f: fig.savefig(f, format="png"))
+        write_atomic(out, lambda f: fig.savefig(f, format=kind))
     except OSError as e:
         raise UserError(f"-o {out}: cannot write it ({e.strerror})") from None
     print(f"wrote {out}")
@@ -145,17 +152,18 @@ def main(argv=None):
 
 PARSER = ArgumentParser(
     prog="python -m dpbp.plot", add_help=False,
-    usage="python -m dpbp.plot RUN_DIR [-o PNG] [-h] [--version]",
+    usage="python -m dpbp.plot RUN_DIR [-o FILE] [-h] [--version]",
     description="Plot training and validation loss, validation accuracy and learning "
-                "rate against epoch,\nfrom RUN_DIR/metrics.jsonl, into a PNG. Needs "
-                "matplotlib: pip install matplotlib.",
+                "rate against epoch,\nfrom RUN_DIR/metrics.jsonl, into a PNG, PDF or SVG. "
+                "Needs matplotlib: pip install matplotlib.",
     formatter_class=argparse.RawDescriptionHelpFormatter,
     epilog="exit codes: 0 done; 2 bad input (run directory, metrics, output path, "
            "no matplotlib).")
 PARSER.add_argument("-h", "--help", action="store_true", help="show this help and exit")
 PARSER.add_argument("run_dir", metavar="RUN_DIR", nargs="?", help="a run directory")
-PARSER.add_argument("-o", "--output", metavar="PNG",
-                    help="where to write the picture (default RUN_DIR/curves.png)")
+PARSER.add_argument("-o", "--output", metavar="FILE",
+                    help="where to write the picture, as PNG, PDF or SVG by its suffix "
+                         "(.png, .pdf, .svg; default RUN_DIR/curves.png)")
 
 
 def cli():

@@ -30,6 +30,7 @@ from dpbp.parallel import sharding  # noqa: E402
 from dpbp.parallel.evaluation import evaluate  # noqa: E402
 from dpbp.parallel.step import train_step  # noqa: E402
 from dpbp.service import checkpoint, config, history, run_dir  # noqa: E402
+from dpbp.service import data as datasets  # noqa: E402
 from dpbp.service.checkpoint import Position  # noqa: E402
 from dpbp.service.config import RunConfig  # noqa: E402
 from dpbp.service.console import Console, Progress  # noqa: E402
@@ -84,7 +85,7 @@ def end_state(cfg, code):
     if code is None:
         return "completed", None
     if code == 0:
-        return "early_stopped", history.why_stopped(cfg.train)
+        return "early_stopped", history.why_stopped(cfg)
     return "stopped", signal.Signals(code - 128).name
 
 
@@ -92,7 +93,7 @@ def done_line(run, at, seconds):
     """The last line of a run that ended well at position `at`, after `seconds`."""
     cfg, epochs = run.cfg, at.epoch
     weights = hashlib.sha256(run.model.params.tobytes()).hexdigest()[:16]   # to compare runs
-    early = (f" of {cfg.train.epochs}, stopped early ({history.why_stopped(cfg.train)})"
+    early = (f" of {cfg.train.epochs}, stopped early ({history.why_stopped(cfg)})"
              if epochs < cfg.train.epochs else "")
     best = f", best {checkpoint.best_path(cfg.run.dir)}" if cfg.run.keep_best else ""
     return (f"done: {plural(epochs, 'epoch')}{early}, {plural(at.step, 'step')} in "
@@ -111,6 +112,7 @@ def train(run, comm, say, progress, signals, watchdog):
     with Guard(comm, run, say, signals, watchdog) as guard:
         for epoch in range(at.epoch, tc.epochs):
             t0 = time.perf_counter()
+            plateau = history.plateau_lr(cfg, guard.scores, steps_per_epoch)   # set per epoch
             order = sharding.epoch_order(len(data.x), cfg.run.seed, epoch, cfg.data.shuffle)
             batches = sharding.global_batches(order, tc.batch_size)
             first = at.batch                                 # > 0 on a mid-epoch resume
@@ -120,18 +122,20 @@ def train(run, comm, say, progress, signals, watchdog):
                 # every rank: train on its shard of global batch b
                 N = len(batches[b])
                 rows = batches[b][run.summed.rows(N)]
-                optimizer.lr = schedule.lr_at(tc, at.step, steps_per_epoch)
+                optimizer.lr = schedule.lr_at(tc, at.step, steps_per_epoch, plateau)
                 # random draws (dropout's masks): a function of (seed, step, each row's index)
                 keys = noise.row_keys(cfg.run.seed, at.step, rows) if model.draws else None
+                x, unread = datasets.read_rows(data.x, rows)   # from disk: verified
                 with np.errstate(over="ignore", invalid="ignore"):   # non-finite: caught
-                    loss, ok = train_step(model, optimizer, run.loss_fn, data.x[rows],
-                                          data.y[rows], N, run.summed, tc.clip_grad_norm, keys)
+                    loss, ok = train_step(model, optimizer, run.loss_fn, x, data.y[rows], N,
+                                          run.summed, tc.clip_grad_norm, keys)
                 if ok:
                     loss_sum += loss
                 at = Position(epoch, b + 1, at.step + 1, at.skipped + (0 if ok else 1),
                               at.counted + (N if ok else 0))
                 bar.update()
-                code = guard.after_step(ok, at, loss_sum, b + 1 == len(batches), loss, N)
+                code = guard.after_step(ok, at, loss_sum, b + 1 == len(batches), loss, N,
+                                        unread)
                 if code is not None:
                     return code, at
             bar.close()

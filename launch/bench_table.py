@@ -1,14 +1,15 @@
 """The performance tables of docs/performance.md and docs/reproducibility.md: python -m dpbp.bench at 1, 2 and 4 ranks, repeated.
 
-    python launch/bench_table.py [--repeats 5] [--deterministic] [bench options, e.g. --steps 60]
+    python launch/bench_table.py [--repeats 5] [--keep DIR] [--deterministic] [bench options, e.g. --steps 60]
 
 Runs, in turn and REPEATS times over (so that a busy moment hits every row alike):
 1 rank with 1 BLAS thread, 1 rank with all cores, 2 ranks with --compare-torch (where
 PyTorch is installed), and 4 ranks; then prints a Markdown table
 of the medians. With --deterministic instead: at 1 (one thread), 2 and 4 ranks, plain
 training next to train.deterministic with one grain per rank and with 4 grains (the
-default), and the cost of each as the median ratio to the plain run of its repeat. Uses
-the mpirun beside this Python, else the one on PATH.
+default), and the cost of each as the median ratio to the plain run of its repeat. With
+--keep DIR, each run's whole output is also kept, as DIR/row-R-K.txt (the table's row R,
+its repeat K, from 1). Uses the mpirun beside this Python, else the one on PATH.
 """
 
 import json
@@ -47,10 +48,7 @@ def deterministic_rows():
 
 
 def main():
-    args = sys.argv[1:]
-    repeats = 5
-    if args[:1] == ["--repeats"]:
-        repeats, args = int(args[1]), args[2:]
+    repeats, keep, args = mpi_launcher.script_options(sys.argv[1:], 5)
     deterministic = "--deterministic" in args
     if deterministic:
         args.remove("--deterministic")
@@ -58,14 +56,15 @@ def main():
         [sys.executable, "-c", "import torch"], capture_output=True, timeout=300).returncode == 0
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     results, load_before = {}, os.getloadavg()[0]
-    for _ in range(repeats):
-        for label, n, extra, more_env in (deterministic_rows() if deterministic
-                                          else rows(has_torch)):
+    for k in range(repeats):
+        for row, (label, n, extra, more_env) in enumerate(deterministic_rows() if deterministic
+                                                          else rows(has_torch)):
             cmd = mpirun(n) + [sys.executable, "-m", "dpbp.bench", "--json", *extra, *args]
             r = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, **more_env),
                                timeout=900)
             if r.returncode != 0:
                 sys.exit(f"bench_table: {' '.join(cmd)} failed:\n{r.stdout}{r.stderr}")
+            mpi_launcher.kept(keep, f"row-{row + 1}-{k + 1}.txt", r.stdout)
             results.setdefault(label, []).append(json.loads(r.stdout.strip().splitlines()[-1]))
             print(".", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)

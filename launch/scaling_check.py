@@ -1,6 +1,6 @@
 """The scaling model's check against measurement on this machine (docs/scaling.md).
 
-    python launch/scaling_check.py [--repeats 3] [bench options, e.g. --steps 60]
+    python launch/scaling_check.py [--repeats 3] [--keep DIR] [bench options, e.g. --steps 60]
 
 Runs `mpirun -n W python -m dpbp.bench --scaling-model --json` at W = 1 (with one BLAS
 thread: one core), 2 and 4, in turn and REPEATS times over (so that a busy moment hits
@@ -12,7 +12,9 @@ step:
   the W ranks use, its update done by every rank (W updates on the cores), plus that
   same fitted sum.
 The second is what the model does for N nodes: compute measured elsewhere, communication
-from a fit. Uses the mpirun beside this Python, else the one on PATH.
+from a fit. With --keep DIR, each run's whole output is also kept, as
+DIR/bench-W-ranks-K.txt (K = 1 to REPEATS). Uses the mpirun beside this Python, else the
+one on PATH.
 """
 
 import json
@@ -36,7 +38,7 @@ def run(n, args, env):
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     if r.returncode != 0:
         sys.exit(f"scaling_check: {' '.join(cmd)} failed:\n{r.stdout}{r.stderr}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return r.stdout
 
 
 def from_one_core(one, f):
@@ -49,14 +51,14 @@ def from_one_core(one, f):
 
 def main():
     args = sys.argv[1:]
-    repeats = 3
-    if args[:1] == ["--repeats"]:
-        repeats, args = int(args[1]), args[2:]
+    repeats, keep, args = mpi_launcher.script_options(args, 3)
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     runs, load_before = {n: [] for n in WORLD_SIZES}, os.getloadavg()[0]
-    for _ in range(repeats):
+    for k in range(repeats):
         for n in WORLD_SIZES:
-            runs[n].append(run(n, args, env))
+            out = run(n, args, env)
+            mpi_launcher.kept(keep, f"bench-{n}-ranks-{k + 1}.txt", out)
+            runs[n].append(json.loads(out.strip().splitlines()[-1]))
             print(".", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     print(table(runs, repeats, (load_before, os.getloadavg()[0])))

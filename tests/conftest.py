@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from threadpoolctl import threadpool_limits
 
 from dpbp.nn.model import Model, mlp_layers
 from dpbp.service.data import MNIST_FILES
-from tests import thread_sensitive
+from tests import forked
+from tests import sensitive as kernel_sensitive
 
 ROOT = Path(__file__).resolve().parent.parent
 MNIST = Path(os.environ.get("DPBP_TEST_MNIST", ROOT.parent / "shared" / "data" / "mnist"))
@@ -55,15 +55,15 @@ def run_module(module, args, ranks=None, timeout=120, env=None, cwd=None,
                thread_sensitive=False):
     """Run `python -m MODULE ARGS`, under `mpirun -n ranks` unless ranks is None; with
     DPBP_FAULT in `env`, through tests/faults.py (the fault it plans); with
-    thread_sensitive, through tests/thread_sensitive.py (a matrix product whose bits
-    depend on the BLAS thread count, on any CPU).
+    thread_sensitive, through tests/sensitive.py (matrix products whose bits depend on
+    the BLAS thread count and on their rows, on any CPU).
 
     A hung job is killed at `timeout` and fails the test rather than the suite."""
     cmd = [sys.executable, "-m", module, *args]
     if env and "DPBP_FAULT" in env:
         cmd[2:2] = ["tests.faults"]
     if thread_sensitive:
-        cmd[2:2] = ["tests.thread_sensitive"]
+        cmd[2:2] = ["tests.sensitive"]
     if thread_sensitive or (env and "DPBP_FAULT" in env):
         env = dict(env or {}, PYTHONPATH=str(ROOT))
     if ranks is not None:
@@ -74,6 +74,20 @@ def run_module(module, args, ranks=None, timeout=120, env=None, cwd=None,
 def run_train(args, ranks=None, timeout=120, env=None, cwd=None, thread_sensitive=False):
     """Run `python -m dpbp.train ARGS` as run_module does."""
     return run_module("dpbp.train", args, ranks, timeout, env, cwd, thread_sensitive)
+
+
+@pytest.fixture(scope="session")
+def forks():
+    """dpbp's commands run in forks of one process that imported them (tests/forked.py):
+    forks.run(module, args, cwd=..., timeout=...) for many short runs."""
+    with forked.Forks(["dpbp.train", "dpbp.evaluate", "dpbp.predict", "dpbp.bench"],
+                      ROOT) as server:
+        yield server
+
+
+def run_forked(forks, module, args, cwd, timeout=60, env=None):
+    """`python -m MODULE ARGS` as run_module runs it, in a fork of the session's server."""
+    return forks.run(module, args, cwd=cwd, env=mpi_env(env), timeout=timeout)
 
 
 def run_with_timeout(cmd, timeout, env=None, cwd=None):
@@ -117,6 +131,35 @@ def uneven_npz(tmp_path):
     np.savez(path, x=centers[y] + rng.normal(size=(195, 12)), y=y,
              x_val=centers[y_val] + rng.normal(size=(50, 12)), y_val=y_val)
     return path
+
+
+@pytest.fixture
+def in_process(monkeypatch, capsys):
+    """in_process(main, args) -> (exit code, stdout, stderr) of a dpbp command's main()
+    (dpbp.train.main, dpbp.evaluate.main, ...) in this process, as a world of one
+    (mpi.init stubbed to no MPI, which is what a process without a launcher gets): the
+    same code as `python -m dpbp.train`, in a twentieth of the time."""
+    from threadpoolctl import threadpool_limits
+
+    from dpbp.parallel import comm as mpi
+    monkeypatch.setattr(mpi, "init", lambda: mpi.Comm(None))
+
+    def run(main, args):
+        with threadpool_limits(limits=None):   # the run's BLAS threads end with it
+            try:
+                code = main([str(a) for a in args])
+            except mpi.AgreedExit as e:
+                code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
+
+
+@pytest.fixture
+def train(in_process):
+    """train(args) -> (exit code, stdout, stderr) of dpbp.train's main() in this process."""
+    import dpbp.train
+    return lambda args: in_process(dpbp.train.main, args)
 
 
 def relative_run(run_dir, *extra):
@@ -204,26 +247,6 @@ def assert_same_run(a, b):
 
 
 @pytest.fixture
-def train(monkeypatch, capsys):
-    """train(args) -> (exit code, stdout, stderr) of dpbp.train's main() in this process,
-    as a world of one (mpi.init stubbed to no MPI, which is what a process without a
-    launcher gets): the same code as `python -m dpbp.train`, in a fraction of the time."""
-    import dpbp.train
-    from dpbp.parallel import comm as mpi
-    monkeypatch.setattr(mpi, "init", lambda: mpi.Comm(None))
-
-    def run(args):
-        with threadpool_limits(limits=None):   # the run's BLAS threads end with it
-            try:
-                code = dpbp.train.main([str(a) for a in args])
-            except mpi.AgreedExit as e:
-                code = e.code
-        out, err = capsys.readouterr()
-        return code, out, err
-    return run
-
-
-@pytest.fixture
 def uninterrupted(tmp_path, tiny_npz):
     run_dir = tmp_path / "full"
     r = run_train(tiny_run(tiny_npz, run_dir), ranks=2)
@@ -256,9 +279,9 @@ def ckpt(run_dir, epoch):
 
 @pytest.fixture
 def sensitive():
-    thread_sensitive.install()
+    kernel_sensitive.install()
     yield
-    thread_sensitive.uninstall()
+    kernel_sensitive.uninstall()
 
 
 def mlp(widths, activation="relu", dtype=np.float32, dropout=0.0):

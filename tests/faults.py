@@ -2,6 +2,7 @@
 
     DPBP_FAULT=KIND:RANK:STEP python -m tests.faults MODULE [ARGS...]   # e.g. dpbp.train
     DPBP_FAULT=KIND:RANK:STEP python -m tests.faults [ARGS...]          # dpbp.train
+    DPBP_FAULT_WATCHDOG=SECONDS ...   # the watchdog's limit before the config is read
 
 runs `python -m MODULE ARGS` (dpbp.train when the first argument is an option, as when
 the supervisor runs `python -m dpbp.launch --module tests.faults -- ARGS`) with one
@@ -16,8 +17,9 @@ planned fault, or several separated by commas. Just before optimizer step STEP
     sigterm    sends itself SIGTERM (as Slurm does before preempting a job)
     sigint     sends itself SIGINT (as Ctrl-C does)
     sighup     sends itself SIGHUP (as a closed terminal or ssh session does)
-    swapkill   copies the file SRC over DST (DPBP_FAULT_SWAP=SRC|DST: the run's data
-               replaced under it), then kills itself with SIGKILL
+    swap       copies the file SRC over DST, in place (DPBP_FAULT_SWAP=SRC|DST: the
+               run's data changed under it)
+    swapkill   as swap, then kills itself with SIGKILL
 and, while rank 0 writes the checkpoint taken when STEP steps are done (RANK must be 0),
     killsave   kills itself with SIGKILL half-way through the file
     nospace    fails as a full disk does (OSError ENOSPC)
@@ -26,6 +28,10 @@ and at start-up (STEP 0), rank RANK
                train.deterministic compares them)
     hangload   freezes while it loads the data (sleeps for an hour)
     termload   receives SIGTERM while it loads the data
+    hangconfig freezes while it reads the config (sleeps for an hour), before the
+               config's run.watchdog_seconds is known: the watchdog then has the limit
+               the command starts it with, the default of run.watchdog_seconds, which
+               DPBP_FAULT_WATCHDOG=SECONDS lowers (the default is 600 s)
 
 With DPBP_FAULT_ONCE=DIR, each planned fault happens at most once over all the runs that
 share DIR (the restarts of a supervised job): the rank about to carry it out first
@@ -35,8 +41,11 @@ passes over the fault.
 dpbp itself knows nothing of this: the faults wrap its functions from outside, the
 training step (dpbp.train.train_step), the schedule that the loop asks for every step's
 learning rate just before the step (which tells the step's number), the checkpoint
-writer (dpbp.service.checkpoint.save and its write_atomic) and the arithmetic check
-(dpbp.service.startup.arithmetic).
+writer (dpbp.service.checkpoint.save and its write_atomic), the arithmetic check
+(dpbp.service.startup.arithmetic), the data loader (dpbp.service.startup.load_data) and
+the config reader (dpbp.service.config.load); DPBP_FAULT_WATCHDOG sets the default of
+run.watchdog_seconds on its class (RunConfig), which the commands start their watchdog
+with.
 """
 
 import errno
@@ -48,8 +57,8 @@ import sys
 import time
 
 STEP_KINDS = ("raise", "exit", "kill", "hang", "nan", "perturb", "sigterm", "sigint", "sighup",
-              "swapkill")
-KINDS = STEP_KINDS + ("killsave", "nospace", "othercpu", "hangload", "termload")
+              "swap", "swapkill")
+KINDS = STEP_KINDS + ("killsave", "nospace", "othercpu", "hangload", "termload", "hangconfig")
 SIGNALS = {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT, "sighup": signal.SIGHUP}
 
 
@@ -87,7 +96,7 @@ def inject(kind, step, x, params):
         raise RuntimeError(f"injected fault at step {step}")
     if kind == "exit":
         sys.exit(5)
-    if kind == "swapkill":
+    if kind in ("swap", "swapkill"):
         source, target = os.environ["DPBP_FAULT_SWAP"].split("|")
         shutil.copyfile(source, target)
     if kind in ("kill", "swapkill"):
@@ -117,16 +126,16 @@ def install(plans, once=None):
     planned (once only, with `once`, a folder: see DPBP_FAULT_ONCE)."""
     import dpbp.train
     from dpbp.nn import schedule
-    from dpbp.service import checkpoint, startup
+    from dpbp.service import checkpoint, config, startup
     now = {"step": None, "saving": None}
     real_lr_at, real_step = schedule.lr_at, dpbp.train.train_step
     real_save, real_write, real_arithmetic = (checkpoint.save, checkpoint.write_atomic,
                                               startup.arithmetic)
-    real_load_data = startup.load_data
+    real_load_data, real_load_config = startup.load_data, config.load
 
-    def lr_at(tc, s, steps_per_epoch):
+    def lr_at(tc, s, steps_per_epoch, *more):
         now["step"] = s
-        return real_lr_at(tc, s, steps_per_epoch)
+        return real_lr_at(tc, s, steps_per_epoch, *more)
 
     def planned(kinds, rank, step):
         """The first fault of `kinds` planned for (rank, step) and not yet carried out."""
@@ -166,7 +175,13 @@ def install(plans, once=None):
             inject("hang", 0, None, None)
         return real_load_data(*args, **kwargs)
 
+    def load_config(*args, **kwargs):
+        if planned(("hangconfig",), rank_now(), 0):
+            inject("hang", 0, None, None)
+        return real_load_config(*args, **kwargs)
+
     schedule.lr_at, dpbp.train.train_step, startup.load_data = lr_at, train_step, load_data
+    config.load = load_config
     checkpoint.save, checkpoint.write_atomic, startup.arithmetic = save, write_atomic, arithmetic
 
 
@@ -176,8 +191,16 @@ def rank_now():
     return MPI.COMM_WORLD.Get_rank()
 
 
+def set_up_watchdog(seconds):
+    """The commands start their watchdog with `seconds` until the config gives its own."""
+    from dpbp.service.config import RunConfig
+    RunConfig.watchdog_seconds = float(seconds)
+
+
 if __name__ == "__main__":
     install(parse(os.environ["DPBP_FAULT"]), os.environ.get("DPBP_FAULT_ONCE"))
+    if os.environ.get("DPBP_FAULT_WATCHDOG"):
+        set_up_watchdog(os.environ["DPBP_FAULT_WATCHDOG"])
     if len(sys.argv) > 1 and not sys.argv[1].startswith("-"):
         module, sys.argv = sys.argv[1], sys.argv[1:]
     else:   # python -m tests.faults [ARGS]: the trainer

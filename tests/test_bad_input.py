@@ -6,7 +6,8 @@ write nothing: everything under the test's folder, the run directory included, i
 for byte what it was before.
 
 How each case is launched (the `launch` column):
-  ONE   one process, no launcher: most cases, since a launch costs ~0.5 s.
+  ONE   one process, no launcher: most cases, since a launch costs ~0.5 s; in a fork of
+        a process that imported dpbp already (tests/forked.py), which saves most of it.
   TWO   mpirun -n 2 alone.
   BOTH  one process and mpirun -n 2.
 Under mpirun -n 2 the table holds at least one case of each place where input is
@@ -18,6 +19,7 @@ from, which rank 0 alone reads (so rank 1 must stop with it, not wait for it).
 
 import gzip
 import os
+import sys
 import zipfile
 from typing import Callable, NamedTuple
 
@@ -27,7 +29,7 @@ import pytest
 from dpbp.nn.optim import SGD
 from dpbp.service import checkpoint, config
 from dpbp.service.checkpoint import Position
-from tests.conftest import fake_mnist, mlp, run_train, write_idx
+from tests.conftest import fake_mnist, mlp, run_forked, run_train, run_with_timeout, write_idx
 
 ONE, TWO, BOTH = (None,), (2,), (None, 2)   # ranks to launch with; None: no mpirun
 
@@ -445,11 +447,14 @@ def snapshot(folder):
 
 
 @pytest.mark.parametrize("case,ranks", list(launches(CASES)))
-def test_bad_input_is_refused(tmp_path, case, ranks):
+def test_bad_input_is_refused(tmp_path, forks, case, ranks):
     args = case.setup(tmp_path)
     args = base(tmp_path, args) + args
     before = snapshot(tmp_path)
-    r = run_train(args, ranks=ranks, cwd=tmp_path, timeout=60)
+    if ranks is None:
+        r = run_forked(forks, "dpbp.train", args, cwd=tmp_path)
+    else:
+        r = run_train(args, ranks=ranks, cwd=tmp_path, timeout=60)
     # (Open MPI's launcher adds its own banner about the exit code; MPICH's adds nothing)
     lines = [line for line in r.stderr.splitlines() if line.startswith("dpbp")]
     assert r.returncode == 2 and len(lines) == 1, r.stderr
@@ -458,3 +463,14 @@ def test_bad_input_is_refused(tmp_path, case, ranks):
         assert word in lines[0], f"{word!r} not in {lines[0]!r}"
     assert "Traceback" not in r.stderr and r.stdout == "", r.stderr + r.stdout
     assert snapshot(tmp_path) == before
+
+
+def test_a_forked_run_says_what_a_fresh_process_says(tmp_path, forks):
+    """The table's one-process cases run in forks (tests/forked.py): the same exit code
+    and the same output as `python -m dpbp.train` started afresh."""
+    args = base(tmp_path) + sets("train.lr=-1", "model.hiden=[3]")
+    fresh = run_with_timeout([sys.executable, "-m", "dpbp.train", *args], 60, cwd=tmp_path)
+    forked = run_forked(forks, "dpbp.train", args, cwd=tmp_path)
+    assert fresh.returncode == 2 and "did you mean" in fresh.stderr, fresh.stderr
+    assert (forked.returncode, forked.stdout, forked.stderr) == (
+        fresh.returncode, fresh.stdout, fresh.stderr)

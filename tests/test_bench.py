@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import fake_mnist, mpirun, run_with_timeout
+from tests.conftest import ROOT, fake_mnist, mpirun, run_forked, run_with_timeout
 
 TINY = ["--layers", "20,16,4", "--batch-size", "24", "--steps", "3", "--warmup", "1"]
 SHORT = ["--steps", "3", "--warmup", "1"]
@@ -44,31 +44,6 @@ def check_sane(f, world_size):
     assert f["cpu_seconds_per_sample"] > 0
 
 
-def test_one_process():
-    r = bench(TINY + ["--json"])
-    f = figures(r)
-    check_sane(f, 1)
-    assert f["network"] == "20 -> linear 16, relu, linear 4" and f["input_shape"] == [20]
-    assert f["layers"] == [{"type": "linear", "out_features": 16}, {"type": "relu"},
-                           {"type": "linear", "out_features": 4}]
-    assert f["weights"] == 20 * 16 + 16 + 16 * 4 + 4 and f["flops_per_sample"] == TINY_FLOPS
-    assert f["comm_fraction"] == 0   # nothing to wait for
-    for label in ("samples/s", "communication wait", "GEMM peak", "MFU", "peak memory",
-                  "budget", "the training modules (slowest rank)"):
-        assert label in r.stdout
-
-
-def test_two_ranks_share_the_cores():
-    f = figures(bench(TINY + ["--json"], ranks=2))
-    check_sane(f, 2)
-    assert f["threads_per_rank"] == max(1, f["cores"] // f["ranks_sharing_cores"])
-
-
-def test_threads_chosen_by_the_user_are_kept():
-    f = figures(bench(TINY + ["--json"], env={"OMP_NUM_THREADS": "1"}))
-    assert f["threads_per_rank"] == 1
-
-
 def test_deterministic_option_under_mpirun():
     r = bench(TINY + ["--json", "--deterministic", "--grains", "3", "--dtype", "float64"],
               ranks=2)
@@ -91,8 +66,8 @@ def test_deterministic_option_under_mpirun():
     (["--dropout", "1"], "expected a probability in [0, 1), got '1'"),
     (["--frobnicate"], "unrecognized arguments"),
 ])
-def test_bad_options_one_line(args, words):
-    r = bench(args)
+def test_bad_options_one_line(forks, args, words):
+    r = run_forked(forks, "dpbp.bench", args, cwd=ROOT)
     assert r.returncode == 2
     assert r.stderr.startswith("dpbp: error: ") and words in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
@@ -132,16 +107,36 @@ def test_importing_the_bench_module_starts_nothing():
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
 
 
-def test_the_readme_table_script():
-    """launch/bench_table.py, which makes the performance table of docs/performance.md, runs
-    every row."""
-    r = run_with_timeout([sys.executable, "launch/bench_table.py", "--repeats", "1", *TINY], 600)
+def test_the_readme_table_script_and_the_bench_at_1_2_and_4_ranks(tmp_path):
+    """launch/bench_table.py, which makes the performance table of docs/performance.md,
+    runs every row; each run's output (kept with --keep) is sane: one process at the
+    threads the user chose (OMP_NUM_THREADS=1) and at its own, with every figure and
+    nothing to wait for, and 2 and 4 ranks sharing the cores."""
+    r = run_with_timeout([sys.executable, "launch/bench_table.py", "--repeats", "1",
+                          "--keep", str(tmp_path), *TINY], 600)
     assert r.returncode == 0, r.stdout + r.stderr
     table = r.stdout
     for row in ("`OMP_NUM_THREADS=1 mpirun -n 1`", "`mpirun -n 2", "`mpirun -n 4`"):
         assert row in table
     assert table.count("\n| `") == 4 and "Strong scaling" in table
     assert ("--compare-torch" in table) == HAS_TORCH   # the DDP columns, where PyTorch is
+    out = {row: (tmp_path / f"row-{row}-1.txt").read_text() for row in (1, 2, 3, 4)}
+    f = {row: json.loads(text.strip().splitlines()[-1]) for row, text in out.items()}
+    for row, size in ((1, 1), (2, 1), (3, 2), (4, 4)):
+        check_sane(f[row], size)
+    assert f[1]["threads_per_rank"] == 1   # as the user chose
+    for row in (2, 3, 4):   # dpbp's own choice: the cores shared by the ranks on them
+        assert f[row]["threads_per_rank"] == max(1, f[row]["cores"] //
+                                                 f[row]["ranks_sharing_cores"])
+    assert f[2]["comm_fraction"] == 0   # one process: nothing to wait for
+    assert f[2]["network"] == "20 -> linear 16, relu, linear 4" and f[2]["input_shape"] == [20]
+    assert f[2]["layers"] == [{"type": "linear", "out_features": 16}, {"type": "relu"},
+                              {"type": "linear", "out_features": 4}]
+    assert f[2]["weights"] == 20 * 16 + 16 + 16 * 4 + 4
+    assert f[2]["flops_per_sample"] == TINY_FLOPS
+    for label in ("samples/s", "communication wait", "GEMM peak", "MFU", "peak memory",
+                  "budget", "the training modules (slowest rank)"):
+        assert label in out[2]
 
 
 def test_adamw_and_dropout():

@@ -35,12 +35,13 @@ def test_round_trip(tmp_path):
     path = checkpoint.path_for(tmp_path, 3)
     os.makedirs(os.path.dirname(path))
     checkpoint.save(path, model, opt, Position(3, 0, 42, 0, 0), world_size=4,
-                    config_toml=config.to_toml(config.Config()))
+                    config_toml=config.to_toml(config.Config()), data_id="x (2, 3) float32 crc 1")
     assert os.path.basename(path) == "epoch-0003.npz"
     assert os.listdir(os.path.dirname(path)) == ["epoch-0003.npz"]   # no temporary left
     state = checkpoint.load(path)
     assert (state["epoch"], state["batch"], state["step"], state["world_size"]) == (3, 0, 42, 4)
     assert config.from_toml(state["config"]) == config.Config()
+    assert state["data"] == "x (2, 3) float32 crc 1"   # what a resume compares its data with
     np.testing.assert_array_equal(state["optimizer.momentum_buffer"], opt.momentum_buffer)
     other, _ = make()
     other.params[...] = 0
@@ -134,6 +135,8 @@ def test_state_that_does_not_fit_is_described():
                                                            "ckpt")
     bad = dict(model.state_dict(), **{"model.0.bias": np.full(6, np.nan)})
     assert "holds NaN or Inf" in model.load_state_dict(bad, "ckpt")
+    ints = dict(model.state_dict(), **{"model.0.bias": np.zeros(6, np.int64)})
+    assert "model.0.bias has dtype int64, expected floats" in model.load_state_dict(ints, "ckpt")
 
 
 def test_unreadable_checkpoint(tmp_path):
@@ -156,6 +159,11 @@ def test_unreadable_checkpoint(tmp_path):
     ({"step": np.array([1, 2])}, "step must be a non-negative integer"),
     ({"world_size": np.float64(2)}, "world_size must be a non-negative integer"),
     ({"config": np.array([1])}, "config must be TOML text"),
+    ({"config": np.array(["a", "b"])}, "config must be TOML text"),
+    ({"data": np.int64(3)}, "data must be text"),
+    ({"data": np.array(["a", "b"])}, "data must be text"),
+    ({"loss_sums": np.zeros(1, np.float32)}, "loss_sums must be world_size finite float64"),
+    ({"loss_sums": np.zeros(2)}, "loss_sums must be world_size finite float64"),
     ({"format_version": np.int64(99)}, "has format 99; this dpbp reads up to 3"),
     ({"loss_sums": np.array([np.nan])}, "loss_sums must be world_size finite float64 values"),
     ({"network": np.str_("[{")}, "network must be JSON text of a list of layers"),
@@ -190,7 +198,7 @@ def test_reads_checkpoints_of_formats_1_and_2(tmp_path, version):
     recorded = checkpoint.load(path)["network"]
     assert recorded == (mlp_layers([6], "tanh", 0.0, 3), (4,)) == (model.specs, (4,))
     older = ("network", "input_shape", "digest") + (
-        ("batch", "skipped", "counted", "loss_sums") if version == 1 else ())
+        ("batch", "skipped", "counted", "loss_sums", "data") if version == 1 else ())
     with np.load(path) as f:
         arrays = dict({k: f[k] for k in f.files if k not in older},
                       format_version=np.int64(version))
@@ -199,6 +207,9 @@ def test_reads_checkpoints_of_formats_1_and_2(tmp_path, version):
     state = checkpoint.load(path)
     assert (state["epoch"], state["batch"], state["step"]) == (2, 0, 8)
     assert state["network"] == recorded
+    if version == 1:   # any data, no mid-epoch position
+        assert (state["skipped"], state["counted"], state["data"]) == (0, 0, None)
+        assert state["loss_sums"].tolist() == [0.0]
     if version == 2:   # weights that do not fit a network: refused by name
         arrays["model.2.weight"] = np.zeros((3, 6, 1))
         np.savez(path, **arrays, digest=np.str_(checkpoint.digest(arrays)))
@@ -267,6 +278,18 @@ def test_adamw_state_round_trips_and_lost_moments_are_refused(tmp_path):
         with pytest.raises(UserError, match=f"has no {lost}, though it was written with "
                                             'train.optimizer = "adamw": it was altered'):
             checkpoint.restore(altered, path, other, AdamW(other.params, other.grads, lr=0.1))
+    # states no update writes (the digest recomputed, as a careful forger would): refused
+    # on load, not blamed later on the learning rate
+    for name, change, message in (
+            ("optimizer.exp_avg_sq", lambda v: -v, "exp_avg_sq holds negative values"),
+            ("optimizer.max_exp_avg_sq", lambda v: v / 2, "max_exp_avg_sq is below optimizer."
+                                                         "exp_avg_sq"),
+            ("optimizer.step", lambda t: t + 1, "optimizer.step = 4 updates, more than its 3 "
+                                                "steps")):
+        altered = dict(state, **{name: change(state[name])})
+        with pytest.raises(UserError, match=f"{message}.*altered; resume from another"):
+            checkpoint.restore(altered, path, other, AdamW(other.params, other.grads, lr=0.1,
+                                                           amsgrad=True))
 
 
 def test_a_checkpoint_without_moments_of_a_run_that_had_none_starts_them_afresh(tmp_path):

@@ -7,8 +7,8 @@ A tiny CNN (conv, relu, max pooling, conv, average pooling, dropout, flatten, li
 depend on the BLAS thread count (tests/thread_sensitive.py); evaluate and predict give
 the same bits in one process and under mpirun. The config's model.layers, the image
 data of every source, and the refusals at start-up, which name the layer and the shapes.
-The one-process runs go through the commands' own main() in this process (the `train`
-fixture), the multi-rank ones through mpirun."""
+The one-process runs go through the commands' own main() in this process (the
+`in_process` and `train` fixtures), the multi-rank ones through mpirun."""
 
 import hashlib
 import json
@@ -21,7 +21,6 @@ from threadpoolctl import threadpool_limits
 import dpbp.evaluate
 import dpbp.predict
 from dpbp.errors import UserError
-from dpbp.parallel import comm as mpi
 from dpbp.service import config, data
 from tests.conftest import fake_mnist, metrics, model_arrays, run_module, run_train
 
@@ -85,23 +84,6 @@ def logged(run_dir):
     return [[m[k] for k in keys] for m in metrics(run_dir)]
 
 
-@pytest.fixture
-def command(monkeypatch, capsys):
-    """command(module, args) -> (exit code, stdout, stderr) of dpbp.evaluate's or
-    dpbp.predict's main() in this process, a world of one."""
-    monkeypatch.setattr(mpi, "init", lambda: mpi.Comm(None))
-
-    def run(module, args):
-        with threadpool_limits(limits=None):
-            try:
-                code = module.main([str(a) for a in args])
-            except mpi.AgreedExit as e:
-                code = e.code
-        out, err = capsys.readouterr()
-        return code, out, err
-    return run
-
-
 # ----------------------------------------------------------------------------- exact
 
 def test_n_ranks_match_one_process(tmp_path, tiny_images, train):
@@ -136,7 +118,7 @@ def test_n_ranks_match_one_process(tmp_path, tiny_images, train):
 
 
 def test_deterministic_bits_at_1_to_4_ranks_across_a_resume_and_in_evaluation(
-        tmp_path, tiny_images, train, command, sensitive):
+        tmp_path, tiny_images, train, in_process, sensitive):
     """train.deterministic with a thread-sensitive matrix product: one process (here,
     2 BLAS threads allowed), 4 ranks, and a run stopped mid-epoch at 2 ranks of 2 threads
     and resumed at 3 end with the same bits and log. Evaluate gives the last epoch's
@@ -161,7 +143,8 @@ def test_deterministic_bits_at_1_to_4_ranks_across_a_resume_and_in_evaluation(
         assert logged(tmp_path / run) == logged(tmp_path / "one"), run
 
     last = metrics(tmp_path / "one")[-1]
-    code, out, err = command(dpbp.evaluate, ["--checkpoint", final(tmp_path / "four"), "--json"])
+    code, out, err = in_process(dpbp.evaluate.main,
+                                ["--checkpoint", final(tmp_path / "four"), "--json"])
     assert code == 0, err
     r = run_module("dpbp.evaluate", ["--checkpoint", str(final(tmp_path / "one")), "--json"],
                    ranks=3, thread_sensitive=True)
@@ -172,8 +155,8 @@ def test_deterministic_bits_at_1_to_4_ranks_across_a_resume_and_in_evaluation(
 
     x = tmp_path / "x.npy"
     np.save(x, np.random.default_rng(9).normal(size=(300, 1, 8, 8)).astype(np.float32))
-    code, out, err = command(dpbp.predict, ["--checkpoint", final(tmp_path / "one"), "--input",
-                                            x, "--output", tmp_path / "p1.npy"])
+    code, out, err = in_process(dpbp.predict.main, ["--checkpoint", final(tmp_path / "one"),
+                                                    "--input", x, "--output", tmp_path / "p1.npy"])
     assert code == 0 and "class probabilities (300, 3) float64 for 300 samples" in out, err
     r = run_module("dpbp.predict", ["--checkpoint", str(final(tmp_path / "one")), "--input",
                                     str(x), "--output", str(tmp_path / "p2.npy")],
@@ -181,8 +164,8 @@ def test_deterministic_bits_at_1_to_4_ranks_across_a_resume_and_in_evaluation(
     assert r.returncode == 0, r.stderr
     assert np.load(tmp_path / "p1.npy").tobytes() == np.load(tmp_path / "p2.npy").tobytes()
     np.save(x, np.zeros((5, 64), np.float32))
-    code, _, err = command(dpbp.predict, ["--checkpoint", final(tmp_path / "one"), "--input",
-                                          x, "--output", tmp_path / "p3.npy"])
+    code, _, err = in_process(dpbp.predict.main, ["--checkpoint", final(tmp_path / "one"),
+                                                  "--input", x, "--output", tmp_path / "p3.npy"])
     assert code == 2 and "shape (5, 64), but the network takes (n, 1, 8, 8): n samples of " \
         "images 1x8x8" in err, err
 
@@ -272,13 +255,15 @@ def test_networks_that_do_not_fit_the_data_are_refused_naming_layer_and_shapes(
     refused(start([{"type": "linear", "out_features": 3}]),
             "model.layers: layer 0 (linear): linear takes rows of features (D_in,), got rows "
             "of shape (1, 8, 8); put a flatten before it", run_dir)
+    refused(start([LAYERS[0] | {"out_channels": 2 ** 62}] + LAYERS[6:]),
+            "does not fit in memory; check model.hidden (or model.layers)", run_dir)
     mse = tmp_path / "mse.npz"
     np.savez(mse, x=rng.normal(size=(20, 1, 8, 8)), y=rng.normal(size=(20, 2)))
     refused(start(LAYERS, mse, 'train.loss="mse"'), "the last layer (layer 7, linear) gives "
             "3 outputs per row, but the data have targets of width 2", run_dir)
 
 
-def test_resume_and_evaluate_keep_the_layers(tmp_path, tiny_images, train, command):
+def test_resume_and_evaluate_keep_the_layers(tmp_path, tiny_images, train, in_process):
     run_dir = tmp_path / "run"
     code, _, err = train(cnn_run(tiny_images, run_dir, epochs=1))
     assert code == 0, err
@@ -286,8 +271,9 @@ def test_resume_and_evaluate_keep_the_layers(tmp_path, tiny_images, train, comma
     code, _, err = train(cnn_run(tiny_images, run_dir) + ["--set", other, "--resume"])
     assert code == 2 and "--resume: model.layers was [{type = \"conv2d\"" in err, err
     assert "a resumed run keeps its network" in err
-    code, _, err = command(dpbp.evaluate, ["--checkpoint", run_dir, "--set", other])
-    assert code == 2 and "model.layers: the network is the one checkpoint" in err, err
+    code, _, err = in_process(dpbp.evaluate.main, ["--checkpoint", run_dir, "--set", other])
+    assert code == 2 and "model.layers = [{type = \"conv2d\"" in err, err
+    assert "would change the network of checkpoint" in err
 
 
 # ----------------------------------------------------------------------------- image data

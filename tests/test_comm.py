@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dpbp.errors import UserError
-from dpbp.parallel.comm import AgreedExit, Comm, agreement
+from dpbp.parallel.comm import AgreedExit, Comm, agreement, count_sharing
 from tests.conftest import ROOT
 
 LAUNCHER_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS")
@@ -152,3 +152,15 @@ def test_a_launcher_that_does_not_match_the_world_stops_it(one, monkeypatch, cap
                                            err.count("\n") == 1 and "srun --mpi=pmi2" in err)
     monkeypatch.setenv(next(iter(env)), "1")   # a world of one announced: right
     check_launcher(one)
+
+
+def test_the_ranks_sharing_cores_are_counted_by_host_and_affinity():
+    """(ranks sharing this rank's cores, ranks on its host, how they were counted), from
+    every rank's (host, cores): ranks on other hosts never count; a rank bound to cores
+    of its own shares them with no one."""
+    same = [("a", [0, 1])] * 3 + [("b", [0, 1])]
+    assert count_sharing(same, "a", [0, 1]) == (3, 3, "on this host, counted by host name")
+    assert count_sharing(same, "b", [0, 1]) == (1, 1, "on this host, counted by host name")
+    bound = [("a", [0]), ("a", [1]), ("a", [0, 1])]
+    assert count_sharing(bound, "a", [0]) == (
+        2, 3, "of 3 on this host, counted by host name and CPU affinity")

@@ -96,10 +96,54 @@ def test_config_is_frozen():
      'its default 20000: it has no effect with data.source = "mnist", got 500'),
     (["data.source=npz", "data.path=d.npz", "data.mnist_t10k=val"], "data.mnist_t10k must be "
      'left at its default "test": it has no effect with data.source = "npz"'),
+    (["run.best_metric=\"val_acc\""], 'run.best_metric must be one of "val_loss", '
+                                       '"val_accuracy"'),
+    (["run.best_metric=val_accuracy", "train.loss=mse"],
+     'run.best_metric must be "val_loss" when train.loss = "mse"'),
+    (["train.plateau_patience=3"], 'train.plateau_patience must be left at its default 10: '
+                                   'it has no effect with train.schedule = "constant"'),
+    (["train.schedule=cosine", "train.min_lr=0.001"], "train.min_lr must be left at its"),
+    (["train.schedule=plateau", "train.plateau_factor=1"],
+     "train.plateau_factor must be in (0, 1), got 1.0"),
+    (["train.schedule=plateau", "train.plateau_cooldown=-1"], "train.plateau_cooldown must be"),
+    (["train.factor=0.5"], "unknown key train.factor (did you mean train.plateau_factor?)"),
+    (["run.seed=9223372036854775808"], "run.seed must be an integer of 64 bits"),
+    (["run.seed=-1"], "run.seed must be in [0, 9223372036854775807] (2**63 - 1), got -1"),
+    (["train.epochs=99999999999999999999"], "train.epochs must be an integer of 64 bits"),
+    (["train.lr=0.1\nx = 2"], r"--set train.lr=0.1\nx = 2: the value holds more than one "
+                               "TOML value (a line x = ... after it)"),
+    (["train.lr=1\n[run]\nseed = 3"], "holds more than one TOML value (a line run = ..."),
+    (['run.dir=a\nb'], r"--set run.dir=a\nb: the value spans lines but is not one TOML value"),
+    (["run.watchdog_seconds=-1"], "run.watchdog_seconds must be >= 0 (0 = off), got -1.0"),
+    (["run.watchdog_seconds=inf"], "run.watchdog_seconds must be >= 0 (0 = off), got inf"),
+    (["run.keep_checkpoints=-1"], "run.keep_checkpoints must be >= 0 (0 keeps all), got -1"),
+    (["run.sync_check_steps=-1"], "run.sync_check_steps must be >= 0 (0 = off), got -1"),
+    (["data.samples=1"], "data.samples must be >= 2, got 1"),
+    (["train.base_batch_size=0"], "train.base_batch_size must be >= 1, got 0"),
+    (["train.checkpoint_every_steps=-1"],
+     "train.checkpoint_every_steps must be >= 0 (0 = off), got -1"),
+    (["train.clip_grad_norm=-1"], "train.clip_grad_norm must be >= 0 (0 = off), got -1.0"),
+    (["train.gamma=0"], "train.gamma must be a number > 0, got 0.0"),
 ])
 def test_bad_overrides_name_the_key(overrides, message):
     with pytest.raises(UserError, match=".*" + __import__("re").escape(message)):
         config.load(None, overrides)
+
+
+def test_multi_line_values_that_are_one_value_are_taken_whole():
+    cfg = config.load(None, ["model.hidden=[16,\n 8]", "train.lr=0.5  # a comment"])
+    assert cfg.model.hidden == (16, 8) and cfg.train.lr == 0.5
+
+
+def test_a_config_file_is_a_regular_file_of_bounded_size(tmp_path):
+    """/dev/zero would be read until memory ran out; a pipe would wait for a writer."""
+    os.mkfifo(tmp_path / "pipe")
+    for path in ("/dev/zero", tmp_path / "pipe", tmp_path):
+        with pytest.raises(UserError, match="not a regular file"):
+            config.load(path)
+    (tmp_path / "big.toml").write_text("# padding\n" * 200_000)
+    with pytest.raises(UserError, match=r"big.toml: larger than 1,048,576 bytes"):
+        config.load(tmp_path / "big.toml")
 
 
 def test_missing_config_file(tmp_path):

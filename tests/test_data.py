@@ -5,6 +5,7 @@ test_properties.py; which rows each rank takes: test_sharding.py.
 """
 
 import io
+import os
 import re
 import zipfile
 import zlib
@@ -14,6 +15,7 @@ import pytest
 
 from dpbp.errors import UserError
 from dpbp.service import config, data, synthetic
+from dpbp.service.npy import NpyFile
 from tests.conftest import MNIST, fake_mnist, model_arrays, run_train
 
 
@@ -45,6 +47,32 @@ def test_npz_with_validation_arrays(tmp_path):
     with pytest.raises(UserError, match=r"holds its own validation set \(x_val, y_val\), so "
                        "data.val_fraction = 0.5 has no effect"):
         load(path=path, val_fraction=0.5)
+
+
+@pytest.mark.parametrize("changed", ["x", "y", "x_val", "y_val"])
+def test_the_identity_covers_every_array(tmp_path, changed):
+    """One value of any array changed, the shapes and dtypes kept (relabelled data, say):
+    the identity differs, so a resume or an evaluation on such data is refused."""
+    rng = np.random.default_rng(0)
+    arrays = dict(x=rng.normal(size=(10, 3)), y=np.arange(10) % 4,
+                  x_val=rng.normal(size=(5, 3)), y_val=np.array([0, 1, 2, 3, 3]))
+    before = data.identity(load(path=write_npz(tmp_path, **arrays)))
+    arrays[changed] = arrays[changed].copy()
+    arrays[changed][1] = arrays[changed][0] if changed.startswith("y") else 0.5
+    after = data.identity(load(path=write_npz(tmp_path, **arrays)))
+    assert after != before
+    assert [part.split(" crc ")[0] for part in after.split("; ")] == [
+        "x (10, 3) float64", "y (10,) int64", "x_val (5, 3) float64", "y_val (5,) int64"]
+
+
+def test_the_crc_covers_every_block_of_a_large_array():
+    """Large arrays (and inputs read from disk) are checked block by block: a change in
+    any block changes the CRC, as it changes zlib's CRC of the whole."""
+    a = np.arange(3 * (1 << 21), dtype=np.float64).reshape(-1, 3)   # 48 MiB: 3 blocks
+    whole = zlib.crc32(a.view(np.uint8))
+    assert data.crc32(a) == whole
+    a[1, 0] = -1.0                                                   # in the first block
+    assert data.crc32(a) == zlib.crc32(a.view(np.uint8)) != whole
 
 
 def test_val_fraction_split_is_seeded_and_disjoint(tmp_path):
@@ -223,7 +251,7 @@ def test_npy_stays_on_disk_and_matches_npz(tmp_path, x_dtype):
     d = load("npy", write_npy(tmp_path, x=x, y=y), val_fraction=0.25, dtype="float32")
     ref = load("npz", write_npz(tmp_path, x=x, y=y), val_fraction=0.25, dtype="float32")
     assert isinstance(d.x, data.Rows) and isinstance(d.x_val, data.Rows)
-    assert isinstance(d.x.base, np.memmap)           # rows are read from the file on demand
+    assert isinstance(d.x.base, NpyFile)             # rows are read from the file on demand
     assert d.x.shape == ref.x.shape and d.x.dtype == np.float32 and len(d.x_val) == 10
     assert np.array_equal(np.asarray(d.x), ref.x) and np.array_equal(d.x_val[:], ref.x_val)
     assert np.array_equal(d.y, ref.y) and np.array_equal(d.y_val, ref.y_val)
@@ -261,6 +289,8 @@ def test_bad_npy_folder_names_the_file(tmp_path):
         (lambda f: np.save(f / "x.npy", np.zeros((4, 2))), "x has 4 samples but y has 3"),
         (lambda f: np.save(f / "x.npy", np.array([[1.0, np.nan]] * 3)), "x holds NaN or Inf"),
         (lambda f: np.save(f / "x.npy", np.full((3, 2), 1e300)), "too large for float32"),
+        (lambda f: np.save(f / "x.npy", np.array([[1, -3e19]] * 3)), "values up to 3e+19 in "
+                                                                    "magnitude"),
         (lambda f: (np.save(f / "x.npy", np.zeros((3, 2))),
                     np.save(f / "x_val.npy", np.zeros((1, 2)))), "x_val and y_val must come"),
     ]:
@@ -274,6 +304,61 @@ def test_bad_npy_folder_names_the_file(tmp_path):
     (folder / "y.npy").unlink()
     with pytest.raises(UserError, match="missing y.npy"):
         load("npy", folder)
+    np.save(folder / "y.npy", np.arange(3) % 2)
+    (folder / "x_val.npy").unlink(missing_ok=True)
+    np.save(folder / "x.npy", np.array([[1, -128]] * 3, np.int8))   # abs(-128) = -128 in int8
+    assert np.asarray(load("npy", folder).x).min() == -128
+    np.save(folder / "x.npy", np.asfortranarray(np.zeros((3, 2))))
+    with pytest.raises(UserError, match="x.npy: saved in Fortran order"):
+        load("npy", folder)
+
+
+@pytest.mark.parametrize("shape, dtype", [((301, 3), np.float64), ((37, 1500), np.float32),
+                                          ((50, 700), np.uint8), ((9, 4100), np.uint8)])
+def test_npy_rows_come_in_whole_verified_blocks(tmp_path, shape, dtype):
+    """Rows read by number or slice, in any order, from blocks of many rows, of one row,
+    and at the file's short last block, are the array's own."""
+    x = np.random.default_rng(4).integers(0, 250, size=shape).astype(dtype)
+    np.save(tmp_path / "x.npy", x)
+    a = NpyFile(tmp_path / "x.npy")
+    assert (a.shape, a.dtype, len(a)) == (x.shape, x.dtype, len(x))
+    n = len(x)
+    for rows in (np.array([n - 1, 0, 5, 5, 2]), np.arange(n)[::-1], np.array([-1]),
+                 np.array([], dtype=np.int64)):
+        assert np.array_equal(a[rows], x[rows])
+    for rows in (slice(None), slice(3, n - 1), slice(n - 2, None), slice(4, 4), slice(0, n, 3)):
+        assert np.array_equal(a[rows], x[rows]) and a[rows].flags.writeable
+
+
+def test_npy_changed_or_truncated_under_a_reader_is_an_error_when_read(tmp_path):
+    """A memory map would give the new values without a word, or SIGBUS: here the rows of
+    a changed block are refused, a truncated file is one line, and a file replaced by a
+    rename is still the one that was opened."""
+    x = np.arange(6000, dtype=np.float64).reshape(1000, 6)   # 85 rows a block
+    path = tmp_path / "x.npy"
+    np.save(path, x)
+    a = NpyFile(path)
+    live = np.load(path, mmap_mode="r+")
+    live[500, 2] = -1.0   # in place, as a careless user's script does
+    live.flush()
+    del live
+    assert np.array_equal(a[np.array([0, 999])], x[[0, 999]])   # other blocks: still good
+    for rows in (np.array([3, 501]), slice(400, 600)):
+        with pytest.raises(UserError, match=re.escape(f"{path} changed on disk while this "
+                                                      "command read it (rows 425 to 509 ")):
+            a[rows]
+    np.save(tmp_path / "other.npy", x * 2)
+    os.replace(tmp_path / "other.npy", path)   # a new file under the name, then cut short
+    with open(path, "r+b") as f:
+        f.truncate(200)
+    assert np.array_equal(a[np.array([999, 0])], x[[999, 0]])   # the file as opened
+    np.save(path, x)
+    c = NpyFile(path)
+    with open(path, "r+b") as f:
+        f.truncate(3000)
+    with pytest.raises(UserError, match=re.escape(f"{path} was truncated while this command "
+                                                  "read it (3,000 bytes")):
+        c[np.array([900])]
 
 
 def test_npy_and_csv_train_to_the_npz_weights_under_mpirun(tmp_path):

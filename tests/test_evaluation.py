@@ -1,7 +1,9 @@
 """dpbp/parallel/evaluation.py in one process: evaluate, class_counts and outputs.
 
-Their bits do not depend on the BLAS thread count; the confusion matrix agrees with the
-accuracy; rows that are not finite stop with one line.
+Their bits do not depend on the BLAS thread count, nor on the world size (2 to 4 ranks
+as threads, tests/thread_ranks.py, with products whose bits depend on their rows,
+tests/sensitive.py); the confusion matrix agrees with the accuracy; rows that are not
+finite stop with one line.
 """
 
 import numpy as np
@@ -13,6 +15,7 @@ from dpbp.parallel import comm as mpi
 from dpbp.parallel.comm import Comm
 from dpbp.parallel.evaluation import MAX_MATRIX_CLASSES, class_counts, evaluate, outputs
 from tests.conftest import mlp, small_model
+from tests.thread_ranks import run_ranks
 
 
 @pytest.mark.parametrize("blas", [1, 2])
@@ -31,6 +34,31 @@ def test_evaluate_and_predict_do_not_depend_on_the_thread_count(sensitive, blas)
                              for i, o in enumerate(want)])
     assert loss == pytest.approx(losses.mean(), rel=1e-15)
     assert accuracy == np.mean(np.concatenate(want).argmax(axis=1) == y)
+
+
+def everything(model, x, y, comm):
+    """evaluate, class_counts and outputs (raw and probabilities) on this rank."""
+    return (evaluate(model, cross_entropy, x, y, 4, comm),
+            class_counts(model, x, y, 4, comm),
+            outputs(model, x, np.float32, False, comm).tobytes(),
+            outputs(model, x, np.float32, True, comm).tobytes())
+
+
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_evaluation_has_the_bits_of_one_process_at_any_world_size(sensitive, size):
+    """700 rows (3 blocks, the last short) shared by 2, 3 or 4 ranks (one without a
+    block): every rank gets the bits of one process, under products whose bits depend
+    on their rows as some CPUs' kernels' do: so each row must go through the network in
+    the same block at every world size."""
+    model = small_model((12, 16, 4))
+    rng = np.random.default_rng(size)
+    x, y = rng.normal(size=(700, 12)).astype(np.float32), rng.integers(0, 4, size=700)
+    with threadpool_limits(1, user_api="blas"):   # the ranks' threads share the BLAS
+        one = everything(model, x, y, Comm(None))
+        many, _ = run_ranks(size, lambda comm: everything(model, x, y, comm))
+    for got in many:
+        assert got[0] == one[0] and got[2:] == one[2:]
+        assert all(np.array_equal(a, b) for a, b in zip(got[1], one[1]))
 
 
 def in_blocks(model, x, block=256):
@@ -86,12 +114,12 @@ def test_class_counts_agree_with_evaluate(n, classes, block):
     assert per_class[1].tolist() == np.diag(confusion).tolist()
 
 
-def test_class_counts_beyond_the_matrix_limit_give_per_class_counts_only():
-    classes = MAX_MATRIX_CLASSES + 1
+@pytest.mark.parametrize("classes", [MAX_MATRIX_CLASSES, MAX_MATRIX_CLASSES + 1])
+def test_class_counts_beyond_the_matrix_limit_give_per_class_counts_only(classes):
     model, x, y = random_model_and_data(40, classes, 2)
     confusion, per_class = class_counts(model, x, y, classes, Comm(None))
     _, accuracy = evaluate(model, cross_entropy, x, y, classes, Comm(None))
-    assert confusion is None
+    assert (confusion is None) == (classes > MAX_MATRIX_CLASSES)
     assert per_class[0].sum() == 40 and per_class[1].sum() / 40 == accuracy
 
 

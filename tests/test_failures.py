@@ -2,7 +2,8 @@
 
 A failing rank ends the job, divergence, ranks that loaded different data, Ctrl-C to the
 whole job, non-finite steps, replicas that drift, a hung rank, a save killed half-way,
-a full disk, old checkpoints pruned; a rank frozen in set-up, SIGTERM in set-up, SIGHUP,
+a full disk, old checkpoints pruned; a rank frozen in set-up (also before the config is
+read), SIGTERM in set-up, SIGHUP,
 a launcher that is gone.
 
 The tiny dataset has 17 training samples: at batch_size 4, five steps per epoch (the
@@ -118,7 +119,7 @@ def test_a_nan_on_one_rank_is_caught_on_every_rank_in_the_same_step(tmp_path, ti
     ckpts = sorted(os.listdir(run_dir / "checkpoints"))
     if policy == "stop":
         assert_refused(r, "non-finite loss or gradient in epoch 2, batch 2 (step 7)", code=3)
-        assert ckpts == ["epoch-0001.npz"]
+        assert ckpts == ["epoch-0001.npz", "last.npz"]
     else:   # the step is dropped on every rank alike, so replicas stay identical
         assert r.returncode == 0, r.stderr
         assert [m["skipped_steps"] for m in metrics(run_dir)] == [0, 1, 0]
@@ -133,7 +134,7 @@ def test_replicas_that_drift_apart_are_caught(tmp_path, tiny_npz):
     r = run_train(tiny_run(tiny_npz, run_dir, "--set", "run.sync_check_steps=2"), ranks=2,
                   env={"DPBP_FAULT": "perturb:1:6"})
     assert_refused(r, "replicas diverged by step 8", code=3)
-    assert sorted(os.listdir(run_dir / "checkpoints")) == ["epoch-0001.npz"]
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["epoch-0001.npz", "last.npz"]
 
 
 def test_watchdog_ends_a_hung_job_with_every_rank_stack(tmp_path, tiny_npz):
@@ -146,6 +147,10 @@ def test_watchdog_ends_a_hung_job_with_every_rank_stack(tmp_path, tiny_npz):
     for rank in (0, 1):
         assert f"dpbp: rank {rank}: no training step finished in 2 s" in r.stderr, r.stderr
     assert 'faults.py", line' in r.stderr and "in inject" in r.stderr   # the hung rank's place
+    assert "dpbp: rank 0: no training step finished in 2 s (run.watchdog_seconds), waiting " \
+        "in MPI for another rank;" in r.stderr   # which one froze, for people and dpbp.launch
+    assert "dpbp: rank 1: no training step finished in 2 s (run.watchdog_seconds), stuck " \
+        "outside MPI (in faults.py:" in r.stderr
 
 
 def test_a_save_killed_half_way_damages_nothing(tmp_path, tiny_npz, uninterrupted):
@@ -169,7 +174,7 @@ def test_a_full_disk_stops_cleanly_and_keeps_earlier_checkpoints(tmp_path, tiny_
     r = run_train(tiny_run(tiny_npz, run_dir), ranks=2, env={"DPBP_FAULT": "nospace:0:10"})
     assert_refused(r, "epoch-0002.npz (No space left on device); earlier checkpoints are "
                       "intact, --resume continues from the newest")
-    assert sorted(os.listdir(run_dir / "checkpoints")) == ["epoch-0001.npz"]
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["epoch-0001.npz", "last.npz"]
     checkpoint.load(run_dir / "checkpoints" / "epoch-0001.npz")
 
 
@@ -179,7 +184,7 @@ def test_old_checkpoints_are_pruned_after_a_newer_one_is_safe(tmp_path, tiny_npz
                            "--set", "train.checkpoint_every_steps=2"))
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["epoch-0002-batch-000004.npz",
-                                                           "epoch-0003.npz"]
+                                                           "epoch-0003.npz", "last.npz"]
 
 
 # ----------------------------------------------------------------------------- hardening
@@ -194,6 +199,19 @@ def test_a_rank_frozen_while_loading_the_data_is_ended_by_the_watchdog(tmp_path,
     assert r.returncode != 0
     assert "dpbp: rank 0: set-up did not finish in 2 s (run.watchdog_seconds)" in r.stderr
     assert not run_dir.exists()   # made only once set-up is done
+
+
+def test_the_watchdog_watches_before_the_config_is_read(tmp_path):
+    """From the command's start: a process that freezes while it reads the config (a
+    stalled filesystem under the config file, or under the checkpoint a resume reads)
+    is ended by the watchdog at the limit the command starts it with, the default of
+    run.watchdog_seconds (lowered from the test side to 1 s), with its stack."""
+    r = run_train(["--set", f'run.dir="{tmp_path / "run"}"'], timeout=60,
+                  env={"DPBP_FAULT": "hangconfig:0:0", "DPBP_FAULT_WATCHDOG": "1"})
+    assert r.returncode == 4, r.stderr
+    assert "dpbp: rank 0: set-up did not finish in 1 s (run.watchdog_seconds)" in r.stderr
+    assert "in load_config" in r.stderr   # the frozen place, in the stack
+    assert not (tmp_path / "run").exists()
 
 
 def test_sigterm_during_set_up_exits_143_and_writes_nothing(tmp_path, tiny_npz):

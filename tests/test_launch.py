@@ -23,34 +23,6 @@ def test_shell_syntax(script):
         assert r.returncode == 0, r.stdout
 
 
-def test_local_sh_trains(tmp_path):
-    r = run_with_timeout(
-        ["bash", str(ROOT / "launch" / "local.sh"), "-n", "2", "--set", "train.epochs=1",
-         "--set", "data.samples=1000", "--set", f'run.dir="{tmp_path / "run"}"'],
-        timeout=120, env={"PYTHON": sys.executable})
-    assert r.returncode == 0, r.stderr
-    assert "2 ranks" in r.stdout and "epoch 1/1" in r.stdout
-    assert (tmp_path / "run" / "checkpoints" / "epoch-0001.npz").exists()
-    cores = int(subprocess.check_output(["getconf", "_NPROCESSORS_ONLN"]))
-    threads = max(1, cores // 2)   # as local.sh counts them
-    assert f"{threads} BLAS thread" in r.stdout and f"OMP_NUM_THREADS={threads}" in r.stdout
-
-
-def test_local_sh_leaves_the_users_thread_count(tmp_path):
-    r = run_with_timeout(
-        ["bash", str(ROOT / "launch" / "local.sh"), "-n", "1", "--set", "train.epochs=1",
-         "--set", "data.samples=200", "--set", f'run.dir="{tmp_path / "run"}"'],
-        timeout=120, env={"PYTHON": sys.executable, "OPENBLAS_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr
-    assert "OPENBLAS_NUM_THREADS=1 set by the user" in r.stdout
-
-
-def test_local_sh_rejects_a_bad_rank_count():
-    r = run_with_timeout(["bash", str(ROOT / "launch" / "local.sh"), "-n", "zero"], timeout=30,
-                         env={"PYTHON": sys.executable})
-    assert r.returncode == 2 and "-n needs a rank count" in r.stderr
-
-
 # ----------------------------------------------------------------------------- Slurm
 # slurm.sbatch (and the supervisor it runs) here with stand-ins for srun (the command as
 # one process, no MPI; it notes its pid), scancel (records its arguments and sends the signal to that process)

@@ -8,6 +8,7 @@ command line)."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,8 +17,9 @@ import time
 import numpy as np
 import pytest
 
+from dpbp import launch as supervisor
 from dpbp.errors import EXIT_RESTARTS_EXHAUSTED, UserError
-from dpbp.service import checkpoint, hostfile, processes
+from dpbp.service import checkpoint, config, hostfile, processes
 from tests.conftest import ROOT, model_arrays, mpi_env, run_train, run_with_timeout, tiny_run
 
 TINY = ["--set", "data.samples=300", "--set", "model.hidden=[8]"]   # 3 steps an epoch
@@ -115,6 +117,82 @@ def test_hostfiles_of_both_mpis(tmp_path):
             hostfile.read(path)
     with pytest.raises(UserError, match="cannot read it"):
         hostfile.read(tmp_path / "missing")
+    path.write_text("\ufeffnode01:2\n", encoding="utf-8")   # a Windows editor's mark
+    assert hostfile.read(path) == [("node01", 2)]
+    for digits in ("node01:\u0663", "node01 slots=\u00b2"):   # int() would take the first
+        path.write_text(digits + "\n", encoding="utf-8")
+        with pytest.raises(UserError, match="line 1: cannot read"):
+            hostfile.read(path)
+
+
+def test_which_rank_failed_is_weighed_once_the_job_ended():
+    """A rank's own failure line may be the consequence of another's death and come
+    first: the launcher's word on the process that ended the job wins (a record once
+    named rank 0 for a killed rank 1). For the watchdog's exit 4 every rank's watchdog
+    fires, and the launcher names the first: the rank that froze is the one stuck
+    outside MPI, or the one that did not say it waited. Where nothing tells, why not."""
+    evidence = supervisor.Evidence(2)
+    evidence.read(b"dpbp: rank 0 failed: Exception: Other MPI error; ending the job\n")
+    evidence.read(b"=   PID 101 RUNNING AT vm\n")
+    evidence.pids = {100: 0, 101: 1}   # seen before or after the line: mapped at the end
+    assert evidence.rank(9) == (1, None)
+    evidence.pids = {100: 0}
+    assert evidence.rank(9) == (None, "the launcher named process 101, not a rank this "
+                                      "supervisor saw running")
+    watchdog = b"dpbp: rank %d: no training step finished in 2 s (run.watchdog_seconds), %s"
+    for lines, world, rank in (
+            ([b"waiting in MPI for another rank", b"stuck outside MPI (in faults.py:9 x)",
+              b"waiting in MPI for another rank"], 3, 1),
+            ([b"waiting in MPI for another rank", None, b"waiting in MPI for another rank"],
+             3, 1),   # stopped whole (SIGSTOP): its watchdog said nothing
+            ([b"waiting in MPI for another rank", None, None], 3, None)):
+        evidence = supervisor.Evidence(world)
+        evidence.pids = {100: 0}
+        for r, line in enumerate(lines):
+            if line:
+                evidence.read(watchdog % (r, line))
+        evidence.read(b"=   PID 100 RUNNING AT vm\n")   # rank 0's watchdog ended the job
+        found, why = evidence.rank(4)
+        assert found == rank and (why is None) == (rank is not None)
+    assert why == ("the watchdog ended the job (exit 4); no rank's watchdog said it was "
+                   "stuck outside MPI, and 2 ranks did not say it waited in MPI")
+
+
+class Stops:
+    """StopRequests without signals: `sleep` runs `meanwhile` instead of waiting."""
+
+    def __init__(self, meanwhile=lambda: None):
+        self.received, self.meanwhile = [], meanwhile
+
+    def sleep(self, seconds):
+        self.meanwhile()
+
+
+def test_a_hostfile_malformed_at_a_restart_is_read_again_then_named_with_the_job(
+        tmp_path, capsys):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost:two\n")   # an operator half-way through an edit
+    args = supervisor.parse(["--hostfile", str(hosts), "--"])
+    cause = {"exit_code": 9, "signal": "SIGKILL", "rank": 1}
+    fixed = supervisor.hosts_again(args, Stops(lambda: hosts.write_text("localhost:2\n")), 2,
+                               cause)
+    assert fixed == (2, [("localhost", 2)])
+    assert "line 1: cannot read 'localhost:two'" in capsys.readouterr().err
+    hosts.write_text("localhost:two\n")
+    with pytest.raises(UserError, match=r"line 1: cannot read 'localhost:two'.*; the job that "
+                                        r"ended with exit 9 \(rank 1, SIGKILL\) was not "
+                                        "restarted"):
+        supervisor.hosts_again(args, Stops(), 2, cause)
+
+
+def test_a_full_disk_while_recording_a_restart_is_one_line(tmp_path, capsys):
+    (tmp_path / "restarts.jsonl").symlink_to("/dev/full")   # every write: ENOSPC
+    cfg = config.load(None, [f'run.dir="{tmp_path}"'])
+    supervisor.log_restart(cfg, 1, {"exit_code": 9, "signal": "SIGKILL", "rank": 1}, 2, None, 0)
+    out, err = capsys.readouterr()
+    assert "dpbp.launch: restart 1: the job ended with exit 9" in out
+    assert err == (f"dpbp.launch: restart 1 is not recorded in {tmp_path / 'restarts.jsonl'} "
+                   "(No space left on device); restarting all the same\n")
 
 
 def test_stale_segments_are_removed_only_when_nobody_holds_them(tmp_path):
@@ -150,14 +228,17 @@ def test_help_and_bad_arguments(tmp_path):
     assert f"{EXIT_RESTARTS_EXHAUSTED} gave up" in r.stdout
     (tmp_path / "hosts").write_text("localhost:1\n")
     (tmp_path / "bad").write_text("localhost:one\n")
+    (tmp_path / "digits").write_text("localhost slots=²\n")   # a digit, not an ASCII one
     for options, message in (
             (["-n", "0"], "-n must be at least 1"),
             (["--max-restarts", "-1"], "--max-restarts must be at least 0"),
-            (["-n", "2", "--hostfile", str(tmp_path / "hosts")], "not both"),
+            (["-n", "2", "--hostfile", str(tmp_path / "hosts")], "not -n and --hostfile"),
             (["--hostfile", str(tmp_path / "bad")], "line 1: cannot read 'localhost:one'"),
             (["--hostfile", str(tmp_path / "hosts"), "--min-ranks", "2"],
              "1 slot, fewer than --min-ranks 2"),
             (["--launcher", "srun"], "inside a Slurm allocation"),
+            (["--module", "no_such_module"], "--module no_such_module: no such module here"),
+            (["--hostfile", str(tmp_path / "digits")], "line 1: cannot read 'localhost slots=²'"),
             (["--frobnicate"], "unrecognized arguments")):
         r = launch(options, [*TINY, "--set", f'run.dir="{tmp_path / "run"}"'],
                    env={"SLURM_JOB_ID": ""})
@@ -165,6 +246,37 @@ def test_help_and_bad_arguments(tmp_path):
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("dpbp: error: "), r.stderr
         assert message in r.stderr, (options, r.stderr)
     assert not (tmp_path / "run").exists()
+
+
+def test_hosts_inline_and_options_for_the_launcher(tmp_path):
+    """-H gives the hosts as a hostfile does, fixed for the run; --launcher-args reach
+    mpirun as given (here a variable that every rank sees), unless they set what
+    dpbp.launch sets; the trainer's options before `--` are pointed after it."""
+    args = supervisor.parse(["-H", "node01:2,node02,node01:1", "--launcher-args",
+                                "-bind-to core -genv A 'b c'", "--", "--quiet"])
+    assert args.hosts == [("node01", 3), ("node02", 1)] and args.train_args == ["--quiet"]
+    assert supervisor.world_size(args) == (4, args.hosts)
+    assert args.launcher_args == ["-bind-to", "core", "-genv", "A", "b c"]
+    for argv, message in (
+            (["-n", "2", "--config", "my.toml"], "unrecognized arguments: --config my.toml; "
+             "dpbp.train's options go after --: python -m dpbp.launch [options] -- --config"),
+            (["-H", "a:2", "-n", "2"], "not -n and -H"),
+            (["-H", "a:two"], "-H a:two: cannot read 'a:two'; expected HOST:SLOTS"),
+            (["-H", "a:1", "--launcher", "srun"], "-H is for mpirun"),
+            (["--launcher-args", "-np 4"], "-np sets the rank count, which dpbp.launch sets"),
+            (["--launcher-args=--host=a,b"], "--host=a,b sets the hosts"),
+            (["--launcher", "srun", "--launcher-args", "-n4 --exclusive"], "-n4 sets the rank "
+             "count, which dpbp.launch sets itself: give -n, or leave it to the allocation")):
+        with pytest.raises(UserError, match=re.escape(message)):
+            supervisor.parse(argv)
+    run = tmp_path / "run"
+    mpirun = supervisor.Launcher("mpirun", "dpbp.train")
+    env_flag = "-genv OPENBLAS_NUM_THREADS 1" if mpirun.flavour == "mpich" else \
+        "-x OPENBLAS_NUM_THREADS=1"
+    r = launch(["-H", "localhost:2", "--launcher-args", env_flag],
+               [*TINY, "--set", "train.epochs=1", "--set", f'run.dir="{run}"'])
+    assert r.returncode == 0, r.stderr
+    assert "2 ranks" in r.stdout and "OPENBLAS_NUM_THREADS=1 set by the user" in r.stdout
 
 
 def test_bad_input_ends_it_at_once(tmp_path):
@@ -202,6 +314,52 @@ def test_a_killed_rank_is_restarted_and_the_run_ends_as_if_nothing_happened(tmp_
     assert all(np.array_equal(ours[k], theirs[k]) for k in theirs)   # same world size: bitwise
 
 
+STOPPER = """
+import atexit, os, signal, sys
+import dpbp.train
+
+def stop_the_launcher():   # mpirun stopped once the ranks are done: it never exits
+    if os.environ.get("PMI_RANK") == "0":
+        with open(f"/proc/{os.getppid()}/stat") as f:   # the rank's proxy; its parent:
+            os.kill(int(f.read().rsplit(")", 1)[1].split()[1]), signal.SIGSTOP)
+
+atexit.register(stop_the_launcher)
+dpbp.train.cli()
+"""
+
+
+def test_a_launcher_that_outlives_its_ranks_is_ended_but_a_suspended_job_is_not(tmp_path):
+    """A job stopped whole (SIGSTOP to mpirun and its ranks) for longer than the grace is
+    left alone, and goes on when continued; a launcher that never exits after its ranks
+    have all ended (the job finished) is ended after the grace: exit 0, no restart."""
+    (tmp_path / "stopper.py").write_text(STOPPER)
+    run = tmp_path / "run"
+    grace = "import sys, dpbp.launch as l; l.LAUNCHER_GRACE = 1.0; sys.exit(l.main())"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", grace, "-n", "2", "--module", "stopper", "--", *TINY,
+         "--set", "train.epochs=40", "--set", f'run.dir="{run}"'], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
+        env=mpi_env({"PYTHONPATH": f"{tmp_path}:{ROOT}"}))
+    try:
+        wait_for(lambda: [p for p, _ in checkpoint.list_all(run) if p >= (2, 0)], proc,
+                 "second epoch")
+        job = [pid for pid in job_processes(str(run)) if pid != proc.pid]   # mpirun, ranks
+        for pid in job:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(2.0)   # twice the grace, and more: stopped ranks have not ended
+        assert proc.poll() is None
+        for pid in job:
+            os.kill(pid, signal.SIGCONT)
+        out, err = finish(proc)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out + err
+    assert "did not exit in 1 s after all its ranks ended; ended it" in err, err
+    assert json.loads((run / "run.json").read_text())["state"] == "completed"
+    assert restarts(run) == [] and checkpoint.list_all(run)[-1][0] == (40, 0)
+
+
 @pytest.mark.parametrize("fault, code, why", [
     ("nan:0:4", 3, "which a restart cannot heal"),
     ("sigterm:1:4", 143, "the job stopped on SIGTERM from outside this supervisor"),
@@ -222,13 +380,22 @@ def test_what_a_retry_cannot_heal_is_not_retried(tmp_path, fault, code, why):
         assert [e["cause"]["rank"] for e in restarts(run)] == [1]
 
 
-def test_restarts_exhausted(tmp_path):
+def test_restarts_exhausted_with_stdout_closed(tmp_path):
+    """Piped into `head -1`, the supervisor's stdout closes before its first line: its
+    lines stop there, and the job, its restarts and their records go on."""
     run = tmp_path / "run"
     env = {"DPBP_FAULT": "kill:1:4", "PYTHONPATH": str(ROOT)}   # every attempt: no ONCE
-    r = launch(["-n", "2", "--max-restarts", "2", "--module", "tests.faults"],
-               [*TINY, "--set", "train.epochs=3", "--set", f'run.dir="{run}"'], env=env)
-    assert r.returncode == EXIT_RESTARTS_EXHAUSTED, r.stderr
-    assert "after 2 restarts: giving up" in r.stderr
+    reader, writer = os.pipe()
+    os.close(reader)   # the reader is gone
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dpbp.launch", "-n", "2", "--max-restarts", "2", "--module",
+         "tests.faults", "--", *TINY, "--set", "train.epochs=3", "--set",
+         f'run.dir="{run}"'], stdout=writer, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env=mpi_env(env), start_new_session=True)
+    os.close(writer)
+    _, err = finish(proc)
+    assert proc.returncode == EXIT_RESTARTS_EXHAUSTED and "Traceback" not in err, err
+    assert "after 2 restarts: giving up" in err
     assert [e["restart"] for e in restarts(run)] == [1, 2]
     assert [e["resume_step"] for e in restarts(run)] == [3, 3]
 
@@ -384,9 +551,12 @@ def test_a_second_ctrl_c_ends_the_job_at_once_and_never_exits_0(tmp_path):
 
 
 def test_a_killed_supervisor_takes_the_job_down(tmp_path):
-    run = tmp_path / "run"
-    proc = start(["-n", "2"], [*TINY, "--set", "train.epochs=100000", "--set",
-                               f'run.dir="{run}"'])
+    """... and leaves no file behind: the launcher's hostfile has no name."""
+    run, hosts, tmp = tmp_path / "run", tmp_path / "hosts", tmp_path / "tmp"
+    hosts.write_text("localhost:2\n")
+    tmp.mkdir()
+    proc = start(["--hostfile", str(hosts)], [*TINY, "--set", "train.epochs=100000", "--set",
+                                              f'run.dir="{run}"'], env={"TMPDIR": str(tmp)})
     try:
         wait_for(lambda: checkpoint.list_all(run), proc, "first epoch")
         assert len(job_processes(str(run))) >= 3   # supervisor, mpirun, 2 ranks
@@ -396,6 +566,7 @@ def test_a_killed_supervisor_takes_the_job_down(tmp_path):
         while job_processes(str(run)) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert job_processes(str(run)) == []
+        assert not [name for name in os.listdir(tmp) if name.startswith("dpbp-hosts")]
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dpbp.nn.losses import cross_entropy, mse
+from dpbp.nn.losses import cross_entropy, mse, softmax
 from tests.conftest import assert_close, numeric_grad
 
 
@@ -42,3 +42,22 @@ def test_mse_one_hot_labels():
     out = np.array([[0.2, 0.9], [0.4, 0.1]])
     losses, _ = mse(out, np.array([1, 0]), 2)
     np.testing.assert_array_equal(losses, mse(out, np.array([[0.0, 1.0], [1.0, 0.0]]), 2)[0])
+
+
+def test_softmax_of_extreme_logits_is_finite_and_sums_to_one():
+    """predict's probabilities: float64, finite, each row summing to 1, even for logits
+    whose exp overflows (the row's largest is taken away first)."""
+    p = softmax(np.array([[1000.0, -1000.0, 0.0], [800.0, 800.0, 0.0]], np.float32))
+    assert p.dtype == np.float64 and np.isfinite(p).all()
+    np.testing.assert_allclose(p, [[1, 0, 0], [0.5, 0.5, 0]], rtol=0, atol=1e-300)
+
+
+@pytest.mark.parametrize("loss_fn,targets", [
+    (cross_entropy, np.array([0, 2])), (mse, np.array([0, 2])),
+    (mse, np.ones((2, 3), np.float32))], ids=["cross_entropy", "mse-labels", "mse-targets"])
+def test_float32_outputs_give_float64_losses_and_a_float32_gradient(loss_fn, targets):
+    """Per-sample losses in float64 (they are summed exactly, math.fsum), the gradient
+    in the network's dtype (it goes into the float32 flat buffer)."""
+    out = np.array([[0.1, 0.2, 0.3], [1e-4, 3e3, -2.0]], np.float32)
+    losses, grad = loss_fn(out, targets, 2)
+    assert losses.dtype == np.float64 and grad.dtype == np.float32

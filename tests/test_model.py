@@ -220,3 +220,17 @@ def test_whole_model_with_dropout(activation):
     plain = mlp([4, 7, 6, 3], activation, np.float64)   # evaluation: no dropout
     plain.params[...] = model.params
     assert model.infer(x).tobytes() == plain.infer(x).tobytes()
+
+
+def test_initial_weights_are_torch_linears():
+    """model.init_ draws as torch.nn.Linear does: every weight and bias of a layer
+    uniform in [-1/sqrt(D_in), 1/sqrt(D_in)] (its fan-in), filling that range."""
+    model = mlp([64, 32, 10], "relu", np.float64)
+    model.init_(np.random.default_rng(0))
+    state = model.state_dict()
+    for i, fan_in in ((0, 64), (2, 32)):
+        bound = 1 / np.sqrt(fan_in)
+        for name, fill in ((f"model.{i}.weight", 0.99), (f"model.{i}.bias", 0.7)):
+            a = state[name]
+            assert np.abs(a).max() <= bound, name
+            assert a.max() > fill * bound and a.min() < -fill * bound, name

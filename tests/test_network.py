@@ -63,6 +63,9 @@ def test_the_replica_check_covers_the_buffers(monkeypatch, capsys):
 
         def allreduce_min(self, value):
             return value
+
+        def bcast_obj(self, obj, root=0):
+            return obj
     with pytest.raises(AgreedExit):
         guard.check_replicas(Ranks(), model, "by step 7")
     assert "replicas diverged by step 7" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""`python -m dpbp.plot`: a readable PNG of a real run's curves, and clear refusals."""
+"""`python -m dpbp.plot`: a readable PNG (PDF, SVG) of a real run's curves, and clear
+refusals."""
 
 import json
 import struct
@@ -55,7 +56,7 @@ def test_plot_to_another_file_and_without_accuracy(run_dir, tmp_path):
     ("absent", "no such run directory"),
     ("empty", "no metrics to plot"),
     ("malformed", "metrics.jsonl is malformed"),
-    ("txt", "must name a .png file"),
+    ("txt", "must name a .png, .pdf or .svg file"),
     ("no-dir", "RUN_DIR is required"),
 ])
 def test_plot_refuses_bad_input(tmp_path, case, message):
@@ -129,3 +130,33 @@ def test_logged_steps_are_drawn_behind_the_epochs(tmp_path):
 def test_the_usage_names_run_dir_as_required():
     r = plot(["--help"])
     assert r.returncode == 0 and r.stdout.startswith("usage: python -m dpbp.plot RUN_DIR ")
+
+
+def test_pdf_and_svg_by_the_suffix(run_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from dpbp import plot as plotting
+    for name, head in (("c.pdf", b"%PDF-"), ("c.SVG", b"<svg")):
+        assert plotting.main([str(run_dir), "-o", str(tmp_path / name)]) == 0
+        assert head in (tmp_path / name).read_bytes()[:400], name
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {tmp_path / 'c.SVG'}"
+
+
+def test_the_plateau_schedule_is_drawn_from_the_logged_rates(tmp_path):
+    """Its rate follows from the validation metrics, so the plot takes each epoch's logged
+    lr (after the warmup, which it draws step by step from the config)."""
+    pytest.importorskip("matplotlib")
+    from dpbp import plot as plotting
+    from dpbp.service import config
+    run_dir = tmp_path / "plateau"
+    run_dir.mkdir()
+    cfg = config.from_dict({"train": dict(schedule="plateau", lr=0.1, warmup_epochs=1)})
+    (run_dir / "config.toml").write_text(config.to_toml(cfg))
+    lrs = [0.1, 0.1, 0.05, 0.05, 0.025]   # epoch 1's: its last step's, at the warmup's end
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for e, lr in enumerate(lrs, start=1):
+            f.write(json.dumps(dict(epoch=e, train_loss=1 / e, val_loss=1 / e,
+                                    val_accuracy=0.5, lr=lr, step=4 * e)) + "\n")
+    fig = plotting.draw(plotting.load_curves(str(run_dir)), "plateau")
+    _, drawn = fig.axes[2].get_lines()[0].get_data()
+    assert list(drawn) == pytest.approx([0.025, 0.05, 0.075, 0.1] + [lr for lr in lrs[1:]
+                                                                     for _ in range(4)])

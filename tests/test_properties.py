@@ -126,6 +126,12 @@ VALID = {
     "train.amsgrad": st.booleans(),
     "train.early_stopping_patience": st.integers(0, INT64),
     "train.early_stopping_min_delta": st.floats(0, allow_infinity=False),
+    "run.best_metric": choice("run.best_metric"),        # val_accuracy not with mse: below
+    "train.plateau_factor": st.floats(0, 1, exclude_min=True, exclude_max=True),
+    "train.plateau_patience": st.integers(0, INT64),     # plateau's keys: valid_settings
+    "train.plateau_threshold": st.floats(0, allow_infinity=False),
+    "train.plateau_cooldown": st.integers(0, INT64),
+    "train.min_lr": st.floats(0, allow_infinity=False),
 }
 
 NAN = st.just(math.nan)
@@ -177,6 +183,12 @@ OUT_OF_RANGE = {
     "train.eps": st.floats(max_value=0) | st.just(math.inf) | NAN,
     "train.early_stopping_patience": st.integers(max_value=-1),
     "train.early_stopping_min_delta": NEGATIVE | st.just(math.inf) | NAN,
+    "run.best_metric": TEXT.filter(lambda v: v not in config.CHOICES["run.best_metric"]),
+    "train.plateau_factor": st.floats(max_value=0) | st.floats(1) | NAN,
+    "train.plateau_patience": st.integers(max_value=-1),
+    "train.plateau_threshold": NEGATIVE | st.just(math.inf) | NAN,
+    "train.plateau_cooldown": st.integers(max_value=-1),
+    "train.min_lr": NEGATIVE | st.just(math.inf) | NAN,
 }
 
 # A value of another type than each type of key takes (an int is a fine float).
@@ -235,6 +247,11 @@ def valid_settings(draw):
     if flat.get("model.layers"):                       # the MLP's keys keep their defaults
         for key in ("model.hidden", "model.activation", "model.dropout"):
             flat.pop(key, None)
+    if flat.get("train.schedule") != "plateau":        # the plateau's keys only with it
+        for key in config.PLATEAU_KEYS:
+            flat.pop(f"train.{key}", None)
+    if flat.get("train.loss") == "mse":                # no accuracy to watch
+        flat.pop("run.best_metric", None)
     if flat.get("model.dtype") == "float64":           # 16-bit sums are of float32 gradients
         flat["train.comm_dtype"] = "float32"
     if flat.get("train.deterministic"):                # exact float32 sums, grain by grain

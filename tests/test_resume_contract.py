@@ -214,3 +214,44 @@ def test_a_supervised_restart_never_trains_on_other_data(tmp_path, tiny_npz, n):
     assert "not restarting" in r.stderr
     assert state(run_dir)["state"] == "failed"
     assert "the job ended with exit 9" in state(run_dir)["cause"]
+
+
+def test_last_npz_names_the_newest_checkpoint(tmp_path, tiny_npz, train, in_process,
+                                              monkeypatch):
+    """checkpoints/last.npz: a relative link to the newest checkpoint, never pruned and
+    never listed as an epoch checkpoint; --resume PATH with it continues its own run (a
+    branch from it names the checkpoint itself as its parent); evaluate and predict take
+    it; a start makes it the run's own again."""
+    import dpbp.evaluate
+    import dpbp.predict
+    run_dir, branch = tmp_path / "run", tmp_path / "branch"
+    last = run_dir / "checkpoints" / "last.npz"
+    assert train(tiny_run(tiny_npz, run_dir, "--set", "train.epochs=2", "--set",
+                          "run.keep_checkpoints=1"))[0] == 0
+    assert os.readlink(last) == "epoch-0002.npz"
+    assert [p for _, p in checkpoint.list_all(run_dir)] == [str(last.with_name("epoch-0002.npz"))]
+    run_id = state(run_dir)["run_id"]
+    code, out, _ = train(tiny_run(tiny_npz, run_dir, "--resume", last))   # epochs = 3
+    assert code == 0 and f"resume: from {last.with_name('epoch-0002.npz')}" in out, out
+    assert state(run_dir)["run_id"] == run_id
+    assert [m["epoch"] for m in metrics(run_dir)] == [1, 2, 3]
+    assert os.readlink(last) == "epoch-0003.npz"
+    code, out, _ = in_process(dpbp.evaluate.main, ["--checkpoint", last, "--json"])
+    assert code == 0 and json.loads(out)["loss"] == metrics(run_dir)[-1]["val_loss"]
+    np.save(tmp_path / "x.npy", np.ones((2, 5)))
+    assert in_process(dpbp.predict.main, ["--checkpoint", last, "--input", tmp_path / "x.npy",
+                                     "--output", tmp_path / "p.npy"])[0] == 0
+    assert np.load(tmp_path / "p.npy").shape == (2, 3)
+    assert train(tiny_run(tiny_npz, branch, "--resume", last, "--set", "train.epochs=4"))[0] == 0
+    assert state(branch)["parent"]["checkpoint"] == str(last.with_name("epoch-0003.npz"))
+    os.unlink(last)   # another run's checkpoint copied in as last.npz: not this run's
+    shutil.copy(branch / "checkpoints" / "epoch-0004.npz", last)
+    refused(train(tiny_run(tiny_npz, run_dir, "--set", "train.epochs=5", "--resume", last)),
+            f"--resume {last}: it is not a copy of this run's checkpoint of its position")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint, "save", full_disk)   # the resumed run saves nothing
+    code, _, err = train(tiny_run(tiny_npz, run_dir, "--set", "train.epochs=4", "--resume"))
+    assert code == 2 and "No space left on device" in err
+    assert os.readlink(last) == "epoch-0003.npz"   # the checkpoint it continued from

@@ -1,6 +1,6 @@
 """The run directory, directly: its lock (who holds it, filesystems without locks), one
 run per checkpoint folder, a full disk, durable metrics, and the best checkpoint settled
-on resume."""
+on resume; and, through the commands, every file written atomically and durably."""
 
 import errno
 import fcntl
@@ -14,7 +14,8 @@ from dpbp.errors import UserError
 from dpbp.nn.optim import SGD
 from dpbp.service import checkpoint, config, resume, run_dir
 from dpbp.service.checkpoint import Position
-from tests.conftest import mlp
+from tests import fsync_spy
+from tests.conftest import ROOT, mlp, run_module, tiny_run
 
 
 def test_lock_names_its_holder_and_refuses_a_second_taker(tmp_path):
@@ -25,6 +26,8 @@ def test_lock_names_its_holder_and_refuses_a_second_taker(tmp_path):
     with open(tmp_path / ".lock", "a+") as other:   # another process's open file
         with pytest.raises(BlockingIOError):
             fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with pytest.raises(UserError, match="is in use by another dpbp run"):
+        run_dir._lock(str(tmp_path))                # another run, as it takes the lock
     lock.close()
 
 
@@ -214,3 +217,100 @@ def test_a_best_checkpoint_that_is_not_the_runs_own_is_set_aside(tmp_path):
     best, notes = run_dir.settle_best(here, here, [0.5, 0.6], own)
     assert best == own and "does not verify" in notes[0]
     assert os.path.exists(checkpoint.best_path(here) + ".damaged")
+
+
+def test_last_npz_is_a_copy_where_the_filesystem_has_no_links(tmp_path, monkeypatch):
+    here = str(tmp_path / "run")
+    first, second = saved(here, 1), saved(here, 2)
+    last = checkpoint.last_path(here)
+
+    def no_links(*args):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    with monkeypatch.context() as m:
+        m.setattr(os, "symlink", no_links)
+        run_dir.link_last(here, first)
+    assert not os.path.islink(last) and open(last, "rb").read() == open(first, "rb").read()
+    assert checkpoint.resolved(last) == last
+    run_dir.link_last(here, second)   # links again where it can, over the copy
+    assert os.readlink(last) == "epoch-0002.npz" and checkpoint.resolved(last) == second
+    run_dir.link_last(here, None)
+    assert not os.path.lexists(last)
+    assert sorted(os.listdir(os.path.dirname(last))) == ["epoch-0001.npz", "epoch-0002.npz"]
+
+
+
+
+# ----------------------------------------------------------------------------- the run's data
+
+SAVED = "x (10, 3) float64 crc 0000000a; y (10,) int64 crc 0000000b"
+
+
+@pytest.mark.parametrize("now,first", [
+    (SAVED.replace("0b", "0c"), "y: (10,) int64 crc 0000000c now, (10,) int64 crc 0000000b then"),
+    (SAVED + "; x_val (2, 3) float64 crc 00000001",
+     "x_val: (2, 3) float64 crc 00000001 now, absent then"),
+])
+def test_data_that_differ_from_the_checkpoints_are_named_and_refused(now, first):
+    """The first array that differs (or the count), and the way on: name the data on the
+    command line; then it is a note. The same data, or a checkpoint that recorded none
+    (dpbp 0.1), pass."""
+    assert run_dir.check_data(SAVED, SAVED, set(), "c.npz") == []
+    assert run_dir.check_data(None, now, set(), "c.npz") == []
+    for named in (set(), {"train.lr", "model.init"}):
+        with pytest.raises(UserError) as refused:
+            run_dir.check_data(SAVED, now, named, "c.npz")
+        assert str(refused.value).startswith(f"the data differ from what c.npz was trained "
+                                             f"on ({first}): the files at data.path were")
+    for key in run_dir.SPLIT_KEYS:
+        assert run_dir.check_data(SAVED, now, {key}, "c.npz") == [
+            f"the data differ from what c.npz was trained on ({first}), as the command "
+            "line asks"]
+
+
+@pytest.mark.parametrize("line", ['{not json', '{"loss": 1.0}', '[1, 2]', '{"epoch": "one"}'])
+def test_metrics_lines_that_are_not_an_epochs_record_are_refused(tmp_path, line):
+    """A line that is not JSON, or not an object with an epoch, cannot be a record of an
+    epoch: resuming over it would lose or mix epochs, so it is refused, naming the file."""
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "val_loss": 0.5}\n' + line + "\n")
+    with pytest.raises(UserError, match="metrics.jsonl is malformed"):
+        run_dir.read_metrics(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- durability
+
+# Every file the commands write atomically (files.write_atomic), relative to the run
+# directory (predict's output apart): a new one goes on this list.
+ATOMIC = ["run.json", "config.toml", "metrics.jsonl", "steps.jsonl", "checkpoints/epoch-0001.npz",
+          "checkpoints/epoch-0002.npz", "checkpoints/epoch-0003.npz", "checkpoints/best.npz"]
+
+
+def spied(tmp_path, module, args):
+    """python -m MODULE ARGS with its fsyncs and renames recorded (tests/fsync_spy.py)."""
+    env = {"DPBP_FSYNC_LOG": str(tmp_path / "fsync.log"), "PYTHONPATH": str(ROOT)}
+    r = run_module("tests.fsync_spy", [module, *args], env=env)
+    assert r.returncode == 0, r.stderr
+
+
+def test_every_file_is_written_durably(tmp_path, tiny_npz):
+    """A run of two epochs (the best checkpoint kept, every step logged), resumed for a
+    third, and a prediction: each file was synced, renamed into place, its folder synced,
+    every time it was written; each epoch's metrics line was synced before its
+    checkpoint was renamed into place. A crash at any moment leaves the old file or the
+    new one, and never a checkpoint whose metrics line is lost."""
+    run = tmp_path / "run"
+    args = tiny_run(tiny_npz, run, "--set", "run.keep_best=true", "--set", "run.log_every_steps=1")
+    spied(tmp_path, "dpbp.train", args + ["--set", "train.epochs=2"])
+    spied(tmp_path, "dpbp.train", args + ["--resume"])
+    np.save(tmp_path / "x.npy", np.zeros((3, 5)))
+    spied(tmp_path, "dpbp.predict", ["--checkpoint", str(run / "checkpoints" / "best.npz"),
+                                     "--input", str(tmp_path / "x.npy"),
+                                     "--output", str(tmp_path / "y.npy")])
+    events = fsync_spy.read(tmp_path / "fsync.log")
+    for name in ATOMIC:
+        fsync_spy.check_durable(events, run / name)
+    fsync_spy.check_durable(events, tmp_path / "y.npy")
+    lines = (run / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    for epoch in (1, 2, 3):
+        i = fsync_spy.check_durable(events, run / "checkpoints" / f"epoch-{epoch:04d}.npz")[0]
+        assert fsync_spy.synced_before(events, run / "metrics.jsonl",
+                                       len(b"".join(lines[:epoch])), i), epoch

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dpbp.parallel import scaling
-from tests.conftest import mpirun, run_with_timeout
+from tests.conftest import ROOT, mpirun, run_forked, run_with_timeout
 
 MB = 1 << 20
 TINY = ["--layers", "20,16,4", "--batch-size", "24", "--steps", "3", "--warmup", "1"]
@@ -60,6 +60,11 @@ def test_allreduce_seconds_by_hand():
     assert scaling.allreduce_seconds(1024, n, alpha, beta, gamma, "ring") == pytest.approx(
         2 * 1023 * alpha + 2 * 1023 / 1024 * n * beta + 1023 / 1024 * n * gamma)
     assert scaling.allreduce_seconds(1, n, alpha, beta, gamma) == 0
+
+
+def test_a_link_of_g_gbits_sends_a_byte_in_8_over_g_nanoseconds():
+    assert scaling.beta_of(100) == pytest.approx(8 / 100e9, rel=1e-15, abs=0)
+    assert scaling.beta_of(10) == pytest.approx(0.8e-9, rel=1e-15, abs=0)
 
 
 def test_mpich_chooses_by_size_and_ranks():
@@ -113,12 +118,30 @@ def test_the_fit_recovers_alpha_and_beta(p):
     assert fitted == pytest.approx((alpha, beta), rel=0.25)
 
 
-def test_the_fit_keeps_alpha_and_beta_non_negative():
+def relative_error(points, alpha, beta):
+    """The sum of squared relative errors that the fit minimises (gamma = 0)."""
+    total = 0.0
+    for p, n, seconds in points:
+        a, b, _ = scaling.ALGORITHMS[scaling.mpich_algorithm(p, n)](p, n)
+        total += (1 - (alpha * a + beta * b) / seconds) ** 2
+    return total
+
+
+@pytest.mark.parametrize("points,fitted", [
+    ([(2, 4096, 1e-6), (2, 2 * MB, 1e-3), (2, 8 * MB, 2e-3)], "beta"),   # alpha < 0, free
+    ([(2, 4096, 50e-6), (2, 8 * MB, 40e-6)], "alpha"),                   # beta < 0, free
+])
+def test_the_fit_keeps_alpha_and_beta_non_negative(points, fitted):
     """Timings that grow slower than the bytes (cache effects, noise) would fit a negative
-    latency; the fit keeps it at 0 and fits the bandwidth alone."""
-    points = [(2, 4096, 1e-6), (2, 8 * MB, 2e-3)]
+    latency, or faster bytes than no bytes a negative bandwidth term; the fit keeps that
+    one at 0 and fits the other alone: the best it can be, with the first at 0."""
     alpha, beta = scaling.fit_alpha_beta(points)
-    assert alpha >= 0 and beta > 0
+    found = {"alpha": alpha, "beta": beta}
+    assert found[fitted] > 0 and found[{"alpha": "beta", "beta": "alpha"}[fitted]] == 0.0
+    best = relative_error(points, alpha, beta)
+    for f in (0.99, 1.01):
+        other = dict(found, **{fitted: found[fitted] * f})
+        assert relative_error(points, other["alpha"], other["beta"]) > best
 
 
 # ----------------------------------------------------------------------------- the step
@@ -151,10 +174,17 @@ def test_records():
                for r in weak)
     strong = [r for r in records if r["scaling"] == "strong"]
     assert all(r["global_batch"] == pytest.approx(512) for r in strong)
+    assert {(r["link_gbps"], r["comm_dtype"]) for r in records} == {
+        (link, kind) for link in scaling.LINKS_GBPS for kind in scaling.COMM_DTYPES}
     for r in records:
         assert r["step_ms"] == pytest.approx(r["compute_ms"] + r["comm_ms"])
         assert r["samples_per_second"] == pytest.approx(1e3 * r["global_batch"] / r["step_ms"])
         assert (r["algorithm"] == "none") == (r["nodes"] == 1)
+        assert r["efficiency"] == scaling.efficiency(node(), r["nodes"], 512, r["link_gbps"],
+                                                     r["comm_dtype"], r["scaling"])
+        if r["nodes"] > 1:
+            assert (r["algorithm"] == "alltoallv + allgatherv of 16-bit values") == (
+                r["comm_dtype"] != "float32")
 
 
 @pytest.mark.parametrize("nodes", [64, 256])
@@ -166,6 +196,11 @@ def test_batch_and_link_for_ninety_percent(nodes):
         assert b == 1 or scaling.efficiency(n, nodes, b - 1, link) < 0.9
     link = scaling.link_for_efficiency(n, nodes, 512)
     assert scaling.efficiency(n, nodes, 512, link) == pytest.approx(0.9)
+    assert scaling.link_for_efficiency(n, 1, 512) == 0.0   # one node sends nothing
+    for kind in ("float16", "bfloat16"):   # the 16-bit sums' own costs
+        b = scaling.batch_for_efficiency(n, nodes, 25, comm_dtype=kind)
+        assert scaling.efficiency(n, nodes, b, 25, kind) >= 0.9
+        assert b == 1 or scaling.efficiency(n, nodes, b - 1, 25, kind) < 0.9
     # the default network's 128 rows: latency alone breaks 90 % at 10 us
     small = node(seconds_per_sample=8e-6, update_seconds=0.3e-3, weights=99978)
     assert scaling.link_for_efficiency(small, nodes, 128) == math.inf
@@ -180,9 +215,9 @@ def bench(args, ranks=None):
     return r.stdout, json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("ranks", [None, 2])
-def test_bench_scaling_model(ranks):
-    out, f = bench(TINY + ["--scaling-model", "--json"], ranks)
+def check_scaling_model(out, f, size):
+    """The output `out` and figures `f` of `dpbp.bench --scaling-model --json` at `size`
+    ranks: the records, the self-check line, the Allreduce fit (none at one rank)."""
     records = f["scaling_model"]
     assert records and all(RECORD_KEYS <= set(r) for r in records)
     assert {r["link_gbps"] for r in records} >= {10, 25, 100, 200}
@@ -190,12 +225,11 @@ def test_bench_scaling_model(ranks):
     assert max(r["nodes"] for r in records) >= 1024
     assert all(r["efficiency"] == pytest.approx(1) for r in records if r["nodes"] == 1)
     check = f["scaling_check"]
-    size = 1 if ranks is None else ranks
     assert check["world_size"] == size and check["measured_step_ms"] > 0
     assert f"check            {size} rank{'s' * (size > 1)} on this host: predicted" in out
     assert f"measured {check['measured_step_ms']:.2f} ms: error " in out
     assert "weak scaling" in out and "90 % at 64 nodes" in out and "90 % at 256 nodes" in out
-    if ranks is None:   # one rank sends nothing: no fit, an assumed latency between nodes
+    if size == 1:   # one rank sends nothing: no fit, an assumed latency between nodes
         assert f["allreduce_latency_us"] is None and f["allreduce_gbps"] is None
         assert "Allreduce not measured (one rank)" in out
     else:
@@ -216,18 +250,22 @@ def test_bench_latency_option():
     (["--scaling-model", "--latency-us", "0"], "expected a positive number"),
     (["--scaling-model", "--deterministic"], "it excludes --deterministic"),
 ])
-def test_bench_scaling_options_refused(args, words):
-    r = run_with_timeout([sys.executable, "-m", "dpbp.bench", *args], 60)
+def test_bench_scaling_options_refused(forks, args, words):
+    r = run_forked(forks, "dpbp.bench", args, cwd=ROOT)
     assert r.returncode == 2 and words in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
 
 
-def test_the_check_script():
-    """launch/scaling_check.py runs the bench at 1, 2 and 4 ranks and tabulates the
-    model's predictions next to the measured steps."""
-    r = run_with_timeout([sys.executable, "launch/scaling_check.py", "--repeats", "1", *TINY],
-                         600)
+def test_the_check_script_and_the_scaling_model_at_1_2_and_4_ranks(tmp_path):
+    """launch/scaling_check.py runs `dpbp.bench --scaling-model` at 1, 2 and 4 ranks and
+    tabulates the model's predictions next to the measured steps; each run's output
+    (kept with --keep) has the records, the self-check line and the fit."""
+    r = run_with_timeout([sys.executable, "launch/scaling_check.py", "--repeats", "1",
+                          "--keep", str(tmp_path), *TINY], 600)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "ms" in line]
     assert [row.split("|")[1].strip() for row in rows] == ["1", "2", "4"]
     assert all(row.count(" %") == 2 for row in rows)
+    for size in (1, 2, 4):
+        out = (tmp_path / f"bench-{size}-ranks-1.txt").read_text()
+        check_scaling_model(out, json.loads(out.strip().splitlines()[-1]), size)

@@ -44,7 +44,8 @@ def test_single_process_run_writes_checkpoints_and_metrics(tmp_path, tiny_npz):
     assert r.stderr == ""
     assert "dpbp 0.1.0: 1 rank" in r.stdout and "batch: global 4, per rank 4" in r.stdout
     assert sorted(os.listdir(run_dir / "checkpoints")) == [
-        "epoch-0001.npz", "epoch-0002.npz", "epoch-0003.npz"]
+        "epoch-0001.npz", "epoch-0002.npz", "epoch-0003.npz", "last.npz"]
+    assert os.readlink(run_dir / "checkpoints" / "last.npz") == "epoch-0003.npz"   # relative
     lines = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     assert [m["epoch"] for m in lines] == [1, 2, 3]
     assert all(METRIC_KEYS <= m.keys() and m["world_size"] == 1 for m in lines)
@@ -337,7 +338,7 @@ def test_a_closed_output_does_not_stop_training(tmp_path, tiny_npz):
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 0, err
     assert b"Traceback" not in err and b"broken pipe" not in err
-    assert sorted(os.listdir(run_dir / "checkpoints"))[-1] == "epoch-0003.npz"
+    assert os.readlink(run_dir / "checkpoints" / "last.npz") == "epoch-0003.npz"
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
 
 

@@ -56,8 +56,8 @@ def test_clipping_limits_the_update_identically_on_every_rank(tmp_path, tiny_npz
 
 def test_16_bit_gradient_sums_still_converge(tmp_path):
     """Training with float16 or bfloat16 gradient sums ends within a point or two of
-    float32 sums."""
-    accuracy = {}
+    float32 sums, with other weights (the sums were rounded to 16 bits)."""
+    accuracy, weights = {}, {}
     for kind in ("float32", "float16", "bfloat16"):
         run_dir = tmp_path / kind
         r = run_train(sets(run__dir=f'"{run_dir}"', data__samples=4000, train__epochs=6,
@@ -65,9 +65,12 @@ def test_16_bit_gradient_sums_still_converge(tmp_path):
         assert r.returncode == 0, r.stderr
         accuracy[kind] = [json.loads(line) for line in open(run_dir / "metrics.jsonl")][-1][
             "val_accuracy"]
+        weights[kind] = model_arrays(run_dir / "checkpoints" / "epoch-0006.npz")
     assert accuracy["float32"] > 0.85
     for kind in ("float16", "bfloat16"):
         assert abs(accuracy[kind] - accuracy["float32"]) < 0.02, accuracy
+        assert any(weights[kind][k].tobytes() != weights["float32"][k].tobytes()
+                   for k in weights["float32"]), kind
 
 
 def test_logged_lr_is_the_schedule_at_each_epochs_last_step(tmp_path, tiny_npz):
@@ -111,7 +114,8 @@ def test_early_stopping_ends_the_run_and_keeps_the_best_checkpoint(tmp_path, tin
     assert "; weights sha256 " in lines[-1]
     best = losses.index(min(losses)) + 1   # the earlier of equal ones
     folder = run_dir / "checkpoints"
-    assert sorted(p.name for p in folder.iterdir()) == ["best.npz", f"epoch-{E:04d}.npz"]
+    assert sorted(p.name for p in folder.iterdir()) == ["best.npz", f"epoch-{E:04d}.npz",
+                                                        "last.npz"]
     assert best < E - 2   # so keep_checkpoints = 1 pruned its epoch checkpoint, not best.npz
     r = run_module("dpbp.evaluate", ["--checkpoint", str(folder / "best.npz"), "--json"])
     assert r.returncode == 0, r.stderr

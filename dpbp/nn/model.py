@@ -124,7 +124,10 @@ class Model:
             self.names += [f"model.{i}.{name}" for name, _ in declared.params]
             self.shapes += [tuple(shape) for _, shape in declared.params]
         self.sizes = [math.prod(s) for s in self.shapes]
-        self.params = np.zeros(sum(self.sizes), dtype=dtype)
+        try:
+            self.params = np.zeros(sum(self.sizes), dtype=dtype)
+        except ValueError:   # beyond any array numpy can make: no memory holds it either
+            raise MemoryError(f"{sum(self.sizes)} parameters") from None
         self.grads = np.zeros_like(self.params)
         self.owned = owned   # layer i's parameters: split(buffer)[owned[i]]
         buffer_views = self._buffers(walked)

@@ -36,9 +36,11 @@ import numpy as np
 CHUNK = 32768
 
 
-def load_arrays(state, arrays, source):
+def load_arrays(state, arrays, source, impossible=None):
     """Copy `arrays` ({name: array}, a subset of `state`'s names) into the optimizer's
-    `state` arrays after checking them. Returns None, or a one-line problem."""
+    `state` arrays after checking them, with impossible(arrays) too where given: what
+    the optimizer's update never produces there, in words, or None. Returns None, or a
+    one-line problem."""
     for name, a in arrays.items():
         want = state[name]
         if a.shape != want.shape or a.dtype.kind != want.dtype.kind:
@@ -47,6 +49,10 @@ def load_arrays(state, arrays, source):
                     f"the optimizer needs {kind} of shape {want.shape}")
         if not np.isfinite(a).all() or (a.dtype.kind in "iu" and (a < 0).any()):
             return f"{source}: optimizer.{name} holds NaN, Inf or negative counts"
+    why = impossible(arrays) if impossible else None
+    if why:
+        return (f"{source}: {why}, which the optimizer never writes: the file was altered; "
+                "resume from another checkpoint")
     for name, a in arrays.items():
         state[name][...] = a
     return None
@@ -121,7 +127,19 @@ class AdamW:
         return out
 
     def load_state(self, arrays, source):
-        return load_arrays(self.state(), arrays, source)
+        return load_arrays(self.state(), arrays, source, self.impossible)
+
+    @staticmethod
+    def impossible(arrays):
+        """What no update writes in a state to load: a negative exp_avg_sq (a running
+        mean of squares), a max_exp_avg_sq below it (their running maximum). None if
+        nothing."""
+        v, v_max = arrays.get("exp_avg_sq"), arrays.get("max_exp_avg_sq")
+        if v is not None and (v < 0).any():
+            return "optimizer.exp_avg_sq holds negative values (a mean of squares)"
+        if v is not None and v_max is not None and (v_max < v).any():
+            return "optimizer.max_exp_avg_sq is below optimizer.exp_avg_sq (its maximum)"
+        return None
 
     def nbytes(self):
         """Memory held by the optimizer's state and scratch space."""

@@ -5,7 +5,8 @@ counted by host name, whose cores overlap this rank's; `counted` says so for the
 start-up line), and has a few verbs:
 in-place `allreduce_` on a flat array, `allreduce_max_`, `allreduce_min`/`allreduce_max`
 of an integer, the non-blocking `start_allreduce_max_`, `allgatherv_`, `alltoallv_`,
-`allgatherv_in_place_`, `bcast_`, `bcast_obj`, `barrier` and `replicas_identical`. The
+`allgatherv_in_place_`, `bcast_`, `bcast_obj`, `barrier`, `replicas_identical` and
+`wait` (of a non-blocking one). The
 seconds spent in the gradient sums add up in `wait_seconds`, which the benchmark reads as
 the communication share of a step. `agreement(comm)` is the collective check that turns
 bad input seen on some ranks into one message and a clean stop on all of them. The hot
@@ -71,8 +72,8 @@ class _Done:
 
 
 class AgreedExit(Exception):
-    """Every rank agreed to stop with this exit code; the reason was printed once, by
-    the rank whose `message` holds it (None on the others)."""
+    """Every rank agreed to stop with this exit code; the reason, `message` on every
+    rank, was printed once, by the lowest rank that found it."""
 
     def __init__(self, code, message=None):
         super().__init__(code)
@@ -206,14 +207,22 @@ class Comm:
         self._comm.Allgatherv(self._MPI.IN_PLACE, [buf, (list(counts), list(starts))])
 
 
+def wait(request):
+    """Complete a non-blocking collective (a request from start_allreduce_max_). Every
+    wait for other ranks happens in this module, which is how a watchdog tells a rank
+    that waits for another from one that is stuck (supervise.Watchdog)."""
+    request.Wait()
+
+
 @contextlib.contextmanager
 def agreement(comm, code=2):
     """Collective. Run a block on every rank; if it raised a UserError on any rank, stop all.
 
     The lowest failing rank prints its message, once; every rank then raises
-    AgreedExit(code), which `run()` turns into a plain exit with that code: no traceback,
-    no MPI_Abort. The block itself must not call collectives (a failing rank would never
-    reach them). Other exceptions pass through to `run()`, which aborts the job.
+    AgreedExit(code, message), which `run()` turns into a plain exit with that code: no
+    traceback, no MPI_Abort. The block itself must not call collectives (a failing rank
+    would never reach them). Other exceptions pass through to `run()`, which aborts the
+    job.
     """
     error = None
     try:
@@ -226,8 +235,8 @@ def agreement(comm, code=2):
     if comm.rank == first:
         where = f" (rank {first})" if first > 0 else ""
         print(f"dpbp: error{where}: {error}", file=sys.stderr, flush=True)
-        raise AgreedExit(code, str(error))
-    raise AgreedExit(code)
+    message = comm.bcast_obj(str(error) if comm.rank == first else None, root=first)
+    raise AgreedExit(code, message)   # rank 0 records it (the run record's cause)
 
 
 def launched():

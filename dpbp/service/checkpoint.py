@@ -1,6 +1,7 @@
 """Checkpoints: RUN_DIR/checkpoints/epoch-EEEE.npz at the end of each epoch (EEEE = epochs
 done), and epoch-EEEE-batch-BBBBBB.npz mid-epoch (BBBBBB more batches of the next one done);
-with run.keep_best, best.npz is a copy of the best epoch's.
+with run.keep_best, best.npz is a copy of the best epoch's; last.npz names the newest (a
+relative link to it). Neither is an epoch checkpoint: list_all never lists them.
 
 Entries (all plain arrays, readable with numpy.load(path, allow_pickle=False)):
     model.<i>.<name>                   the torch.nn.Sequential state-dict layout: each
@@ -102,6 +103,22 @@ def best_path(run_dir):
     return os.path.join(run_dir, "checkpoints", "best.npz")
 
 
+def last_path(run_dir):
+    """The newest checkpoint under a stable name: a link to it beside it (run_dir.link_last).
+    Never pruned, and not listed by list_all; --resume PATH, evaluate and predict take it."""
+    return os.path.join(run_dir, "checkpoints", "last.npz")
+
+
+def resolved(path):
+    """A run's last.npz as the checkpoint it names (its link's target, in the same folder);
+    any other path as it is."""
+    if os.path.basename(path) == "last.npz" and os.path.islink(path):
+        target = os.readlink(path)
+        if os.sep not in target:
+            return os.path.join(os.path.dirname(path), target)
+    return path
+
+
 def position_of(path):
     """(epoch, batch) from a checkpoint's file name, or None for another file."""
     m = _NAME.match(os.path.basename(path))
@@ -177,6 +194,10 @@ def restore(state, path, model, optimizer):
             raise UserError(f"checkpoint {path} has no optimizer.{lost[0]}, though it was "
                             f"written with {setting}: it was altered; resume from another "
                             "checkpoint")
+    if "step" in found and found["step"].shape == () and found["step"] > state["step"]:
+        raise UserError(f"checkpoint {path}: optimizer.step = {int(found['step'])} updates, "
+                        f"more than its {state['step']} steps: it was altered; resume from "
+                        "another checkpoint")
     problem = optimizer.load_state(found, f"checkpoint {path}")
     if problem:
         raise UserError(problem)

@@ -11,6 +11,7 @@ import difflib
 import json
 import math
 import os
+import stat
 import typing
 from dataclasses import dataclass
 
@@ -31,7 +32,9 @@ class RunConfig:
     sync_check_steps: int = 100    # compare a checksum of every rank's parameters (0 = off)
     watchdog_seconds: float = 600.0  # no step ends for this long: dump stacks, end (0 = off)
     log_every_steps: int = 0       # also log every this many steps to steps.jsonl (0 = off)
-    keep_best: bool = False        # keep checkpoints/best.npz: the epoch of lowest val_loss
+    keep_best: bool = False        # keep checkpoints/best.npz: the epoch of the best best_metric
+    best_metric: str = "val_loss"  # "val_loss" (lower is better) | "val_accuracy" (higher):
+                                   # what keep_best, early stopping and plateau watch
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,14 @@ class TrainConfig:
     eps: float = 1e-8              # adamw only: added to the root of the second moment
     amsgrad: bool = False          # adamw only: use the largest second moment so far
     schedule: str = "constant"     # "constant" | "step" | "cosine" (to 0 at the last epoch)
+                                   # | "plateau" (torch's ReduceLROnPlateau on run.best_metric)
     milestones: tuple[int, ...] = ()   # step schedule: epochs after which lr *= gamma
     gamma: float = 0.1             # step schedule: the factor at each milestone
+    plateau_factor: float = 0.1    # plateau: lr *= factor after a plateau
+    plateau_patience: int = 10     # plateau: epochs without improvement that are a plateau
+    plateau_threshold: float = 1e-4   # plateau: an improvement beats the best by this (relative)
+    plateau_cooldown: int = 0      # plateau: epochs after a reduction that are not counted
+    min_lr: float = 0.0            # plateau: the lr is never reduced below this
     warmup_epochs: float = 0.0     # linear warmup from 0, ramped per step
     lr_scaling: str = "none"       # "none" | "linear": lr * batch_size / base_batch_size
     base_batch_size: int = 256     # the batch size that lr was tuned for (linear scaling)
@@ -87,7 +96,8 @@ class TrainConfig:
     deterministic: bool = False    # the same bits at every world size (see README)
     grains: int = 4                # deterministic: equal parts of each batch, shared by ranks
     early_stopping_patience: int = 0   # stop after this many epochs without improvement (0 = off)
-    early_stopping_min_delta: float = 0.0   # an improvement: val_loss below the best by more
+    early_stopping_min_delta: float = 0.0   # an improvement: beats the best run.best_metric by
+                                            # more than this (in its unit: accuracy a fraction)
 
 
 @dataclass(frozen=True)
@@ -98,17 +108,22 @@ class Config:
     train: TrainConfig = TrainConfig()
 
 
+PLATEAU_KEYS = ("plateau_factor", "plateau_patience", "plateau_threshold", "plateau_cooldown",
+                "min_lr")
 MAX_CLASSES = 1 << 16   # a larger label is a mistake, not a network to build
+MAX_INT = 2 ** 63 - 1   # integers are int64 where they are saved (checkpoints) and used
+MAX_CONFIG_BYTES = 1 << 20   # a config file is a few hundred bytes: a larger one is a mistake
 MAX_GRAINS = 1024   # train.grains: a grain's float32 gradient keeps 21 - ceil(log2 grains) bits
 
 CHOICES = {
+    "run.best_metric": ("val_loss", "val_accuracy"),
     "data.source": ("synthetic", "npz", "npy", "csv", "mnist"),
     "data.mnist_t10k": ("test", "val"),
     "model.activation": ("relu", "tanh", "sigmoid"),
     "model.dtype": ("float32", "float64"),
     "train.loss": ("cross_entropy", "mse"),
     "train.optimizer": ("sgd", "adamw"),
-    "train.schedule": ("constant", "step", "cosine"),
+    "train.schedule": ("constant", "step", "cosine", "plateau"),
     "train.lr_scaling": ("none", "linear"),
     "train.comm_dtype": ("float32", "float16", "bfloat16"),
     "train.on_nonfinite": ("stop", "skip"),
@@ -152,6 +167,9 @@ def _convert(key, value, t, where):
     if not ok:
         raise UserError(f"{where}: {key} must be {_type_name(t)}, got "
                         f"{shown(toml_value(value))}")
+    if t is int and not -MAX_INT - 1 <= value <= MAX_INT:   # TOML's own bound, too
+        raise UserError(f"{where}: {key} must be an integer of 64 bits (at most {MAX_INT} "
+                        f"in magnitude), got {shown(value)}")
     if t is str and not _utf8(value):
         raise UserError(f"{where}: {key} must be UTF-8 text, got {ascii(value)} (a path "
                         "with bytes that are not UTF-8 cannot be saved in config.toml)")
@@ -186,6 +204,9 @@ SYNONYMS = {
     "adam_epsilon": "train.eps", "patience": "train.early_stopping_patience",
     "min_delta": "train.early_stopping_min_delta", "dropout_rate": "model.dropout",
     "drop_rate": "model.dropout", "save_best": "run.keep_best", "save_best_only": "run.keep_best",
+    "monitor": "run.best_metric", "metric": "run.best_metric", "factor": "train.plateau_factor",
+    "cooldown": "train.plateau_cooldown", "threshold": "train.plateau_threshold",
+    "eta_min": "train.min_lr",
 }
 
 
@@ -276,7 +297,8 @@ def validate(cfg):
         _check_choice(cfg, key, choices)
     t, d, m = cfg.train, cfg.data, cfg.model
     _check(cfg.run.dir.strip() != "", "run.dir", "a non-empty path", cfg.run.dir)
-    _check(cfg.run.seed >= 0, "run.seed", ">= 0", cfg.run.seed)
+    _check(0 <= cfg.run.seed <= MAX_INT, "run.seed", f"in [0, {MAX_INT}] (2**63 - 1)",
+           cfg.run.seed)
     _check(d.source == "synthetic" or d.path != "", "data.path",
            f'set for data.source = "{d.source}"', d.path)
     _check(0 <= d.val_fraction < 1, "data.val_fraction", "in [0, 1)", d.val_fraction)
@@ -348,6 +370,29 @@ def validate_features(cfg):
            t.early_stopping_patience)
     _check(math.isfinite(t.early_stopping_min_delta) and t.early_stopping_min_delta >= 0,
            "train.early_stopping_min_delta", ">= 0", t.early_stopping_min_delta)
+    _check(cfg.run.best_metric != "val_accuracy" or t.loss == "cross_entropy", "run.best_metric",
+           '"val_loss" when train.loss = "mse" (val_accuracy is a classifier\'s)',
+           cfg.run.best_metric)
+    validate_plateau(t, defaults)
+
+
+def validate_plateau(t, defaults):
+    """The plateau schedule's keys: in range, and at their defaults under another
+    schedule, where they would have no effect."""
+    _check(math.isfinite(t.plateau_factor) and 0 < t.plateau_factor < 1,
+           "train.plateau_factor", "in (0, 1)", t.plateau_factor)
+    _check(t.plateau_patience >= 0, "train.plateau_patience", ">= 0", t.plateau_patience)
+    _check(math.isfinite(t.plateau_threshold) and t.plateau_threshold >= 0,
+           "train.plateau_threshold", ">= 0", t.plateau_threshold)
+    _check(t.plateau_cooldown >= 0, "train.plateau_cooldown", ">= 0", t.plateau_cooldown)
+    _check(math.isfinite(t.min_lr) and t.min_lr >= 0, "train.min_lr", ">= 0", t.min_lr)
+    if t.schedule != "plateau":
+        for key in PLATEAU_KEYS:
+            default = getattr(defaults, key)
+            _check(getattr(t, key) == default, f"train.{key}",
+                   f'left at its default {toml_value(default)}: it has no effect with '
+                   f'train.schedule = "{t.schedule}" (it is the plateau schedule\'s)',
+                   getattr(t, key))
 
 
 def validate_layers(m):
@@ -380,20 +425,34 @@ def _parse_toml(text, where):
         raise UserError(f"{where}: invalid TOML: arrays or tables nested too deeply") from None
 
 
+def named_set(text):
+    """'--set TEXT' for a message, on one line (a value that spans lines, escaped)."""
+    return f"--set {shown(text if chr(10) not in text else ascii(text)[1:-1])}"
+
+
 def parse_override(text):
-    """'section.key=VALUE' as {section: {key: value}}. VALUE is TOML (0.05, true,
-    [256, 128], "npz"); what is not TOML is taken as a bare string (npz, ~/data/x.npz),
-    which the key's type then accepts or refuses."""
+    """'section.key=VALUE' as {section: {key: value}}. VALUE is one TOML value (0.05,
+    true, [256, 128], "npz"; an array may span lines); what is not TOML is taken as a
+    bare string (npz, ~/data/x.npz), which the key's type then accepts or refuses. A
+    value that spans lines must be one TOML value: text that parses as more than one
+    (`0.1` and a line `x = 2` after it) is refused, never cut short."""
     name, sep, value = text.partition("=")
     parts = name.strip().split(".")
+    where = named_set(text)
     if not sep or len(parts) != 2 or not all(parts):
-        raise UserError(f"--set {shown(text)}: expected section.key=VALUE, e.g. --set "
-                        "train.lr=0.05")
+        raise UserError(f"{where}: expected section.key=VALUE, e.g. --set train.lr=0.05")
     try:
-        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+        parsed = tomllib.loads(f"v = {value.strip()}")
     except (tomllib.TOMLDecodeError, RecursionError):
-        parsed = value.strip()
-    return {parts[0]: {parts[1]: parsed}}
+        parsed = None
+    if parsed is not None and list(parsed) != ["v"]:
+        raise UserError(f"{where}: the value holds more than one TOML value (a line "
+                        f"{shown(', '.join(k for k in parsed if k != 'v'))} = ... after it); "
+                        "give one value per --set")
+    if parsed is None and "\n" in value.strip():
+        raise UserError(f"{where}: the value spans lines but is not one TOML value; a bare "
+                        "word (a string without quotes) is one line")
+    return {parts[0]: {parts[1]: value.strip() if parsed is None else parsed["v"]}}
 
 
 def load(path=None, overrides=(), base=None, check=True):
@@ -407,7 +466,7 @@ def load(path=None, overrides=(), base=None, check=True):
     if path:
         cfg = from_dict(_read_file(path), cfg, check=False, where=f"config file {path}")
     for text in overrides:
-        cfg = from_dict(parse_override(text), cfg, check=False, where=f"--set {shown(text)}")
+        cfg = from_dict(parse_override(text), cfg, check=False, where=named_set(text))
     if base is not None and cfg.data.source != base.data.source:
         named = named_keys(path, overrides)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **{
@@ -419,12 +478,23 @@ def load(path=None, overrides=(), base=None, check=True):
 
 
 def _read_file(path):
-    """The TOML file at `path` as nested dicts."""
+    """The TOML file at `path` as nested dicts: a regular file of at most
+    MAX_CONFIG_BYTES (a device, a pipe or a folder is refused before anything is read)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)   # a pipe: no wait for a writer
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UserError(f"config file {path}: not a regular file (a device, a pipe or "
+                            "a folder); give a TOML file")
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise UserError(f"config file {path}: {e.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise UserError(f"config file {path}: larger than {MAX_CONFIG_BYTES:,} bytes; a dpbp "
+                        "config is a few hundred bytes of TOML: is it the right file?")
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise UserError(f"config file {path}: not UTF-8 text (TOML files are UTF-8)") from None
     return _parse_toml(text, f"config file {path}")

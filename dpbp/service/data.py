@@ -8,9 +8,9 @@ on its own rows of each global batch; see sharding.py. Sources (`data.source`):
     npz        arrays x (n, D) or images (n, C, H, W), and y: (n,) integer labels or
                (n, C) float targets; optional x_val, y_val are the validation set
     npy        a folder of x.npy and y.npy (optional x_val.npy, y_val.npy), as for npz;
-               the x arrays stay on disk, memory-mapped, and rows are read (and cast to
-               the model's dtype) as batches need them, so ranks on one node share the
-               page cache instead of each holding a copy
+               the x arrays stay on disk, and rows are read (verified, and cast to the
+               model's dtype) as batches need them (npy.py), so ranks on one node share
+               the page cache instead of each holding a copy
     csv        a .csv file: the label (or regression target) in the first column, the
                features after it; a first line whose first field is not a number is a
                header, and skipped
@@ -40,9 +40,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from dpbp.errors import UserError
+from dpbp.parallel.evaluation import input_limit
 from dpbp.service import synthetic
 from dpbp.service.config import MAX_CLASSES, DataConfig
 from dpbp.service.files import read_npz
+from dpbp.service.npy import NpyFile
 
 MNIST_FILES = {
     "x": "train-images-idx3-ubyte", "y": "train-labels-idx1-ubyte",
@@ -51,12 +53,12 @@ MNIST_FILES = {
 
 
 class Rows:
-    """Rows of an array that stays on disk (a read-only memory map from np.load), read and
-    cast to `dtype` when indexed: `rows[slice]` or `rows[array of row numbers]` returns
-    a new contiguous array of just those rows. `index` (sorted row numbers of `base`, or
-    None for all) is a validation split taken without copying the whole array. Ranks on
-    one node then share the file's pages in the page cache instead of each holding a
-    private copy."""
+    """Rows of an array that stays on disk (an npy.NpyFile), read, verified and cast to
+    `dtype` when indexed: `rows[slice]` or `rows[array of row numbers]` returns a new
+    contiguous array of just those rows (a UserError where the file changed since it was
+    opened). `index` (sorted row numbers of `base`, or None for all) is a validation
+    split taken without copying the whole array. Ranks on one node then share the file's
+    pages in the page cache instead of each holding a private copy."""
 
     def __init__(self, base, index, dtype):
         self.base, self.index, self.dtype = base, index, np.dtype(dtype)
@@ -75,9 +77,24 @@ class Rows:
         return self[:] if dtype is None else self[:].astype(dtype, copy=False)
 
 
-def row_chunks(a, nbytes=1 << 24):
+def read_rows(a, rows):
+    """(x, None): the rows `rows` of `a`, an array in memory or Rows read from disk. Where
+    a's file changed or was cut short since it was opened: (rows of NaN in their place,
+    the UserError). A step on NaN rows is not finite on every rank alike (train_step),
+    so no rank updates, and the guard then stops every rank with the problem
+    (guard.after_step): reading adds no collective to a step."""
+    if not isinstance(a, Rows):
+        return a[rows], None
+    try:
+        return a[rows], None
+    except UserError as e:   # DP: the NaN tells every rank, in the gradient sum
+        count = len(np.arange(len(a))[rows])
+        return np.full((count, *a.shape[1:]), np.nan, dtype=a.dtype), e
+
+
+def row_chunks(a, nbytes=1 << 22):
     """The rows of `a` (an array or Rows) in consecutive blocks of about `nbytes`, so a
-    pass over a large memory-mapped array never holds more than one block in memory."""
+    pass over a large array on disk never holds more than one block in memory."""
     row_bytes = max(1, math.prod(a.shape[1:]) * np.dtype(a.dtype).itemsize)
     step = max(1, nbytes // row_bytes)
     for start in range(0, len(a), step):
@@ -85,30 +102,51 @@ def row_chunks(a, nbytes=1 << 24):
 
 
 def all_finite(a):
-    """No NaN or Inf in `a` (an array or Rows); checked block by block."""
+    """No NaN or Inf in `a` (an array, NpyFile or Rows); checked block by block (an
+    NpyFile knows from its opening pass)."""
+    if isinstance(a, NpyFile):
+        return a.finite
     if not np.issubdtype(a.dtype, np.floating):
         return True
     return all(np.isfinite(block).all() for block in row_chunks(a))
 
 
-def crc32(a):
-    """CRC-32 of the bytes of `a` (an array or Rows), computed block by block."""
+def largest(a):
+    """The largest magnitude of the values of `a` (an array or Rows, whose values
+    all_finite found finite; Inf where the cast to its dtype overflowed), block by
+    block. For Rows, that of its whole file (from its opening pass, npy.NpyFile), cast
+    to the Rows' dtype: casting keeps the order, so the largest cast value is the cast
+    largest, and a split is checked with its file."""
+    if isinstance(a, Rows):
+        with np.errstate(over="ignore"):
+            return float(np.float64(a.base.largest).astype(a.dtype))   # float64: exact
+    return max((float(np.abs(b).max()) for b in row_chunks(a) if b.size), default=0)
+
+
+def crc32(a, dtype=None):
+    """CRC-32 of the bytes of `a` (an array or Rows), computed block by block; with
+    `dtype`, of its values cast to that dtype."""
     crc = 0
     for block in row_chunks(a):
-        crc = zlib.crc32(np.ascontiguousarray(block).view(np.uint8), crc)
+        crc = zlib.crc32(np.ascontiguousarray(block, dtype=dtype).view(np.uint8), crc)
     return crc
 
 
-def identity(data):
+def identity(data, dtype=None):
     """What the data are, cheap to compare: every array's name, shape, dtype and CRC-32,
     e.g. "x (1800, 256) float32 crc 5d0f2a1c; y (1800,) int64 crc 0b7e..." (the text
-    that checkpoints keep; identity_arrays reads it back)."""
-    return arrays_identity({"x": data.x, "y": data.y, "x_val": data.x_val, "y_val": data.y_val})
+    that checkpoints keep; identity_arrays reads it back). With `dtype`, the identity the
+    same data have when loaded for a network of that dtype (inputs and float targets
+    cast to it), to compare with a checkpoint of another model.dtype."""
+    return arrays_identity({"x": data.x, "y": data.y, "x_val": data.x_val, "y_val": data.y_val},
+                           dtype)
 
 
-def arrays_identity(arrays):
-    """identity() of the arrays {name: array or None}."""
-    return "; ".join(f"{name} {tuple(a.shape)} {a.dtype} crc {crc32(a):08x}"
+def arrays_identity(arrays, dtype=None):
+    """identity() of the arrays {name: array or None} (`dtype`: see identity)."""
+    def cast(a):   # the dtype load() gives it for a network of `dtype`
+        return np.dtype(dtype) if dtype is not None and a.ndim >= 2 else a.dtype
+    return "; ".join(f"{name} {tuple(a.shape)} {cast(a)} crc {crc32(a, cast(a)):08x}"
                      for name, a in arrays.items() if a is not None)
 
 
@@ -177,7 +215,8 @@ def rows_described(shape):
 
 def flattened(x, images):
     """x as the network takes it: as it is for a list of layers (`images`), else rows of
-    features, images flattened in torch's (C, H, W) order (a view where x allows)."""
+    features, images flattened in torch's (C, H, W) order (a view where x allows; an
+    npy.NpyFile reading the same file)."""
     return x if images or x is None or x.ndim <= 2 else x.reshape(len(x), -1)
 
 
@@ -261,19 +300,19 @@ def _cast(a, dtype, where):
     """Inputs and float targets in the model's dtype (labels stay int64), checked to fit it."""
     if a is None or a.ndim == 1:
         return a
-    if isinstance(a, np.memmap):   # stays on disk; its rows are cast as they are read
+    if isinstance(a, NpyFile):   # stays on disk; its rows are cast as they are read
         out = Rows(a, None, dtype)
     elif isinstance(a, Rows):
         out = Rows(a.base, a.index, dtype)
     else:
         with np.errstate(over="ignore"):   # overflow is reported just below
             out = np.ascontiguousarray(a, dtype=dtype)
-    if not all_finite(out):
+    biggest = largest(out)   # _check_pair refused NaN: an Inf here is overflow
+    if not math.isfinite(biggest):
         raise UserError(f"{where}: values too large for {np.dtype(dtype).name} (beyond "
                         f"{np.finfo(dtype).max:.3g}); scale the data or use float64")
-    largest = max((float(np.abs(b).max()) for b in row_chunks(out) if b.size), default=0)
-    if largest > math.sqrt(np.finfo(dtype).max):   # their products would overflow
-        raise UserError(f"{where}: values up to {largest:.3g} in magnitude: a network's "
+    if biggest > input_limit(dtype):   # their products would overflow
+        raise UserError(f"{where}: values up to {biggest:.3g} in magnitude: a network's "
                         f"products of them overflow {np.dtype(dtype).name} (beyond "
                         f"{np.finfo(dtype).max:.3g}); scale the data, e.g. standardise "
                         "the features")
@@ -304,8 +343,8 @@ NPY_FILES = ("x", "y", "x_val", "y_val")
 
 def _open_npy(folder, names=NPY_FILES):
     """NAME.npy of `names` from `folder` (x and y must be there; x_val, y_val, x_test and
-    y_test may), memory-mapped: nothing is read here beyond the headers. The x arrays
-    stay on disk as Rows; the targets, small next to them, are read into memory."""
+    y_test may). The x arrays stay on disk, as NpyFiles: read once here for their
+    checksums, then by rows. The targets, small next to them, are read into memory."""
     if os.path.isfile(folder):
         raise UserError(f"data.path: {folder} is a file; data.source = \"npy\" reads a "
                         "folder of x.npy and y.npy (for an .npz file: data.source = \"npz\")")
@@ -321,15 +360,21 @@ def _open_npy(folder, names=NPY_FILES):
                                 "y_val.npy, x_test.npy and y_test.npy)")
             continue
         try:
-            with open(path, "rb") as f:
-                magic = f.read(6)
-            if magic != b"\x93NUMPY":
-                raise ValueError("it does not start with the .npy magic string")
-            a = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError, EOFError) as e:
-            raise UserError(f"{path}: not a readable .npy file ({e})") from None
-        arrays[key] = a if key.startswith("x") else np.array(a)
+            arrays[key] = NpyFile(path) if key.startswith("x") else _read_npy(path)
+        except OSError as e:
+            raise UserError(f"{path}: cannot read it ({e.strerror})") from None
     return arrays
+
+
+def _read_npy(path):
+    """The array of a small .npy file, read into memory (without unpickling)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                raise ValueError("it does not start with the .npy magic string")
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"{path}: not a readable .npy file ({e})") from None
 
 
 def _read_csv(path, loss):
@@ -548,7 +593,7 @@ def _split(arrays, fraction, seed, where):
     perm = np.random.default_rng([seed, 0x5A11]).permutation(n)
     train, val = np.sort(perm[n_val:]), np.sort(perm[:n_val])
     x = arrays["x"]
-    if isinstance(x, np.memmap):   # stays on disk: the split is a list of row numbers
+    if isinstance(x, NpyFile):   # stays on disk: the split is a list of row numbers
         return {"x": Rows(x, train, x.dtype), "y": arrays["y"][train],
                 "x_val": Rows(x, val, x.dtype), "y_val": arrays["y"][val]}
     return {"x": x[train], "y": arrays["y"][train], "x_val": x[val], "y_val": arrays["y"][val]}

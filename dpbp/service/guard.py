@@ -1,12 +1,13 @@
 """What the training loop calls after a step and after an epoch: the run's reliability.
 
     with Guard(comm, run, say, signals, watchdog) as guard:   # run: a startup.Run
-        ... each step:  code = guard.after_step(ok, position, loss_sum)
+        ... each step:  code = guard.after_step(ok, position, loss_sum, ...)
         ... each epoch: code = guard.after_epoch(record, position, loss_total, line)
         a code that is not None is the run's exit code: stop there (0: early stopping).
 
 Behind these two calls: the watchdog (fed by both), stop requests from signals and the
-ranks' vote on them, the policy for non-finite steps, the periodic check that replicas
+ranks' vote on them, rows that could not be read (data changed under the run), the
+policy for non-finite steps, the periodic check that replicas
 are still identical, mid-epoch checkpoints, the epoch's checkpoint with its line of
 metrics, the best checkpoint (run.keep_best) and early stopping, both decided from the
 history of validation losses (history.py). Every check is agreed by all ranks (the
@@ -35,7 +36,7 @@ class Guard:
         self.signals, self.watchdog = signals, watchdog
         self.batches = sharding.num_batches(len(run.data.x), run.cfg.train.batch_size)
         self.stop = 0   # a signal the ranks agreed to stop for, at the last step
-        self.val_losses = list(run.val_losses)   # of every epoch so far, from the first
+        self.scores = list(run.scores)   # run.best_metric of every epoch so far, from the first
 
     def __enter__(self):
         self.signals.defer()
@@ -47,15 +48,17 @@ class Guard:
         self.vote.__exit__(*exc)
         self.watchdog.stop()
 
-    def after_step(self, ok, position, loss_sum, epoch_done, step_loss, N):
+    def after_step(self, ok, position, loss_sum, epoch_done, step_loss, N, unread=None):
         """Collective, after every step. `position` is where the run now is, `loss_sum`
         this rank's partial loss sum of the epoch; `epoch_done` when the step ended it;
-        `step_loss` this rank's loss sum of the step's global batch of N rows."""
+        `step_loss` this rank's loss sum of the step's global batch of N rows; `unread`
+        why this rank's rows could not be read (they were NaN: data.read_rows)."""
         self.watchdog.feed()
         comm, cfg, step = self.comm, self.cfg, position.step
         if cfg.run.log_every_steps and step % cfg.run.log_every_steps == 0:
             self.log_step(ok, position, step_loss, N)
         if not ok:
+            stop_unread(comm, unread)
             stop_on_nonfinite(comm, cfg.train.on_nonfinite, position)
         if cfg.run.sync_check_steps and step % cfg.run.sync_check_steps == 0:
             check_replicas(comm, self.model, f"by step {step}")
@@ -74,13 +77,14 @@ class Guard:
         self.watchdog.feed()
         stop_unless_finite(self.comm, position.epoch, loss_total, record["val_loss"])
         check_replicas(self.comm, self.model, f"in epoch {position.epoch}")
-        self.val_losses.append(record["val_loss"])
-        best = self.cfg.run.keep_best and history.best_epoch(self.val_losses) == position.epoch
-        tc, last = self.cfg.train, position.epoch == self.cfg.train.epochs
-        early = not last and history.stop_early(tc, self.val_losses)
+        cfg, last = self.cfg, position.epoch == self.cfg.train.epochs
+        self.scores.append(record[cfg.run.best_metric])
+        best = cfg.run.keep_best and history.best_epoch(
+            self.scores, history.MODES[cfg.run.best_metric]) == position.epoch
+        early = not last and history.stop_early(cfg, self.scores)
         if early:
             record["stopped"] = "early_stopping"
-            line += f"  stopped: {history.why_stopped(tc)} (early stopping)"
+            line += f"  stopped: {history.why_stopped(cfg)} (early stopping)"
         path = self.save(position, 0.0, record, best)
         self.say(line)
         self.watchdog.feed()
@@ -125,6 +129,15 @@ def stopped_by(signum, path, position, say):
         f"and {plural(position.batch, 'batch', 'batches')}; saved {path}; continue with "
         f"the same command and --resume (or --resume auto), in run.dir {run}")
     return 128 + signum
+
+
+def stop_unread(comm, problem):
+    """Collective, after a step that was not finite. Where a rank's rows could not be
+    read (their file changed or was cut short, so it trained on NaN rows), every rank
+    stops with that `problem` (exit 2), before anything more is saved."""
+    with mpi.agreement(comm):
+        if problem is not None:
+            raise problem
 
 
 def stop_on_nonfinite(comm, policy, position):

@@ -7,14 +7,15 @@ Both launchers' forms are read, one host a line, with `#` comments and blank lin
     node03             one slot
 
 and written back in the form of the launcher at hand, so one file serves either MPI.
-A host named twice has the sum of its slots.
+A host named twice has the sum of its slots. `parse_list` reads the same hosts given
+inline, node01:16,node02:16 (dpbp.launch -H).
 """
 
 import re
 
 from dpbp.errors import UserError
 
-_MPICH = re.compile(r"^([^\s:#]+)(?::(\d+))?$")
+_MPICH = re.compile(r"^([^\s:#]+)(?::([0-9]+))?$")   # ASCII digits: int() takes others
 _OPEN_MPI = re.compile(r"^([^\s:#]+)((?:\s+[a-z_]+=\S+)+)$")
 
 
@@ -26,7 +27,7 @@ def parse_line(line, where):
     m = _OPEN_MPI.match(line)
     if m:
         fields = dict(item.split("=", 1) for item in m.group(2).split())
-        if fields.get("slots", "1").isdigit():
+        if re.fullmatch("[0-9]+", fields.get("slots", "1")):
             return m.group(1), int(fields.get("slots", 1))
     raise UserError(f"{where}: cannot read {line!r}; expected HOST, HOST:SLOTS (MPICH) or "
                     "HOST slots=SLOTS (Open MPI)")
@@ -36,7 +37,7 @@ def read(path):
     """[(host, slots), ...] in the file's order, each host once; UserError if the file
     cannot be read or a line is malformed. Hosts with 0 slots are left out."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:   # a byte-order mark is no host
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"hostfile {path}: cannot read it ({getattr(e, 'strerror', e)})"
@@ -58,3 +59,17 @@ def render(hosts, flavour):
     """The hostfile's text for `flavour` "mpich" (host:slots) or "openmpi" (host slots=N)."""
     form = "{}:{}" if flavour == "mpich" else "{} slots={}"
     return "".join(form.format(host, n) + "\n" for host, n in hosts)
+
+
+def parse_list(text):
+    """[(host, slots), ...] of an inline host list, HOST[:SLOTS][,HOST[:SLOTS]...] (as
+    horovodrun -H and mpirun --host take it), each host once; UserError where an item
+    is malformed. Hosts with 0 slots are left out."""
+    slots = {}
+    for item in text.split(","):
+        m = _MPICH.match(item.strip())
+        if not m:
+            raise UserError(f"-H {text}: cannot read {item.strip()!r}; expected "
+                            "HOST:SLOTS[,HOST:SLOTS...], e.g. -H node01:4,node02:4")
+        slots[m.group(1)] = slots.get(m.group(1), 0) + int(m.group(2) or 1)
+    return [(host, n) for host, n in slots.items() if n > 0]

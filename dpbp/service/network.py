@@ -143,19 +143,38 @@ def from_weights(state, path):
     return from_config(cfg, outputs), (int(state["model.0.weight"].shape[1]),)
 
 
-KEYS = ("model.hidden", "model.activation", "model.dropout", "model.layers")   # from_config's
+# The keys that define a network and how its outputs are read: evaluate and predict run
+# the checkpoint's own (model.dtype aside: the weights are cast).
+KEYS = ("model.hidden", "model.activation", "model.dropout", "model.layers", "model.classes",
+        "train.loss")
 
 
 def check_unchanged(saved, cfg, layers, path):
-    """A command that applies checkpoint `path` (saved config `saved`) uses the network it
-    records (`layers`: specs, input shape): a config `cfg` that changes the keys that
-    describe a network is refused, rather than ignored."""
+    """A command that applies checkpoint `path` (saved config `saved`) runs the network
+    it records (`layers`: specs, input shape): a config `cfg` that would change it (a key
+    of KEYS; model.classes may name the network's own output width) is refused with one
+    line, rather than ignored. Returns notes: model.dtype may change, the weights cast."""
     old, new = config.flat(saved), config.flat(cfg)
+    width = output_width(*layers)
     for key in KEYS:
-        if old[key] != new[key]:
-            raise UserError(f"{key}: the network is the one checkpoint {path} records "
-                            f"({describe(*layers)}); the command line may change the data, not "
-                            "the network")
+        if old[key] != new[key] and not (key == "model.classes" and new[key] == width):
+            raise UserError(f"{key} = {config.toml_value(new[key])} would change the network "
+                            f"of checkpoint {path} ({describe(*layers)}; {key} = "
+                            f"{config.toml_value(old[key])}): it runs its own network; leave "
+                            f"{key} out of --config and --set")
+    if old["model.dtype"] == new["model.dtype"]:
+        return []
+    return [f"model.dtype: the {old['model.dtype']} network of {path} runs in "
+            f"{new['model.dtype']}, as the command line asks (its weights cast)"]
+
+
+def summary(layers, cfg):
+    """The network that runs, for evaluate's JSON: its specs, its input shape, the dtype
+    it runs in and the loss its outputs are read with."""
+    specs, input_shape = layers
+    return {"network": describe(specs, input_shape), "layers": specs,
+            "input_shape": list(input_shape), "dtype": cfg.model.dtype,
+            "loss": cfg.train.loss}
 
 
 def check_fits(model, data, where):

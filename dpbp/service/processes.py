@@ -43,11 +43,11 @@ def become_subreaper():
     return _prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
-def start(cmd, death_signal, env=None):
+def start(cmd, death_signal, env=None, pass_fds=()):
     """Popen `cmd` in a new session, stdout and stderr piped, with `death_signal` sent to
     it when the thread that calls this dies (the main thread: call it from there), that
     is, when this process dies. Set in the child before exec; if this process died
-    before that, the child ends itself at once."""
+    before that, the child ends itself at once. `pass_fds` stay open in the child."""
     parent = os.getpid()
 
     def in_child():
@@ -56,7 +56,7 @@ def start(cmd, death_signal, env=None):
             os.kill(os.getpid(), death_signal)
 
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True, preexec_fn=in_child)
+                            start_new_session=True, preexec_fn=in_child, pass_fds=pass_fds)
 
 
 def stat(pid):

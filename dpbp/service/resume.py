@@ -30,9 +30,11 @@ from dpbp.service import data as datasets
 
 AUTO = "auto"
 # Keys a resumed run may not change: they define the network, the global batch or the
-# optimizer (whose state the checkpoint holds).
+# optimizer (whose state the checkpoint holds), or the metric that its best checkpoint,
+# early stopping and plateau schedule have watched from its first epoch.
 FIXED_ON_RESUME = ("model.hidden", "model.activation", "model.classes", "model.dropout",
-                   "model.layers", "train.loss", "train.batch_size", "train.optimizer")
+                   "model.layers", "train.loss", "train.batch_size", "train.optimizer",
+                   "run.best_metric")
 
 
 @dataclasses.dataclass
@@ -128,10 +130,11 @@ def _before_first_checkpoint(args, cmd, target, found, restart):
 def _from_path(args, cmd, target, found, ckpts):
     """--resume PATH: continue this run from PATH (its newest checkpoint), or branch off
     from it into `target`, another run directory."""
-    path = args.resume
+    path = checkpoint.resolved(args.resume)   # last.npz: the checkpoint it names
     state = run_dir.checked(path)
     home = run_dir.home_of(path)
     if home is not None and os.path.realpath(home) == os.path.realpath(target):
+        path = own_checkpoint(path, state, home)
         newer = [p for pos, p in ckpts if pos > (state["epoch"], state["batch"])]
         if newer:
             raise UserError(
@@ -159,6 +162,21 @@ def _from_path(args, cmd, target, found, ckpts):
         check_no_stray_files(target, restart=False)
     cfg, more = resumed_config(state["config"], path, args.config, args.set, target)
     return Plan("resume", cfg, found, path, state, (), parent, state["data"], notes + more)
+
+
+def own_checkpoint(path, state, home):
+    """PATH, a loaded checkpoint `state` in the checkpoints folder of the run in `home`,
+    as that run's checkpoint of its position: best.npz or a copied last.npz stands for it
+    only where it is a copy of it (the same digest), never another run's copied in."""
+    if checkpoint.position_of(path) is not None:
+        return path
+    named = checkpoint.path_for(home, state["epoch"], state["batch"])
+    same = run_dir.verified(named)
+    if same is None or same["digest"] != state["digest"]:
+        raise UserError(f"--resume {path}: it is not a copy of this run's checkpoint of its "
+                        f"position ({named} is missing or differs); continue the run with "
+                        "--resume, or branch from it into another run.dir")
+    return named
 
 
 def continued_config(args, found, state, path, target, restart):
@@ -208,10 +226,13 @@ def resumed_config(saved_toml, path, config_file, overrides, target):
     changed = [k for k in old if old[k] != new[k] and k != "run.dir"]
     for key in changed:
         if key in FIXED_ON_RESUME:
+            what = ("the metric its best checkpoint, early stopping and plateau schedule "
+                    "watch (start a new run to change it)" if key == "run.best_metric" else
+                    "network, global batch and optimizer (start a new run to change it, "
+                    "with model.init for the weights)")
             raise UserError(f"--resume: {key} was {config.toml_value(old[key])} in {path}, "
                             f"now {config.toml_value(new[key])}; a resumed run keeps its "
-                            "network, global batch and optimizer (start a new run to change "
-                            "it, with model.init for the weights)")
+                            + what)
     notes = []
     for k in changed:
         why = {"model.init": " (ignored: the checkpoint has the weights)"}.get(

@@ -10,6 +10,7 @@
     RUN_DIR/checkpoints/epoch-EEEE.npz  a checkpoint per epoch, the newest run.keep_checkpoints
     RUN_DIR/checkpoints/epoch-EEEE-batch-BBBBBB.npz   mid-epoch ones (see checkpoint.py)
     RUN_DIR/checkpoints/best.npz        run.keep_best: a copy of the best epoch's checkpoint
+    RUN_DIR/checkpoints/last.npz        the newest checkpoint: a relative link to it
 
 `RunFiles.claim` locks the directory before any of its files is read (resume.py then
 decides what the command does there); `prepare` writes the run's start, `save` its
@@ -20,6 +21,7 @@ has passed, and a run never overwrites a file that is not its own.
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import os
@@ -30,7 +32,12 @@ import sys
 from dpbp.errors import UserError
 from dpbp.service import checkpoint, config, history, record
 from dpbp.service.data import identity_arrays, identity_difference
-from dpbp.service.files import remove_stale_temporaries, write_atomic
+from dpbp.service.files import (
+    TEMP_PREFIX,
+    TEMP_SUFFIX,
+    remove_stale_temporaries,
+    write_atomic,
+)
 
 # Keys whose change on resume changes which samples train and which validate.
 SPLIT_KEYS = ("run.seed", "data.source", "data.path", "data.val_fraction", "data.samples",
@@ -222,6 +229,32 @@ def copy_atomic(source, target):
         write_atomic(target, lambda out: shutil.copyfileobj(f, out))
 
 
+def link_last(run_dir, path):
+    """Make RUN_DIR/checkpoints/last.npz name the checkpoint `path`, a file beside it: a
+    relative link, put in place atomically (a copy where the filesystem has no links).
+    With `path` None, remove it: the run has no checkpoint of its own yet."""
+    last = checkpoint.last_path(run_dir)
+    folder = os.path.dirname(last)
+    if path is None:
+        if os.path.lexists(last):
+            os.unlink(last)
+        return
+    tmp = os.path.join(folder, f"{TEMP_PREFIX}last{TEMP_SUFFIX}")
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    try:
+        os.symlink(os.path.basename(path), tmp)
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        copy_atomic(path, last)
+        return
+    # Not fsynced (6 ms a checkpoint, measured): the next checkpoint's write fsyncs the
+    # folder, a journaling filesystem commits this rename before the pruning that
+    # follows it, and every start points last.npz at the run's checkpoint again.
+    os.replace(tmp, last)
+
+
 def _without_stop(line):
     """A metrics line without the "stopped" mark: the run goes on past that epoch."""
     if '"stopped"' not in line:
@@ -326,13 +359,16 @@ class RunFiles:
         notes = []
         try:   # the record first: from then on, whatever follows belongs to the run
             best, notes = (None, []) if not cfg.run.keep_best else settle_best(
-                run_dir, source, history.val_losses(earlier, start.epoch),
-                plan.found.best if plan.found else None)
+                run_dir, source, history.scores_of(earlier, start.epoch, cfg.run.best_metric),
+                plan.found.best if plan.found else None, cfg.run.best_metric)
             self.record = record.write(run_dir, self._started(plan, start, data_id,
                                                               world_size, change, best))
             for path, _ in plan.damaged:
                 os.replace(path, path + ".damaged")
             remove_stale_temporaries(os.path.join(run_dir, "checkpoints"))
+            own = source is not None and os.path.realpath(source) == os.path.realpath(run_dir)
+            link_last(run_dir, checkpoint.path_for(run_dir, start.epoch, start.batch)
+                      if own else None)   # the checkpoint it continues, or none of its own
             write_atomic(config_path(run_dir),
                          lambda f: f.write((CONFIG_HEADER + config.to_toml(cfg)).encode()))
             write_atomic(metrics_path(run_dir), lambda f: f.write("".join(kept).encode()))
@@ -365,9 +401,11 @@ class RunFiles:
         0) first append its line of `metrics`. (In this order, a crash between the two
         leaves a metrics line that `prepare` drops on resume, never a missing one.) With
         `best`, copy it to checkpoints/best.npz and name it in the record (a crash between
-        the two is settled on resume: settle_best). Then delete checkpoints beyond the
-        newest run.keep_checkpoints, this one being durable by now. Returns the path."""
+        the two is settled on resume: settle_best). Point checkpoints/last.npz at it. Then
+        delete checkpoints beyond the newest run.keep_checkpoints, this one being durable
+        by now. Returns the path."""
         path = checkpoint.path_for(cfg.run.dir, position.epoch, position.batch)
+        doing = f"cannot append to {metrics_path(cfg.run.dir)}"   # for a message
         try:
             if metrics is not None:
                 if self._first_on_other_data(position.step):
@@ -376,21 +414,26 @@ class RunFiles:
                     f.write(json.dumps(metrics, allow_nan=False) + "\n")
                     f.flush()
                     os.fsync(f.fileno())   # durable before the checkpoint that follows it
+            doing = f"cannot save {path}"
             digest = checkpoint.save(path, model, optimizer, position, world_size,
                                      config.to_toml(cfg), loss_sums, data_id)
             if best:
+                doing = f"saved {path}, but cannot copy it to {checkpoint.best_path(self.dir)}"
                 copy_atomic(path, checkpoint.best_path(cfg.run.dir))
+                doing = f"saved {path}, but cannot name it the best in {record.path(self.dir)}"
                 self.record = record.write(self.dir, dataclasses.replace(
                     self.record, best={"epoch": position.epoch, "digest": digest}))
+            link_last(cfg.run.dir, path)
             keep = cfg.run.keep_checkpoints
             if keep:
                 for _, old in checkpoint.list_all(cfg.run.dir)[:-keep]:
+                    doing = f"saved {path}, but cannot delete the older {old}"
                     os.unlink(old)
         except OSError as e:
             hint = ("earlier checkpoints are intact, --resume continues from the newest"
                     if checkpoint.list_all(cfg.run.dir) else "rerun the same command to "
                     "start afresh")
-            raise UserError(f"cannot save {path} ({e.strerror}); {hint}") from None
+            raise UserError(f"{doing} ({e.strerror}); {hint}") from None
         return path
 
     def _first_on_other_data(self, end_step):
@@ -400,13 +443,13 @@ class RunFiles:
         return self.record is not None and any(begin <= c["step"] < end_step
                                                for c in self.record.data_changes)
 
-    def settle_finished(self, found, state, tc):
+    def settle_finished(self, found, state, cfg):
         """A run with nothing left to do, as `state` says: its record says so too
         (written where it said otherwise: its last process died before it could, or the
         record is new, built from a run of before records)."""
         if found.state != state or not os.path.exists(record.path(self.dir)):
             self.record = found
-            self.finish(state, history.why_stopped(tc) if state == "early_stopped" else None)
+            self.finish(state, history.why_stopped(cfg) if state == "early_stopped" else None)
 
     def finish(self, state, cause=None):
         """Record how the run ended (record.STATES); a failure to write is only said:
@@ -486,17 +529,17 @@ def sign(lock):
 
 # ----------------------------------------------------------------------------- best.npz
 
-def settle_best(run_dir, source, losses, recorded):
+def settle_best(run_dir, source, scores, recorded, metric="val_loss"):
     """run.keep_best at a (re)start: make RUN_DIR/checkpoints/best.npz hold the best epoch
-    of the history the run continues (`losses`: val_loss of every epoch so far), taken
-    from `source`, the run directory resumed from (this one, or the one a branch
-    leaves): its own best.npz or that epoch's checkpoint. A best.npz that is not the
+    of the history the run continues (`scores`: `metric`, run.best_metric, of every
+    epoch so far), taken from `source`, the run directory resumed from (this one, or the
+    one a branch leaves): its own best.npz or that epoch's checkpoint. A best.npz that is not the
     run's own (`recorded`: the record's best; or a copy of its own checkpoint) is set
     aside as best.npz.foreign (.damaged where it does not verify). Returns (the record's
     best, notes)."""
     target, notes = checkpoint.best_path(run_dir), []
     current = _own_best(run_dir, recorded, notes)
-    best = history.best_epoch(losses)
+    best = history.best_epoch(scores, history.MODES[metric])
     if best is None or source is None:
         if current is not None:
             os.unlink(target)
@@ -516,9 +559,9 @@ def settle_best(run_dir, source, losses, recorded):
             return {"epoch": best, "digest": state["digest"]}, notes
     if os.path.exists(target):
         os.unlink(target)
-    notes.append(f"run.keep_best: no checkpoint of epoch {best} (val_loss "
-                 f"{losses[best - 1]:.6g}, the lowest so far) is left; checkpoints/best.npz "
-                 "will be the first later epoch with a lower val_loss")
+    notes.append(f"run.keep_best: no checkpoint of epoch {best} ({metric} "
+                 f"{scores[best - 1]:.6g}, the best so far) is left; checkpoints/best.npz "
+                 f"will be the first later epoch with a better {metric}")
     return None, notes
 
 

@@ -49,7 +49,7 @@ class Run:
     loss_fn: object                 # nn.losses.cross_entropy or mse
     start: Position                 # where the run starts (a checkpoint's position)
     loss_sum: float                 # this rank's partial loss sum of the starting epoch
-    val_losses: list                # val_loss of every epoch before the start (history.py)
+    scores: list                    # run.best_metric of every epoch before the start (history.py)
     files: run_dir.RunFiles | None  # rank 0's hold on the run directory (else None)
 
 
@@ -124,11 +124,11 @@ def _set_up_in(args, comm, say, watchdog, files, plan, restart):
     for array in optimizer.state().values():    # DP: and so do the optimizers
         comm.bcast_(array)
     summed = gradient_sum(cfg.train, comm, model)
-    start, saved_sums, val_losses = starting_point(comm, plan)
-    ended = finished(cfg, start, val_losses, say)
+    start, saved_sums, scores = starting_point(comm, plan)
+    ended = finished(cfg, start, scores, say)
     if ended:   # left untouched, but for its record
         if comm.rank == 0:
-            files.settle_finished(plan.found, ended, cfg.train)
+            files.settle_finished(plan.found, ended, cfg)
         for note in notes:
             say(note)
         return None
@@ -153,7 +153,7 @@ def _set_up_in(args, comm, say, watchdog, files, plan, restart):
         say(note)
     loss_sum = summed.resumed_loss(*saved_sums)
     return Run(cfg, data, data_id, model, optimizer, summed, LOSSES[cfg.train.loss], start,
-               loss_sum, val_losses, files)
+               loss_sum, scores, files)
 
 
 def printed_config(args, cmd, restart):
@@ -226,9 +226,9 @@ def check_arithmetic(comm):
 
 
 def starting_point(comm, plan):
-    """Collective. (Position, (loss sums, world size), val losses): those of rank 0's
-    plan's checkpoint and its run's history of validation losses (metrics.jsonl of the
-    run directory holding it), or the start."""
+    """Collective. (Position, (loss sums, world size), scores): those of rank 0's plan's
+    checkpoint and its run's history of run.best_metric (metrics.jsonl of the run
+    directory holding it), or the start."""
     saved = None
     with mpi.agreement(comm):
         if plan is not None and plan.how == "resume":
@@ -236,15 +236,15 @@ def starting_point(comm, plan):
             position = Position.of(state)
             lines = run_dir.read_metrics(home) if home else []
             saved = (position, [float(s) for s in state["loss_sums"]], state["world_size"],
-                     history.val_losses(lines, position.epoch))
+                     history.scores_of(lines, position.epoch, plan.cfg.run.best_metric))
     saved = comm.bcast_obj(saved)
     if saved is None:
         return Position(), ([0.0], 1), []
-    position, sums, world_size, val_losses = saved
-    return position, (sums, world_size), val_losses
+    position, sums, world_size, scores = saved
+    return position, (sums, world_size), scores
 
 
-def finished(cfg, start, val_losses, say):
+def finished(cfg, start, scores, say):
     """How a resumed run that has nothing left to do ended: "completed" (all its epochs)
     or "early_stopped" (and would again, with this config's early stopping), said in a
     line; None while it has epochs to train."""
@@ -253,19 +253,20 @@ def finished(cfg, start, val_losses, say):
         say(f"nothing to do: the run in {cfg.run.dir} already completed "
             f"{plural(start.epoch, 'epoch')} of {tc.epochs}")
         return "completed"
-    if start.batch == 0 and history.stop_early(tc, val_losses):
+    if start.batch == 0 and history.stop_early(cfg, scores):
         say(f"nothing to do: the run in {cfg.run.dir} stopped early after "
-            f"{plural(start.epoch, 'epoch')} ({history.why_stopped(tc)}); to train on, "
+            f"{plural(start.epoch, 'epoch')} ({history.why_stopped(cfg)}); to train on, "
             "raise train.early_stopping_patience or set it to 0")
         return "early_stopped"
     return None
 
 
 def check_validation_needed(cfg, data):
-    """run.keep_best and early stopping go by the validation loss: a UserError without
-    validation data."""
+    """run.keep_best, early stopping and the plateau schedule go by a validation metric
+    (run.best_metric): a UserError without validation data."""
     for key, on in (("run.keep_best", cfg.run.keep_best),
-                    ("train.early_stopping_patience", cfg.train.early_stopping_patience)):
+                    ("train.early_stopping_patience", cfg.train.early_stopping_patience),
+                    ('train.schedule = "plateau"', cfg.train.schedule == "plateau")):
         if on and data.x_val is None:
             raise UserError(f"{key} needs validation data, and the {cfg.data.source} data "
                             "has none (data.val_fraction = 0 and no x_val); set "
@@ -287,7 +288,7 @@ def describe_run(comm, threads, why, cfg, data, model, summed, arith):
         f"{cfg.run.dir}"]
     if arith is not None:
         lines.append(f"arithmetic: {arith}, the same on every rank")
-    lines.insert(4, f"optimizer: {describe_optimizer(tc)}")
+    lines.insert(4, f"optimizer: {describe_optimizer(tc, cfg.run.best_metric)}")
     if tc.deterministic and tc.grains % comm.size:
         lines.append(f"note: {plural(tc.grains, 'grain')} do not split evenly over "
                      f"{plural(comm.size, 'rank')}; train.grains = a multiple of {comm.size} "
@@ -306,11 +307,15 @@ def describe_run(comm, threads, why, cfg, data, model, summed, arith):
     return "\n".join(lines)
 
 
-def describe_optimizer(tc):
+def describe_optimizer(tc, metric="val_loss"):
     """The optimizer's settings in a few words, e.g. 'SGD, lr 0.1 (cosine to 0, after a
-    1-epoch warmup), momentum 0.9 (Nesterov), weight decay 0.0005'."""
+    1-epoch warmup), momentum 0.9 (Nesterov), weight decay 0.0005'; `metric` is the one
+    the plateau schedule watches."""
     schedule = {"constant": "constant", "cosine": "cosine to 0",
-                "step": f"x {tc.gamma:g} after epochs {list(tc.milestones)}"}[tc.schedule]
+                "step": f"x {tc.gamma:g} after epochs {list(tc.milestones)}",
+                "plateau": f"x {tc.plateau_factor:g} on a {metric} plateau: patience "
+                           f"{tc.plateau_patience}, threshold {tc.plateau_threshold:g}, "
+                           f"cooldown {tc.plateau_cooldown}, min_lr {tc.min_lr:g}"}[tc.schedule]
     if tc.warmup_epochs:
         schedule += f", after a {tc.warmup_epochs:g}-epoch warmup"
     if tc.optimizer == "adamw":

@@ -23,6 +23,7 @@ import numpy as np
 
 from dpbp import entry
 from dpbp.errors import Stopped
+from dpbp.parallel import comm as mpi
 
 
 class StopSignals:
@@ -99,7 +100,7 @@ class StopVote:
         self._request = comm.start_allreduce_max_(self._ballot)
 
     def poll(self):
-        self._request.Wait()
+        mpi.wait(self._request)
         agreed = int(self._ballot[0])
         self._ballot[0] = self.signals.received
         self._request = self.comm.start_allreduce_max_(self._ballot)
@@ -109,7 +110,7 @@ class StopVote:
         return self
 
     def __exit__(self, *exc):
-        self._request.Wait()
+        mpi.wait(self._request)
 
 
 def signal_name(signum):
@@ -154,8 +155,22 @@ class Watchdog:
         while not self._stopped.wait(min(1.0, self.seconds / 4 or 1.0)):
             if self.seconds > 0 and time.monotonic() > self._deadline:
                 print(f"dpbp: rank {self.rank}: {self.doing} in {self.seconds:g} s "
-                      "(run.watchdog_seconds); its stack follows; ending the job",
-                      file=sys.stderr, flush=True)
+                      f"(run.watchdog_seconds), {where_main_thread_is()}; its stack "
+                      "follows; ending the job", file=sys.stderr, flush=True)
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 self._on_timeout()
                 return
+
+
+def where_main_thread_is():
+    """For the watchdog's line: "waiting in MPI for another rank" where the main thread
+    is inside a communication verb (comm.py, where every wait for other ranks happens),
+    else "stuck outside MPI (in FILE:LINE FUNCTION)": this rank is the one that froze.
+    dpbp.launch reads it to name the rank that failed."""
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    if frame is None:
+        return "stuck outside MPI"
+    if os.path.realpath(frame.f_code.co_filename) == os.path.realpath(mpi.__file__):
+        return "waiting in MPI for another rank"
+    return (f"stuck outside MPI (in {os.path.basename(frame.f_code.co_filename)}:"
+            f"{frame.f_lineno} {frame.f_code.co_name})")

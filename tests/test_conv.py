@@ -236,30 +236,23 @@ def test_dropout_masks_images_in_torchs_unit_order_in_any_layout():
     assert outs[0].tobytes() == outs[1].tobytes() == outs[2].tobytes()
 
 
-def row_count_sensitive(a, b, /, out=None, **kwargs):
-    """np.matmul whose bits depend on the number of rows of its product, as some BLAS
-    kernels' do."""
-    result = MATMUL(a, b, out=out, **kwargs)
-    result *= 1 + 2.0 ** -40 * (a.shape[-2] % 7)
-    return result
-
-
-MATMUL = np.matmul
-
-
-def test_blocks_are_counted_from_the_first_row_a_layer_is_given(monkeypatch):
-    """With products whose bits depend on their row count, the convolutions give the
-    rows of a part of a batch that starts at a block's start the bits of those rows in
-    the whole batch, forward and in evaluation. (A Linear's one product over all rows
-    would not: the bitwise claims rest on the same grains, the same evaluation blocks.)"""
-    monkeypatch.setattr(np, "matmul", row_count_sensitive)
+def test_blocks_are_counted_from_the_first_row_a_layer_is_given(sensitive):
+    """With products whose bits depend on their row count (tests/sensitive.py), the
+    convolutions give the rows of a part of a batch that starts at a block's start the
+    bits of those rows in the whole batch, forward and in evaluation, where they make
+    whole blocks there too (a short last block computes other bits, and so would a
+    Linear's one product over all rows: the bitwise claims rest on every rank computing
+    the same grains, the same evaluation blocks)."""
     model = cnn(np.float64, [s for s in CNN if s["type"] not in ("dropout", "linear")])
     x = np.random.default_rng(6).normal(size=(4 * conv.BLOCK + 5, 2, 8, 8))
     whole = model.forward(x).copy()
     B = conv.BLOCK
-    for part in (slice(B, 3 * B), slice(2 * B, None), slice(0, B + 2)):
+    for part in (slice(B, 3 * B), slice(2 * B, None)):   # whole blocks, and the batch's end
         assert model.forward(x[part]).tobytes() == whole[part].tobytes()
         assert model.infer(x[part]).tobytes() == whole[part].tobytes()
+    head = model.forward(x[:B + 2])   # its first block is the whole batch's; not its last
+    assert head[:B].tobytes() == whole[:B].tobytes()
+    assert head[B:].tobytes() != whole[B:B + 2].tobytes()
 
 
 @pytest.mark.parametrize("spec,shape,words", [

@@ -3,10 +3,11 @@
 A tiny CNN (conv, relu, max pooling, conv, average pooling, dropout, flatten, linear) on
 1 x 8 x 8 images: N ranks under mpirun give the weights of one process in float64 to
 1e-10 (uneven shards, ranks without rows); train.deterministic gives the same bits at
-1 to 4 ranks and across a resume at another world size, with a matrix product whose bits
-depend on the BLAS thread count (tests/thread_sensitive.py); evaluate and predict give
-the same bits in one process and under mpirun. The config's model.layers, the image
-data of every source, and the refusals at start-up, which name the layer and the shapes.
+1 to 4 ranks and across a resume at another world size, with matrix products whose bits
+depend on the BLAS thread count and their row count (tests/sensitive.py); evaluate and
+predict give the same bits in one process and under mpirun. The config's model.layers,
+the image data of every source, and the refusals at start-up, which name the layer and
+the shapes.
 The one-process runs go through the commands' own main() in this process (the
 `in_process` and `train` fixtures), the multi-rank ones through mpirun."""
 
@@ -119,7 +120,7 @@ def test_n_ranks_match_one_process(tmp_path, tiny_images, train):
 
 def test_deterministic_bits_at_1_to_4_ranks_across_a_resume_and_in_evaluation(
         tmp_path, tiny_images, train, in_process, sensitive):
-    """train.deterministic with a thread-sensitive matrix product: one process (here,
+    """train.deterministic with kernel-sensitive matrix products: one process (here,
     2 BLAS threads allowed), 4 ranks, and a run stopped mid-epoch at 2 ranks of 2 threads
     and resumed at 3 end with the same bits and log. Evaluate gives the last epoch's
     logged figures, and predict the same bits, in one process and under mpirun."""

@@ -118,14 +118,28 @@ def bench_dpbp(comm, net, N, warmup, steps, tc):
     state = (model.params.nbytes + model.grads.nbytes + summed.scratch_bytes()
              + optimizer.nbytes() + sum(a.nbytes for a in model.buffers.values()))
     loss = 3 * model.output_shape[-1] * model.params.itemsize * B   # outputs' gradient, softmax
-    return seconds, waits, updates, cpu, state + x.nbytes + row_buffer_bytes(model) + loss, model
+    return seconds, waits, updates, cpu, state + x.nbytes + row_buffer_bytes(model, x) + loss, \
+        model
 
 
-def row_buffer_bytes(model):
-    """What the layers hold after a step: the row buffers of their own (outputs, input
-    gradients, masks, random bits, scratch space), not views of other arrays."""
-    return sum(a.nbytes for layer in model.layers for a in vars(layer).values()
-               if isinstance(a, np.ndarray) and a.base is None)
+def row_buffer_bytes(model, x):
+    """What the layers hold after a step: the memory of their row buffers (outputs, input
+    gradients, masks, random bits, scratch space), each counted once however many views
+    of it they hold (a channels-last buffer is a transposed view), but not the model's
+    flat buffers nor the batch `x`."""
+    def root(a):
+        while a.base is not None:
+            a = a.base
+        return a
+    held = {}
+    for layer in model.layers:
+        for value in vars(layer).values():
+            for a in value if isinstance(value, tuple) else (value,):
+                if isinstance(a, np.ndarray):
+                    held[id(root(a))] = root(a)
+    for a in (model.params, model.grads, *model.buffers.values(), x):
+        held.pop(id(root(a)), None)
+    return sum(a.nbytes for a in held.values())
 
 
 def gemm_rates(comm, dtype, windows=3, window_seconds=0.2):
@@ -293,6 +307,10 @@ TORCH_LAYERS = {
     "tanh": lambda nn, shape: nn.Tanh(),
     "sigmoid": lambda nn, shape: nn.Sigmoid(),
     "dropout": lambda nn, shape, p: nn.Dropout(p),
+    "conv2d": lambda nn, shape, out_channels, **kw: nn.Conv2d(shape[0], out_channels, **kw),
+    "maxpool2d": lambda nn, shape, **kw: nn.MaxPool2d(**kw),
+    "avgpool2d": lambda nn, shape, **kw: nn.AvgPool2d(**kw),
+    "flatten": lambda nn, shape: nn.Flatten(),
 }
 
 
@@ -701,7 +719,8 @@ def what_to_time(args):
         raise UserError(f"{given[0]} is the config's beside --config (its model and "
                         "train.batch_size): change them with --set")
     cfg = config.load(args.config, args.set)
-    input_shape, outputs = datasets.peek(cfg.data, cfg.train.loss, cfg.model.classes)
+    input_shape, outputs = datasets.peek(cfg.data, cfg.train.loss, cfg.model.classes,
+                                         images=bool(cfg.model.layers))
     args.batch_size = cfg.train.batch_size
     return Net(network.from_config(cfg.model, outputs), input_shape, cfg.model.dtype)
 

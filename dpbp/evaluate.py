@@ -78,7 +78,8 @@ def rows_of(split, cfg, data):
     """(x, y) of the `split` ("val" or "test") of the run's data (`data`, as loaded for
     `cfg`); a UserError where it has none."""
     if split == "test":
-        return datasets.load_test(cfg.data, cfg.train.loss, cfg.model.dtype, data)
+        return datasets.load_test(cfg.data, cfg.train.loss, cfg.model.dtype, data,
+                                  images=bool(cfg.model.layers))
     if data.x_val is None:
         raise UserError(f"the {cfg.data.source} data of this config has no validation set "
                         "(data.val_fraction = 0 and no x_val); nothing to evaluate on")
@@ -160,7 +161,8 @@ PARSER.add_argument("--config", metavar="PATH",
 PARSER.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[],
                     help="override one key of the checkpoint's config (repeatable), e.g. "
                          "--set 'data.path=\"other.npz\"'; not its network (model.hidden, "
-                         "activation, dropout, classes, train.loss): model.dtype may change")
+                         "activation, dropout, layers, classes, train.loss): model.dtype "
+                         "may change")
 PARSER.add_argument("--json", action="store_true",
                     help="print one JSON object (loss, accuracy, per_class_accuracy, "
                          "confusion_matrix, ...) instead of text")

@@ -3,8 +3,9 @@
     python -m dpbp.predict --checkpoint runs/default/checkpoints/epoch-0010.npz \
                            --input x.npy --output probabilities.npy
 
-The input is a .npy of shape (n, features): n rows of the shape the network was
-trained on (its checkpoint records it). For a cross-entropy network the output is float64 (n, classes): the softmax of the
+The input is a .npy of n rows of the shape the network was trained on (its checkpoint
+records it): (n, features), or images (n, C, H, W) for a network of model.layers that
+takes them. For a cross-entropy network the output is float64 (n, classes): the softmax of the
 network's outputs, each row summing to 1. For an MSE network it is the outputs
 themselves, float64 (n, outputs) (with integer labels, the per-class scores). Under
 `mpirun -n N` every rank computes its share of the rows, in blocks at fixed offsets (so
@@ -22,6 +23,7 @@ from dpbp.parallel import comm as mpi
 from dpbp.parallel.evaluation import outputs
 from dpbp.parallel.threads import limit_blas_threads
 from dpbp.service import config
+from dpbp.service.data import rows_described
 from dpbp.service.files import write_atomic
 from dpbp.service.restore import load_checkpoint, restore_model
 
@@ -47,7 +49,7 @@ def open_input(path, input_shape):
                         f"{takes}: save it as x[None]")
     if x.shape[1:] != tuple(input_shape) or x.ndim == 0:
         raise UserError(f"--input {path}: shape {x.shape}, but the network takes "
-                        f"{takes}: n samples of {'x'.join(map(str, input_shape))} features")
+                        f"{takes}: n samples of {rows_described(input_shape)}")
     return x
 
 
@@ -108,7 +110,8 @@ PARSER.add_argument("--checkpoint", metavar="PATH", required=True,
                     help="a checkpoint written by dpbp.train, or a run directory: its newest "
                          "valid checkpoint")
 PARSER.add_argument("--input", metavar="X.npy", required=True,
-                    help="inputs, a .npy of shape (n, features), numbers, finite")
+                    help="inputs, a .npy of shape (n, features), or (n, C, H, W) for a "
+                         "network that takes images; numbers, finite")
 PARSER.add_argument("--output", metavar="Y.npy", required=True,
                     help="where to write the predictions (.npy, written atomically; "
                          "never the input)")

@@ -241,6 +241,48 @@ MUTANTS = [
            "    _check(math.isfinite(r.watchdog_seconds),",
            ("tests/test_config.py::test_bad_overrides_name_the_key",
             "tests/test_properties.py")),
+    # Convolutions, pooling and networks of model.layers.
+    Mutant("conv-grads-kept-without-rows", "dpbp/nn/conv.py",
+           "        np.copyto(grads[0], dWk",
+           "        if B: np.copyto(grads[0], dWk",
+           ("tests/test_cnn.py::test_n_ranks_match_one_process",)),
+    Mutant("maxpool-grad-to-every-tie", "dpbp/nn/conv.py",
+           "            hit &= ~taken                       # not where an earlier element was largest\n",
+           "",
+           ("tests/test_conv.py::test_pooling_matches_the_reference",)),
+    Mutant("maxpool-ties-kept-from-last-call", "dpbp/nn/conv.py",
+           "        dx[...], taken[...] = 0, False",
+           "        dx[...] = 0",
+           ("tests/test_cnn.py::test_deterministic_bits_at_1_to_4_ranks_across_a_resume_and_in_evaluation",)),
+    Mutant("conv-blocks-from-the-end", "dpbp/nn/conv.py",
+           "        for start in range(0, len(x), BLOCK):\n"
+           "            stop = min(start + BLOCK, len(x))\n"
+           "            y = np.matmul",
+           "        for stop in range(len(x), 0, -BLOCK):\n"
+           "            start = max(0, stop - BLOCK)\n"
+           "            y = np.matmul",
+           ("tests/test_conv.py::test_blocks_are_counted_from_the_first_row_a_layer_is_given",)),
+    Mutant("flatten-in-memory-order", "dpbp/nn/conv.py",
+           "        np.copyto(self.y[:B].reshape(x.shape), x)",
+           "        np.copyto(self.y[:B], np.reshape(np.asarray(x).ravel(order='K'), (B, D)))",
+           ("tests/test_conv.py::test_flatten_takes_torchs_order_from_channels_last_memory",)),
+    Mutant("dropout-units-in-memory-order", "dpbp/nn/layers.py",
+           "        kept = np.greater_equal(bits.reshape(B, *F), self.threshold, out=self.kept[:B])",
+           "        kept = np.greater_equal(bits.reshape(B, *F[1:], F[0]).transpose(0, 3, 1, 2)\n"
+           "                                if len(F) == 3 else bits.reshape(B, *F), self.threshold,\n"
+           "                                out=self.kept[:B])",
+           ("tests/test_conv.py::test_dropout_masks_images_in_torchs_unit_order_in_any_layout",)),
+    Mutant("layers-beside-hidden-accepted", "dpbp/service/config.py",
+           '    _unused(m, ("hidden", "activation", "dropout"), ModelConfig(),',
+           '    _unused(m, (), ModelConfig(),',
+           ("tests/test_cnn.py::test_layers_that_make_no_network_are_refused_by_name",)),
+    Mutant("last-layer-width-unchecked", "dpbp/service/network.py",
+           "    if model.output_shape[0] != data.num_outputs:",
+           "    if False:",
+           ("tests/test_cnn.py::test_networks_that_do_not_fit_the_data_are_refused_naming_layer_and_shapes",)),
+    Mutant("resume-changes-the-layers", "dpbp/service/resume.py",
+           '"model.layers", "train.loss"', '"train.loss"',
+           ("tests/test_cnn.py::test_resume_and_evaluate_keep_the_layers",)),
 ]
 
 

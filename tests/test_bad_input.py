@@ -221,6 +221,10 @@ CASES = [
     Case("epochs-negative", given("train.epochs=-3"), ("train.epochs must be >= 1, got -3",)),
     Case("hidden-width-0", given("model.hidden=[8, 0]"), ("model.hidden", "widths >= 1")),
     # (model.hidden = [] is not bad input: it is a linear model)
+    Case("layers-linear-on-images",   # checked against the data's shape: every rank
+         given("model.hidden=[256, 128]", 'model.layers=[{type = "linear", out_features = 10}]'),
+         ("model.layers: layer 0 (linear)", "got rows of shape (1, 16, 16); put a flatten "
+          "before it"), TWO),
     Case("unknown-activation", given('model.activation="gelu"'),
          ("model.activation must be one of", '"relu"')),
     Case("unknown-loss", given('train.loss="l1"'), ("train.loss must be one of", '"mse"')),
@@ -294,9 +298,9 @@ CASES = [
     Case("npz-member-not-an-array", zip_of_bytes, ("d.npz", "'x' is not a .npy array")),
     Case("npz-without-x", npz(y=np.zeros(3, int)), ("d.npz", "missing array 'x'")),
     Case("npz-without-y", npz(x=np.zeros((3, 2))), ("d.npz", "missing array 'y'")),
-    Case("x-1d", npz(x=np.zeros(3), y=np.zeros(3, int)), ("d.npz", "x must be 2-D")),
+    Case("x-1d", npz(x=np.zeros(3), y=np.zeros(3, int)), ("d.npz", "x must be (n, features) or images (n, C, H, W)", "(3,)")),
     Case("x-no-features", npz(x=np.zeros((3, 0)), y=np.zeros(3, int)),
-         ("d.npz", "x must be 2-D (n, features >= 1)", "(3, 0)")),
+         ("d.npz", "x must be (n, features) or images", "sizes >= 1", "(3, 0)")),
     Case("y-scalar", npz(x=np.zeros((3, 2)), y=np.int64(1)), ("d.npz", "y has none (a scalar)")),
     Case("y-2d-labels", npz(x=np.zeros((2, 2)), y=np.array([[0], [1]])),
          ("d.npz", "y must be integer class labels of shape (n,)")),

@@ -102,12 +102,17 @@ def test_the_factory_builds_from_specs_and_walks_the_input_shape():
 
 @pytest.mark.parametrize("layers,words", [
     ([], "the network has no layers"),
-    ([{"type": "conv"}], "layer 0: unknown type 'conv'; the types are dropout, linear"),
+    ([{"type": "conv"}], "layer 0: unknown type 'conv'; the types are avgpool2d, conv2d, "
+                         "dropout, flatten, linear"),
     ([{"out_features": 3}], "layer 0: expected a table with a type"),
-    ([{"type": "linear"}], "layer 0 (linear) takes out_features, got none"),
-    ([{"type": "relu", "p": 0.5}], "layer 0 (relu) takes no arguments, got p"),
-    ([{"type": "dropout", "p": 0.1, "inplace": True}], "layer 0 (dropout) takes p, got "
-                                                       "inplace, p"),
+    ([{"type": "linear"}], "layer 0 (linear): out_features is missing; linear takes "
+                           "out_features (out_features required)"),
+    ([{"type": "relu", "p": 0.5}], "layer 0 (relu): unknown key 'p'; relu takes no arguments"),
+    ([{"type": "dropout", "p": 0.1, "inplace": True}], "layer 0 (dropout): unknown key "
+                                                       "'inplace'; dropout takes p (p required)"),
+    ([{"type": "conv2d", "out_channels": 2, "kernel_size": 3, "dilation": 2}],
+     "layer 0 (conv2d): unknown key 'dilation'; conv2d takes out_channels, kernel_size, "
+     "stride, padding, bias (out_channels, kernel_size required)"),
     ([{"type": "linear", "out_features": 0}], "layer 0 (linear): out_features must be an "
                                               "integer >= 1, got 0"),
     ([{"type": "dropout", "p": 1.0}], "layer 0 (dropout): p must be a number in [0, 1)"),
@@ -120,7 +125,8 @@ def test_specs_that_make_no_network_are_named(layers, words):
 
 def test_linear_refuses_rows_that_are_not_vectors():
     with pytest.raises(ValueError, match=r"layer 0 \(linear\): linear takes rows of "
-                                         r"features \(B, D_in\), got rows of shape \(1, 4, 4\)"):
+                                         r"features \(D_in,\), got rows of shape \(1, 4, 4\); "
+                                         "put a flatten before it"):
         Model([{"type": "linear", "out_features": 3}], (1, 4, 4), np.float32)
 
 

@@ -63,6 +63,21 @@ def choice(key):
     return st.sampled_from(config.CHOICES[key])
 
 
+# Layers as model.layers takes them (their shapes are checked against the data later)
+LAYER = st.sampled_from([
+    {"type": "conv2d", "out_channels": 4, "kernel_size": [2, 3], "stride": [1, 2],
+     "padding": 1, "bias": False},
+    {"type": "relu"}, {"type": "tanh"}, {"type": "sigmoid"}, {"type": "flatten"},
+    {"type": "maxpool2d", "kernel_size": 2}, {"type": "avgpool2d", "kernel_size": 3,
+                                                "stride": 1, "padding": 1}]) | st.builds(
+    lambda n: {"type": "conv2d", "out_channels": n, "kernel_size": 3}, st.integers(1, INT64)) \
+    | st.builds(lambda n: {"type": "linear", "out_features": n}, st.integers(1, INT64)) \
+    | st.builds(lambda p: {"type": "dropout", "p": p}, st.floats(0, 1, exclude_max=True))
+NOT_A_LAYER = st.sampled_from([{"type": "conv"}, {"type": "relu", "inplace": True},
+                               {"type": "linear", "out_features": 0}, {"type": "conv2d"},
+                               {"type": "maxpool2d", "kernel_size": 2, "padding": 2},
+                               {"out_features": 3}, {"type": 2}])
+
 # A valid value for every key, within the ranges that config.validate enforces.
 VALID = {
     "run.dir": TEXT.filter(str.strip),
@@ -104,6 +119,7 @@ VALID = {
     "train.grains": st.integers(1, config.MAX_GRAINS),   # at most train.batch_size: below
     "run.keep_best": st.booleans(),
     "model.dropout": st.floats(0, 1, exclude_max=True),
+    "model.layers": st.lists(LAYER, max_size=4),        # the MLP's keys then: valid_settings
     "train.optimizer": choice("train.optimizer"),        # the other's keys: valid_settings
     "train.betas": st.lists(st.floats(0, 1, exclude_max=True), min_size=2, max_size=2),
     "train.eps": st.floats(0, exclude_min=True, allow_infinity=False),
@@ -157,6 +173,8 @@ OUT_OF_RANGE = {
     "train.checkpoint_every_steps": st.integers(max_value=-1),
     "train.grains": st.integers(max_value=0) | st.integers(config.MAX_GRAINS + 1),
     "model.dropout": NEGATIVE | st.floats(1) | NAN,
+    "model.layers": st.tuples(st.lists(LAYER, max_size=2), NOT_A_LAYER).map(
+        lambda t: [*t[0], t[1]]),
     "train.optimizer": TEXT.filter(lambda v: v not in config.CHOICES["train.optimizer"]),
     "train.betas": st.lists(st.floats(0, 0.99), max_size=1) | st.lists(
         st.floats(0, 0.99), min_size=3, max_size=4) | st.tuples(
@@ -185,6 +203,8 @@ WRONG_TYPE = {
                                              min_size=1, max_size=3),
     tuple[float, ...]: SMALL | st.floats(allow_nan=False) | TEXT
     | st.lists(TEXT | st.booleans(), min_size=1, max_size=3),
+    tuple[dict, ...]: SMALL | TEXT | st.dictionaries(TEXT, SMALL, max_size=2)
+    | st.lists(SMALL | TEXT, min_size=1, max_size=2),
 }
 
 
@@ -223,6 +243,9 @@ def valid_settings(draw):
         flat.pop("train.nesterov", None)
     else:                                              # and AdamW's under SGD
         for key in ("train.betas", "train.eps", "train.amsgrad"):
+            flat.pop(key, None)
+    if flat.get("model.layers"):                       # the MLP's keys keep their defaults
+        for key in ("model.hidden", "model.activation", "model.dropout"):
             flat.pop(key, None)
     if flat.get("train.schedule") != "plateau":        # the plateau's keys only with it
         for key in config.PLATEAU_KEYS:

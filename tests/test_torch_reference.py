@@ -74,10 +74,10 @@ class MaskDropout(torch.nn.Module):
         super().__init__()
         self.p, self.index, self.keys = p, index, None
 
-    def forward(self, x):
-        out = np.empty(tuple(x.shape), np.uint64)
+    def forward(self, x):   # unit u of a row: its index in the row flattened, (C, H, W)
+        out = np.empty((x.shape[0], int(np.prod(x.shape[1:]))), np.uint64)
         bits = noise.bits(self.keys, self.index, out, np.empty_like(out))
-        kept = torch.from_numpy(bits >= np.uint64(int(self.p * 2.0**64)))
+        kept = torch.from_numpy(bits >= np.uint64(int(self.p * 2.0**64))).reshape(x.shape)
         return x * kept * (1.0 / (1.0 - self.p))   # as torch.nn.Dropout scales
 
 
@@ -167,3 +167,105 @@ def test_adamw_training_matches_torch(tmp_path, case):
                                    for q in net.parameters()])
             np.testing.assert_allclose(f[f"optimizer.{name}"], flat, rtol=1e-9, atol=1e-12,
                                        err_msg=name)
+
+
+# ----------------------------------------------------------------------------- images
+
+def torch_layer(spec, shape):
+    """torch.nn's module for a dpbp spec, for rows of `shape`."""
+    from dpbp.bench import TORCH_LAYERS
+    arguments = {k: v for k, v in spec.items() if k != "type"}
+    return TORCH_LAYERS[spec["type"]](torch.nn, shape, **arguments).double()
+
+
+IMAGE_NETWORKS = {
+    "conv-pad-relu-max": ([{"type": "conv2d", "out_channels": 4, "kernel_size": 3, "padding": 1},
+                           {"type": "relu"}, {"type": "maxpool2d", "kernel_size": 2}], (2, 9, 11)),
+    "conv-stride-avg-pad": ([{"type": "conv2d", "out_channels": 3, "kernel_size": [2, 3],
+                              "stride": [2, 1], "padding": [1, 2]},
+                             {"type": "avgpool2d", "kernel_size": 3, "stride": 2, "padding": 1}],
+                            (3, 8, 7)),
+    "nobias-max-overlapping": ([{"type": "conv2d", "out_channels": 2, "kernel_size": 1,
+                                 "bias": False}, {"type": "tanh"},
+                                {"type": "maxpool2d", "kernel_size": 3, "stride": 1,
+                                 "padding": 1}], (3, 5, 5)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IMAGE_NETWORKS))
+def test_image_layers_match_torch(name):
+    """Forward, the input's gradient and the weights' in float64, then flatten and a
+    linear: dpbp's weights loaded into torch.nn.Sequential with no conversion. Inputs
+    rounded and rectified, so max pooling meets ties (torch's pick: the first largest)."""
+    from dpbp.nn.model import Model, walk
+    specs, shape = IMAGE_NETWORKS[name]
+    specs = specs + [{"type": "flatten"}, {"type": "linear", "out_features": 3}]
+    model = Model(specs, shape, np.float64)
+    model.init_(np.random.default_rng(0))
+    net = torch.nn.Sequential(*[torch_layer(spec, in_shape) for spec, (_, in_shape, _)
+                                in zip(specs, walk(specs, shape)[0])])
+    net.load_state_dict({k[len("model."):]: torch.from_numpy(v.copy())
+                         for k, v in model.state_dict().items()})
+    rng = np.random.default_rng(1)
+    x = np.maximum(np.round(rng.normal(size=(2 + 19, *shape)), 1), 0)   # ties
+    xt = torch.from_numpy(x)
+    y, yt = model.forward(x), net(xt)
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=0, atol=1e-12)
+    dy = rng.normal(size=y.shape)
+    yt.backward(torch.from_numpy(dy))
+    model.backward(dy.copy())
+    grads = dict(zip(model.names, model.split(model.grads)))
+    for key, param in net.named_parameters():
+        np.testing.assert_allclose(grads[f"model.{key}"], param.grad.numpy(), rtol=0,
+                                   atol=1e-11, err_msg=key)
+
+
+def test_cnn_training_matches_torch(tmp_path, train):
+    """A CNN with both poolings and dropout, from torch's initial weights (model.init),
+    trained 2 epochs with SGD (momentum, Nesterov, weight decay): torch's weights to
+    1e-10, and the checkpoint loads into the same torch.nn.Sequential."""
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(17, 1, 8, 8)), rng.integers(0, 3, size=17)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x, y=y)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(3, 4, 2), torch.nn.AvgPool2d(2, stride=1, padding=1),
+        MaskDropout(0.25, 5), torch.nn.Flatten(), torch.nn.Linear(64, 3)).double()
+    init = tmp_path / "init.npz"
+    np.savez(init, **{f"model.{k}": v.numpy() for k, v in net.state_dict().items()})
+    layers = ('[{type = "conv2d", out_channels = 3, kernel_size = 3, padding = 1}, '
+              '{type = "relu"}, {type = "maxpool2d", kernel_size = 2}, '
+              '{type = "conv2d", out_channels = 4, kernel_size = 2}, '
+              '{type = "avgpool2d", kernel_size = 2, stride = 1, padding = 1}, '
+              '{type = "dropout", p = 0.25}, {type = "flatten"}, '
+              '{type = "linear", out_features = 3}]')
+    sets = {"data.source": '"npz"', "data.path": f'"{data}"', "data.val_fraction": 0,
+            "data.shuffle": "false", "model.layers": layers, "model.dtype": '"float64"',
+            "model.init": f'"{init}"', "train.epochs": 2, "train.batch_size": 8,
+            "train.lr": 0.1, "train.momentum": 0.9, "train.nesterov": "true",
+            "train.weight_decay": 0.01, "run.dir": f'"{tmp_path / "run"}"'}
+    code, _, err = train([a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
+    assert code == 0, err
+
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                          weight_decay=0.01)
+    criterion, xt, yt = torch.nn.CrossEntropyLoss(), torch.from_numpy(x), torch.from_numpy(y)
+    for step in range(2 * 3):
+        rows = np.arange(17)[(step % 3) * 8:][:8]     # file order, batches of 8, 8 and 1
+        net[5].keys = noise.row_keys(0, step, rows)
+        opt.zero_grad()
+        criterion(net(xt[rows]), yt[rows]).backward()
+        opt.step()
+    final = model_arrays(tmp_path / "run" / "checkpoints" / "epoch-0002.npz")
+    want = {f"model.{k}": v.detach().numpy() for k, v in net.state_dict().items()}
+    assert final.keys() == want.keys()
+    for name in want:
+        np.testing.assert_allclose(final[name], want[name], rtol=0, atol=1e-10, err_msg=name)
+    # docs/operations.md: the checkpoint into torch, with torch's own Dropout
+    recipe = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(3, 4, 2), torch.nn.AvgPool2d(2, stride=1, padding=1),
+        torch.nn.Dropout(0.25), torch.nn.Flatten(), torch.nn.Linear(64, 3)).double()
+    recipe.load_state_dict({k[len("model."):]: torch.from_numpy(v) for k, v in final.items()})

@@ -75,10 +75,21 @@ class Declared:
         self.out, self.params, self.buffers = tuple(out), tuple(params), tuple(buffers)
 
 
-def rows_of(buf, B, F, dtype):
-    """A buffer with room for (B, *F) of dtype: `buf` itself when it is big enough."""
-    if buf is None or buf.shape[0] < B or buf.shape[1:] != tuple(F) or buf.dtype != dtype:
-        buf = np.empty((B, *F), dtype=dtype)
+def is_channels_last(a):
+    """Whether rows of images a (B, C, H, W) are a view of channels-last memory (B, H, W,
+    C), as the convolutions give them (conv.py); one channel counts as C order."""
+    return a.ndim == 4 and a.shape[1] > 1 and a.strides[1] < a.strides[3]
+
+
+def rows_of(buf, B, F, dtype, like=None):
+    """A buffer with room for (B, *F) of dtype: `buf` itself when it is big enough. Laid
+    out like the array `like` where given (channels-last images stay channels-last, so
+    that elementwise work runs through both in the same order), else in C order."""
+    last = like is not None and is_channels_last(like)
+    if buf is None or buf.shape[0] < B or buf.shape[1:] != tuple(F) or buf.dtype != dtype \
+            or is_channels_last(buf) != last:
+        buf = np.empty((B, *F), dtype=dtype) if not last else \
+            np.empty((B, *F[1:], F[0]), dtype=dtype).transpose(0, 3, 1, 2)
     return buf
 
 
@@ -115,7 +126,7 @@ class Layer:
         free, else into this layer's own buffer."""
         if self.input_free:
             return x
-        self.out = rows_of(self.out, len(x), x.shape[1:], x.dtype)
+        self.out = rows_of(self.out, len(x), x.shape[1:], x.dtype, like=x)
         return self.out[:len(x)]
 
 
@@ -132,8 +143,9 @@ class Linear(Layer):
 
     def declare(self, in_shape):
         if len(in_shape) != 1:
-            raise ValueError(f"linear takes rows of features (B, D_in), got rows of shape "
-                             f"{tuple(in_shape)}")
+            raise ValueError(f"linear takes rows of features (D_in,), got rows of shape "
+                             f"{tuple(in_shape)}; put a flatten before it (torch's Linear "
+                             "would act on the last axis alone)")
         return Declared(out=(self.D_out,),
                         params=(("weight", (self.D_out, in_shape[0])), ("bias", (self.D_out,))))
 
@@ -191,7 +203,7 @@ class ReLU(Layer):
     def forward(self, x, ctx):
         # x (B, *F) -> y (B, *F), over x where it is free (the output of a Linear)
         B = len(x)
-        self.positive = rows_of(self.positive, B, x.shape[1:], np.bool_)
+        self.positive = rows_of(self.positive, B, x.shape[1:], np.bool_, like=x)
         self.mask = np.greater(x, 0, out=self.positive[:B])
         return np.multiply(x, self.mask, out=self.output(x))
 
@@ -223,7 +235,7 @@ class Tanh(Layer):
     def backward(self, dy, grads, ctx):
         # dy (B, *F) -> dx (B, *F), in place: dtanh/dx = 1 - y^2
         B = len(dy)
-        self.scratch = rows_of(self.scratch, B, dy.shape[1:], dy.dtype)
+        self.scratch = rows_of(self.scratch, B, dy.shape[1:], dy.dtype, like=dy)
         d = np.multiply(self.y, self.y, out=self.scratch[:B])
         np.subtract(1, d, out=d)
         return np.multiply(dy, d, out=dy)
@@ -257,7 +269,7 @@ class Sigmoid(Layer):
     def backward(self, dy, grads, ctx):
         # dy (B, *F) -> dx (B, *F), in place: dsigmoid/dx = y (1 - y)
         B = len(dy)
-        self.scratch = rows_of(self.scratch, B, dy.shape[1:], dy.dtype)
+        self.scratch = rows_of(self.scratch, B, dy.shape[1:], dy.dtype, like=dy)
         d = np.subtract(1, self.y, out=self.scratch[:B])
         d *= self.y
         return np.multiply(dy, d, out=dy)
@@ -294,8 +306,8 @@ class Dropout(Layer):
             raise ValueError("Dropout.forward needs each row's key (noise.row_keys)")
         B, F, D = len(x), x.shape[1:], math.prod(x.shape[1:])
         self.bits, self.tmp = (rows_of(a, B, (D,), np.uint64) for a in (self.bits, self.tmp))
-        self.kept = rows_of(self.kept, B, F, np.bool_)
-        self.mask, self.y = (rows_of(a, B, F, x.dtype) for a in (self.mask, self.y))
+        self.kept = rows_of(self.kept, B, F, np.bool_, like=x)
+        self.mask, self.y = (rows_of(a, B, F, x.dtype, like=x) for a in (self.mask, self.y))
         bits = noise.bits(ctx.keys, self.index, self.bits[:B], self.tmp[:B])
         kept = np.greater_equal(bits.reshape(B, *F), self.threshold, out=self.kept[:B])
         self.m = np.multiply(kept, x.dtype.type(self.scale), out=self.mask[:B])

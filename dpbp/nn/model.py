@@ -24,10 +24,12 @@ import math
 
 import numpy as np
 
+from dpbp.nn.conv import AvgPool2d, Conv2d, Flatten, MaxPool2d
 from dpbp.nn.layers import ALONE, Dropout, Linear, ReLU, Sigmoid, Tanh
 
 LAYERS = {"linear": Linear, "relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid,
-          "dropout": Dropout}
+          "dropout": Dropout, "conv2d": Conv2d, "maxpool2d": MaxPool2d,
+          "avgpool2d": AvgPool2d, "flatten": Flatten}
 
 
 def mlp_layers(hidden, activation, dropout, outputs):
@@ -51,23 +53,44 @@ def make(spec, i):
         raise ValueError(f"layer {i}: unknown type {kind!r}; the types are "
                          f"{', '.join(sorted(LAYERS))}")
     arguments = {k: v for k, v in spec.items() if k != "type"}
+    takes, needs = arguments_of(LAYERS[kind])
+    unknown = [k for k in arguments if k not in takes]
+    missing = [k for k in needs if k not in arguments]
+    if unknown or missing:
+        what = f"unknown key {unknown[0]!r}" if unknown else f"{missing[0]} is missing"
+        raise ValueError(f"layer {i} ({kind}): {what}; {kind} takes "
+                         f"{', '.join(takes) or 'no arguments'}"
+                         + (f" ({', '.join(needs)} required)" if needs else ""))
     try:
         return LAYERS[kind](**arguments)
-    except TypeError:   # arguments this layer does not take, or lacks
-        code = getattr(LAYERS[kind].__init__, "__code__", None)
-        takes = code.co_varnames[1:code.co_argcount] if code else ()
-        raise ValueError(f"layer {i} ({kind}) takes {', '.join(takes) or 'no arguments'}, "
-                         f"got {', '.join(sorted(arguments)) or 'none'}") from None
     except ValueError as e:
         raise ValueError(f"layer {i} ({kind}): {e}") from None
 
 
+def arguments_of(cls):
+    """(the keyword arguments a layer class takes, those of them without a default)."""
+    code = getattr(cls.__init__, "__code__", None)   # None: object's, which takes none
+    takes = code.co_varnames[1:code.co_argcount] if code else ()
+    defaults = cls.__init__.__defaults__ or () if code else ()
+    return takes, takes[:len(takes) - len(defaults)]
+
+
 def describe(layers, input_shape):
-    """'256 -> linear 256, relu, linear 10': the input's shape, then each layer's spec."""
-    words = [" ".join([spec["type"]] + [f"{v:g}" if isinstance(v, float) else str(v)
-                                        for k, v in spec.items() if k != "type"])
-             for spec in layers]
+    """'256 -> linear 256, relu, linear 10': the input's shape, then each layer's spec,
+    its first argument bare and the others named ('conv2d 8 kernel_size=3 padding=1')."""
+    words = []
+    for spec in layers:
+        arguments = [(k, v) for k, v in spec.items() if k != "type"]
+        words.append(" ".join([spec["type"]] + [shown(v) if j == 0 else f"{k}={shown(v)}"
+                                                for j, (k, v) in enumerate(arguments)]))
     return f"{'x'.join(map(str, input_shape))} -> {', '.join(words)}"
+
+
+def shown(value):
+    """An argument in a description: 0.5, 3, 2x3 (a pair)."""
+    if isinstance(value, (list, tuple)):
+        return "x".join(map(shown, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def walk(layers, input_shape):
@@ -101,7 +124,10 @@ class Model:
             self.names += [f"model.{i}.{name}" for name, _ in declared.params]
             self.shapes += [tuple(shape) for _, shape in declared.params]
         self.sizes = [math.prod(s) for s in self.shapes]
-        self.params = np.zeros(sum(self.sizes), dtype=dtype)
+        try:
+            self.params = np.zeros(sum(self.sizes), dtype=dtype)
+        except ValueError:   # beyond any array numpy can make: no memory holds it either
+            raise MemoryError(f"{sum(self.sizes)} parameters") from None
         self.grads = np.zeros_like(self.params)
         self.owned = owned   # layer i's parameters: split(buffer)[owned[i]]
         buffer_views = self._buffers(walked)

@@ -21,6 +21,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from dpbp.errors import UserError
+from dpbp.nn import model as layer_specs
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,10 @@ class ModelConfig:
     classes: int = 0                       # classes of a classifier; 0 = the training
                                            # labels' largest + 1 (set it when they lack some)
     dropout: float = 0.0                   # drop probability after each hidden activation
+    layers: tuple[dict, ...] = ()          # the network as a list of layers, one table each,
+                                           # e.g. {type = "conv2d", out_channels = 8,
+                                           # kernel_size = 3}; replaces the keys hidden,
+                                           # activation and dropout (left at their defaults)
 
 
 @dataclass(frozen=True)
@@ -135,7 +140,9 @@ def _keys(section_cls):
 
 def _type_name(t):
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-            tuple[int, ...]: "a list of integers", tuple[float, ...]: "a list of numbers"}[t]
+            tuple[int, ...]: "a list of integers", tuple[float, ...]: "a list of numbers",
+            tuple[dict, ...]: "a list of tables, like [{type = \"linear\", out_features = 10}]"
+            }[t]
 
 
 def _convert(key, value, t, where):
@@ -153,6 +160,8 @@ def _convert(key, value, t, where):
         ok = isinstance(value, list) and all(is_int(v) for v in value)
     elif t == tuple[float, ...]:
         ok = isinstance(value, list) and all(is_int(v) or isinstance(v, float) for v in value)
+    elif t == tuple[dict, ...]:
+        ok = isinstance(value, list) and all(isinstance(v, dict) for v in value)
     else:
         raise TypeError(f"config field {key} has a type the loader does not know: {t}")
     if not ok:
@@ -166,6 +175,8 @@ def _convert(key, value, t, where):
                         "with bytes that are not UTF-8 cannot be saved in config.toml)")
     if t == tuple[float, ...]:
         return tuple(float(v) for v in value)
+    if t == tuple[dict, ...]:
+        return tuple(dict(v) for v in value)
     return tuple(value) if t == tuple[int, ...] else t(value)
 
 
@@ -179,7 +190,7 @@ def _utf8(text):
 
 # What other trainers call some of dpbp's keys, for "did you mean".
 SYNONYMS = {
-    "learning_rate": "train.lr", "lr_rate": "train.lr", "layers": "model.hidden",
+    "learning_rate": "train.lr", "lr_rate": "train.lr",
     "hidden_sizes": "model.hidden", "hidden_layers": "model.hidden", "hidden_dims": "model.hidden",
     "num_epochs": "train.epochs", "n_epochs": "train.epochs", "max_epochs": "train.epochs",
     "batch": "train.batch_size", "global_batch_size": "train.batch_size",
@@ -264,7 +275,7 @@ def _unused(section, keys, defaults, why):
     """Keys of `section` (a config section) that have no effect, `why` (e.g. 'with
     data.source = "npz"'), must keep their `defaults`' values: a value there would be
     silently ignored. A config that lists every key (--print-config) still loads."""
-    name = {DataConfig: "data", TrainConfig: "train"}[type(section)]
+    name = {DataConfig: "data", TrainConfig: "train", ModelConfig: "model"}[type(section)]
     for key in keys:
         default = getattr(defaults, key)
         _check(getattr(section, key) == default, f"{name}.{key}",
@@ -347,6 +358,7 @@ def validate_features(cfg):
     t, m, defaults = cfg.train, cfg.model, TrainConfig()
     _check(math.isfinite(m.dropout) and 0 <= m.dropout < 1, "model.dropout", "in [0, 1)",
            m.dropout)
+    validate_layers(m)
     _check(len(t.betas) == 2 and all(math.isfinite(b) and 0 <= b < 1 for b in t.betas),
            "train.betas", "two numbers in [0, 1), [beta1, beta2]", list(t.betas))
     _check(math.isfinite(t.eps) and t.eps > 0, "train.eps", "a number > 0", t.eps)
@@ -381,6 +393,21 @@ def validate_plateau(t, defaults):
                    f'left at its default {toml_value(default)}: it has no effect with '
                    f'train.schedule = "{t.schedule}" (it is the plateau schedule\'s)',
                    getattr(t, key))
+
+
+def validate_layers(m):
+    """model.layers: each table a layer that dpbp has, with arguments it takes (their
+    shapes are checked against the data's at start-up); beside it, the keys of the
+    multilayer perceptron at their defaults."""
+    if not m.layers:
+        return
+    for i, spec in enumerate(m.layers):
+        try:
+            layer_specs.make(spec, i)
+        except ValueError as e:
+            raise UserError(f"config: model.layers: {e}") from None
+    _unused(m, ("hidden", "activation", "dropout"), ModelConfig(),
+            "beside model.layers, which gives the whole network")
 
 
 def unused_data_keys(source):
@@ -515,6 +542,9 @@ def recorded_before(tree):
 def toml_value(value):
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, dict):   # an inline table
+        return "{" + ", ".join(f"{toml_key(k)} = {toml_value(v)}"
+                               for k, v in value.items()) + "}"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, str):   # a TOML basic string: JSON's escapes, and DEL's too
@@ -522,12 +552,22 @@ def toml_value(value):
     return repr(value)
 
 
+def toml_key(key):
+    """A key of an inline table: bare where TOML allows, else quoted."""
+    bare = key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key)
+    return key if bare else toml_value(key)
+
+
 def to_toml(cfg):
-    """The whole config as TOML text; `from_toml(to_toml(cfg)) == cfg`."""
+    """The whole config as TOML text; `from_toml(to_toml(cfg)) == cfg`. A list of tables
+    (model.layers) takes a line per table."""
     lines = []
     for section in _sections():
         lines.append(f"[{section}]")
         for key, value in dataclasses.asdict(getattr(cfg, section)).items():
+            if value and isinstance(value, tuple) and isinstance(value[0], dict):
+                lines += [f"{key} = ["] + [f"    {toml_value(v)}," for v in value] + ["]"]
+                continue
             lines.append(f"{key} = {toml_value(value)}")
         lines.append("")
     return "\n".join(lines)

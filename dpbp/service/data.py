@@ -3,9 +3,10 @@
 Every rank loads the same arrays (data is small next to the network's work) and trains
 on its own rows of each global batch; see sharding.py. Sources (`data.source`):
 
-    synthetic  jittered, noisy digit glyphs generated from the seed (see synthetic.py)
-    npz        arrays x (n, D) and y: (n,) integer labels or (n, C) float targets;
-               optional x_val, y_val are the validation set
+    synthetic  jittered, noisy digit glyphs generated from the seed (see synthetic.py),
+               images (n, 1, 16, 16)
+    npz        arrays x (n, D) or images (n, C, H, W), and y: (n,) integer labels or
+               (n, C) float targets; optional x_val, y_val are the validation set
     npy        a folder of x.npy and y.npy (optional x_val.npy, y_val.npy), as for npz;
                the x arrays stay on disk, and rows are read (verified, and cast to the
                model's dtype) as batches need them (npy.py), so ranks on one node share
@@ -13,9 +14,13 @@ on its own rows of each global batch; see sharding.py. Sources (`data.source`):
     csv        a .csv file: the label (or regression target) in the first column, the
                features after it; a first line whose first field is not a number is a
                header, and skipped
-    mnist      a folder with the IDX files of MNIST (raw or .gz); pixels scaled to [0, 1];
-               the t10k pair is the test set (or, data.mnist_t10k = "val", the
-               validation set). Fashion-MNIST, KMNIST, ... too.
+    mnist      a folder with the IDX files of MNIST (raw or .gz), images (n, 1, 28, 28),
+               pixels scaled to [0, 1]; the t10k pair is the test set (or, data.mnist_t10k
+               = "val", the validation set). Fashion-MNIST, KMNIST, ... too.
+
+Images keep their shape for a network given as a list of layers (model.layers, which
+starts with a convolution, say); for the multilayer perceptron of model.hidden, every
+source's images are flattened into rows of C H W features, in torch's order.
 
 Without a validation set in the source, `data.val_fraction` of the training samples
 (chosen by the seed) are held out; 0 means no validation. A test set (the t10k pair;
@@ -181,7 +186,7 @@ def identity_difference(then, now):
 
 @dataclass(frozen=True)
 class Dataset:
-    x: np.ndarray | Rows       # (n, D_in) in the model's dtype (Rows: read from disk)
+    x: np.ndarray | Rows       # (n, D_in) or (n, C, H, W) in the model's dtype (Rows: on disk)
     y: np.ndarray              # (n,) int64 labels, or (n, C) float targets
     x_val: np.ndarray | Rows | None
     y_val: np.ndarray | None
@@ -189,18 +194,35 @@ class Dataset:
     num_outputs: int           # the network's output width C
 
     @property
-    def num_inputs(self):
-        return self.x.shape[1]
+    def row_shape(self):
+        return tuple(self.x.shape[1:])
+
+    @property
+    def num_inputs(self):   # numbers per row: features, or C H W of an image
+        return math.prod(self.row_shape)
 
     def describe(self):
         val = f"{len(self.x_val)} val" if self.x_val is not None else "no validation set"
         kind = f"{self.num_classes} classes" if self.num_classes else \
             f"{self.num_outputs} regression outputs"
-        return f"{len(self.x)} train / {val}, {self.num_inputs} features, {kind}"
+        return f"{len(self.x)} train / {val}, {rows_described(self.row_shape)}, {kind}"
 
 
-def load(data_cfg, loss, dtype, seed, classes=0):
-    """The Dataset that `data_cfg` names, validated for `loss`, inputs cast to `dtype`.
+def rows_described(shape):
+    """'256 features' or 'images 1x28x28' for rows of `shape`."""
+    return f"{shape[0]} features" if len(shape) == 1 else f"images {'x'.join(map(str, shape))}"
+
+
+def flattened(x, images):
+    """x as the network takes it: as it is for a list of layers (`images`), else rows of
+    features, images flattened in torch's (C, H, W) order (a view where x allows; an
+    npy.NpyFile reading the same file)."""
+    return x if images or x is None or x.ndim <= 2 else x.reshape(len(x), -1)
+
+
+def load(data_cfg, loss, dtype, seed, classes=0, images=False):
+    """The Dataset that `data_cfg` names, validated for `loss`, inputs cast to `dtype`;
+    images as (n, C, H, W) where `images` (a network of model.layers), else flattened.
 
     Integer labels name classes 0 .. C-1, and C belongs to the network: `classes` (from
     model.classes, or a checkpoint's output width), else the training labels' largest
@@ -208,7 +230,8 @@ def load(data_cfg, loss, dtype, seed, classes=0):
     source, where = data_cfg.source, data_cfg.path
     if source == "synthetic":
         x, y = synthetic.make_digits(data_cfg.samples, seed)
-        arrays, where = {"x": x, "y": y}, "synthetic data"
+        side = synthetic.IMAGE_SIDE
+        arrays, where = {"x": x.reshape(len(x), 1, side, side), "y": y}, "synthetic data"
     elif source == "npz":
         arrays = _read_npz(where)
     elif source == "npy":
@@ -221,6 +244,7 @@ def load(data_cfg, loss, dtype, seed, classes=0):
     else:
         arrays = _read_mnist(where, ("x", "y"))
     arrays = _check(arrays, where, loss)
+    arrays = {k: flattened(a, images) if k.startswith("x") else a for k, a in arrays.items()}
     if source in ("npz", "npy") and "x_val" in arrays and \
             data_cfg.val_fraction not in (0, DataConfig.val_fraction):
         raise UserError(f"{where} holds its own validation set (x_val, y_val), so "
@@ -241,7 +265,7 @@ def load(data_cfg, loss, dtype, seed, classes=0):
                    num_classes, num_outputs)
 
 
-def load_test(data_cfg, loss, dtype, train):
+def load_test(data_cfg, loss, dtype, train, images=False):
     """(x, y): the test set of the data `data_cfg` names, checked as training data are,
     and against `train` (their Dataset: the features, the classes or outputs). It is the
     t10k pair for mnist, x_test and y_test of an npz file or npy folder; read only here,
@@ -261,9 +285,10 @@ def load_test(data_cfg, loss, dtype, train):
     if len(arrays) != 2:
         raise UserError(f"{where}: x_test and y_test must come together")
     x, y = _check_pair(arrays["x_test"], arrays["y_test"], "x_test", "y_test", where, loss)
-    if x.shape[1] != train.num_inputs or (y.ndim == 2 and y.shape[1] != train.num_outputs):
+    x = flattened(x, images)
+    if x.shape[1:] != train.row_shape or (y.ndim == 2 and y.shape[1] != train.num_outputs):
         raise UserError(f"{where}: x_test {x.shape} and y_test {y.shape} do not fit the "
-                        f"training data's {train.num_inputs} features and "
+                        f"training data's {rows_described(train.row_shape)} and "
                         f"{train.num_outputs} outputs")
     if y.ndim == 1 and train.num_classes and len(y) and y.max() >= train.num_classes:
         raise UserError(f"{where}: y_test holds label {int(y.max())}, outside the "
@@ -469,7 +494,7 @@ def _read_idx(path):
 
 def _read_mnist(folder, names):
     """The arrays `names` (keys of MNIST_FILES) of an MNIST-format folder: images as
-    float32 rows scaled to [0, 1], labels as int64."""
+    float32 (n, 1, rows, cols) scaled to [0, 1], labels as int64."""
     if not os.path.isdir(folder):
         if os.path.isfile(folder):
             raise UserError(f"data.path: {folder} is a file; data.source = \"mnist\" reads "
@@ -487,7 +512,7 @@ def _read_mnist(folder, names):
         if key.startswith("x"):
             if a.ndim != 3:
                 raise UserError(f"{path}: expected images (n, rows, cols), got shape {a.shape}")
-            a = a.reshape(len(a), -1).astype(np.float32) / 255.0
+            a = a[:, None].astype(np.float32) / 255.0
         elif a.ndim != 1:
             raise UserError(f"{path}: expected labels (n,), got shape {a.shape}")
         else:
@@ -504,7 +529,8 @@ def _check(arrays, where, loss):
     """Validate shapes, dtypes and values; return the arrays in canonical form."""
     for key in ("x", "y"):
         if key not in arrays:
-            raise UserError(f"{where}: missing array {key!r} (needs x (n, features) and y)")
+            raise UserError(f"{where}: missing array {key!r} (needs x (n, features) or "
+                            "(n, C, H, W), and y)")
     if ("x_val" in arrays) != ("y_val" in arrays):
         raise UserError(f"{where}: x_val and y_val must come together")
     out = {}
@@ -521,8 +547,10 @@ def _check(arrays, where, loss):
 
 def _check_pair(x, y, xn, yn, where, loss):
     """One (inputs, targets) pair, checked; labels come back as int64, targets 2-D."""
-    if x.ndim != 2 or x.shape[1] == 0:
-        raise UserError(f"{where}: {xn} must be 2-D (n, features >= 1), got shape {x.shape}")
+    if x.ndim not in (2, 4) or 0 in x.shape[1:]:
+        hint = f"; for images of one channel add its axis, {xn}[:, None]" if x.ndim == 3 else ""
+        raise UserError(f"{where}: {xn} must be (n, features) or images (n, C, H, W), sizes "
+                        f">= 1, got shape {x.shape}{hint}")
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise UserError(f"{where}: {xn} must hold numbers, got dtype {x.dtype}")
     if len(x) == 0:
@@ -573,13 +601,15 @@ def _split(arrays, fraction, seed, where):
 
 # ----------------------------------------------------------------------------- shapes alone
 
-def peek(data_cfg, loss, classes=0):
+def peek(data_cfg, loss, classes=0, images=False):
     """(input shape, outputs) of the data that `data_cfg` names, without loading its
     inputs: one row's shape from the x array's header (a csv file, small by nature, is
-    read whole), and the outputs from the targets (`classes` if given, for labels), so
-    a network can be built for them (dpbp.bench --config)."""
+    read whole), images flattened unless `images` (as load does), and the outputs from
+    the targets (`classes` if given, for labels), so a network can be built for them
+    (dpbp.bench --config)."""
     if data_cfg.source == "synthetic":
-        return (synthetic.IMAGE_SIDE ** 2,), classes or synthetic.NUM_CLASSES
+        side = synthetic.IMAGE_SIDE
+        return (1, side, side) if images else (side * side,), classes or synthetic.NUM_CLASSES
     if data_cfg.source == "csv":
         arrays = _read_csv(data_cfg.path, loss)
         x_shape, y = arrays["x"].shape, arrays["y"]
@@ -594,10 +624,11 @@ def peek(data_cfg, loss, classes=0):
     if len(x_shape) < 2 or y is None or y.ndim not in (1, 2) or len(y) == 0:
         raise UserError(f"data.path {data_cfg.path}: expected x (n, features ...) and y "
                         "(n,) or (n, outputs)")
+    row = tuple(x_shape[1:]) if images else (math.prod(x_shape[1:]),)
     if y.ndim == 2:
-        return tuple(x_shape[1:]), y.shape[1]
+        return row, y.shape[1]
     is_labels = np.issubdtype(y.dtype, np.integer)
-    return tuple(x_shape[1:]), (classes or int(y.max()) + 1) if is_labels else 1
+    return row, (classes or int(y.max()) + 1) if is_labels else 1
 
 
 def _npz_shape(path, name):
@@ -629,7 +660,7 @@ def _mnist_shapes(folder):
                             "MNIST-format folder holds the four IDX files")
         arrays[key] = _idx_shape(found[0]) if key == "x" else _read_idx(found[0])
     shape = arrays["x"]
-    return (shape[0], math.prod(shape[1:])), arrays["y"].astype(np.int64)
+    return (shape[0], 1, *shape[1:]), arrays["y"].astype(np.int64)
 
 
 def _idx_shape(path):

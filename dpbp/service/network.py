@@ -1,7 +1,9 @@
 """The network: what a config describes, what a checkpoint holds, and the model built from it.
 
-A network is a list of layer specs and the shape of one input row (nn/model.py). Every
-command builds its model here: train from the config and the data's shape (a fresh run)
+A network is a list of layer specs and the shape of one input row (nn/model.py). A
+config gives it as model.layers, or as the multilayer perceptron of model.hidden,
+model.activation and model.dropout. Every command builds its model here: train from
+the config and the data's shape (a fresh run)
 or from the checkpoint (a resumed one), evaluate and predict from the checkpoint alone,
 bench from its options or a config. The checkpoint records the network (`network`: the
 specs as JSON text; `input_shape`); checkpoints of format 1 and 2, which predate that,
@@ -9,6 +11,7 @@ give it from their config and the shapes of their weights.
 """
 
 import json
+import math
 
 import numpy as np
 
@@ -18,8 +21,52 @@ from dpbp.service import config
 
 
 def from_config(model_cfg, outputs):
-    """The layer specs a config's [model] describes, for `outputs` outputs per row."""
+    """The layer specs a config's [model] describes: model.layers, or the multilayer
+    perceptron of its other keys with `outputs` outputs per row."""
+    if model_cfg.layers:
+        return [dict(spec) for spec in model_cfg.layers]
     return mlp_layers(model_cfg.hidden, model_cfg.activation, model_cfg.dropout, outputs)
+
+
+def for_data(cfg, data):
+    """The Model a fresh run's config describes for its data (a Dataset), checked: a
+    network of model.layers takes the data's rows and ends in one row of its outputs;
+    else a UserError at start-up naming the layer and the shapes."""
+    layers = from_config(cfg.model, data.num_outputs)
+    if not cfg.model.layers:
+        return build(layers, data.row_shape, cfg.model.dtype)
+    check_images(layers, data.row_shape, cfg.data.source)
+    model = build(layers, data.row_shape, cfg.model.dtype, "model.layers")
+    i, kind = len(layers) - 1, layers[-1]["type"]
+    wanted = f"{data.num_classes} classes" if data.num_classes else \
+        f"targets of width {data.num_outputs}"
+    if len(model.output_shape) != 1:
+        raise UserError(f"model.layers: the last layer (layer {i}, {kind}) gives rows of "
+                        f"shape {model.output_shape}; a network ends in one row of outputs "
+                        f"per sample, one per class ({wanted}): end it with flatten, linear")
+    if model.output_shape[0] != data.num_outputs:
+        raise UserError(f"model.layers: the last layer (layer {i}, {kind}) gives "
+                        f"{model.output_shape[0]} outputs per row, but the data have "
+                        f"{wanted}; the last linear needs out_features = {data.num_outputs}")
+    return model
+
+
+IMAGE_LAYERS = ("conv2d", "maxpool2d", "avgpool2d")
+
+
+def check_images(layers, row_shape, source):
+    """A network whose first layer takes images refuses data of rows of features, with
+    the shape it needs."""
+    first = layers[0].get("type")
+    if first not in IMAGE_LAYERS or len(row_shape) != 1:
+        return
+    D = row_shape[0]
+    side = math.isqrt(D)
+    hint = f", e.g. x.reshape(n, 1, {side}, {side}) for one channel of {side}x{side}" \
+        if side * side == D else ""
+    raise UserError(f"model.layers: layer 0 ({first}) takes images, x of shape (n, C, H, W), "
+                    f"but the {source} data's x has rows of {D} features, (n, {D}): save x "
+                    f"as (n, C, H, W){hint}")
 
 
 def build(layers, input_shape, dtype, where="model"):
@@ -31,7 +78,8 @@ def build(layers, input_shape, dtype, where="model"):
         raise UserError(f"{where}: {e}") from None
     except MemoryError:
         raise UserError(f"the network {describe(layers, input_shape)} does not fit in "
-                        "memory; check model.hidden and the number of classes") from None
+                        "memory; check model.hidden (or model.layers) and the number of "
+                        "classes") from None
 
 
 def output_width(layers, input_shape):
@@ -97,7 +145,8 @@ def from_weights(state, path):
 
 # The keys that define a network and how its outputs are read: evaluate and predict run
 # the checkpoint's own (model.dtype aside: the weights are cast).
-KEYS = ("model.hidden", "model.activation", "model.dropout", "model.classes", "train.loss")
+KEYS = ("model.hidden", "model.activation", "model.dropout", "model.layers", "model.classes",
+        "train.loss")
 
 
 def check_unchanged(saved, cfg, layers, path):

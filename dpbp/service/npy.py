@@ -3,6 +3,7 @@
     a = NpyFile(path)     # the header, then one pass over the data: a CRC-32 per block
     a.finite, a.largest   # found in that pass: no NaN or Inf; the largest magnitude
     a[rows]               # rows (a slice, or an array of row numbers): a new array
+    a.reshape(n, -1)      # the same file read as rows of another shape (images flattened)
 
 No memory map: a mapped file that is truncated under the process ends it with SIGBUS,
 and one rewritten in place changes the array without a word. Here rows are read with
@@ -15,6 +16,7 @@ node share the file's pages in the page cache; each holds privately only the che
 threads may read at once.
 """
 
+import copy
 import math
 import os
 import zlib
@@ -46,6 +48,20 @@ class NpyFile:
 
     def __len__(self):
         return self.shape[0]
+
+    def reshape(self, n, *row_shape):
+        """The array with rows of `row_shape` (one -1 allowed), the same values in the same
+        order, as ndarray.reshape gives it (`n` its length): images flattened into rows
+        of features, say. Another NpyFile reading the same open file, blocks and
+        checksums."""
+        size = math.prod(self.shape[1:])
+        known = math.prod(d for d in row_shape if d != -1)
+        row_shape = tuple(size // max(1, known) if d == -1 else d for d in row_shape)
+        if n != len(self) or math.prod(row_shape) != size:
+            raise ValueError(f"cannot read rows of {self.shape[1:]} as {row_shape}")
+        out = copy.copy(self)
+        out.shape, out.ndim = (n, *row_shape), 1 + len(row_shape)
+        return out
 
     def _checksums(self):
         """The CRC-32 of every block, from one pass over the file, which also finds

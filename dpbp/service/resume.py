@@ -33,7 +33,8 @@ AUTO = "auto"
 # optimizer (whose state the checkpoint holds), or the metric that its best checkpoint,
 # early stopping and plateau schedule have watched from its first epoch.
 FIXED_ON_RESUME = ("model.hidden", "model.activation", "model.classes", "model.dropout",
-                   "train.loss", "train.batch_size", "train.optimizer", "run.best_metric")
+                   "model.layers", "train.loss", "train.batch_size", "train.optimizer",
+                   "run.best_metric")
 
 
 @dataclasses.dataclass

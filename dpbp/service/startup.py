@@ -170,19 +170,18 @@ def load_data(cfg, classes=0):
     labels checked against model.classes, or else `classes` (a checkpoint's network's)."""
     try:
         return datasets.load(cfg.data, cfg.train.loss, cfg.model.dtype, cfg.run.seed,
-                             cfg.model.classes or classes)
+                             cfg.model.classes or classes, images=bool(cfg.model.layers))
     except MemoryError:
         raise UserError(f"the {cfg.data.source} data does not fit in memory") from None
 
 
 def build(cfg, data, layers=None, source=None):
     """(model, optimizer): for a new run, the network the config describes for the
-    data, with the layers' initial weights from run.seed (torch.nn.Linear's), or
+    data, with the layers' initial weights from run.seed (torch.nn's defaults), or
     model.init's; for a resumed one, the network `layers` ((specs, input shape)) of its
     checkpoint `source`, which must fit the data (its weights come from the checkpoint)."""
     if layers is None:
-        model = network.build(network.from_config(cfg.model, data.num_outputs),
-                              data.x.shape[1:], cfg.model.dtype)
+        model = network.for_data(cfg, data)
     else:
         where = f"checkpoint {source}"
         model = network.build(*layers, cfg.model.dtype, where)

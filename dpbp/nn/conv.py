@@ -323,14 +323,28 @@ class MaxPool2d(Pool):
                                 for a in (self.taken, self.hit))
         self.share = rows_of(self.share, B, y.shape[1:], dy.dtype)
         dx, taken, hit, dy_hit = self.dx[:B], self.taken[:B], self.hit[:B], self.share[:B]
-        dx[...], taken[...] = 0, False
-        for v, d in zip(offsets(x_last, y.shape[1:3], self.kernel, self.stride),
-                        offsets(dx, y.shape[1:3], self.kernel, self.stride)):
+        apart = self.stride == self.kernel   # windows side by side: each element in one
+        self.zero_outside(dx, y.shape[1:3]) if apart else dx.fill(0)
+        views = zip(offsets(x_last, y.shape[1:3], self.kernel, self.stride),
+                    offsets(dx, y.shape[1:3], self.kernel, self.stride))
+        for k, (v, d) in enumerate(views):
             np.equal(v, y, out=hit)
-            hit &= ~taken                       # not where an earlier element was largest
-            taken |= hit
-            d += np.multiply(channels_last(dy), hit, out=dy_hit)
+            if k:
+                np.greater(hit, taken, out=hit)   # not where an earlier one was largest
+                np.logical_or(taken, hit, out=taken)
+            else:
+                np.copyto(taken, hit)
+            if apart:
+                np.multiply(channels_last(dy), hit, out=d)   # d's only writer
+            else:
+                d += np.multiply(channels_last(dy), hit, out=dy_hit)
         return images(dx[:, ph:Hp - ph, pw:Wp - pw])
+
+    def zero_outside(self, dx, out_hw):
+        """Zero the rows and columns of dx (B, H', W', C) that no window covers (floor
+        mode leaves them out), where the windows lie side by side."""
+        (Ho, Wo), (sh, sw) = out_hw, self.stride
+        dx[:, Ho * sh:], dx[:, :, Wo * sw:] = 0, 0
 
 
 class AvgPool2d(Pool):

@@ -29,7 +29,9 @@ from numpy.lib.stride_tricks import as_strided
 
 from dpbp.nn.layers import Declared, Layer, is_channels_last, rows_of
 
-BLOCK = 16   # images per block inside a convolution
+BLOCK = 4          # images per block inside a convolution: a block's columns stay in
+                   # a core's L2 cache (1 MB) for kernels of up to 3x3x32 on 14x14 images
+FEW_CHANNELS = 8   # below it, columns are copied one window offset at a time
 
 
 def pair(value, name):
@@ -71,6 +73,19 @@ def windows(padded, out_hw, kernel, stride):
     (Ho, Wo), (kh, kw), (sh, sw) = out_hw, kernel, stride
     return as_strided(padded, (len(padded), Ho, Wo, kh, kw, padded.shape[3]),
                       (sB, sh * sH, sw * sW, sH, sW, sC), writeable=False)
+
+
+def blocks(n):
+    """(start, stop) of each block of BLOCK rows of n, counted from the first: the one
+    place where a layer splits its rows (the last block may be shorter)."""
+    return [(start, min(start + BLOCK, n)) for start in range(0, n, BLOCK)]
+
+
+def add_rowwise(rows, v):
+    """rows (n, k) += v (k,), through a wider view where n allows (numpy's loop is
+    slow over short rows); the same sums either way."""
+    wide = math.gcd(len(rows), 16)
+    rows.reshape(-1, wide * len(v))[...] += np.tile(v, wide)
 
 
 class Window:
@@ -135,7 +150,8 @@ class Conv2d(Window, Layer):
             raise ValueError(f"bias must be true or false, got {bias!r}")
         self.C_out, self.bias = out_channels, bias
         self.window(kernel_size, stride, padding)
-        self.y = self.dx = self.scratch = self.dcols = self.part = None   # own buffers
+        self.y = self.dx = self.scratch = self.part = self.unit = None   # own buffers
+        self.dpadded = self.dpart = None   # the input gradient's scratch
 
     def declare(self, in_shape):
         Ho, Wo = self.out_hw(in_shape, "conv2d")
@@ -185,8 +201,12 @@ class Conv2d(Window, Layer):
         block = padded[:n]
         block[:, ph:ph + H, pw:pw + W, :] = channels_last(x)   # the border stays zero
         cols = columns[:n * out_hw[0] * out_hw[1]]
-        np.copyto(cols.reshape(n, *out_hw, *self.kernel, -1),
-                  windows(block, out_hw, self.kernel, self.stride))
+        by_offset = cols.reshape(n, *out_hw, *self.kernel, -1)   # (n, Ho, Wo, kh, kw, C)
+        if x.shape[1] >= FEW_CHANNELS:
+            np.copyto(by_offset, windows(block, out_hw, self.kernel, self.stride))
+        else:   # numpy's copy loops over the channels innermost: one offset at a time
+            for k, view in enumerate(offsets(block, out_hw, self.kernel, self.stride)):
+                by_offset[:, :, :, k // self.kernel[1], k % self.kernel[1]] = view
         return cols
 
     def convolve(self, x, y_last, scratch):
@@ -195,12 +215,11 @@ class Conv2d(Window, Layer):
         Wk, out_hw = self.matrix(), y_last.shape[1:3]
         rows = y_last.reshape(-1, self.C_out)   # (B Ho Wo, C_out)
         per_image = out_hw[0] * out_hw[1]
-        for start in range(0, len(x), BLOCK):
-            stop = min(start + BLOCK, len(x))
+        for start, stop in blocks(len(x)):
             y = np.matmul(self.columns(x[start:stop], scratch, out_hw), Wk.T,
                           out=rows[start * per_image:stop * per_image])
             if self.b is not None:
-                y += self.b
+                add_rowwise(y, self.b)
         return images(y_last)
 
     def forward(self, x, ctx):
@@ -225,43 +244,53 @@ class Conv2d(Window, Layer):
         per_image = out_hw[0] * out_hw[1]
         # (B Ho Wo, C_out): a view where dy is channels-last (as from pooling), else a copy
         rows = np.ascontiguousarray(channels_last(dy)).reshape(-1, self.C_out)
-        if self.b is not None:
-            np.sum(rows, axis=0, out=grads[1])
         self.part = rows_of(self.part, 2, Wk.shape, Wk.dtype)
         dWk, part = self.part[0], self.part[1]   # dW in the window's order, one block's
         dWk[...] = 0
+        if self.b is not None:
+            grads[1][...] = 0
         if self.input_grad:
             self.dx = rows_of(self.dx, B, (*x.shape[2:], x.shape[1]), x.dtype)
-            self.dcols = rows_of(self.dcols, len(self.scratch[1]), (Wk.shape[1],), x.dtype)
-        for start in range(0, B, BLOCK):
-            stop = min(start + BLOCK, B)
-            d = rows[start * per_image:stop * per_image]
+            W_ij = np.ascontiguousarray(self.W.transpose(2, 3, 0, 1))   # (kh, kw, C_out, C)
+        for start, stop in blocks(B):
+            d = rows[start * per_image:stop * per_image]   # (n Ho Wo, C_out)
             np.matmul(d.T, self.columns(x[start:stop], self.scratch, out_hw), out=part)
             dWk += part
+            if self.b is not None:
+                grads[1] += np.matmul(self.ones(len(d), d.dtype), d)
             if self.input_grad:
-                dcols = np.matmul(d, Wk, out=self.dcols[:len(d)])
-                self.col2im(dcols, self.dx[start:stop])
+                self.input_gradient(d, W_ij, self.dx[start:stop])
         np.copyto(grads[0], dWk.reshape(self.C_out, *self.kernel, -1).transpose(0, 3, 1, 2))
         return images(self.dx[:B]) if self.input_grad else None
 
-    def col2im(self, dcols, dx):
-        """dx (n, H, W, C) = the sum of each window's gradient dcols (n Ho Wo, K) into
-        the pixels it covers (those of the padding dropped)."""
+    def ones(self, n, dtype):
+        """(n,) ones, for the bias gradient's sum over a block's rows as a product."""
+        if self.unit is None or len(self.unit) < n or self.unit.dtype != dtype:
+            self.unit = np.ones(n, dtype)
+        return self.unit[:n]
+
+    def input_gradient(self, d, W_ij, dx):
+        """dx (n, H, W, C) = the input gradient of a block of n images, from d (n Ho Wo,
+        C_out), the output gradient's rows: for each offset (i, j) of the window, d @
+        W[:, :, i, j] added to the pixels that offset reached, in a padded scratch image
+        (the padding's share dropped). No columns: kh kw products of C_out x C."""
         n, H, W, C = dx.shape
         (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
         Ho, Wo = out_size(H, kh, sh, ph), out_size(W, kw, sw, pw)
-        d = dcols.reshape(n, Ho, Wo, kh, kw, C)
-        dx[...] = 0
+        self.dpadded = rows_of(self.dpadded, BLOCK, (H + 2 * ph, W + 2 * pw, C), dx.dtype)
+        self.dpart = rows_of(self.dpart, BLOCK * Ho * Wo, (C,), dx.dtype)
+        padded, part = self.dpadded[:n], self.dpart[:len(d)]
+        padded[...] = 0
         for i in range(kh):
-            # output row o covers input row o sh + i - ph; keep those inside the image
-            o0, o1 = max(0, -((i - ph) // sh)), min(Ho, (H - 1 - i + ph) // sh + 1)
             for j in range(kw):
-                q0, q1 = max(0, -((j - pw) // sw)), min(Wo, (W - 1 - j + pw) // sw + 1)
-                if o1 <= o0 or q1 <= q0:
-                    continue
-                r0, c0 = o0 * sh + i - ph, q0 * sw + j - pw
-                dx[:, r0:r0 + (o1 - o0 - 1) * sh + 1:sh, c0:c0 + (q1 - q0 - 1) * sw + 1:sw] \
-                    += d[:, o0:o1, q0:q1, i, j]
+                np.matmul(d, W_ij[i, j], out=part)
+                padded[:, i:i + (Ho - 1) * sh + 1:sh, j:j + (Wo - 1) * sw + 1:sw] += \
+                    part.reshape(n, Ho, Wo, C)
+        np.copyto(dx, padded[:, ph:ph + H, pw:pw + W])
+
+    def scratch_bytes(self):
+        return sum(a.nbytes for a in (*(self.scratch or ()), self.part, self.unit,
+                                      self.dpadded, self.dpart) if a is not None)
 
 
 class Pool(Window, Layer):

@@ -257,7 +257,7 @@ class Conv2d(Window, Layer):
             np.matmul(d.T, self.columns(x[start:stop], self.scratch, out_hw), out=part)
             dWk += part
             if self.b is not None:
-                grads[1] += np.matmul(self.ones(len(d), d.dtype), d)
+                grads[1] += np.matmul(self.ones(BLOCK * per_image, d.dtype)[:len(d)], d)
             if self.input_grad:
                 self.input_gradient(d, W_ij, self.dx[start:stop])
         np.copyto(grads[0], dWk.reshape(self.C_out, *self.kernel, -1).transpose(0, 3, 1, 2))
@@ -265,9 +265,9 @@ class Conv2d(Window, Layer):
 
     def ones(self, n, dtype):
         """(n,) ones, for the bias gradient's sum over a block's rows as a product."""
-        if self.unit is None or len(self.unit) < n or self.unit.dtype != dtype:
+        if self.unit is None or len(self.unit) != n or self.unit.dtype != dtype:
             self.unit = np.ones(n, dtype)
-        return self.unit[:n]
+        return self.unit
 
     def input_gradient(self, d, W_ij, dx):
         """dx (n, H, W, C) = the input gradient of a block of n images, from d (n Ho Wo,

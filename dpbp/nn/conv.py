@@ -15,11 +15,13 @@ pooling window is a handful of strided views. The arrays these layers return are
 activation works on any layout, and allocates its buffers laid out like its input:
 layers.rows_of), and Flatten puts them in torch's (C, H, W) order.
 
-Work that grows with the rows is done in blocks of BLOCK images, counted from the first
-row the layer is given (a shard's, a grain's, an evaluation block's first row), never
-from the rank's share or from free memory: a block's products then have the same row
-counts whichever rank computes them, and some BLAS kernels round differently for other
-row counts. The scratch memory of a convolution is a few blocks, whatever the batch.
+Work that grows with the rows is done in blocks of BLOCK images (`blocks`), counted from
+the first row the layer is given (a shard's, a grain's, an evaluation block's first row),
+never from the rank's share or from free memory: a block's products then have the same
+row counts whichever rank computes them, and some BLAS kernels round differently for
+other row counts. The scratch memory of a convolution is a few blocks, whatever the
+batch (scratch_bytes): a block's columns, and for the input gradient one product per
+window offset added into a padded block, never the columns' gradient.
 """
 
 import math

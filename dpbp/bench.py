@@ -90,7 +90,8 @@ class Net:
 def bench_dpbp(comm, net, N, warmup, steps, tc):
     """Collective. Per-rank arrays of step, communication-wait and optimizer-update
     seconds of the timed steps, the CPU seconds this rank used in them, the bytes of
-    the model, optimizer state and activations of this rank, and the model."""
+    the model, optimizer state and activations of this rank, the bytes of the layers'
+    scratch among them (bounded whatever the batch), and the model."""
     model = net.build()
     optimizer = new_optimizer(tc, model)
     summed = gradient_sum(tc, comm, model)
@@ -118,8 +119,9 @@ def bench_dpbp(comm, net, N, warmup, steps, tc):
     state = (model.params.nbytes + model.grads.nbytes + summed.scratch_bytes()
              + optimizer.nbytes() + sum(a.nbytes for a in model.buffers.values()))
     loss = 3 * model.output_shape[-1] * model.params.itemsize * B   # outputs' gradient, softmax
+    scratch = sum(layer.scratch_bytes() for layer in model.layers)   # bounded: blocks
     return seconds, waits, updates, cpu, state + x.nbytes + row_buffer_bytes(model, x) + loss, \
-        model
+        scratch, model
 
 
 def row_buffer_bytes(model, x):
@@ -447,7 +449,7 @@ def run_bench(args, net, comm, say):
     tc = TrainConfig(batch_size=args.batch_size, comm_dtype=args.comm_dtype,
                      deterministic=args.deterministic, grains=args.grains,
                      optimizer=args.optimizer, lr=LR, momentum=MOMENTUM)
-    seconds, waits, updates, cpu, need, model = bench_dpbp(
+    seconds, waits, updates, cpu, need, scratch, model = bench_dpbp(
         comm, net, args.batch_size, args.warmup, args.steps, tc)
     peak_rss = gather(comm, peak_rss_bytes()).max()
     # The peak: the best window, before or after the steps, of all ranks' rates summed
@@ -479,6 +481,7 @@ def run_bench(args, net, comm, say):
              mfu=flops / peak_gemm,
              peak_rss_mb=peak_rss / 2**20, memory_budget_mb=budget / 2**20,
              base_rss_mb=base_rss / 2**20, model_and_activations_mb=need / 2**20,
+             scratch_mb=gather(comm, scratch).max() / 2**20,
              import_seconds=float(gather(comm, IMPORT_SECONDS).max()))
 
     say(report(r))
@@ -527,7 +530,9 @@ def report(r):
         f"peak memory      {mb(r['peak_rss_mb'])} per rank (largest); budget "
         f"{mb(r['memory_budget_mb'])} = {MEMORY_SLACK} x ({mb(r['base_rss_mb'])} interpreter "
         f"and libraries + {mb(r['model_and_activations_mb'])} parameters, gradients, "
-        f"optimizer state and activations)",
+        f"optimizer state and activations"
+        + (f", of which {r['scratch_mb']:,.1f} MB the layers' scratch, a few blocks of rows "
+           "whatever the batch" if r["scratch_mb"] else "") + ")",
         f"import           {r['import_seconds']:.3f} s, the training modules (slowest rank)",
     ]
     return "\n".join(lines)

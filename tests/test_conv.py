@@ -255,6 +255,21 @@ def test_blocks_are_counted_from_the_first_row_a_layer_is_given(sensitive):
     assert head[B:].tobytes() != whole[B:B + 2].tobytes()
 
 
+def test_a_convolutions_scratch_is_bounded_whatever_the_batch():
+    """Scratch (Layer.scratch_bytes, which dpbp.bench reports) is a few blocks: the same
+    after a step of 2 rows as of 20 blocks' worth, and counted."""
+    layer = placed(Conv2d(3, 3, padding=1))
+    layer.bind([np.ones((3, 2, 3, 3)), np.ones(3)], [])
+    used = []
+    for B in (2, 20 * conv.BLOCK, 2):
+        x = np.ones((B, 2, 6, 6))
+        layer.backward(np.ones_like(layer.forward(x, ALONE)), [np.empty((3, 2, 3, 3)),
+                                                               np.empty(3)], ALONE)
+        used.append(layer.scratch_bytes())
+    assert used[0] > 0 and used[0] == used[1] == used[2]
+    assert Flatten().scratch_bytes() == 0
+
+
 @pytest.mark.parametrize("spec,shape,words", [
     ({"type": "conv2d", "out_channels": 2, "kernel_size": 5}, (1, 4, 4),
      "layer 0 (conv2d): its kernel 5x5 is larger than its input 4x4 (rows of shape (1, 4, 4))"),

@@ -15,11 +15,13 @@ pooling window is a handful of strided views. The arrays these layers return are
 activation works on any layout, and allocates its buffers laid out like its input:
 layers.rows_of), and Flatten puts them in torch's (C, H, W) order.
 
-Work that grows with the rows is done in blocks of BLOCK images, counted from the first
-row the layer is given (a shard's, a grain's, an evaluation block's first row), never
-from the rank's share or from free memory: a block's products then have the same row
-counts whichever rank computes them, and some BLAS kernels round differently for other
-row counts. The scratch memory of a convolution is a few blocks, whatever the batch.
+Work that grows with the rows is done in blocks of BLOCK images (`blocks`), counted from
+the first row the layer is given (a shard's, a grain's, an evaluation block's first row),
+never from the rank's share or from free memory: a block's products then have the same
+row counts whichever rank computes them, and some BLAS kernels round differently for
+other row counts. The scratch memory of a convolution is a few blocks, whatever the
+batch (scratch_bytes): a block's columns, and for the input gradient one product per
+window offset added into a padded block, never the columns' gradient.
 """
 
 import math
@@ -29,7 +31,9 @@ from numpy.lib.stride_tricks import as_strided
 
 from dpbp.nn.layers import Declared, Layer, is_channels_last, rows_of
 
-BLOCK = 16   # images per block inside a convolution
+BLOCK = 4          # images per block inside a convolution: a block's columns stay in
+                   # a core's L2 cache (1 MB) for kernels of up to 3x3x32 on 14x14 images
+FEW_CHANNELS = 8   # below it, columns are copied one window offset at a time
 
 
 def pair(value, name):
@@ -71,6 +75,19 @@ def windows(padded, out_hw, kernel, stride):
     (Ho, Wo), (kh, kw), (sh, sw) = out_hw, kernel, stride
     return as_strided(padded, (len(padded), Ho, Wo, kh, kw, padded.shape[3]),
                       (sB, sh * sH, sw * sW, sH, sW, sC), writeable=False)
+
+
+def blocks(n):
+    """(start, stop) of each block of BLOCK rows of n, counted from the first: the one
+    place where a layer splits its rows (the last block may be shorter)."""
+    return [(start, min(start + BLOCK, n)) for start in range(0, n, BLOCK)]
+
+
+def add_rowwise(rows, v):
+    """rows (n, k) += v (k,), through a wider view where n allows (numpy's loop is
+    slow over short rows); the same sums either way."""
+    wide = math.gcd(len(rows), 16)
+    rows.reshape(-1, wide * len(v))[...] += np.tile(v, wide)
 
 
 class Window:
@@ -135,7 +152,8 @@ class Conv2d(Window, Layer):
             raise ValueError(f"bias must be true or false, got {bias!r}")
         self.C_out, self.bias = out_channels, bias
         self.window(kernel_size, stride, padding)
-        self.y = self.dx = self.scratch = self.dcols = self.part = None   # own buffers
+        self.y = self.dx = self.scratch = self.part = self.unit = None   # own buffers
+        self.dpadded = self.dpart = None   # the input gradient's scratch
 
     def declare(self, in_shape):
         Ho, Wo = self.out_hw(in_shape, "conv2d")
@@ -185,8 +203,12 @@ class Conv2d(Window, Layer):
         block = padded[:n]
         block[:, ph:ph + H, pw:pw + W, :] = channels_last(x)   # the border stays zero
         cols = columns[:n * out_hw[0] * out_hw[1]]
-        np.copyto(cols.reshape(n, *out_hw, *self.kernel, -1),
-                  windows(block, out_hw, self.kernel, self.stride))
+        by_offset = cols.reshape(n, *out_hw, *self.kernel, -1)   # (n, Ho, Wo, kh, kw, C)
+        if x.shape[1] >= FEW_CHANNELS:
+            np.copyto(by_offset, windows(block, out_hw, self.kernel, self.stride))
+        else:   # numpy's copy loops over the channels innermost: one offset at a time
+            for k, view in enumerate(offsets(block, out_hw, self.kernel, self.stride)):
+                by_offset[:, :, :, k // self.kernel[1], k % self.kernel[1]] = view
         return cols
 
     def convolve(self, x, y_last, scratch):
@@ -195,12 +217,11 @@ class Conv2d(Window, Layer):
         Wk, out_hw = self.matrix(), y_last.shape[1:3]
         rows = y_last.reshape(-1, self.C_out)   # (B Ho Wo, C_out)
         per_image = out_hw[0] * out_hw[1]
-        for start in range(0, len(x), BLOCK):
-            stop = min(start + BLOCK, len(x))
+        for start, stop in blocks(len(x)):
             y = np.matmul(self.columns(x[start:stop], scratch, out_hw), Wk.T,
                           out=rows[start * per_image:stop * per_image])
             if self.b is not None:
-                y += self.b
+                add_rowwise(y, self.b)
         return images(y_last)
 
     def forward(self, x, ctx):
@@ -225,43 +246,53 @@ class Conv2d(Window, Layer):
         per_image = out_hw[0] * out_hw[1]
         # (B Ho Wo, C_out): a view where dy is channels-last (as from pooling), else a copy
         rows = np.ascontiguousarray(channels_last(dy)).reshape(-1, self.C_out)
-        if self.b is not None:
-            np.sum(rows, axis=0, out=grads[1])
         self.part = rows_of(self.part, 2, Wk.shape, Wk.dtype)
         dWk, part = self.part[0], self.part[1]   # dW in the window's order, one block's
         dWk[...] = 0
+        if self.b is not None:
+            grads[1][...] = 0
         if self.input_grad:
             self.dx = rows_of(self.dx, B, (*x.shape[2:], x.shape[1]), x.dtype)
-            self.dcols = rows_of(self.dcols, len(self.scratch[1]), (Wk.shape[1],), x.dtype)
-        for start in range(0, B, BLOCK):
-            stop = min(start + BLOCK, B)
-            d = rows[start * per_image:stop * per_image]
+            W_ij = np.ascontiguousarray(self.W.transpose(2, 3, 0, 1))   # (kh, kw, C_out, C)
+        for start, stop in blocks(B):
+            d = rows[start * per_image:stop * per_image]   # (n Ho Wo, C_out)
             np.matmul(d.T, self.columns(x[start:stop], self.scratch, out_hw), out=part)
             dWk += part
+            if self.b is not None:
+                grads[1] += np.matmul(self.ones(BLOCK * per_image, d.dtype)[:len(d)], d)
             if self.input_grad:
-                dcols = np.matmul(d, Wk, out=self.dcols[:len(d)])
-                self.col2im(dcols, self.dx[start:stop])
+                self.input_gradient(d, W_ij, self.dx[start:stop])
         np.copyto(grads[0], dWk.reshape(self.C_out, *self.kernel, -1).transpose(0, 3, 1, 2))
         return images(self.dx[:B]) if self.input_grad else None
 
-    def col2im(self, dcols, dx):
-        """dx (n, H, W, C) = the sum of each window's gradient dcols (n Ho Wo, K) into
-        the pixels it covers (those of the padding dropped)."""
+    def ones(self, n, dtype):
+        """(n,) ones, for the bias gradient's sum over a block's rows as a product."""
+        if self.unit is None or len(self.unit) != n or self.unit.dtype != dtype:
+            self.unit = np.ones(n, dtype)
+        return self.unit
+
+    def input_gradient(self, d, W_ij, dx):
+        """dx (n, H, W, C) = the input gradient of a block of n images, from d (n Ho Wo,
+        C_out), the output gradient's rows: for each offset (i, j) of the window, d @
+        W[:, :, i, j] added to the pixels that offset reached, in a padded scratch image
+        (the padding's share dropped). No columns: kh kw products of C_out x C."""
         n, H, W, C = dx.shape
         (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
         Ho, Wo = out_size(H, kh, sh, ph), out_size(W, kw, sw, pw)
-        d = dcols.reshape(n, Ho, Wo, kh, kw, C)
-        dx[...] = 0
+        self.dpadded = rows_of(self.dpadded, BLOCK, (H + 2 * ph, W + 2 * pw, C), dx.dtype)
+        self.dpart = rows_of(self.dpart, BLOCK * Ho * Wo, (C,), dx.dtype)
+        padded, part = self.dpadded[:n], self.dpart[:len(d)]
+        padded[...] = 0
         for i in range(kh):
-            # output row o covers input row o sh + i - ph; keep those inside the image
-            o0, o1 = max(0, -((i - ph) // sh)), min(Ho, (H - 1 - i + ph) // sh + 1)
             for j in range(kw):
-                q0, q1 = max(0, -((j - pw) // sw)), min(Wo, (W - 1 - j + pw) // sw + 1)
-                if o1 <= o0 or q1 <= q0:
-                    continue
-                r0, c0 = o0 * sh + i - ph, q0 * sw + j - pw
-                dx[:, r0:r0 + (o1 - o0 - 1) * sh + 1:sh, c0:c0 + (q1 - q0 - 1) * sw + 1:sw] \
-                    += d[:, o0:o1, q0:q1, i, j]
+                np.matmul(d, W_ij[i, j], out=part)
+                padded[:, i:i + (Ho - 1) * sh + 1:sh, j:j + (Wo - 1) * sw + 1:sw] += \
+                    part.reshape(n, Ho, Wo, C)
+        np.copyto(dx, padded[:, ph:ph + H, pw:pw + W])
+
+    def scratch_bytes(self):
+        return sum(a.nbytes for a in (*(self.scratch or ()), self.part, self.unit,
+                                      self.dpadded, self.dpart) if a is not None)
 
 
 class Pool(Window, Layer):
@@ -323,14 +354,28 @@ class MaxPool2d(Pool):
                                 for a in (self.taken, self.hit))
         self.share = rows_of(self.share, B, y.shape[1:], dy.dtype)
         dx, taken, hit, dy_hit = self.dx[:B], self.taken[:B], self.hit[:B], self.share[:B]
-        dx[...], taken[...] = 0, False
-        for v, d in zip(offsets(x_last, y.shape[1:3], self.kernel, self.stride),
-                        offsets(dx, y.shape[1:3], self.kernel, self.stride)):
+        apart = self.stride == self.kernel   # windows side by side: each element in one
+        self.zero_outside(dx, y.shape[1:3]) if apart else dx.fill(0)
+        views = zip(offsets(x_last, y.shape[1:3], self.kernel, self.stride),
+                    offsets(dx, y.shape[1:3], self.kernel, self.stride))
+        for k, (v, d) in enumerate(views):
             np.equal(v, y, out=hit)
-            hit &= ~taken                       # not where an earlier element was largest
-            taken |= hit
-            d += np.multiply(channels_last(dy), hit, out=dy_hit)
+            if k:
+                np.greater(hit, taken, out=hit)   # not where an earlier one was largest
+                np.logical_or(taken, hit, out=taken)
+            else:
+                np.copyto(taken, hit)
+            if apart:
+                np.multiply(channels_last(dy), hit, out=d)   # d's only writer
+            else:
+                d += np.multiply(channels_last(dy), hit, out=dy_hit)
         return images(dx[:, ph:Hp - ph, pw:Wp - pw])
+
+    def zero_outside(self, dx, out_hw):
+        """Zero the rows and columns of dx (B, H', W', C) that no window covers (floor
+        mode leaves them out), where the windows lie side by side."""
+        (Ho, Wo), (sh, sw) = out_hw, self.stride
+        dx[:, Ho * sh:], dx[:, :, Wo * sw:] = 0, 0
 
 
 class AvgPool2d(Pool):

@@ -24,6 +24,8 @@ Every layer has the methods of `Layer`, with the same signatures, and the model
     backward(dy, grads, ctx) dy (B, *F_out) -> dx (B, *F_in); writes the parameters'
                              gradients into `grads`, views into a flat buffer laid out
                              like the parameters (the model's, or a grain's own)
+    scratch_bytes()          the working memory it holds that does not grow with the
+                             rows (a convolution's blocks): 0 for most layers
 
 `ctx` (a Context) carries what a training pass hands every layer alike: each row's key
 for random draws, and the function that sums small arrays over the global batch.
@@ -119,6 +121,9 @@ class Layer:
         pass
 
     def flops(self, in_shape):
+        return 0
+
+    def scratch_bytes(self):
         return 0
 
     def output(self, x):

@@ -16,8 +16,8 @@ activation works on any layout, and allocates its buffers laid out like its inpu
 layers.rows_of), and Flatten puts them in torch's (C, H, W) order.
 
 Work that grows with the rows is done in blocks of BLOCK images, counted from the first
-row the layer is given (a shard's, a grain's, an evaluation block's first row), never
-from the rank's share or from free memory: a block's products then have the same row
+row of each segment of the pass (layers.Context: a shard's, a grain's, an evaluation
+block's first row), never from the rank's share or from free memory: a block's products then have the same row
 counts whichever rank computes them, and some BLAS kernels round differently for other
 row counts. The scratch memory of a convolution is a few blocks, whatever the batch.
 """
@@ -71,6 +71,13 @@ def windows(padded, out_hw, kernel, stride):
     (Ho, Wo), (kh, kw), (sh, sw) = out_hw, kernel, stride
     return as_strided(padded, (len(padded), Ho, Wo, kh, kw, padded.shape[3]),
                       (sB, sh * sH, sw * sW, sH, sW, sC), writeable=False)
+
+
+def blocks(segments):
+    """(start, stop) of each block of at most BLOCK rows, counted from each segment's
+    first row: the segments' rows in order."""
+    return [(start, min(start + BLOCK, s.stop))
+            for s in segments for start in range(s.start, s.stop, BLOCK)]
 
 
 class Window:
@@ -189,14 +196,13 @@ class Conv2d(Window, Layer):
                   windows(block, out_hw, self.kernel, self.stride))
         return cols
 
-    def convolve(self, x, y_last, scratch):
-        """y_last (B, Ho, Wo, C_out) = the convolution of x (B, C, H, W), block by block;
-        returned as (B, C_out, Ho, Wo)."""
+    def convolve(self, x, y_last, scratch, segments):
+        """y_last (B, Ho, Wo, C_out) = the convolution of x (B, C, H, W), block by block
+        from each segment's first row; returned as (B, C_out, Ho, Wo)."""
         Wk, out_hw = self.matrix(), y_last.shape[1:3]
         rows = y_last.reshape(-1, self.C_out)   # (B Ho Wo, C_out)
         per_image = out_hw[0] * out_hw[1]
-        for start in range(0, len(x), BLOCK):
-            stop = min(start + BLOCK, len(x))
+        for start, stop in blocks(segments):
             y = np.matmul(self.columns(x[start:stop], scratch, out_hw), Wk.T,
                           out=rows[start * per_image:stop * per_image])
             if self.b is not None:
@@ -209,39 +215,41 @@ class Conv2d(Window, Layer):
         B, (Ho, Wo) = len(x), self.out_hw(x.shape[1:], "conv2d")
         self.y = rows_of(self.y, B, (Ho, Wo, self.C_out), x.dtype)
         self.scratch = self.new_scratch(x, self.scratch)
-        return self.convolve(x, self.y[:B], self.scratch)
+        return self.convolve(x, self.y[:B], self.scratch, ctx.segments_of(B))
 
     def infer(self, x):
         # x (B, C, H, W) -> y (B, C_out, Ho, Wo): forward's arithmetic, caching nothing
         Ho, Wo = self.out_hw(x.shape[1:], "conv2d")
         return self.convolve(x, np.empty((len(x), Ho, Wo, self.C_out), x.dtype),
-                             self.new_scratch(x))
+                             self.new_scratch(x), [slice(0, len(x))])
 
     def backward(self, dy, grads, ctx):
         # dy (B, C_out, Ho, Wo) -> dx (B, C, H, W) channels-last, or None where no layer
-        # before needs it; grads = (dW (C_out, C, kh, kw), db (C_out,)), overwritten
+        # before needs it; grads = [(dW (C_out, C, kh, kw), db (C_out,)) per segment],
+        # overwritten
         x, Wk = self.x, self.matrix()
         B, out_hw = len(x), dy.shape[2:]
         per_image = out_hw[0] * out_hw[1]
         # (B Ho Wo, C_out): a view where dy is channels-last (as from pooling), else a copy
         rows = np.ascontiguousarray(channels_last(dy)).reshape(-1, self.C_out)
-        if self.b is not None:
-            np.sum(rows, axis=0, out=grads[1])
         self.part = rows_of(self.part, 2, Wk.shape, Wk.dtype)
         dWk, part = self.part[0], self.part[1]   # dW in the window's order, one block's
-        dWk[...] = 0
         if self.input_grad:
             self.dx = rows_of(self.dx, B, (*x.shape[2:], x.shape[1]), x.dtype)
             self.dcols = rows_of(self.dcols, len(self.scratch[1]), (Wk.shape[1],), x.dtype)
-        for start in range(0, B, BLOCK):
-            stop = min(start + BLOCK, B)
-            d = rows[start * per_image:stop * per_image]
-            np.matmul(d.T, self.columns(x[start:stop], self.scratch, out_hw), out=part)
-            dWk += part
-            if self.input_grad:
-                dcols = np.matmul(d, Wk, out=self.dcols[:len(d)])
-                self.col2im(dcols, self.dx[start:stop])
-        np.copyto(grads[0], dWk.reshape(self.C_out, *self.kernel, -1).transpose(0, 3, 1, 2))
+        for segment, dW_db in zip(ctx.segments_of(B), grads):
+            if self.b is not None:
+                np.sum(rows[segment.start * per_image:segment.stop * per_image], axis=0,
+                       out=dW_db[1])
+            dWk[...] = 0
+            for start, stop in blocks([segment]):
+                d = rows[start * per_image:stop * per_image]
+                np.matmul(d.T, self.columns(x[start:stop], self.scratch, out_hw), out=part)
+                dWk += part
+                if self.input_grad:
+                    dcols = np.matmul(d, Wk, out=self.dcols[:len(d)])
+                    self.col2im(dcols, self.dx[start:stop])
+            np.copyto(dW_db[0], dWk.reshape(self.C_out, *self.kernel, -1).transpose(0, 3, 1, 2))
         return images(self.dx[:B]) if self.input_grad else None
 
     def col2im(self, dcols, dx):

@@ -111,6 +111,9 @@ class Layer:
     """The interface, with the defaults of a layer that has no parameters and keeps the
     shape of its input."""
     draws = False         # forward draws random numbers (then it needs ctx.keys)
+    values_per_row = 0    # forward normalises with statistics of the global batch, this
+                          # many values per row and channel: it needs the whole batch in
+                          # one pass, and 2 values or more per channel (0: no statistics)
     output_free = False   # forward's output may be overwritten by the next layer: this
                           # layer's own buffer (or its input, where that was free), which
                           # its backward never reads

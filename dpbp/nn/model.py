@@ -26,10 +26,12 @@ import numpy as np
 
 from dpbp.nn.conv import AvgPool2d, Conv2d, Flatten, MaxPool2d
 from dpbp.nn.layers import ALONE, Dropout, Linear, ReLU, Sigmoid, Tanh
+from dpbp.nn.norm import BatchNorm1d, BatchNorm2d
 
 LAYERS = {"linear": Linear, "relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid,
           "dropout": Dropout, "conv2d": Conv2d, "maxpool2d": MaxPool2d,
-          "avgpool2d": AvgPool2d, "flatten": Flatten}
+          "avgpool2d": AvgPool2d, "flatten": Flatten, "batchnorm1d": BatchNorm1d,
+          "batchnorm2d": BatchNorm2d}
 
 
 def mlp_layers(hidden, activation, dropout, outputs):

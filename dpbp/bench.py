@@ -90,7 +90,8 @@ class Net:
 def bench_dpbp(comm, net, N, warmup, steps, tc):
     """Collective. Per-rank arrays of step, communication-wait and optimizer-update
     seconds of the timed steps, the CPU seconds this rank used in them, the bytes of
-    the model, optimizer state and activations of this rank, and the model."""
+    the model, optimizer state and activations of this rank, the model, and the layers'
+    batch sums: (calls per step, bytes each, this rank's seconds in them per step)."""
     model = net.build()
     optimizer = new_optimizer(tc, model)
     summed = gradient_sum(tc, comm, model)
@@ -111,7 +112,7 @@ def bench_dpbp(comm, net, N, warmup, steps, tc):
         if k >= 0:
             seconds[k], waits[k] = time.perf_counter() - t0, comm.wait_seconds
             sums[k] = stats.calls, stats.seconds
-    sums = sums, 8 * stats.values // max(stats.calls, 1)   # bytes per sum, as float64
+    sums = int(sums[0, 0]), 8 * stats.values // max(stats.calls, 1), sums[:, 1].copy()
     cpu = time.process_time() - cpu
     updates = np.empty(steps)
     for k in range(steps):   # the update alone, on the last step's gradient
@@ -504,9 +505,8 @@ def run_bench(args, net, comm, say):
              samples_per_second=samples_per_second,
              step_seconds=step, compute_seconds=step * (1 - comm_fraction),
              comm_seconds=step * comm_fraction, comm_fraction=comm_fraction,
-             batch_sums_per_step=int(sums[0][0, 0]), batch_sum_bytes=int(sums[1]),
-             batch_sum_seconds=float(np.median(gather(comm, sums[0][:, 1].copy())
-                                               .max(axis=0))),
+             batch_sums_per_step=sums[0], batch_sum_bytes=sums[1],   # calls, bytes each
+             batch_sum_seconds=float(np.median(gather(comm, sums[2]).max(axis=0))),
              cpu_seconds_per_sample=gather(comm, cpu).sum() / (args.steps * args.batch_size),
              flops_per_sample=model.flops_per_sample, flops=flops, peak_flops=peak_gemm,
              mfu=flops / peak_gemm,
@@ -520,8 +520,7 @@ def run_bench(args, net, comm, say):
                                step))
         say(report_torch(r))
     if args.scaling_model:
-        r.update(measure_scaling(comm, args, net, weights, step,
-                                 (r["batch_sums_per_step"], r["batch_sum_bytes"])))
+        r.update(measure_scaling(comm, args, net, weights, step, sums[:2]))
         say(report_scaling(r))
     r["bench_seconds"] = time.perf_counter() - t0
     if args.json:

@@ -104,7 +104,7 @@ def bench_dpbp(comm, net, N, warmup, steps, tc):
     for k in range(-warmup, steps):
         if k == 0:
             cpu = time.process_time()
-        comm.wait_seconds, stats.calls, stats.seconds = 0.0, 0, 0.0
+        comm.wait_seconds, stats.calls, stats.seconds, stats.values = 0.0, 0, 0.0, 0
         t0 = time.perf_counter()
         keys = noise.row_keys(0, warmup + k, np.arange(rows.start, rows.stop)) \
             if model.draws else None   # as the loop makes them, every step
@@ -548,10 +548,6 @@ def report(r):
         f"samples/s        {r['samples_per_second']:,.0f}",
         f"step (median)    {ms(r['step_seconds'])}: compute {ms(r['compute_seconds'])}, "
         f"communication wait {ms(r['comm_seconds'])} ({100 * r['comm_fraction']:.1f} %)",
-        f"batch sums       {r['batch_sums_per_step']} per step, {ms(r['batch_sum_seconds'])} "
-        f"(median, slowest rank; {100 * r['batch_sum_seconds'] / r['step_seconds']:.1f} % of "
-        "a step): the layers' statistics over the global batch (batchnorm), inside forward "
-        "and backward",
         f"update (median)  {ms(r['update_seconds'])}, the optimizer's step alone "
         f"({100 * r['update_seconds'] / r['step_seconds']:.1f} % of a step)",
         f"CPU time         {1e6 * r['cpu_seconds_per_sample']:,.1f} us per sample (all ranks "
@@ -567,6 +563,11 @@ def report(r):
         f"optimizer state and activations)",
         f"import           {r['import_seconds']:.3f} s, the training modules (slowest rank)",
     ]
+    if r["batch_sums_per_step"]:
+        lines.insert(4, f"batch sums       {r['batch_sums_per_step']} per step, "
+                     f"{ms(r['batch_sum_seconds'])} (median, slowest rank, waits included; "
+                     f"{100 * r['batch_sum_seconds'] / r['step_seconds']:.1f} % of a step): "
+                     "the layers' statistics over the global batch (batchnorm)")
     return "\n".join(lines)
 
 

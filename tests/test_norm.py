@@ -138,6 +138,10 @@ def test_torch_gives_the_same_steps_buffers_and_evaluation(kind, shape, momentum
     for name, mine in model.state_dict().items():
         np.testing.assert_allclose(mine, theirs[name.removeprefix("model.")].numpy(),
                                    rtol=1e-14, err_msg=name)
+    loaded, _ = layer_of(kind, shape)                       # and back, as model.init loads
+    assert loaded.load_state_dict({f"model.{k}": v.numpy() for k, v in theirs.items()},
+                                  "torch") is None
+    assert loaded.buffers[np.dtype(np.int64)] == 3
     net.eval()
     x = rng.normal(size=(6, *shape))
     np.testing.assert_allclose(model.infer(x), net(torch.from_numpy(x)).detach().numpy(),

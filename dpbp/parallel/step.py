@@ -53,8 +53,8 @@ def train_step(model, optimizer, loss_fn, x, y, N, summed, clip_norm=0.0, keys=N
       collective: every rank calls it every step, ranks with no rows included. Inside
       forward and backward, what a layer sums with ctx.batch_sum, collective too: each
       batchnorm layer sums per-channel counts and sums of x, then of (x - mean)^2, in
-      forward, and of dy and dy x_hat in backward (3 sums of 2 to 3 C values), every
-      rank in the same order because every rank runs the same layers, one pass each.
+      forward, and of dy and dy x_hat in backward (3 sums, of 1 + C, C and 2 C values),
+      every rank in the same order because every rank runs the same layers, one pass.
       Under GrainSum the pass is the rank's grains, segments of it: a layer computes
       each grain's products and gradients on their own and batch_sum adds every grain's
       partial exactly, so the bits do not depend on which rank holds a grain.

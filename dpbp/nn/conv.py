@@ -17,9 +17,10 @@ layers.rows_of), and Flatten puts them in torch's (C, H, W) order.
 
 Work that grows with the rows is done in blocks of BLOCK images, counted from the first
 row of each segment of the pass (layers.Context: a shard's, a grain's, an evaluation
-block's first row), never from the rank's share or from free memory: a block's products then have the same row
-counts whichever rank computes them, and some BLAS kernels round differently for other
-row counts. The scratch memory of a convolution is a few blocks, whatever the batch.
+block's first row), never from the rank's share or from free memory: a block's products
+then have the same row counts whichever rank computes them, and some BLAS kernels round
+differently for other row counts. The scratch memory of a convolution is a few blocks,
+whatever the batch.
 """
 
 import math

@@ -192,7 +192,7 @@ def test_layers_in_a_file_or_one_set_and_the_printed_config_loads(tmp_path, trai
     assert config.load(tmp_path / "printed.toml") == from_file
 
 
-@pytest.mark.parametrize("name,shape", [("mnist-cnn", (1, 28, 28)),
+@pytest.mark.parametrize("name,shape", [("mnist-cnn", (1, 28, 28)), ("mnist-cnn-bn", (1, 28, 28)),
                                         ("synthetic-cnn", (1, 16, 16))])
 def test_the_cnn_recipes_build_for_their_images(name, shape):
     from dpbp.nn.model import Model

@@ -91,25 +91,29 @@ def bench_dpbp(comm, net, N, warmup, steps, tc):
     """Collective. Per-rank arrays of step, communication-wait and optimizer-update
     seconds of the timed steps, the CPU seconds this rank used in them, the bytes of
     the model, optimizer state and activations of this rank, the bytes of the layers'
-    scratch among them (bounded whatever the batch), and the model."""
+    scratch among them (bounded whatever the batch), the model, and the layers' batch
+    sums: (calls per step, bytes each, this rank's seconds in them per step)."""
     model = net.build()
     optimizer = new_optimizer(tc, model)
     summed = gradient_sum(tc, comm, model)
     rows = summed.rows(N)
     B = rows.stop - rows.start
     x, y = net.batch(model, B, [1, comm.rank])
+    summed.batch_sum = stats = TimedBatchSum(summed.batch_sum)   # the layers' sums, timed
 
-    seconds, waits = np.empty(steps), np.empty(steps)
+    seconds, waits, sums = np.empty(steps), np.empty(steps), np.empty((steps, 2))
     for k in range(-warmup, steps):
         if k == 0:
             cpu = time.process_time()
-        comm.wait_seconds = 0.0
+        comm.wait_seconds, stats.calls, stats.seconds, stats.values = 0.0, 0, 0.0, 0
         t0 = time.perf_counter()
         keys = noise.row_keys(0, warmup + k, np.arange(rows.start, rows.stop)) \
             if model.draws else None   # as the loop makes them, every step
         train_step(model, optimizer, cross_entropy, x, y, N, summed, 0.0, keys)
         if k >= 0:
             seconds[k], waits[k] = time.perf_counter() - t0, comm.wait_seconds
+            sums[k] = stats.calls, stats.seconds
+    sums = int(sums[0, 0]), 8 * stats.values // max(stats.calls, 1), sums[:, 1].copy()
     cpu = time.process_time() - cpu
     updates = np.empty(steps)
     for k in range(steps):   # the update alone, on the last step's gradient
@@ -121,7 +125,22 @@ def bench_dpbp(comm, net, N, warmup, steps, tc):
     loss = 3 * model.output_shape[-1] * model.params.itemsize * B   # outputs' gradient, softmax
     scratch = sum(layer.scratch_bytes() for layer in model.layers)   # bounded: blocks
     return seconds, waits, updates, cpu, state + x.nbytes + row_buffer_bytes(model, x) + loss, \
-        scratch, model
+        scratch, model, sums
+
+
+class TimedBatchSum:
+    """A gradient sum's batch_sum (the layers' statistics over the global batch, as
+    batchnorm's), counting its calls and their seconds, waits for other ranks included."""
+
+    def __init__(self, batch_sum):
+        self.batch_sum, self.calls, self.seconds, self.values = batch_sum, 0, 0.0, 0
+
+    def __call__(self, partials):
+        t0 = time.perf_counter()
+        total = self.batch_sum(partials)
+        self.calls, self.seconds = self.calls + 1, self.seconds + time.perf_counter() - t0
+        self.values += np.size(total)
+        return total
 
 
 def row_buffer_bytes(model, x):
@@ -250,7 +269,7 @@ class Alone:
         pass
 
 
-def measure_scaling(comm, args, net, weights, step):
+def measure_scaling(comm, args, net, weights, step, batch_sums=(0, 0)):
     """Collective. What the scaling model needs, measured here, its predictions, and its
     check against this run's own step (the figures --json adds)."""
     alone, update = measure_compute(comm, net, args.batch_size)
@@ -265,7 +284,7 @@ def measure_scaling(comm, args, net, weights, step):
     between = (args.latency_us * 1e-6 if args.latency_us is not None
                else alpha if alpha is not None else DEFAULT_LATENCY_US * 1e-6)
     node = scaling.Node(max(alone - update, 0.0) / args.batch_size, update, weights, between,
-                        gamma, host_sum, convert)
+                        gamma, host_sum, convert, *batch_sums)
     predicted = scaling.compute_seconds(node, args.batch_size)
     return dict(
         scaling_model=scaling.records(node, args.batch_size),
@@ -281,7 +300,9 @@ def measure_scaling(comm, args, net, weights, step):
         scaling_check=dict(world_size=comm.size, predicted_step_ms=1e3 * predicted,
                            measured_step_ms=1e3 * step,
                            error_percent=100 * (predicted - step) / step),
-        scaling_targets=targets(node, args.batch_size))
+        scaling_targets=targets(node, args.batch_size),
+        batch_sums_dominate={link: scaling.batch_sums_dominate(node, link)
+                             for link in scaling.LINKS_GBPS})
 
 
 def targets(node, batch):
@@ -313,7 +334,17 @@ TORCH_LAYERS = {
     "maxpool2d": lambda nn, shape, **kw: nn.MaxPool2d(**kw),
     "avgpool2d": lambda nn, shape, **kw: nn.AvgPool2d(**kw),
     "flatten": lambda nn, shape: nn.Flatten(),
+    "batchnorm1d": lambda nn, shape, **kw: nn.BatchNorm1d(shape[0], **torch_norm(kw)),
+    "batchnorm2d": lambda nn, shape, **kw: nn.BatchNorm2d(shape[0], **torch_norm(kw)),
 }
+
+
+def torch_norm(arguments):
+    """A batchnorm spec's arguments as torch's: momentum "cumulative" is None there."""
+    arguments = {k: v for k, v in arguments.items() if k != "num_features"}
+    if arguments.get("momentum") == "cumulative":
+        arguments["momentum"] = None
+    return arguments
 
 
 def torch_network(torch, net):
@@ -449,7 +480,7 @@ def run_bench(args, net, comm, say):
     tc = TrainConfig(batch_size=args.batch_size, comm_dtype=args.comm_dtype,
                      deterministic=args.deterministic, grains=args.grains,
                      optimizer=args.optimizer, lr=LR, momentum=MOMENTUM)
-    seconds, waits, updates, cpu, need, scratch, model = bench_dpbp(
+    seconds, waits, updates, cpu, need, scratch, model, sums = bench_dpbp(
         comm, net, args.batch_size, args.warmup, args.steps, tc)
     peak_rss = gather(comm, peak_rss_bytes()).max()
     # The peak: the best window, before or after the steps, of all ranks' rates summed
@@ -476,6 +507,8 @@ def run_bench(args, net, comm, say):
              samples_per_second=samples_per_second,
              step_seconds=step, compute_seconds=step * (1 - comm_fraction),
              comm_seconds=step * comm_fraction, comm_fraction=comm_fraction,
+             batch_sums_per_step=sums[0], batch_sum_bytes=sums[1],   # calls, bytes each
+             batch_sum_seconds=float(np.median(gather(comm, sums[2]).max(axis=0))),
              cpu_seconds_per_sample=gather(comm, cpu).sum() / (args.steps * args.batch_size),
              flops_per_sample=model.flops_per_sample, flops=flops, peak_flops=peak_gemm,
              mfu=flops / peak_gemm,
@@ -490,7 +523,7 @@ def run_bench(args, net, comm, say):
                                step))
         say(report_torch(r))
     if args.scaling_model:
-        r.update(measure_scaling(comm, args, net, weights, step))
+        r.update(measure_scaling(comm, args, net, weights, step, sums[:2]))
         say(report_scaling(r))
     r["bench_seconds"] = time.perf_counter() - t0
     if args.json:
@@ -535,6 +568,11 @@ def report(r):
            "whatever the batch" if r["scratch_mb"] else "") + ")",
         f"import           {r['import_seconds']:.3f} s, the training modules (slowest rank)",
     ]
+    if r["batch_sums_per_step"]:
+        lines.insert(4, f"batch sums       {r['batch_sums_per_step']} per step, "
+                     f"{ms(r['batch_sum_seconds'])} (median, slowest rank, waits included; "
+                     f"{100 * r['batch_sum_seconds'] / r['step_seconds']:.1f} % of a step): "
+                     "the layers' statistics over the global batch (batchnorm)")
     return "\n".join(lines)
 
 
@@ -576,6 +614,12 @@ def report_scaling(r):
                 f"{b:,} ({link_} Gb/s)" for link_, b in t["per_node_batch"].items())
             + f"; at {r['batch_size']:,} rows per node, a link of "
             + ("no speed (latency alone is too much)" if link is None else f">= {link:.1f} Gb/s"))
+    if r["batch_sums_per_step"]:
+        lines.append(
+            f"batch sums       {r['batch_sums_per_step']} per step, {r['batch_sum_bytes']:,} "
+            "bytes each (mean): PREDICTED to take longer than the gradient sum from " + ", ".join(
+                f"{'beyond ' + str(scaling.NODES[-1]) if p is None else p} nodes ({link} Gb/s)"
+                for link, p in r["batch_sums_dominate"].items()))
     return "\n".join(lines)
 
 

@@ -30,7 +30,8 @@ class RowCounter(Layer):
 
     def forward(self, x, ctx):
         # x (B, *F) -> x; seen += the rows of all ranks' parts
-        total = ctx.batch_sum(np.array([len(x)], dtype=np.int64))
+        total = ctx.batch_sum(np.array([[s.stop - s.start] for s in ctx.segments_of(len(x))],
+                                       dtype=np.int64))
         self.seen[...] += total[0]
         self.rows += total
         return x

@@ -45,10 +45,9 @@ MUTANTS = [
            ("tests/test_data.py::test_the_identity_covers_every_array",
             "tests/test_resume.py::test_a_resume_whose_data_changed_stops_unless_asked_for")),
     Mutant("grains-own-shard", "dpbp/parallel/deterministic.py",
-           "        return [(slice(grain_rows[j].start - offset, grain_rows[j].stop - offset), grads)\n"
-           "                for j, grads in zip(self.mine, self.buffers)]",
-           "        own = sharding.grain_rows(self.rows(N).stop - offset, len(self.mine))\n"
-           "        return [(own[i], grads) for i, grads in enumerate(self.buffers[:len(self.mine)])]",
+           "        segments = [slice(grain_rows[j].start - shard.start, grain_rows[j].stop - shard.start)\n"
+           "                    for j in self.mine]",
+           "        segments = sharding.grain_rows(shard.stop - shard.start, len(self.mine))",
            ("tests/test_deterministic.py",)),
     Mutant("half-sent-as-float32", "dpbp/parallel/step.py",
            'if self.comm_dtype == "float32":', "if True:",
@@ -243,8 +242,8 @@ MUTANTS = [
             "tests/test_properties.py")),
     # Convolutions, pooling and networks of model.layers.
     Mutant("conv-grads-kept-without-rows", "dpbp/nn/conv.py",
-           "        np.copyto(grads[0], dWk",
-           "        if B: np.copyto(grads[0], dWk",
+           "            np.copyto(dW_db[0], dWk",
+           "            if B: np.copyto(dW_db[0], dWk",
            ("tests/test_cnn.py::test_n_ranks_match_one_process",)),
     Mutant("maxpool-grad-to-every-tie", "dpbp/nn/conv.py",
            "                np.greater(hit, taken, out=hit)   # not where an earlier one was largest\n",
@@ -255,12 +254,14 @@ MUTANTS = [
            "                taken |= hit",
            ("tests/test_cnn.py::test_deterministic_bits_at_1_to_4_ranks_across_a_resume_and_in_evaluation",)),
     Mutant("conv-blocks-from-the-end", "dpbp/nn/conv.py",
-           "    return [(start, min(start + BLOCK, n)) for start in range(0, n, BLOCK)]",
-           "    return [(max(0, stop - BLOCK), stop) for stop in range(n, 0, -BLOCK)]",
+           "    return [(start, min(start + BLOCK, s.stop))\n"
+           "            for s in segments for start in range(s.start, s.stop, BLOCK)]",
+           "    return [(max(s.start, stop - BLOCK), stop)\n"
+           "            for s in segments for stop in range(s.stop, s.start, -BLOCK)]",
            ("tests/test_conv.py::test_blocks_are_counted_from_the_first_row_a_layer_is_given",)),
     Mutant("conv-bias-grad-added-to", "dpbp/nn/conv.py",
-           "            grads[1][...] = 0\n",
-           "            pass\n",
+           "                dW_db[1][...] = 0\n",
+           "                pass\n",
            ("tests/test_conv.py::test_conv2d_matches_the_reference",)),
     Mutant("conv-input-grad-scratch-kept", "dpbp/nn/conv.py",
            "        padded[...] = 0\n",
@@ -295,6 +296,34 @@ MUTANTS = [
     Mutant("resume-changes-the-layers", "dpbp/service/resume.py",
            '"model.layers", "train.loss"', '"train.loss"',
            ("tests/test_cnn.py::test_resume_and_evaluate_keep_the_layers",)),
+    # Batch normalisation over the global batch, and the one pass per rank it needs.
+    Mutant("batchnorm-statistics-of-the-shard", "dpbp/nn/norm.py",
+           "        totals = ctx.batch_sum(partials)                    # DP",
+           "        totals = partials.sum(axis=0)                    # DP",
+           ("tests/test_norm.py::test_n_ranks_match_one_process_in_float64",
+            "tests/test_batchnorm_runs.py::test_n_ranks_match_one_process_and_the_statistics_moved")),
+    Mutant("batchnorm-one-pass-variance", "dpbp/nn/norm.py",
+           "        squares = np.square(x_hat, out=self.scratch[:B])\n"
+           "        var = ctx.batch_sum(self.sums(squares, segments, partials[:, 1:])) / self.M",
+           "        squares = np.square(x, out=self.scratch[:B])\n"
+           "        var = ctx.batch_sum(self.sums(squares, segments, partials[:, 1:])) / self.M"
+           " - mean ** 2",
+           ("tests/test_norm.py::test_float32_variance_of_a_channel_far_from_zero",)),
+    Mutant("batchnorm-biased-running-var", "dpbp/nn/norm.py",
+           "var * (self.M / (self.M - 1))", "var * 1.0",
+           ("tests/test_norm.py",)),
+    Mutant("running-statistics-kept-on-a-skipped-step", "dpbp/parallel/step.py",
+           "        model.restore_buffers(kept)\n", "",
+           ("tests/test_norm.py::test_a_skipped_step_leaves_the_running_statistics",)),
+    Mutant("linear-one-product-per-pass", "dpbp/nn/layers.py",
+           "        for s in ctx.segments_of(B):\n"
+           "            np.matmul(x[s], self.W.T, out=y[s])",
+           "        np.matmul(x, self.W.T, out=y)",
+           ("tests/test_norm.py::test_deterministic_bits_at_any_world_size",)),
+    Mutant("batchnorm-last-batch-unchecked", "dpbp/service/network.py",
+           "        sizes = {min(tc.batch_size, n), n % tc.batch_size or tc.batch_size}",
+           "        sizes = {min(tc.batch_size, n)}",
+           ("tests/test_batchnorm_runs.py::test_refused_at_start_up",)),
 ]
 
 

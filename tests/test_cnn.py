@@ -192,7 +192,7 @@ def test_layers_in_a_file_or_one_set_and_the_printed_config_loads(tmp_path, trai
     assert config.load(tmp_path / "printed.toml") == from_file
 
 
-@pytest.mark.parametrize("name,shape", [("mnist-cnn", (1, 28, 28)),
+@pytest.mark.parametrize("name,shape", [("mnist-cnn", (1, 28, 28)), ("mnist-cnn-bn", (1, 28, 28)),
                                         ("synthetic-cnn", (1, 16, 16))])
 def test_the_cnn_recipes_build_for_their_images(name, shape):
     from dpbp.nn.model import Model
@@ -209,8 +209,11 @@ def test_the_cnn_recipes_build_for_their_images(name, shape):
     ([f"model.layers={toml([LAYERS[0] | {'dilation': 2}])}"],
      "model.layers: layer 0 (conv2d): unknown key 'dilation'; conv2d takes out_channels, "
      "kernel_size, stride, padding, bias (out_channels, kernel_size required)"),
-    ([f"model.layers={toml([{'type': 'relu'}, {'type': 'batchnorm2d'}])}"],
-     "model.layers: layer 1: unknown type 'batchnorm2d'; the types are avgpool2d, conv2d"),
+    ([f"model.layers={toml([{'type': 'relu'}, {'type': 'groupnorm'}])}"],
+     "model.layers: layer 1: unknown type 'groupnorm'; the types are avgpool2d, batchnorm1d, "
+     "batchnorm2d, conv2d"),
+    ([f"model.layers={toml([{'type': 'batchnorm2d', 'track_running_stats': False}])}"],
+     "model.layers: layer 0 (batchnorm2d): track_running_stats = false is not supported"),
     (["model.layers=[8]"], "model.layers must be a list of tables"),
 ])
 def test_layers_that_make_no_network_are_refused_by_name(overrides, words):

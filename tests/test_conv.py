@@ -94,7 +94,7 @@ def test_conv2d_matches_the_reference(B, C, C_out, kernel, stride, padding, bias
     ref = conv_reference(x, params[0], params[1] if bias else None, layer.stride,
                          layer.padding, dy)
     grads = [np.full_like(p, np.nan) for p in params]   # overwritten, not added to
-    dx = layer.backward(dy.copy(), grads, ALONE)
+    dx = layer.backward(dy.copy(), [grads], ALONE)
     np.testing.assert_allclose(y, ref[0], rtol=0, atol=1e-12)
     np.testing.assert_allclose(dx, ref[1], rtol=0, atol=1e-12)
     np.testing.assert_allclose(grads[0], ref[2], rtol=0, atol=1e-11)
@@ -145,7 +145,7 @@ def test_conv2d_gradient_by_finite_differences(C, C_out, kernel, stride, padding
     loss = lambda: float((layer.forward(x, ALONE) * R).sum())   # dloss/dy = R
     layer.forward(x, ALONE)
     grads = [np.zeros_like(p) for p in params]
-    assert_close(layer.backward(R.copy(), grads, ALONE), numeric_grad(loss, x))
+    assert_close(layer.backward(R.copy(), [grads], ALONE), numeric_grad(loss, x))
     for g, p in zip(grads, params):
         assert_close(g, numeric_grad(loss, p))
 
@@ -263,8 +263,8 @@ def test_a_convolutions_scratch_is_bounded_whatever_the_batch():
     used = []
     for B in (2, 20 * conv.BLOCK, 2):
         x = np.ones((B, 2, 6, 6))
-        layer.backward(np.ones_like(layer.forward(x, ALONE)), [np.empty((3, 2, 3, 3)),
-                                                               np.empty(3)], ALONE)
+        grads = [np.empty((3, 2, 3, 3)), np.empty(3)]
+        layer.backward(np.ones_like(layer.forward(x, ALONE)), [grads], ALONE)
         used.append(layer.scratch_bytes())
     assert used[0] > 0 and used[0] == used[1] == used[2]
     assert Flatten().scratch_bytes() == 0

@@ -71,8 +71,9 @@ def grains_of(N, grains, comm):
     it backpropagates them: [(start, stop), ...] in the batch."""
     summed = gradient_sum(TrainConfig(deterministic=True, grains=grains), comm, small_model())
     shard = summed.rows(N)
-    parts = [(shard.start + rows.start, shard.start + rows.stop)
-             for rows, _ in summed.parts(N)]
+    (rows, segments, grads), = summed.passes(N)
+    assert rows == slice(0, shard.stop - shard.start) and len(grads) == len(segments)
+    parts = [(shard.start + s.start, shard.start + s.stop) for s in segments]
     assert all(shard.start <= a <= b <= shard.stop for a, b in parts)   # within the shard
     return parts
 

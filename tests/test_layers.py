@@ -32,7 +32,7 @@ def test_linear(B, D_in, D_out):
     layer.bind([W, b], [])
     loss = lambda: float((layer.forward(x, ALONE) * R).sum())   # dloss/dy = R
     layer.forward(x, ALONE)
-    dx = layer.backward(R.copy(), [dW, db], ALONE)
+    dx = layer.backward(R.copy(), [(dW, db)], ALONE)
     assert_close(dx, numeric_grad(loss, x))
     assert_close(dW, numeric_grad(loss, W))
     assert_close(db, numeric_grad(loss, b))

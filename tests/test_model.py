@@ -102,8 +102,8 @@ def test_the_factory_builds_from_specs_and_walks_the_input_shape():
 
 @pytest.mark.parametrize("layers,words", [
     ([], "the network has no layers"),
-    ([{"type": "conv"}], "layer 0: unknown type 'conv'; the types are avgpool2d, conv2d, "
-                         "dropout, flatten, linear"),
+    ([{"type": "conv"}], "layer 0: unknown type 'conv'; the types are avgpool2d, "
+                         "batchnorm1d, batchnorm2d, conv2d, dropout, flatten, linear"),
     ([{"out_features": 3}], "layer 0: expected a table with a type"),
     ([{"type": "linear"}], "layer 0 (linear): out_features is missing; linear takes "
                            "out_features (out_features required)"),

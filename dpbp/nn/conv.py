@@ -16,12 +16,12 @@ activation works on any layout, and allocates its buffers laid out like its inpu
 layers.rows_of), and Flatten puts them in torch's (C, H, W) order.
 
 Work that grows with the rows is done in blocks of BLOCK images (`blocks`), counted from
-the first row the layer is given (a shard's, a grain's, an evaluation block's first row),
-never from the rank's share or from free memory: a block's products then have the same
-row counts whichever rank computes them, and some BLAS kernels round differently for
-other row counts. The scratch memory of a convolution is a few blocks, whatever the
-batch (scratch_bytes): a block's columns, and for the input gradient one product per
-window offset added into a padded block, never the columns' gradient.
+the first row of each segment of the pass (layers.Context: a shard's, a grain's, an
+evaluation block's first row), never from the rank's share or from free memory: a block's
+products then have the same row counts whichever rank computes them, and some BLAS kernels
+round differently for other row counts. The scratch memory of a convolution is a few
+blocks, whatever the batch (scratch_bytes): a block's columns, and for the input gradient
+one product per window offset added into a padded block, never the columns' gradient.
 """
 
 import math
@@ -77,10 +77,12 @@ def windows(padded, out_hw, kernel, stride):
                       (sB, sh * sH, sw * sW, sH, sW, sC), writeable=False)
 
 
-def blocks(n):
-    """(start, stop) of each block of BLOCK rows of n, counted from the first: the one
-    place where a layer splits its rows (the last block may be shorter)."""
-    return [(start, min(start + BLOCK, n)) for start in range(0, n, BLOCK)]
+def blocks(segments):
+    """(start, stop) of each block of at most BLOCK rows, counted from each segment's
+    first row: the one place where a layer splits its rows, the segments' rows in
+    order (the last block of a segment may be shorter)."""
+    return [(start, min(start + BLOCK, s.stop))
+            for s in segments for start in range(s.start, s.stop, BLOCK)]
 
 
 def add_rowwise(rows, v):
@@ -211,13 +213,13 @@ class Conv2d(Window, Layer):
                 by_offset[:, :, :, k // self.kernel[1], k % self.kernel[1]] = view
         return cols
 
-    def convolve(self, x, y_last, scratch):
-        """y_last (B, Ho, Wo, C_out) = the convolution of x (B, C, H, W), block by block;
-        returned as (B, C_out, Ho, Wo)."""
+    def convolve(self, x, y_last, scratch, segments):
+        """y_last (B, Ho, Wo, C_out) = the convolution of x (B, C, H, W), block by block
+        from each segment's first row; returned as (B, C_out, Ho, Wo)."""
         Wk, out_hw = self.matrix(), y_last.shape[1:3]
         rows = y_last.reshape(-1, self.C_out)   # (B Ho Wo, C_out)
         per_image = out_hw[0] * out_hw[1]
-        for start, stop in blocks(len(x)):
+        for start, stop in blocks(segments):
             y = np.matmul(self.columns(x[start:stop], scratch, out_hw), Wk.T,
                           out=rows[start * per_image:stop * per_image])
             if self.b is not None:
@@ -230,17 +232,18 @@ class Conv2d(Window, Layer):
         B, (Ho, Wo) = len(x), self.out_hw(x.shape[1:], "conv2d")
         self.y = rows_of(self.y, B, (Ho, Wo, self.C_out), x.dtype)
         self.scratch = self.new_scratch(x, self.scratch)
-        return self.convolve(x, self.y[:B], self.scratch)
+        return self.convolve(x, self.y[:B], self.scratch, ctx.segments_of(B))
 
     def infer(self, x):
         # x (B, C, H, W) -> y (B, C_out, Ho, Wo): forward's arithmetic, caching nothing
         Ho, Wo = self.out_hw(x.shape[1:], "conv2d")
         return self.convolve(x, np.empty((len(x), Ho, Wo, self.C_out), x.dtype),
-                             self.new_scratch(x))
+                             self.new_scratch(x), [slice(0, len(x))])
 
     def backward(self, dy, grads, ctx):
         # dy (B, C_out, Ho, Wo) -> dx (B, C, H, W) channels-last, or None where no layer
-        # before needs it; grads = (dW (C_out, C, kh, kw), db (C_out,)), overwritten
+        # before needs it; grads = [(dW (C_out, C, kh, kw), db (C_out,)) per segment],
+        # overwritten
         x, Wk = self.x, self.matrix()
         B, out_hw = len(x), dy.shape[2:]
         per_image = out_hw[0] * out_hw[1]
@@ -248,21 +251,22 @@ class Conv2d(Window, Layer):
         rows = np.ascontiguousarray(channels_last(dy)).reshape(-1, self.C_out)
         self.part = rows_of(self.part, 2, Wk.shape, Wk.dtype)
         dWk, part = self.part[0], self.part[1]   # dW in the window's order, one block's
-        dWk[...] = 0
-        if self.b is not None:
-            grads[1][...] = 0
         if self.input_grad:
             self.dx = rows_of(self.dx, B, (*x.shape[2:], x.shape[1]), x.dtype)
             W_ij = np.ascontiguousarray(self.W.transpose(2, 3, 0, 1))   # (kh, kw, C_out, C)
-        for start, stop in blocks(B):
-            d = rows[start * per_image:stop * per_image]   # (n Ho Wo, C_out)
-            np.matmul(d.T, self.columns(x[start:stop], self.scratch, out_hw), out=part)
-            dWk += part
+        for segment, dW_db in zip(ctx.segments_of(B), grads):
+            dWk[...] = 0
             if self.b is not None:
-                grads[1] += np.matmul(self.ones(BLOCK * per_image, d.dtype)[:len(d)], d)
-            if self.input_grad:
-                self.input_gradient(d, W_ij, self.dx[start:stop])
-        np.copyto(grads[0], dWk.reshape(self.C_out, *self.kernel, -1).transpose(0, 3, 1, 2))
+                dW_db[1][...] = 0
+            for start, stop in blocks([segment]):
+                d = rows[start * per_image:stop * per_image]   # (n Ho Wo, C_out)
+                np.matmul(d.T, self.columns(x[start:stop], self.scratch, out_hw), out=part)
+                dWk += part
+                if self.b is not None:
+                    dW_db[1] += np.matmul(self.ones(BLOCK * per_image, d.dtype)[:len(d)], d)
+                if self.input_grad:
+                    self.input_gradient(d, W_ij, self.dx[start:stop])
+            np.copyto(dW_db[0], dWk.reshape(self.C_out, *self.kernel, -1).transpose(0, 3, 1, 2))
         return images(self.dx[:B]) if self.input_grad else None
 
     def ones(self, n, dtype):

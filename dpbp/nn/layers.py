@@ -22,13 +22,19 @@ Every layer has the methods of `Layer`, with the same signatures, and the model
     infer(x)                 evaluation: forward's arithmetic, caching nothing, so that
                              several threads may run it at once
     backward(dy, grads, ctx) dy (B, *F_out) -> dx (B, *F_in); writes the parameters'
-                             gradients into `grads`, views into a flat buffer laid out
+                             gradients into `grads`: one set of views per segment of
+                             the pass (ctx.segments), each into a flat buffer laid out
                              like the parameters (the model's, or a grain's own)
     scratch_bytes()          the working memory it holds that does not grow with the
                              rows (a convolution's blocks): 0 for most layers
 
 `ctx` (a Context) carries what a training pass hands every layer alike: each row's key
-for random draws, and the function that sums small arrays over the global batch.
+for random draws, the segments of the pass, and the function that sums small arrays over
+the global batch. A pass may hold several segments (under train.deterministic, one per
+grain of the rank): a layer whose bits depend on how rows are grouped (a matrix product,
+a block of images) works segment by segment, each from its own first row, and writes
+each segment's parameter gradients into that segment's views, so that a segment's bits
+never depend on what else the pass holds. Elementwise work spans the pass.
 
 Forward writes into its input x only where the model says it is free (input_free: the
 output of a layer before that declares it `output_free`, which its backward never reads;
@@ -46,20 +52,28 @@ import numpy as np
 from dpbp.nn import noise
 
 
-def alone(partial):
-    """The sum over the global batch in one process: this shard is the whole batch."""
-    return partial
+def alone(partials):
+    """The sum over the global batch in one process: this pass is the whole batch."""
+    return np.asarray(partials).sum(axis=0)
 
 
 class Context:
     """What a training pass hands every layer beside its input (the same for all layers):
     keys        (B,) uint64, each row's key for random draws (noise.row_keys), or None
-    batch_sum   partial (a small array) -> its sum over the global batch, every rank's
-                rows; collective (parallel/step.py), the identity in one process
+    batch_sum   partials (S, ...), one small array per segment of this pass -> (...),
+                their sum over every segment of the global batch, every rank's; called
+                once per pass by every rank (collective, parallel/step.py), in a float
+                dtype exact under train.deterministic; a plain sum in one process
+    segments    the rows of each segment of the pass, [slice, ...] in order, covering it;
+                None: one segment, all rows (segments_of)
     """
 
-    def __init__(self, keys=None, batch_sum=alone):
-        self.keys, self.batch_sum = keys, batch_sum
+    def __init__(self, keys=None, batch_sum=alone, segments=None):
+        self.keys, self.batch_sum, self.segments = keys, batch_sum, segments
+
+    def segments_of(self, B):
+        """The segments of a pass of B rows: [slice(0, B)] unless the pass was cut."""
+        return [slice(0, B)] if self.segments is None else self.segments
 
 
 ALONE = Context()   # one process, no random draws: the default
@@ -99,6 +113,9 @@ class Layer:
     """The interface, with the defaults of a layer that has no parameters and keeps the
     shape of its input."""
     draws = False         # forward draws random numbers (then it needs ctx.keys)
+    values_per_row = 0    # forward normalises with statistics of the global batch, this
+                          # many values per row and channel: it needs the whole batch in
+                          # one pass, and 2 values or more per channel (0: no statistics)
     output_free = False   # forward's output may be overwritten by the next layer: this
                           # layer's own buffer (or its input, where that was free), which
                           # its backward never reads
@@ -169,11 +186,13 @@ class Linear(Layer):
         return (2 + 2 + 2 * self.input_grad) * D_in * D_out + 2 * D_out
 
     def forward(self, x, ctx):
-        # x (B, D_in) -> y (B, D_out)
+        # x (B, D_in) -> y (B, D_out); one product per segment
         self.x = x
         B, D_out = len(x), self.W.shape[0]
         self.y = rows_of(self.y, B, (D_out,), self.W.dtype)
-        y = np.matmul(x, self.W.T, out=self.y[:B])
+        y = self.y[:B]
+        for s in ctx.segments_of(B):
+            np.matmul(x[s], self.W.T, out=y[s])
         y += self.b
         return y
 
@@ -185,15 +204,18 @@ class Linear(Layer):
 
     def backward(self, dy, grads, ctx):
         # dy (B, D_out) -> dx (B, D_in), or None where no layer before needs it;
-        # grads = (dW (D_out, D_in), db (D_out,)), overwritten
-        dW, db = grads
-        np.matmul(dy.T, self.x, out=dW)
-        np.sum(dy, axis=0, out=db)
+        # grads = [(dW (D_out, D_in), db (D_out,)) per segment], overwritten
+        B, D_in = len(dy), self.W.shape[1]
+        segments = ctx.segments_of(B)
+        for s, (dW, db) in zip(segments, grads):
+            np.matmul(dy[s].T, self.x[s], out=dW)
+            np.sum(dy[s], axis=0, out=db)
         if not self.input_grad:   # e.g. the first layer: nobody needs the data's gradient
             return None
-        B, D_in = len(dy), self.W.shape[1]
         self.dx = rows_of(self.dx, B, (D_in,), self.W.dtype)
-        return np.matmul(dy, self.W, out=self.dx[:B])
+        for s in segments:
+            np.matmul(dy[s], self.W, out=self.dx[s])
+        return self.dx[:B]
 
 
 class ReLU(Layer):

@@ -26,10 +26,12 @@ import numpy as np
 
 from dpbp.nn.conv import AvgPool2d, Conv2d, Flatten, MaxPool2d
 from dpbp.nn.layers import ALONE, Dropout, Linear, ReLU, Sigmoid, Tanh
+from dpbp.nn.norm import BatchNorm1d, BatchNorm2d
 
 LAYERS = {"linear": Linear, "relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid,
           "dropout": Dropout, "conv2d": Conv2d, "maxpool2d": MaxPool2d,
-          "avgpool2d": AvgPool2d, "flatten": Flatten}
+          "avgpool2d": AvgPool2d, "flatten": Flatten, "batchnorm1d": BatchNorm1d,
+          "batchnorm2d": BatchNorm2d}
 
 
 def mlp_layers(hidden, activation, dropout, outputs):
@@ -188,11 +190,23 @@ class Model:
         return x
 
     def backward(self, dout, grads=None, ctx=ALONE):
-        # dout (B, *output_shape) -> nothing; overwrites every gradient in `grads`, a flat
-        # buffer laid out like params (default: self.grads)
-        views = self.split(self.grads if grads is None else grads)
+        # dout (B, *output_shape) -> nothing; overwrites every gradient in `grads`: one flat
+        # buffer laid out like params per segment of ctx (default: [self.grads], the one
+        # segment of an uncut pass), or one such buffer where the pass has one segment
+        grads = [self.grads] if grads is None else [grads] if isinstance(grads, np.ndarray) \
+            else grads
+        views = [self.split(g) for g in grads]
         for i in range(len(self.layers) - 1, self.first - 1, -1):   # last to first
-            dout = self.layers[i].backward(dout, views[self.owned[i]], ctx)
+            dout = self.layers[i].backward(dout, [v[self.owned[i]] for v in views], ctx)
+
+    def save_buffers(self):
+        """A copy of the non-trainable buffers (running statistics), for restore_buffers."""
+        return {dtype: b.copy() for dtype, b in self.buffers.items()}
+
+    def restore_buffers(self, saved):
+        """Put back the buffers save_buffers copied: a step that did not happen leaves them."""
+        for dtype, b in self.buffers.items():
+            np.copyto(b, saved[dtype])
 
     def describe(self):
         return describe(self.specs, self.input_shape)

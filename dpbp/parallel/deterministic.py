@@ -2,10 +2,14 @@
 
 `GrainSum` has the interface of step.PlainSum, so train_step does not know which one it
 runs. Each global batch of N rows is cut into `grains` parts whose rows never depend on
-the world size (sharding.grain_rows), and each rank takes whole grains. Each grain's
-gradient is computed on its own, with single-threaded BLAS (set at start-up), so it has
-the same bits whichever rank computes it: into a scratch buffer per grain, the last
-into model.grads. Then, both collective, every rank calling them every step:
+the world size (sharding.grain_rows), and each rank takes whole grains. A rank runs one
+pass over its grains' rows, the grains its segments (layers.Context): each grain's
+products and gradients are computed on their own, with single-threaded BLAS (set at
+start-up), so they have the same bits whichever rank computes them: each grain's
+gradient into a scratch buffer, the last grain's into model.grads. A rank with no grain
+makes a pass of no rows (its layers' batch sums are collective). batch_sum adds every
+grain's partial statistics exactly (math.fsum). Then, both collective, every rank
+calling them every step:
 - Allreduce(MAX) of a few floats: per parameter array, the largest |gradient| of any
   grain, and every grain's loss sum (-inf from the ranks that do not have it). Each
   grain's gradient is rounded to the grid exact.grid picks from those maxima and added
@@ -34,27 +38,29 @@ class GrainSum:
         self.buffers = list(self.scratch) + [model.grads]   # model.grads alone: no grain
         A = len(model.shapes)
         self.agreed = np.empty(A + grains)     # max |gradient| per array, then grain losses
+        self.held = [len(range(grains)[sharding.shard(grains, r, comm.size)])
+                     for r in range(comm.size)]   # every rank's number of grains
 
     def rows(self, N):
         return sharding.batch_shard(N, self.comm.rank, self.comm.size, self.grains)
 
-    def parts(self, N):
-        """This rank's grains of a global batch of N rows, as rows of its shard, each
-        with a buffer of its own."""
-        grain_rows, offset = sharding.grain_rows(N, self.grains), self.rows(N).start
+    def passes(self, N):
+        """One pass over this rank's shard of a global batch of N rows, its grains the
+        segments (rows of the shard), each with a gradient buffer of its own."""
+        grain_rows, shard = sharding.grain_rows(N, self.grains), self.rows(N)
         A = len(self.model.shapes)
         self.agreed[:A], self.agreed[A:] = 0.0, -np.inf
-        self._next = iter(self.mine)
-        return [(slice(grain_rows[j].start - offset, grain_rows[j].stop - offset), grads)
-                for j, grads in zip(self.mine, self.buffers)]
+        segments = [slice(grain_rows[j].start - shard.start, grain_rows[j].stop - shard.start)
+                    for j in self.mine]
+        return [(slice(0, shard.stop - shard.start), segments, self.buffers[:len(segments)])]
 
-    def add_loss(self, losses, doutputs):
-        j = next(self._next)
-        loss = losses.sum()
-        if not math.isfinite(loss):   # every rank will see an infinite maximum
-            loss = math.inf
-            doutputs[...] = np.nan
-        self.agreed[len(self.model.shapes) + j] = loss
+    def add_loss(self, losses, doutputs, segments):
+        for j, s in zip(self.mine, segments):
+            loss = losses[s].sum()
+            if not math.isfinite(loss):   # every rank will see an infinite maximum
+                loss = math.inf
+                doutputs[s] = np.nan
+            self.agreed[len(self.model.shapes) + j] = loss
 
     def sum_(self):
         A, grads = len(self.model.shapes), self.model.grads
@@ -75,18 +81,20 @@ class GrainSum:
         self.comm.allreduce_(grads)             # DP: exact, the same bits in any order
         return loss, True
 
-    def batch_sum(self, partial):
-        """Exact, so the result does not depend on the ranks' order: integers summed as
-        they are; floats gathered from every rank and added with math.fsum, which rounds
-        once (to float64, then to partial's dtype)."""
-        partial = np.asarray(partial)
-        if partial.dtype.kind in "iu":
-            return self.comm.allreduce_(partial.copy())            # DP: exact in any order
-        mine = partial.astype(np.float64).reshape(-1)
-        size = self.comm.size
-        every = self.comm.allgatherv_(mine, np.empty(size * mine.size), [mine.size] * size)
-        total = [math.fsum(column) for column in every.reshape(size, mine.size).T]   # DP
-        return np.array(total, dtype=partial.dtype).reshape(partial.shape)
+    def batch_sum(self, partials):
+        """partials (grains of this rank, ...) -> (...): exact, so the result does not
+        depend on which rank holds which grain: integers summed as they are; floats,
+        every grain's partial, gathered from every rank and added with math.fsum, which
+        rounds once (to float64, then to the partials' dtype)."""
+        partials = np.asarray(partials)
+        shape, n = partials.shape[1:], math.prod(partials.shape[1:])
+        if partials.dtype.kind in "iu":
+            return self.comm.allreduce_(partials.sum(axis=0))     # DP: exact in any order
+        mine = partials.astype(np.float64).reshape(-1)
+        every = self.comm.allgatherv_(mine, np.empty(self.grains * n),   # DP: every grain's
+                                      [held * n for held in self.held])
+        total = [math.fsum(column) for column in every.reshape(self.grains, n).T]
+        return np.array(total, dtype=partials.dtype).reshape(shape)
 
     def epoch_loss(self, loss_sum):
         return loss_sum                         # every rank holds the whole batch's sums

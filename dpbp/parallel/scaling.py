@@ -29,6 +29,14 @@ and an Allgatherv (MPICH: recursive doubling below 512 KiB for p a power of two,
 below 80 KiB otherwise, a ring beyond), plus, for float16, a maximum over ranks (one
 8-byte Allreduce), and the conversions, which the benchmark measures.
 
+Layers that normalise with the global batch's statistics (batchnorm) add small sums
+inside forward and backward: `batch_sums` Allreduces per step of `batch_sum_bytes` each
+(a few float64 values per channel), recursive doubling, so k alpha each: latency, which
+no overlap hides, since the next layer waits for them. They grow with log2 p while the
+gradient sum's bandwidth term does not, so beyond some node count they cost more than
+the gradient sum: batch_sums_dominate predicts it (a prediction of this model, not a
+measurement). Under train.deterministic they are Allgathervs, not costed here.
+
 Names follow the math; a time is in seconds, a size in bytes. No MPI here: the
 benchmark (dpbp/bench.py) measures, this module computes.
 """
@@ -150,6 +158,8 @@ class Node:
     gamma: float = 0.0          # seconds per byte of adding two float32 arrays
     host_sum_seconds: float = 0.0   # the gradient sum among this node's own ranks
     convert: dict = field(default_factory=dict)   # 16-bit kind -> (fixed, per rank) seconds
+    batch_sums: int = 0         # the layers' sums over the global batch per step (batchnorm)
+    batch_sum_bytes: int = 0    # bytes of each
 
 
 def convert_at(convert, ranks):
@@ -174,6 +184,19 @@ def comm_seconds(node, nodes, link_gbps, comm_dtype="float32", algorithm=None):
                             convert_at(node.convert.get(comm_dtype, (0.0, 0.0)), nodes))
 
 
+def batch_sum_seconds(node, nodes, link_gbps):
+    """The layers' batch sums between `nodes` nodes in one step (latency, mostly)."""
+    return node.batch_sums * allreduce_seconds(nodes, node.batch_sum_bytes, node.alpha,
+                                               beta_of(link_gbps), node.gamma, itemsize=8)
+
+
+def batch_sums_dominate(node, link_gbps, comm_dtype="float32"):
+    """A PREDICTION: the fewest nodes (of NODES) at which the batch sums take longer than
+    the gradient sum, on links of link_gbps; None where they do not within NODES."""
+    return next((p for p in NODES[1:] if batch_sum_seconds(node, p, link_gbps)
+                 > comm_seconds(node, p, link_gbps, comm_dtype)), None)
+
+
 def compute_seconds(node, rows):
     """One node's step without the sum between nodes, for `rows` rows."""
     return rows * node.seconds_per_sample + node.update_seconds + node.host_sum_seconds
@@ -182,7 +205,8 @@ def compute_seconds(node, rows):
 def step_seconds(node, nodes, rows, link_gbps, comm_dtype="float32", algorithm=None):
     """A step on `nodes` nodes with `rows` rows each."""
     return compute_seconds(node, rows) + comm_seconds(node, nodes, link_gbps, comm_dtype,
-                                                      algorithm)
+                                                      algorithm) \
+        + batch_sum_seconds(node, nodes, link_gbps)
 
 
 def efficiency(node, nodes, batch, link_gbps, comm_dtype="float32", scaling="weak"):
@@ -209,6 +233,7 @@ def records(node, batch, nodes=NODES, links=LINKS_GBPS, comm_dtypes=COMM_DTYPES)
                         algorithm=algorithm_name(node, p, comm_dtype),
                         compute_ms=1e3 * compute_seconds(node, rows),
                         comm_ms=1e3 * comm_seconds(node, p, link, comm_dtype),
+                        batch_sum_ms=1e3 * batch_sum_seconds(node, p, link),
                         step_ms=1e3 * t, samples_per_second=rows * p / t,
                         efficiency=efficiency(node, p, batch, link, comm_dtype, scaling)))
     return out

@@ -8,20 +8,22 @@ bits), or `GrainSum` (parallel/deterministic.py), exact sums that give the same 
 every world size. Both have the same small interface:
 
     rows(N)               this rank's rows of a global batch of N rows (a slice)
-    parts(N)              [(rows of the shard, gradient buffer), ...] to backpropagate
-    add_loss(losses, d)   a part's per-row losses; a non-finite one poisons d with NaN
+    passes(N)             [(rows of the shard, segments, gradient buffers), ...]: the
+                          passes through the network, each cut into segments (slices
+                          of its rows; None: one) with a gradient buffer per segment
+    add_loss(losses, d, segments)   a pass's per-row losses; a non-finite one poisons d
     sum_()                collective: model.grads = the global batch's gradient on every
                           rank; returns (loss sum, ok)
     epoch_loss(s)         collective: the epoch's loss sum over all ranks
     saved_loss(s)         what this rank stores of its partial sum in a checkpoint
     resumed_loss(sums, world_size)   this rank's partial sum from a checkpoint's sums
-    batch_sum(partial)    collective: a small array summed over every rank's part of the
-                          global batch, in its dtype; handed to every layer (Context), so
-                          that a layer whose statistics span the batch never sees a
-                          communicator. Every rank must call it as often: a layer calling
-                          it once per part does so under PlainSum (k parts on every rank),
-                          under GrainSum only where the grains split evenly over the
-                          ranks. No shipped layer calls it yet
+    batch_sum(partials)   collective: small arrays, one per segment of the pass, summed
+                          over every segment of every rank, in their dtype; handed to
+                          every layer (Context), so that a layer whose statistics span
+                          the batch (BatchNorm) never sees a communicator. Every rank
+                          makes one pass per step (PlainSum without micro-batches,
+                          GrainSum always), so a layer calling it a fixed number of times
+                          per pass calls it as often as every other rank
 
 Shapes: B rows in this rank's shard of a global batch of N rows.
 """
@@ -48,8 +50,17 @@ def train_step(model, optimizer, loss_fn, x, y, N, summed, clip_norm=0.0, keys=N
       the gradient of the global batch's mean loss: what one process computes on the
       whole batch, up to floating-point rounding (PlainSum) or bit for bit (GrainSum).
     - Communicated: the flat gradient, summed over ranks inside summed.sum_(), which is
-      collective: every rank calls it every step, ranks with no rows included; and what
-      a layer sums with ctx.batch_sum (no shipped layer does).
+      collective: every rank calls it every step, ranks with no rows included. Inside
+      forward and backward, what a layer sums with ctx.batch_sum, collective too: each
+      batchnorm layer sums per-channel counts and sums of x, then of (x - mean)^2, in
+      forward, and of dy and dy x_hat in backward (3 sums, of 1 + C, C and 2 C values),
+      every rank in the same order because every rank runs the same layers, one pass.
+      Under GrainSum the pass is the rank's grains, segments of it: a layer computes
+      each grain's products and gradients on their own and batch_sum adds every grain's
+      partial exactly, so the bits do not depend on which rank holds a grain.
+    - Running statistics (batchnorm's buffers) change in forward, the same on every
+      rank since they come from batch_sum's totals; a step that does not update (ok =
+      False) puts them back as they were.
     - A non-finite loss on any rank makes the summed gradient non-finite on every rank
       alike: then no rank updates, and every rank returns ok = False.
     - Never communicated: parameters, activations, per-step losses (but under GrainSum).
@@ -57,15 +68,17 @@ def train_step(model, optimizer, loss_fn, x, y, N, summed, clip_norm=0.0, keys=N
       every rank applies the same update to the same summed gradient.
     Returns (loss sum, ok): this rank's sum of per-sample losses (GrainSum: the batch's).
     """
-    for rows, grads in summed.parts(N):             # the shard, its micro-batches or grains
-        ctx = Context(None if keys is None else keys[rows], summed.batch_sum)   # DP: the sum
+    kept = model.save_buffers()                     # running statistics, if no update
+    for rows, segments, grads in summed.passes(N):  # the shard (micro-batches), its grains
+        ctx = Context(None if keys is None else keys[rows], summed.batch_sum, segments)  # DP
         outputs = model.forward(x[rows], ctx)                   # forward
         losses, doutputs = loss_fn(outputs, y[rows], N)         # loss, gradient of the GLOBAL mean
-        summed.add_loss(losses, doutputs)
-        model.backward(doutputs, grads, ctx)                    # backward, into the part's buffer
+        summed.add_loss(losses, doutputs, segments)
+        model.backward(doutputs, grads, ctx)                    # backward, a buffer per segment
     loss_sum, ok = summed.sum_()                    # DP: the global batch's gradient, every rank
     norm = clip_grad_norm_(model.grads, clip_norm) if ok else math.inf
     if not math.isfinite(norm):                     # the same verdict on every rank
+        model.restore_buffers(kept)
         return loss_sum, False
     optimizer.step()                                            # update, the same everywhere
     return loss_sum, True
@@ -104,20 +117,20 @@ class PlainSum:
     def rows(self, N):
         return sharding.shard(N, self.comm.rank, self.comm.size)
 
-    def parts(self, N):
-        """The k micro-batches of this rank's shard, each backpropagated into model.grads;
-        after each but the last, its gradient is added to the running sum (so this is a
-        generator)."""
+    def passes(self, N):
+        """The k micro-batches of this rank's shard, one segment each, backpropagated into
+        model.grads; after each but the last, its gradient is added to the running sum
+        (so this is a generator)."""
         self.loss, rows = 0.0, self.rows(N)
         B = rows.stop - rows.start
         for i in range(self.k):
-            yield sharding.shard(B, i, self.k), self.grads
+            yield sharding.shard(B, i, self.k), None, [self.grads]
             if i == 0 and self.k > 1:
                 np.copyto(self.earlier, self.grads)
             elif i < self.k - 1:
                 self.earlier += self.grads
 
-    def add_loss(self, losses, doutputs):
+    def add_loss(self, losses, doutputs, segments):
         self.loss += losses.sum()
         if not math.isfinite(self.loss):
             doutputs[...] = np.nan   # NaN reaches every gradient, then every rank's sum
@@ -131,9 +144,8 @@ class PlainSum:
             half.allreduce_16_(self.comm, self.grads, self.comm_dtype, self.half)
         return self.loss, True
 
-    def batch_sum(self, partial):
-        return self.comm.allreduce_(np.array(partial))   # DP: over ranks; a copy: the
-                                                         # caller's array stays its own
+    def batch_sum(self, partials):
+        return self.comm.allreduce_(np.asarray(partials).sum(axis=0))   # DP: over ranks
 
     def epoch_loss(self, loss_sum):
         return self.comm.allreduce_(np.array([loss_sum]))[0]   # DP: every rank's rows

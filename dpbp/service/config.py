@@ -341,8 +341,8 @@ def validate(cfg):
            f"<= train.batch_size = {t.batch_size} when train.deterministic = true (a grain "
            "is at least one row)", t.grains)
     _check(not t.deterministic or t.accumulation_steps == 1, "train.accumulation_steps",
-           "1 when train.deterministic = true (each rank already takes its rows grain by "
-           "grain: train.grains)", t.accumulation_steps)
+           "1 when train.deterministic = true (each rank already cuts its rows into "
+           "grains: train.grains)", t.accumulation_steps)
     _check(not t.deterministic or t.comm_dtype == "float32", "train.comm_dtype",
            '"float32" when train.deterministic = true (16-bit sums are rounded in an order '
            "that depends on the world size)", t.comm_dtype)

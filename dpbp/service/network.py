@@ -187,3 +187,29 @@ def check_fits(model, data, where):
     if model.output_shape != (data.num_outputs,):
         raise UserError(f"the data have {data.num_outputs} targets per row, but the network "
                         f"of {where} ({model.describe()}) gives {model.output_shape[-1]}")
+
+
+def check_batch_statistics(model, tc, n):
+    """A layer that normalises with the global batch's statistics (batchnorm) needs the
+    whole batch in one pass, and 2 values or more per channel in every global batch of
+    the n training samples, the last partial one too: else a UserError at start-up."""
+    for i, layer in enumerate(model.layers):
+        if not layer.values_per_row:
+            continue
+        kind = model.specs[i]["type"]
+        if tc.accumulation_steps > 1:
+            raise UserError(f"model.layers: layer {i} ({kind}) normalises with the statistics "
+                            "of the whole global batch, which train.accumulation_steps = "
+                            f"{tc.accumulation_steps} would cut into micro-batches; set "
+                            "train.accumulation_steps = 1")
+        sizes = {min(tc.batch_size, n), n % tc.batch_size or tc.batch_size}
+        if min(sizes) * layer.values_per_row < 2:
+            which = f"train.batch_size = {tc.batch_size}" if min(sizes) == tc.batch_size \
+                else f"the last batch of the {n} training samples at train.batch_size = " \
+                     f"{tc.batch_size}"
+            fix = next((b for b in range(tc.batch_size + 1, n + 3) if n % b != 1), None)
+            raise UserError(f"model.layers: layer {i} ({kind}) would see 1 value per channel "
+                            f"in a global batch of 1 row ({which}), which has no variance "
+                            "(torch refuses it too); " + (
+                                f"set train.batch_size = {fix}, say" if fix else
+                                "it needs 2 training samples or more"))

@@ -107,6 +107,7 @@ def _set_up_in(args, comm, say, watchdog, files, plan, restart):
         check_validation_needed(cfg, data)
         data_id = datasets.identity(data)
         model, optimizer = build(cfg, data, layers, source)
+        network.check_batch_statistics(model, cfg.train, len(data.x))
         change = None
         if comm.rank == 0:
             change = resume.check_data(plan, data_id, args.allow_data_change, restart)

@@ -74,14 +74,15 @@ def test_a_nan_in_one_grain_stops_the_step_on_every_rank(comm):
 
 
 def test_the_batch_sum_is_exact_and_alike_on_every_rank(comm):
-    """GrainSum.batch_sum, which layers receive: floats add up to math.fsum of every
-    rank's values (one rounding, whatever the ranks' order: at 3 ranks, any order of
-    plain additions misses 1e16 + 2 in one of the first two), integers as integers."""
-    parts = [np.array([[1e16, 1.0, 1.0][r % 3], [1.0, 1.0, 1e16][r % 3], -(r + 0.5)])
-             for r in range(comm.size)]
+    """GrainSum.batch_sum, which layers receive: each rank hands one partial per grain it
+    holds (2 each here); floats add up to math.fsum of every grain's values (one
+    rounding, whatever the order: any order of plain additions misses 1e16 + 2 in one of
+    the first two), integers as integers."""
+    parts = np.array([[[1e16, 1.0, 1.0][g % 3], [1.0, 1.0, 1e16][g % 3], -(g + 0.5)]
+                      for g in range(2 * comm.size)])
     summed = GrainSum(comm, mlp([2, 2]), 2 * comm.size)
-    total = summed.batch_sum(parts[comm.rank])
-    assert total.tolist() == [math.fsum(p[i] for p in parts) for i in range(3)]
+    total = summed.batch_sum(parts[2 * comm.rank:2 * comm.rank + 2])
+    assert total.tolist() == [math.fsum(parts[:, i]) for i in range(3)]
     assert comm.replicas_identical(total)
-    counts = summed.batch_sum(np.array([comm.rank + 1], dtype=np.int64))
-    assert counts.dtype == np.int64 and counts[0] == comm.size * (comm.size + 1) // 2
+    counts = summed.batch_sum(np.array([[comm.rank + 1], [1]], dtype=np.int64))
+    assert counts.dtype == np.int64 and counts[0] == comm.size * (comm.size + 3) // 2

@@ -141,3 +141,15 @@ def test_outputs_stop_at_a_row_that_is_not_finite(capsys):
     assert stop.value.code == 2
     assert capsys.readouterr().err == "dpbp: error: x.npy: row 270 holds NaN or Inf (or " \
                                       "values beyond float64)\n"
+
+
+def test_outputs_stop_where_the_networks_outputs_overflow(capsys):
+    """Finite inputs within the limit, weights so large that the outputs overflow: one
+    line naming the first row, never an infinite or NaN probability."""
+    model, x, _ = random_model_and_data(300, 4, 4)
+    model.params[...] = 1e308
+    with pytest.raises(mpi.AgreedExit) as stop:
+        outputs(model, x, np.float64, True, Comm(None), where="x.npy")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "dpbp: error: x.npy: row 0: the network's outputs " \
+        "overflow float64; scale the inputs as the training data were\n"

@@ -13,6 +13,22 @@ torch = pytest.importorskip("torch")
 ACTIVATIONS = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid}
 
 
+def assert_weights_are_torchs(checkpoint, net):
+    """The checkpoint's weights are net's state dict, name for name, to 1e-10; returns
+    them (model.0.weight, ...)."""
+    final = model_arrays(checkpoint)
+    want = {f"model.{k}": v.detach().numpy() for k, v in net.state_dict().items()}
+    assert final.keys() == want.keys()
+    for name in want:
+        np.testing.assert_allclose(final[name], want[name], rtol=0, atol=1e-10, err_msg=name)
+    return final
+
+
+def state_dict(final):
+    """A checkpoint's weights as a torch nn.Sequential's state dict: no conversion."""
+    return {k[len("model."):]: torch.from_numpy(v) for k, v in final.items()}
+
+
 def torch_mlp(widths, activation):
     layers = []
     for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
@@ -56,13 +72,9 @@ def test_training_matches_torch(tmp_path, ranks, activation, loss):
             criterion(net(xt[k:k + 8]), yt[k:k + 8]).backward()
             opt.step()
 
-    final = model_arrays(tmp_path / "run" / "checkpoints" / "epoch-0002.npz")
-    want = {f"model.{k}": v.detach().numpy() for k, v in net.state_dict().items()}
-    assert final.keys() == want.keys()
-    for name in want:
-        np.testing.assert_allclose(final[name], want[name], rtol=0, atol=1e-10, err_msg=name)
+    final = assert_weights_are_torchs(tmp_path / "run" / "checkpoints" / "epoch-0002.npz", net)
     # and back: the checkpoint loads into torch with no conversion
-    net.load_state_dict({k[len("model."):]: torch.from_numpy(v) for k, v in final.items()})
+    net.load_state_dict(state_dict(final))
 
 
 class MaskDropout(torch.nn.Module):
@@ -146,17 +158,13 @@ def test_adamw_training_matches_torch(tmp_path, case):
         opt.step()
 
     path = tmp_path / "run" / "checkpoints" / "epoch-0004.npz"
-    final = model_arrays(path)
-    want = {f"model.{k}": v.detach().numpy() for k, v in net.state_dict().items()}
-    assert final.keys() == want.keys()
-    for name in want:
-        np.testing.assert_allclose(final[name], want[name], rtol=0, atol=1e-10, err_msg=name)
+    final = assert_weights_are_torchs(path, net)
     if p:   # docs/operations.md's recipe: torch.nn.Dropout modules take the same places
         recipe = torch.nn.Sequential(
             torch.nn.Linear(5, 6, dtype=torch.float64), torch.nn.ReLU(), torch.nn.Dropout(p),
             torch.nn.Linear(6, 4, dtype=torch.float64), torch.nn.ReLU(), torch.nn.Dropout(p),
             torch.nn.Linear(4, 3, dtype=torch.float64))
-        recipe.load_state_dict({k[len("model."):]: torch.from_numpy(v) for k, v in final.items()})
+        recipe.load_state_dict(state_dict(final))
     moments = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
     if tc.amsgrad:
         moments["max_exp_avg_sq"] = "max_exp_avg_sq"
@@ -258,14 +266,10 @@ def test_cnn_training_matches_torch(tmp_path, train):
         opt.zero_grad()
         criterion(net(xt[rows]), yt[rows]).backward()
         opt.step()
-    final = model_arrays(tmp_path / "run" / "checkpoints" / "epoch-0002.npz")
-    want = {f"model.{k}": v.detach().numpy() for k, v in net.state_dict().items()}
-    assert final.keys() == want.keys()
-    for name in want:
-        np.testing.assert_allclose(final[name], want[name], rtol=0, atol=1e-10, err_msg=name)
+    final = assert_weights_are_torchs(tmp_path / "run" / "checkpoints" / "epoch-0002.npz", net)
     # docs/operations.md: the checkpoint into torch, with torch's own Dropout
     recipe = torch.nn.Sequential(
         torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
         torch.nn.Conv2d(3, 4, 2), torch.nn.AvgPool2d(2, stride=1, padding=1),
         torch.nn.Dropout(0.25), torch.nn.Flatten(), torch.nn.Linear(64, 3)).double()
-    recipe.load_state_dict({k[len("model."):]: torch.from_numpy(v) for k, v in final.items()})
+    recipe.load_state_dict(state_dict(final))

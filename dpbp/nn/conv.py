@@ -176,7 +176,7 @@ class Conv2d(Window, Layer):
 
     def flops(self, in_shape):
         # per output value: forward 2 K, backward dW 2 K, and dx 2 K unless no layer
-        # before needs it (col2im's adds counted in it); the bias once each way
+        # before needs it (its adds per window offset counted in it); the bias once each way
         C_out, Ho, Wo = self.declare(in_shape).out
         K = in_shape[0] * self.kernel[0] * self.kernel[1]
         return ((2 + 2 + 2 * self.input_grad) * K + 2 * self.bias) * C_out * Ho * Wo
